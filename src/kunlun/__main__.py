@@ -1,0 +1,3 @@
+from kunlun.cli import main
+
+main()

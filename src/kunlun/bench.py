@@ -1,0 +1,140 @@
+"""Speed report: examples/s and model-FLOPs utilisation (MFU), fp32 and bf16.
+
+MFU = achieved model FLOPs/s ÷ the dense GEMM FLOP/s this machine reaches at the same dtype, measured
+in the same process with a large square matmul (so it is relative to what this machine really does,
+not a datasheet). Model FLOPs follow the convention in ``kunlun.blocks.common``: forward = analytic
+matmul FLOPs per example; training = 3 × forward (backward ≈ 2 × forward). Timings are medians of
+``repeats`` runs; shared machines are noisy, so compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from kunlun.config import Config
+from kunlun.data.batches import Batcher
+from kunlun.data.registry import prepare_dataset
+from kunlun.runs import environment
+from kunlun.training.trainer import autocast, build, device_for, log, make_optimizers, set_seed, to_device
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, n: int | None = None, repeats: int = 5) -> float:
+    """Median FLOP/s of an n×n @ n×n matmul (2n³ FLOPs) at ``dtype``."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3) -> dict[str, Any]:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = device_for(t)
+    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
+    batcher = Batcher(data, "train", cfg.data.max_seq_len)
+    rng = np.random.default_rng(0)
+    train_batches = [to_device(batcher.batch(rng.choice(len(batcher), t.batch_size, replace=False)), device) for _ in range(4)]
+    eval_batch = to_device(batcher.batch(rng.choice(len(batcher), min(t.eval_batch_size, len(batcher)), replace=False)), device)
+    result: dict[str, Any] = {
+        "model": cfg.model["name"],
+        "dataset": data.name,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else environment()["cpu"],
+        "threads": torch.get_num_threads(),
+        "batch_size": t.batch_size,
+        "eval_batch_size": len(eval_batch),
+        "max_seq_len": cfg.data.max_seq_len,
+        "steps": steps,
+        "repeats": repeats,
+    }
+    for name, dtype in DTYPES.items():
+        set_seed(t.seed)
+        model = build(cfg, data).to(device)
+        flops = model.flops_per_example()
+        result["flops_per_example"] = flops
+        opts = make_optimizers(model, t)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        bf16 = dtype is torch.bfloat16
+
+        def train_steps(k: int) -> None:
+            model.train()
+            for i in range(k):
+                b = train_batches[i % len(train_batches)]
+                with autocast(device, bf16):
+                    logits = model(b)
+                loss = loss_fn(logits.float(), b.label)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+            _sync(device)
+
+        @torch.no_grad()
+        def infer(k: int) -> None:
+            model.eval()
+            for _ in range(k):
+                with autocast(device, bf16):
+                    model(eval_batch)
+            _sync(device)
+
+        log(f"bench {name}: GEMM peak, training and inference timing …")
+        peak = gemm_flops_per_s(dtype, device)
+        train_steps(3)
+        train_times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            train_steps(steps)
+            train_times.append(time.perf_counter() - t0)
+        infer_steps = max(3, steps // 5)
+        infer(1)
+        infer_times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            infer(infer_steps)
+            infer_times.append(time.perf_counter() - t0)
+        train_eps = steps * t.batch_size / statistics.median(train_times)
+        infer_eps = infer_steps * len(eval_batch) / statistics.median(infer_times)
+        result[name] = {
+            "gemm_flops_per_s": peak,
+            "train_examples_per_s": train_eps,
+            "train_mfu": 3 * flops * train_eps / peak,
+            "infer_examples_per_s": infer_eps,
+            "infer_mfu": flops * infer_eps / peak,
+        }
+    return result
+
+
+def speed_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
+                      f"{r['flops_per_example'] / 1e6:.2f} MFLOPs/example forward")
+    for col in ("dtype", "GEMM GFLOP/s", "train ex/s", "train MFU", "infer ex/s", "infer MFU"):
+        tab.add_column(col, justify="right")
+    for name in DTYPES:
+        m = r[name]
+        tab.add_row(name, f"{m['gemm_flops_per_s'] / 1e9:.1f}", f"{m['train_examples_per_s']:.0f}", f"{100 * m['train_mfu']:.2f} %",
+                    f"{m['infer_examples_per_s']:.0f}", f"{100 * m['infer_mfu']:.2f} %")
+    Console().print(tab)

@@ -1,0 +1,42 @@
+"""GDPA-PFFN: Kunlun's personalised feed-forward network over the sequence, written as attention.
+
+InterFormer's PFFN multiplies each sequence by a per-example weight matrix generated from the
+non-sequence summary. Kunlun rewrites it as GDPA cross-attention with Q = the sequence tokens and
+K, V = projections of the T summary tokens: act(S·Kᵀ)·V is exactly a per-example two-layer FFN of
+hidden width T·H whose input weights are K and output weights are V. Block (Meta's fused form):
+
+    q_n = LayerNorm(s)
+    h   = GDPA(q_n, K, V) + q_n
+    out = RMSNorm(h) + s
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kunlun.blocks.attention import gdpa, merge_heads, split_heads
+from kunlun.blocks.common import linear_flops
+
+
+class GDPAPFFN(nn.Module):
+    """s: [B, L, D], summary: [B, T, D], mask: [B, L] bool → [B, L, D]."""
+
+    def __init__(self, dim: int, heads: int, act: str = "silu"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.dim, self.heads, self.act = dim, heads, act
+        self.norm_q = nn.LayerNorm(dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.norm_out = nn.RMSNorm(dim)
+
+    def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q_n = self.norm_q(s)
+        k, v = split_heads(self.k(summary), self.heads), split_heads(self.v(summary), self.heads)
+        h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act)) + q_n
+        return (self.norm_out(h) + s) * mask.unsqueeze(-1)
+
+    def flops(self, length: int, summary_tokens: int) -> int:
+        return linear_flops(summary_tokens, self.dim, 2 * self.dim) + 2 * 2 * length * summary_tokens * self.dim

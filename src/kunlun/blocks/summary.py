@@ -1,0 +1,93 @@
+"""Summaries that cross between the two sides of a layer.
+
+* ``NonSequenceSummary`` — personalised weight generation: the N non-sequence tokens are compressed to
+  T tokens (LCE, a learned linear map over the token axis), passed through a token-wise MLP and gated,
+  X_sum = Z ⊙ σ(W_g·Z) with Z = MLP(LCE(X)). X_sum supplies K/V of the GDPA-PFFN, so each example's
+  sequence is transformed with weights derived from its own context. (The gate form is our choice;
+  ``gate=False`` removes it for ablation.)
+* ``HierarchicalSeedPooling`` — sequence → a few summary tokens: learned seeds attend over the sequence
+  (softmax MHA + residual + LayerNorm), then ``SumKronLinear`` compresses the seed outputs to fewer tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kunlun.blocks.attention import MultiHeadAttention
+from kunlun.blocks.common import MLP, linear_flops
+
+
+class LinearCompress(nn.Module):
+    """LCE: a learned linear map over the token axis. [B, N, D] → [B, T, D]."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.n_in, self.n_out = n_in, n_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("tn,bnd->btd", self.weight, x)
+
+    def flops(self, dim: int) -> int:
+        return 2 * self.n_out * self.n_in * dim
+
+
+class NonSequenceSummary(nn.Module):
+    """X: [B, N, D] → X_sum: [B, T, D]."""
+
+    def __init__(self, n_tokens: int, out_tokens: int, dim: int, gate: bool = True):
+        super().__init__()
+        self.lce = LinearCompress(n_tokens, out_tokens)
+        self.mlp = MLP([dim, 2 * dim, dim], act="gelu")
+        self.gate = nn.Linear(dim, dim) if gate else None
+        self.dim, self.out_tokens = dim, out_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.mlp(self.lce(x))
+        return z * torch.sigmoid(self.gate(z)) if self.gate is not None else z
+
+    def flops(self) -> int:
+        f = self.lce.flops(self.dim) + self.mlp.flops(self.out_tokens)
+        return f + (linear_flops(self.out_tokens, self.dim, self.dim) if self.gate is not None else 0)
+
+
+class SumKronLinear(nn.Module):
+    """Low-rank Kronecker-structured token compression: Y_b = Σ_{i=1..k} Z_iᵀ · X_b · W_i.
+
+    X: [B, S, D] → Y: [B, T, D]; Z_i: [S, T], W_i: [D, D]. Parameters k·(S·T + D²) instead of the
+    S·T·D² of a dense map.
+    """
+
+    def __init__(self, n_in: int, n_out: int, dim: int, rank: int):
+        super().__init__()
+        self.z = nn.Parameter(torch.randn(rank, n_in, n_out) / n_in**0.5)
+        self.w = nn.Parameter(torch.randn(rank, dim, dim) / (dim * rank) ** 0.5)
+        self.n_in, self.n_out, self.dim, self.rank = n_in, n_out, dim, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zx = torch.einsum("kst,bsd->bktd", self.z, x)
+        return torch.einsum("bktd,kde->bte", zx, self.w)
+
+    def flops(self) -> int:
+        return 2 * self.rank * self.n_out * (self.n_in * self.dim + self.dim * self.dim)
+
+
+class HierarchicalSeedPooling(nn.Module):
+    """s: [B, L, D], mask: [B, L] → [B, T, D]. Stage 1: seeds [S, D] attend over LN(s); stage 2: SumKronLinear S → T."""
+
+    def __init__(self, dim: int, heads: int, seeds: int, out_tokens: int, rank: int):
+        super().__init__()
+        self.seeds = nn.Parameter(torch.randn(seeds, dim) * 0.05)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, project_query=False)
+        self.norm = nn.LayerNorm(dim)
+        self.compress = SumKronLinear(seeds, out_tokens, dim, rank)
+        self.n_seeds = seeds
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.seeds + self.attn(self.seeds, self.norm_kv(s), mask))
+        return self.compress(z)
+
+    def flops(self, length: int) -> int:
+        return self.attn.flops(self.n_seeds, length) + self.compress.flops()

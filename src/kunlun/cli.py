@@ -1,0 +1,353 @@
+"""``kunlun`` command line: train, eval, predict, data info|prepare, runs, bench.
+
+Numbers go to stdout (a table, or one JSON object with ``--json``); progress and logs go to stderr.
+User errors print one line and exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kunlun.errors import KunlunError
+
+SPLIT_ORDER = ("train", "valid", "test", "file")
+
+
+def emit_json(obj: Any) -> None:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    click.echo(json.dumps(clean(obj)))
+
+
+def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    table.add_column("split")
+    for col in ("NE", "logloss", "AUC", "gAUC", "calibration", "examples"):
+        table.add_column(col, justify="right")
+    for split, m in metrics.items():
+        table.add_row(split, f"{m['ne']:.4f}", f"{m['logloss']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}",
+                      f"{m['calibration']:.3f}", str(m["examples"]))
+    Console().print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kunlun")
+def cli() -> None:
+    """Train, evaluate and measure Kunlun-style ranking models."""
+
+
+# ---------------------------------------------------------------------------------------- train
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@click.option("--model", help="Model name, e.g. kunlun, logistic_regression.")
+@click.option("--dataset", help="ml-latest-small (default, embedded), ml-100k, frappe_x1, or a schema .yaml.")
+@click.option("--data-dir", help="Folder holding the dataset folders (default $KUNLUN_DATA or the user data dir).")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Directory for this run (default runs/<time>-<model>-<dataset>).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--epochs", type=int, help="Maximum epochs.")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue an interrupted run directory.")
+@click.option("--no-cache", is_flag=True, help="Re-read the raw files instead of the prepared-data cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print final metrics by split as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.argument("overrides", nargs=-1)
+def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, no_cache, as_json, quiet, overrides):
+    """Train a model, early-stop on validation NE, report test metrics, keep a run record.
+
+    OVERRIDES are config keys, e.g.  model.d_model=64  train.lr=3e-4  data.max_seq_len=100
+    """
+    from kunlun.config import load_config
+    from kunlun.data.registry import prepare_dataset
+    from kunlun.models import model_config
+    from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir
+    from kunlun.training.trainer import Trainer, log
+
+    extra = list(overrides)
+    if resume:
+        if not (resume / "config.yaml").is_file():
+            raise KunlunError(f"{resume}: not a run directory (no config.yaml) to resume")
+        config_path = resume / "config.yaml"
+    for key, value in (("model.name", model), ("data.dataset", dataset), ("data.data_dir", data_dir),
+                       ("train.seed", seed), ("train.epochs", epochs)):
+        if value is not None:
+            extra.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(config_path, extra)
+    model_config(cfg.model)  # validate model keys before touching data
+    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=not no_cache, log=log)
+    if resume:
+        target = resume
+    else:
+        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model["name"], cfg.data.dataset)
+        if target.exists() and any(target.iterdir()):
+            raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
+    trainer = Trainer(cfg, data, target, progress=not quiet)
+    created = not resume and not target.exists()
+    if resume:
+        trainer.resume(target / "checkpoints" / "last")
+    else:
+        trainer.start_record()
+    log(f"run {target}: {cfg.model['name']} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} MFLOPs/example, "
+        f"{trainer.model.num_parameters()['total']:,} parameters")
+    try:
+        final = trainer.fit()
+    except BaseException:
+        # nothing worth keeping yet (no checkpoint): remove the half-made run directory
+        if created and not (target / "checkpoints" / "last").exists():
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    log(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
+    if as_json:
+        emit_json(final["metrics"])
+    else:
+        print_metrics(final["metrics"], f"{final['model']} on {final['dataset']} (best epoch {final['best_epoch']})")
+
+
+# ---------------------------------------------------------------------------------------- eval / predict
+
+def load_trained(path: Path):
+    """A run or checkpoint → (config, encoder, model with weights)."""
+    from kunlun.blocks.embeddings import FeatureInfo
+    from kunlun.config import load_config
+    from kunlun.data.prepare import Encoder
+    from kunlun.models import build_model
+    from kunlun.runs import resolve_run
+    from kunlun.training.checkpoint import load_weights
+
+    run, ckpt = resolve_run(path)
+    cfg = load_config(ckpt / "config.yaml")
+    if not (run / "encoder" / "encoder.json").is_file():
+        raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
+    encoder = Encoder.load(run / "encoder")
+    model = build_model(cfg.model, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
+    load_weights(ckpt, model)
+    return cfg, encoder, model
+
+
+@cli.command(name="eval")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--file", "file", type=click.Path(path_type=Path), help="Score this file (same schema as training).")
+@click.option("--split", multiple=True, help="Dataset split(s) to score when no --file (default valid and test).")
+@click.option("--data-dir", help="Where the training dataset lives, if not where it was at training time.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the file's metrics, or metrics by split).")
+def eval_cmd(run, file, split, data_dir, as_json):
+    """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits."""
+    from kunlun.data.registry import load_raw, prepare_file
+    from kunlun.training.trainer import evaluate, log
+
+    cfg, encoder, model = load_trained(run)
+    ddir = data_dir or cfg.data.data_dir
+    if file:
+        data = prepare_file(cfg.data.dataset, ddir, file, encoder)
+        m = evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size)
+        log(f"scored {m['examples']} rows of {file}")
+        emit_json(m) if as_json else print_metrics({file.name: m})
+        return
+    raw, _ = load_raw(cfg.data.dataset, ddir)
+    if raw.schema != encoder.schema:
+        raise KunlunError(f"dataset {cfg.data.dataset!r} no longer matches the schema the model was trained on")
+    data = encoder.prepare(raw, cfg.data.dataset)  # encoded with the run's own vocabularies
+    splits = list(split) or [s for s in ("valid", "test") if s in data.splits]
+    for s in splits:
+        if s not in data.splits:
+            raise KunlunError(f"--split {s}: dataset {data.name!r} has splits {sorted(data.splits)}")
+    metrics = {s: evaluate(model, data, s, cfg.data.max_seq_len, cfg.train.eval_batch_size) for s in splits}
+    emit_json(metrics) if as_json else print_metrics(metrics)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--file", "file", required=True, type=click.Path(path_type=Path), help="File to score (training schema).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="CSV to write: row, probability, label.")
+@click.option("--data-dir", help="Where side files of the dataset live, if needed.")
+def predict(run, file, out, data_dir):
+    """Write click probabilities for every row of FILE, in the file's row order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from kunlun.data.batches import Batcher
+    from kunlun.data.registry import prepare_file
+    from kunlun.training.trainer import log, predict as predict_rows
+
+    cfg, encoder, model = load_trained(run)
+    data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder)
+    batcher = Batcher(data, "file", cfg.data.max_seq_len)
+    probs, labels, _ = predict_rows(model, batcher, cfg.train.eval_batch_size)
+    order = np.argsort(data.splits["file"].row, kind="stable")
+    table = pa.table({"row": data.splits["file"].row[order], "probability": probs[order], "label": labels[order]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pacsv.write_csv(table, tmp)
+    tmp.replace(out)
+    log(f"wrote {len(probs)} predictions to {out}")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+@cli.group()
+def data() -> None:
+    """Inspect and prepare datasets."""
+
+
+def _data_options(f):
+    f = click.option("--dataset", default="ml-latest-small", show_default=True, help="Dataset name or schema .yaml.")(f)
+    f = click.option("--data-dir", help="Folder holding the dataset folders.")(f)
+    return f
+
+
+def dataset_summary(p) -> dict[str, Any]:
+    import numpy as np
+
+    s = p.schema
+    out: dict[str, Any] = {
+        "name": p.name,
+        "label": s.label,
+        "train_ctr": p.train_ctr,
+        "categorical": {c: {"vocab": v, "size": len(p.vocabs[v])} for c, v in s.categorical},
+        "numeric": list(s.numeric),
+        "sequences": [q.name for q in s.sequences],
+        "splits": {},
+    }
+    for name in sorted(p.splits, key=lambda k: SPLIT_ORDER.index(k) if k in SPLIT_ORDER else 9):
+        sp = p.splits[name]
+        row: dict[str, Any] = {"rows": len(sp), "ctr": float(sp.label.mean()), "groups": int(len(np.unique(sp.group)))}
+        for q in s.sequences:
+            lengths = sp.seq_end[q.name] - sp.seq_start[q.name]
+            row[f"{q.name}_length"] = {"mean": float(lengths.mean()), "median": float(np.median(lengths)), "max": int(lengths.max())}
+        out["splits"][name] = row
+    return out
+
+
+@data.command()
+@_data_options
+@click.option("--json", "as_json", is_flag=True)
+def info(dataset, data_dir, as_json):
+    """Rows, CTR, fields, vocabularies and history lengths per split."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kunlun.data.registry import prepare_dataset
+    from kunlun.training.trainer import log
+
+    summary = dataset_summary(prepare_dataset(dataset, data_dir, log=log))
+    if as_json:
+        emit_json(summary)
+        return
+    con = Console()
+    con.print(f"[bold]{summary['name']}[/]  label={summary['label']}  train CTR={summary['train_ctr']:.4f}")
+    t = Table("split", "rows", "CTR", "groups", *[f"{q} length (mean/median/max)" for q in summary["sequences"]])
+    for name, r in summary["splits"].items():
+        seq_cols = [f"{r[f'{q}_length']['mean']:.1f} / {r[f'{q}_length']['median']:.0f} / {r[f'{q}_length']['max']}" for q in summary["sequences"]]
+        t.add_row(name, str(r["rows"]), f"{r['ctr']:.4f}", str(r["groups"]), *seq_cols)
+    con.print(t)
+    f = Table("categorical field", "vocabulary", "size (incl. pad, OOV)")
+    for c, v in summary["categorical"].items():
+        f.add_row(c, v["vocab"], str(v["size"]))
+    con.print(f)
+    con.print(f"numeric fields: {', '.join(summary['numeric']) or '(none)'}")
+
+
+@data.command()
+@_data_options
+def prepare(dataset, data_dir):
+    """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
+    from kunlun.data.registry import prepare_dataset
+    from kunlun.training.trainer import log
+
+    p = prepare_dataset(dataset, data_dir, use_cache=False, log=log)
+    prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
+    log(f"prepared {p.name}: " + ", ".join(f"{k} {len(v)} rows" for k, v in p.splits.items()))
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+@cli.command()
+@click.option("--root", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Folder of run directories.")
+@click.option("--json", "as_json", is_flag=True)
+def runs(root, as_json):
+    """A table of past runs (newest first)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kunlun.runs import list_runs
+
+    rows = list_runs(root)
+    if as_json:
+        emit_json({"runs": rows})
+        return
+    if not rows:
+        click.echo(f"no runs under {root}")
+        return
+    t = Table("run", "status", "model", "dataset", "seed", "valid NE", "test NE", "test AUC", "MFLOPs/ex", "train ex/s")
+
+    def num(m, split, key, fmt="{:.4f}"):
+        v = (m or {}).get(split, {}).get(key)
+        return fmt.format(v) if v is not None else "-"
+
+    for r in rows:
+        m = r.get("metrics")
+        t.add_row(r["run"], r["status"], str(r.get("model", "-")), str(r.get("dataset", "-")), str(r.get("seed", "-")),
+                  num(m, "valid", "ne"), num(m, "test", "ne"), num(m, "test", "auc"),
+                  f"{r['flops_per_example'] / 1e6:.2f}" if r.get("flops_per_example") is not None else "-",
+                  f"{r['train_examples_per_s']:.0f}" if r.get("train_examples_per_s") else "-")
+    Console().print(t)
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@click.option("--dataset", help="Dataset (default: the config's).")
+@click.option("--data-dir", help="Folder holding the dataset folders.")
+@click.option("--steps", type=int, default=30, show_default=True, help="Timed training steps per dtype.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timing repeats; medians are reported.")
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("overrides", nargs=-1)
+def bench(config_path, dataset, data_dir, steps, repeats, as_json, overrides):
+    """Training / inference examples/s and MFU (fp32 and bf16) against this machine's measured GEMM peak."""
+    from kunlun.bench import run_speed_bench, speed_table
+    from kunlun.config import load_config
+
+    extra = list(overrides)
+    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir)):
+        if value is not None:
+            extra.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(config_path, extra)
+    result = run_speed_bench(cfg, steps=steps, repeats=repeats)
+    emit_json(result) if as_json else speed_table(result)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except KunlunError as exc:
+        click.echo(f"kunlun: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("kunlun: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("kunlun: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

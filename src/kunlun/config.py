@@ -1,0 +1,188 @@
+"""Run configuration: typed dataclasses, YAML files and ``section.key=value`` overrides.
+
+A config has three sections. ``data`` and ``train`` are fixed dataclasses; ``model`` holds ``name`` plus
+the keys of that model's own config dataclass (validated when the model is built, see
+``kunlun.models.registry``). Every key is checked: an unknown key, a wrong type or an impossible value is
+a ``KunlunError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kunlun.errors import KunlunError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ml-latest-small"  # a registered name, or a path to a schema YAML (generic adapter)
+    data_dir: str | None = None  # None: $KUNLUN_DATA, else the user data directory
+    max_seq_len: int = 50  # histories are truncated to the most recent events / left-padded
+
+    def validate(self) -> None:
+        if self.max_seq_len < 1:
+            raise KunlunError(f"config key data.max_seq_len: expected a positive integer, got {self.max_seq_len}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 256
+    eval_batch_size: int = 2048
+    epochs: int = 20
+    max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
+    lr: float = 1e-3  # dense parameters (AdamW)
+    weight_decay: float = 1e-5
+    embedding_optimizer: str = "adam"  # adam | adagrad | sgd, for embedding tables
+    embedding_lr: float = 1e-3
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # cosine | linear | constant, after warm-up
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    patience: int = 2  # epochs without validation-NE improvement before stopping
+    bf16: bool = False  # autocast matmuls to bfloat16
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def validate(self) -> None:
+        positive = ["batch_size", "eval_batch_size", "epochs"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise KunlunError(f"config key train.{key}: expected a positive integer, got {getattr(self, key)}")
+        for key in ["max_steps", "warmup_steps", "patience", "threads"]:
+            if getattr(self, key) < 0:
+                raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
+        for key in ["lr", "embedding_lr"]:
+            if not getattr(self, key) > 0:
+                raise KunlunError(f"config key train.{key}: expected a positive learning rate, got {getattr(self, key)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise KunlunError("config keys train.weight_decay and train.grad_clip must be >= 0")
+        if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
+            raise KunlunError(
+                f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"
+            )
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "kunlun"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train), "model": dict(self.model)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        if not isinstance(raw, dict):
+            raise KunlunError(f"{source}: expected a mapping with sections data/train/model")
+        unknown = set(raw) - {"data", "train", "model"}
+        if unknown:
+            raise KunlunError(f"{source}: unknown section(s) {sorted(unknown)}; expected data, train, model")
+        model = dict(raw.get("model") or {})
+        model.setdefault("name", "kunlun")
+        cfg = cls(
+            data=dataclass_from_dict(DataConfig, raw.get("data") or {}, "data"),
+            train=dataclass_from_dict(TrainConfig, raw.get("train") or {}, "train"),
+            model=model,
+        )
+        cfg.data.validate()
+        cfg.train.validate()
+        return cfg
+
+
+DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
+    raw = read_yaml(path)
+    for item in overrides or []:
+        set_dotted(raw, item)
+    return Config.from_dict(raw, source=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise KunlunError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise KunlunError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KunlunError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def set_dotted(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML (``64``, ``true``, ``[1, 2]``)."""
+    if "=" not in item:
+        raise KunlunError(f"override {item!r}: expected KEY=VALUE, e.g. model.d_model=64")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise KunlunError(f"override {item!r}: expected a dotted key such as train.lr or model.num_layers")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KunlunError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def dataclass_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, rejecting unknown keys and coercing types, naming the key."""
+    if not isinstance(raw, dict):
+        raise KunlunError(f"config key {prefix}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise KunlunError(f"config key {prefix}.{unknown[0]} is not known; known keys: {', '.join(sorted(names))}")
+    kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise KunlunError(f"config key {key}: expected a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise KunlunError(f"config key {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KunlunError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KunlunError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise KunlunError(f"config key {key}: expected a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,235 @@
+"""MovieLens as a CTR task with behaviour sequences (latest-small and 100K).
+
+One impression per rating, label = rating >= 4. Each user's ratings are ordered by time; the first
+80 % are train, the next 10 % valid, the last 10 % test. An impression's history is the user's events
+with a strictly earlier timestamp (ties excluded: same-second ratings are not "before"), each event
+carrying its movie, its type (liked / not liked), its primary genre and its time.
+
+Non-sequence fields: user, movie, primary genre, release year, hour and weekday of the rating;
+numeric: log history length, log hours since the previous event, genre flags (and age for 100K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from kunlun.data.io import numeric_column, read_table, require_file
+from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
+from kunlun.errors import KunlunError
+
+SPLIT_FRACTIONS = (0.8, 0.9)  # cumulative: train < 0.8 <= valid < 0.9 <= test
+
+
+@dataclass
+class Ratings:
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    ts: np.ndarray
+
+
+@dataclass
+class ItemTable:
+    item: np.ndarray  # raw ids, [I]
+    genre: np.ndarray  # primary genre, [I] (str)
+    year: np.ndarray  # [I] int (0 unknown)
+    genre_flags: np.ndarray  # [I, G] float32
+    genre_names: list[str]
+
+
+@dataclass
+class UserTable:
+    user: np.ndarray
+    columns: dict[str, np.ndarray]  # categorical user columns
+    numeric: dict[str, np.ndarray]
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default) -> np.ndarray:
+    """values[keys == query] for every query, vectorised; ``default`` where the key is absent."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    pos = np.minimum(np.searchsorted(sk, query), len(sk) - 1)
+    hit = sk[pos] == query
+    out = values[order][pos]
+    if out.ndim == 1:
+        return np.where(hit, out, default)
+    return np.where(hit[:, None], out, default)
+
+
+def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: str, split: bool = True) -> RawData:
+    """Turn ratings into impressions with histories; ``split=False`` puts everything in one split."""
+    n = len(ratings.user)
+    order = np.lexsort((np.arange(n), ratings.ts, ratings.user))  # by user, then time, then file order
+    user, item, rating, ts = (a[order] for a in (ratings.user, ratings.item, ratings.rating, ratings.ts))
+    label = (rating >= 4).astype(np.float32)
+
+    idx = np.arange(n)
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
+    user_count = np.diff(np.r_[np.flatnonzero(new_user), n])[np.cumsum(new_user) - 1]
+    pos = idx - user_start
+    new_moment = new_user | np.r_[True, ts[1:] != ts[:-1]]
+    hist_end = np.maximum.accumulate(np.where(new_moment, idx, 0))  # first event of this (user, second)
+    hist_len = hist_end - user_start
+    prev_ts = np.where(hist_len > 0, ts[np.maximum(hist_end - 1, 0)], ts)
+    gap_hours = (ts - prev_ts) / 3600.0
+
+    genre = _lookup(items.item, items.genre, item, "unknown")
+    year = _lookup(items.item, items.year, item, 0)
+    flags = _lookup(items.item, items.genre_flags, item, 0.0)
+
+    columns: dict[str, np.ndarray] = {
+        "label": label,
+        "user": user,
+        "item": item,
+        "genre": genre,
+        "year": year,
+        "hour": (ts // 3600) % 24,
+        "weekday": (ts // 86400) % 7,
+        "time": ts,
+        "row": order,
+        "log_history": np.log1p(hist_len).astype(np.float64),
+        "log_gap_hours": np.log1p(gap_hours),
+    }
+    for g, name in enumerate(items.genre_names):
+        columns[f"is_{name}"] = flags[:, g]
+    cat = [("user", "user"), ("item", "item"), ("genre", "genre"), ("year", "year"), ("hour", "hour"), ("weekday", "weekday")]
+    numeric = ["log_history", "log_gap_hours"] + [f"is_{g}" for g in items.genre_names]
+    if users is not None:
+        for col, vals in users.columns.items():
+            columns[col] = _lookup(users.user, vals, user, "unknown")
+            cat.append((col, col))
+        for col, vals in users.numeric.items():
+            columns[col] = _lookup(users.user, vals, user, 0.0)
+            numeric.append(col)
+
+    schema = Schema(
+        label="label",
+        categorical=tuple(cat),
+        numeric=tuple(numeric),
+        sequences=(SequenceSpec("history", item_vocab="item", event_vocab="event", side=(("genre", "genre"),)),),
+        group="user",
+        has_time=True,
+    )
+    events = {"history": {"item": item, "event": np.where(label > 0, "liked", "not_liked"), "genre": genre, "time": ts}}
+
+    if split:
+        frac = pos / user_count
+        assign = np.where(frac < SPLIT_FRACTIONS[0], 0, np.where(frac < SPLIT_FRACTIONS[1], 1, 2))
+        names = ["train", "valid", "test"]
+    else:
+        assign = np.zeros(n, dtype=np.int64)
+        names = ["file"]
+    splits = {}
+    for k, name in enumerate(names):
+        m = assign == k
+        splits[name] = RawSplit(
+            columns={c: v[m] for c, v in columns.items()},
+            seq_start={"history": user_start[m]},
+            seq_end={"history": hist_end[m]},
+        )
+    return RawData(schema=schema, splits=splits, events=events, source=source)
+
+
+# ----------------------------------------------------------------------------- latest-small
+
+LATEST_GENRES = [
+    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+
+
+def read_latest_ratings(path: Path) -> Ratings:
+    t = read_table(path, required=["userId", "movieId", "rating", "timestamp"])
+    return Ratings(
+        user=numeric_column(t, "userId", path, integer=True),
+        item=numeric_column(t, "movieId", path, integer=True),
+        rating=_check_ratings(numeric_column(t, "rating", path), path, "rating"),
+        ts=numeric_column(t, "timestamp", path, integer=True),
+    )
+
+
+def read_latest_movies(path: Path) -> ItemTable:
+    t = read_table(path, required=["movieId", "title", "genres"])
+    genres = t.column("genres").cast("string").fill_null("")
+    primary = np.asarray(pc.list_element(pc.split_pattern(genres, "|"), 0).to_numpy(zero_copy_only=False)).astype(str)
+    years = pc.extract_regex(t.column("title").cast("string").fill_null(""), r"\((?P<y>\d{4})\)\s*$")
+    year = np.asarray(pc.struct_field(years, [0]).fill_null("0").to_numpy(zero_copy_only=False)).astype(np.int64)
+    flags = np.stack([pc.match_substring(genres, g).to_numpy(zero_copy_only=False) for g in LATEST_GENRES], axis=1)
+    return ItemTable(numeric_column(t, "movieId", path, integer=True), primary, year, flags.astype(np.float32), LATEST_GENRES)
+
+
+def load_latest_small(folder: Path, ratings_file: Path | None = None) -> RawData:
+    ratings_path = ratings_file or folder / "ratings.csv"
+    movies = folder / "movies.csv"
+    require_file(movies, "MovieLens movies.csv (expected next to the ratings file)")
+    raw = build(read_latest_ratings(ratings_path), read_latest_movies(movies), None, str(ratings_path), split=ratings_file is None)
+    return raw
+
+
+# ----------------------------------------------------------------------------- 100K
+
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+
+
+def read_100k_ratings(path: Path) -> Ratings:
+    t = read_table(path, names=["user", "item", "rating", "ts"], delimiter="\t")
+    return Ratings(
+        user=numeric_column(t, "user", path, integer=True),
+        item=numeric_column(t, "item", path, integer=True),
+        rating=_check_ratings(numeric_column(t, "rating", path), path, "rating"),
+        ts=numeric_column(t, "ts", path, integer=True),
+    )
+
+
+def read_100k_items(path: Path) -> ItemTable:
+    names = ["item", "title", "release", "video", "url"] + [f"g{i}" for i in range(len(ML100K_GENRES))]
+    t = read_table(path, names=names, delimiter="|", encoding="latin1")
+    flags = np.stack([numeric_column(t, f"g{i}", path) for i in range(len(ML100K_GENRES))], axis=1).astype(np.float32)
+    # primary genre = first flagged genre after "unknown" (column 0); "unknown" when none is set
+    has = flags[:, 1:] > 0
+    primary = np.where(has.any(axis=1), np.array(ML100K_GENRES)[np.argmax(has, axis=1) + 1], "unknown")
+    release = t.column("release").cast("string").fill_null("")
+    year = pc.utf8_slice_codeunits(release, -4).to_numpy(zero_copy_only=False)
+    year = np.array([int(y) if y.isdigit() else 0 for y in year], dtype=np.int64)  # 1,682 rows
+    return ItemTable(numeric_column(t, "item", path, integer=True), primary.astype(str), year, flags, ML100K_GENRES)
+
+
+def read_100k_users(path: Path) -> UserTable:
+    t = read_table(path, names=["user", "age", "gender", "occupation", "zip"], delimiter="|")
+    age = numeric_column(t, "age", path)
+    age_bucket = np.digitize(age, [18, 25, 35, 45, 50, 56])
+    return UserTable(
+        user=numeric_column(t, "user", path, integer=True),
+        columns={
+            "age_bucket": age_bucket.astype(np.int64),
+            "gender": np.asarray(t.column("gender").to_numpy(zero_copy_only=False)).astype(str),
+            "occupation": np.asarray(t.column("occupation").to_numpy(zero_copy_only=False)).astype(str),
+        },
+        numeric={"age": age},
+    )
+
+
+def load_100k(folder: Path, ratings_file: Path | None = None) -> RawData:
+    ratings_path = ratings_file or folder / "u.data"
+    for f in ("u.item", "u.user"):
+        require_file(folder / f, f"MovieLens-100K {f} (expected next to the ratings file)")
+    return build(
+        read_100k_ratings(ratings_path), read_100k_items(folder / "u.item"), read_100k_users(folder / "u.user"),
+        str(ratings_path), split=ratings_file is None,
+    )
+
+
+def _check_ratings(r: np.ndarray, path: Path, col: str) -> np.ndarray:
+    bad = (r < 0) | (r > 5)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise KunlunError(f"{path}: column {col!r} must be a rating in [0, 5], found {r[row]:g} at data row {row + 1}")
+    return r

@@ -1,0 +1,117 @@
+"""Dataset names → adapters, data-directory resolution, and the prepared-data cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from kunlun.data import movielens, tabular
+from kunlun.data.prepare import Encoder, Prepared, cache_key, load_prepared, save_prepared
+from kunlun.data.schema import RawData
+from kunlun.errors import KunlunError
+
+EMBEDDED = Path(__file__).parent / "embedded"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str
+    files: tuple[str, ...]
+    load: Callable[[Path, Path | None], RawData]  # (folder, optional single file to score) -> raw
+    description: str
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "ml-latest-small": DatasetSpec(
+        "ml-latest-small", ("ratings.csv", "movies.csv"), movielens.load_latest_small,
+        "MovieLens latest-small, CTR (rating >= 4) with histories; embedded in the package",
+    ),
+    "ml-100k": DatasetSpec(
+        "ml-100k", ("u.data", "u.item", "u.user"), movielens.load_100k,
+        "MovieLens 100K, CTR (rating >= 4) with histories and user/item features",
+    ),
+    "frappe_x1": DatasetSpec(
+        "frappe_x1", ("train.csv", "valid.csv"), tabular.load_frappe,
+        "Frappe_x1 (BARS split), context features only",
+    ),
+}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("KUNLUN_DATA") or platformdirs.user_data_dir("kunlun"))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUNLUN_CACHE") or platformdirs.user_cache_dir("kunlun")) / "prepared"
+
+
+def is_schema_file(dataset: str) -> bool:
+    return dataset.endswith((".yaml", ".yml"))
+
+
+def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
+    """Where ``name``'s files are: ``data_dir/<folder>`` (or ``data_dir`` itself if it holds them)."""
+    if name not in DATASETS:
+        raise KunlunError(
+            f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or a path to a schema .yaml file"
+        )
+    spec = DATASETS[name]
+    base = Path(data_dir) if data_dir else default_data_dir()
+    for candidate in (base / spec.folder, base):
+        if all((candidate / f).is_file() for f in spec.files):
+            return candidate
+    if name == "ml-latest-small" and not data_dir:
+        return EMBEDDED / spec.folder
+    if data_dir and not Path(data_dir).is_dir():
+        raise KunlunError(f"{data_dir}: data directory not found")
+    missing = [f for f in spec.files if not (base / spec.folder / f).is_file()]
+    raise KunlunError(f"{base / spec.folder}: dataset {name!r} not found (missing {', '.join(missing)}); pass --data-dir")
+
+
+def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None) -> tuple[RawData, list[Path]]:
+    if is_schema_file(dataset):
+        sf = tabular.SchemaFile(Path(dataset))
+        return sf.load(file), [sf.path, *sf.files.values()]
+    folder = dataset_folder(dataset, data_dir)
+    spec = DATASETS[dataset]
+    return spec.load(folder, file), [folder / f for f in spec.files]
+
+
+def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, log=None) -> Prepared:
+    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache."""
+    if is_schema_file(dataset):
+        sf = tabular.SchemaFile(Path(dataset))
+        files, name = [sf.path, *[f for f in sf.files.values() if f.exists()]], sf.name
+    else:
+        folder = dataset_folder(dataset, data_dir)
+        files, name = [folder / f for f in DATASETS[dataset].files], dataset
+    key = cache_key(name, files, {"split": list(movielens.SPLIT_FRACTIONS)})
+    target = cache_root() / f"{name}-{key}"
+    if use_cache and (target / "dataset.json").is_file():
+        try:
+            prepared = load_prepared(target)
+            if log:
+                log(f"using cached {name} from {target}")
+            return prepared
+        except (OSError, KeyError, ValueError) as exc:  # unreadable cache: rebuild it, don't fail the run
+            if log:
+                log(f"cache {target} unreadable ({exc}); rebuilding")
+    if log:
+        log(f"preparing {name} (first run; cached afterwards)")
+    raw, _ = load_raw(dataset, data_dir)
+    prepared = Encoder.fit(raw).prepare(raw, name)
+    if use_cache:
+        save_prepared(prepared, target)
+    return prepared
+
+
+def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder) -> Prepared:
+    """Encode one user-supplied file (split ``file``) with a trained model's encoder."""
+    raw, _ = load_raw(dataset, data_dir, file=file)
+    if raw.schema != encoder.schema:
+        raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
+    return encoder.prepare(raw, Path(file).name)

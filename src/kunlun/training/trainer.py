@@ -1,0 +1,279 @@
+"""The training loop: two optimizers, warm-up + schedule, early stopping on validation NE,
+optional bf16 autocast, checkpoints, resume, and a progress bar with examples/s and running loss.
+
+Determinism: the epoch-e shuffle comes from ``seed + e``, torch's RNG is seeded from ``seed`` and saved
+in checkpoints, so the same seed and config give the same metrics on the same machine, and a resumed
+run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kunlun.blocks.embeddings import FeatureInfo
+from kunlun.config import Config, TrainConfig
+from kunlun.data.batches import Batch, Batcher
+from kunlun.data.prepare import Prepared
+from kunlun.errors import KunlunError
+from kunlun.metrics import MetricAccumulator
+from kunlun.models import RankingModel, build_model
+from kunlun.runs import environment
+from kunlun.training.checkpoint import atomic_write_text, load_trainer_state, load_weights, save_checkpoint
+
+stderr = Console(stderr=True)
+
+
+def log(msg: str) -> None:
+    stderr.print(msg, highlight=False, markup=False)
+
+
+def device_for(_: TrainConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    from dataclasses import replace
+
+    seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
+            for k, s in batch.seqs.items()}
+    return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables (no weight decay on them)."""
+    opts: list[torch.optim.Optimizer] = []
+    dense = [p for p in model.dense_parameters() if p.requires_grad]
+    if dense:
+        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
+    emb = model.embedding_parameters()
+    if emb:
+        cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
+        opts.append(cls(emb, lr=t.embedding_lr))
+    return opts
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def predict(model: RankingModel, batcher: Batcher, batch_size: int, bf16: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities, labels and groups of every row of ``batcher``'s split, in row order."""
+    model.eval()
+    device = next(model.parameters()).device
+    probs, labels, groups = [], [], []
+    for batch in batcher.iterate(batch_size):
+        with autocast(device, bf16):
+            logits = model(to_device(batch, device))
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        labels.append(batch.label.numpy())
+        groups.append(batch.group.numpy())
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(groups)
+
+
+def evaluate(model: RankingModel, data: Prepared, split: str, max_len: int, batch_size: int, bf16: bool = False) -> dict[str, float]:
+    probs, labels, groups = predict(model, Batcher(data, split, max_len), batch_size, bf16)
+    acc = MetricAccumulator(data.train_ctr)
+    acc.update(labels, probs, groups)
+    return acc.compute()
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_ne: float = float("inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    train_examples: int = 0
+
+
+def build(cfg: Config, data: Prepared) -> RankingModel:
+    info = FeatureInfo.from_encoder(data.encoder(), cfg.data.max_seq_len)
+    return build_model(cfg.model, info)
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``data``, writing the run record into ``run_dir``."""
+
+    def __init__(self, cfg: Config, data: Prepared, run_dir: Path, progress: bool = True, logger: Callable[[str], None] = log):
+        self.cfg, self.data, self.run_dir, self.progress, self.log = cfg, data, run_dir, progress, logger
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        set_seed(t.seed)
+        self.device = device_for(t)
+        self.model = build(cfg, data).to(self.device)
+        self.optimizers = make_optimizers(self.model, t)
+        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len)
+        self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
+        total = t.epochs * self.steps_per_epoch
+        self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule))
+            for o in self.optimizers
+        ]
+        self.state = TrainState()
+        self.history: list[dict[str, Any]] = []
+        if "valid" not in data.splits:
+            raise KunlunError(f"dataset {data.name!r} has no validation split for early stopping")
+
+    # ------------------------------------------------------------------ record
+    def start_record(self) -> None:
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        (d / "environment.json").write_text(json.dumps(environment(), indent=1))
+        self.data.encoder().save(d / "encoder")
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "train_state": vars(self.state).copy(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+
+    def resume(self, checkpoint: Path) -> None:
+        load_weights(checkpoint, self.model)
+        st = load_trainer_state(checkpoint)
+        self.state = TrainState(**st["train_state"])
+        for o, s in zip(self.optimizers, st["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, st["schedulers"]):
+            sch.load_state_dict(s)
+        torch.set_rng_state(st["torch_rng"])
+        self.history = st["history"]
+        self.log(f"resumed from {checkpoint} after epoch {self.state.epoch} (step {self.state.step})")
+
+    # ------------------------------------------------------------------ loop
+    def train_epoch(self, epoch: int) -> float:
+        t, model = self.cfg.train, self.model
+        model.train()
+        rng = np.random.default_rng(t.seed + epoch)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        total_loss, n_seen = 0.0, 0
+        steps = min(self.steps_per_epoch, self.total_steps - self.state.step)
+        columns = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[speed]:>7.0f} ex/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+        with Progress(*columns, console=stderr, disable=not self.progress, transient=False) as bar:
+            task = bar.add_task("train", total=steps, epoch=epoch + 1, speed=0.0, loss=float("nan"))
+            t0 = time.perf_counter()
+            for i, batch in enumerate(self.train_batches.iterate(t.batch_size, rng)):
+                if i >= steps:
+                    break
+                batch = to_device(batch, self.device)
+                with autocast(self.device, t.bf16):
+                    logits = model(batch)
+                loss = loss_fn(logits.float(), batch.label)
+                if not torch.isfinite(loss):
+                    raise KunlunError(
+                        f"non-finite training loss at step {self.state.step + 1} (epoch {epoch + 1}); stopped. "
+                        f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
+                    )
+                for o in self.optimizers:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                for o, s in zip(self.optimizers, self.schedulers):
+                    o.step()
+                    s.step()
+                self.state.step += 1
+                total_loss += loss.item() * len(batch)
+                n_seen += len(batch)
+                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=1, speed=n_seen / max(elapsed, 1e-9), loss=total_loss / n_seen)
+        self.state.train_seconds += time.perf_counter() - t0
+        self.state.train_examples += n_seen
+        return total_loss / max(n_seen, 1)
+
+    def fit(self) -> dict[str, Any]:
+        t, cfg = self.cfg.train, self.cfg
+        ckpt_dir = self.run_dir / "checkpoints"
+        wall0 = time.perf_counter()
+        while self.state.epoch < t.epochs and self.state.step < self.total_steps:
+            epoch = self.state.epoch
+            e0 = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            valid = evaluate(self.model, self.data, "valid", cfg.data.max_seq_len, t.eval_batch_size, t.bf16)
+            self.state.epoch += 1
+            improved = valid["ne"] < self.state.best_ne
+            if improved:
+                self.state.best_ne, self.state.best_epoch, self.state.bad_epochs = valid["ne"], epoch + 1, 0
+                save_checkpoint(ckpt_dir / "best", self.model, cfg.to_dict())
+            else:
+                self.state.bad_epochs += 1
+            record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss, "valid": valid,
+                      "seconds": time.perf_counter() - e0}
+            self.history.append(record)
+            with open(self.run_dir / "epochs.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(ckpt_dir / "last", self.model, cfg.to_dict(), self.checkpoint_state())
+            self.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
+                     + ("  (best)" if improved else ""))
+            if self.state.bad_epochs >= t.patience > 0:
+                self.log(f"early stop: no validation NE improvement for {t.patience} epoch(s)")
+                break
+        return self.finish(time.perf_counter() - wall0)
+
+    def finish(self, wall: float) -> dict[str, Any]:
+        cfg = self.cfg
+        load_weights(self.run_dir / "checkpoints" / "best", self.model)
+        metrics, eval_seconds, eval_examples = {}, 0.0, 0
+        for split in ("valid", "test"):
+            if split in self.data.splits:
+                e0 = time.perf_counter()
+                metrics[split] = evaluate(self.model, self.data, split, cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
+                eval_seconds += time.perf_counter() - e0
+                eval_examples += metrics[split]["examples"]
+        final = {
+            "model": cfg.model["name"],
+            "dataset": self.data.name,
+            "seed": cfg.train.seed,
+            "metrics": metrics,
+            "best_epoch": self.state.best_epoch,
+            "epochs_run": self.state.epoch,
+            "steps": self.state.step,
+            "train_ctr": self.data.train_ctr,
+            "flops_per_example": self.model.flops_per_example(),
+            "flops_by_component": self.model.flops_by_component(),
+            "parameters": self.model.num_parameters(),
+            "wall_time_s": wall,
+            "train_examples_per_s": self.state.train_examples / max(self.state.train_seconds, 1e-9),
+            "eval_examples_per_s": eval_examples / max(eval_seconds, 1e-9),
+        }
+        atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
+        return final
