@@ -84,11 +84,10 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
         if not (resume / "config.yaml").is_file():
             raise KunlunError(f"{resume}: not a run directory (no config.yaml) to resume")
         config_path = resume / "config.yaml"
-    for key, value in (("model.name", model), ("data.dataset", dataset), ("data.data_dir", data_dir),
-                       ("train.seed", seed), ("train.epochs", epochs)):
+    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir), ("train.seed", seed), ("train.epochs", epochs)):
         if value is not None:
             extra.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(config_path, extra)
+    cfg = load_config(config_path, extra, model=model)
     model_config(cfg.model)  # validate model keys before touching data
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=not no_cache, log=log)
     if resume:

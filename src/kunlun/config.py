@@ -101,10 +101,16 @@ class Config:
 DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None) -> Config:
+    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides.
+
+    ``model`` switches the model: if it differs from the file's, the file's model keys (which belong to
+    the other model) are dropped and the new model starts from its own defaults.
+    """
     path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
     raw = read_yaml(path)
+    if model is not None and (raw.get("model") or {}).get("name", "kunlun") != model:
+        raw["model"] = {"name": model}
     for item in overrides or []:
         set_dotted(raw, item)
     return Config.from_dict(raw, source=str(path))

@@ -50,7 +50,8 @@ class FeatureInfo:
 def embedding_tables(info: FeatureInfo, dim: int, vocabs: list[str] | None = None) -> nn.ModuleDict:
     """One table per vocabulary (fields that share a vocabulary share a table); row 0 is padding."""
     tables = nn.ModuleDict()
-    for name in vocabs if vocabs is not None else info.vocab_sizes:
+    # sorted: initialisation order (and so the weights for a seed) must not depend on dict order
+    for name in sorted(vocabs if vocabs is not None else info.vocab_sizes):
         emb = nn.Embedding(info.vocab_sizes[name], dim, padding_idx=PAD)
         nn.init.normal_(emb.weight, std=0.05)
         with torch.no_grad():

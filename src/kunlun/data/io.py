@@ -52,14 +52,18 @@ def read_table(
     return table
 
 
+def _reject_nulls(arr, column: str, path: Path) -> None:
+    if arr.null_count:  # the CSV reader reads empty cells and "NaN"/"nan" as null
+        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise KunlunError(f"{path}: column {column!r} has a missing or NaN value at data row {row + 1}")
+
+
 def numeric_column(table: pa.Table, column: str, path: Path, *, integer: bool = False) -> np.ndarray:
     """A column as float64 (or int64), rejecting text, missing values and NaN/inf with the row number."""
     arr = table.column(column)
+    _reject_nulls(arr, column, path)
     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
         raise KunlunError(f"{path}: column {column!r} must be numeric, found {arr.type}")
-    if arr.null_count:
-        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-        raise KunlunError(f"{path}: column {column!r} has a missing value at data row {row + 1}")
     values = arr.to_numpy().astype(np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -75,9 +79,7 @@ def numeric_column(table: pa.Table, column: str, path: Path, *, integer: bool = 
 def id_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
     """A categorical id column: integers stay int64, anything else becomes str; missing values rejected."""
     arr = table.column(column)
-    if arr.null_count:
-        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-        raise KunlunError(f"{path}: column {column!r} has a missing value at data row {row + 1}")
+    _reject_nulls(arr, column, path)
     if pa.types.is_integer(arr.type):
         return arr.to_numpy().astype(np.int64)
     return np.asarray(arr.cast(pa.string()).to_numpy(zero_copy_only=False)).astype(str)

@@ -206,7 +206,7 @@ class Encoder:
     # --- persistence (run directories keep the encoder so `eval --file` needs no dataset cache) ---
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"schema": self.schema.to_dict(), "train_ctr": self.train_ctr, "vocabs": sorted(self.vocabs)}
+        meta = {"schema": self.schema.to_dict(), "train_ctr": self.train_ctr, "vocabs": list(self.vocabs)}
         (directory / "encoder.json").write_text(json.dumps(meta, indent=1))
         np.save(directory / "num_stats.npy", np.stack([self.num_mean, self.num_std]) if len(self.num_mean) else np.zeros((2, 0)))
         for k, v in self.vocabs.items():

@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests run on real data: the embedded MovieLens latest-small, and ../shared/data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KUNLUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
+
+# a model small enough that a test run takes seconds
+TINY_MODEL = [
+    "model.d_model=16", "model.num_layers=1", "model.num_heads=2", "model.num_seeds=4", "model.seq_summary_tokens=2",
+    "model.summary_tokens=2", "model.fm_hidden=32", "model.output_hidden=[32]", "data.max_seq_len=8",
+    "train.batch_size=512", "train.warmup_steps=5",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own prepared-data cache, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "kunlun-cache"
+    monkeypatch.setenv("KUNLUN_CACHE", str(cache))
+    monkeypatch.delenv("KUNLUN_DATA", raising=False)
+    yield

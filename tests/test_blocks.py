@@ -1,0 +1,61 @@
+import torch
+
+from kunlun.blocks.attention import MultiHeadAttention, gdpa, window_mask
+from kunlun.blocks.summary import SumKronLinear
+from kunlun.blocks.wukong import WukongLayer
+
+
+def test_gdpa_matches_explicit_loops():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    mask = torch.rand(2, 6) > 0.3
+    out = gdpa(q, k, v, "gelu", scale=0.5, key_mask=mask)
+    ref = torch.zeros_like(out)
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                for j in range(6):
+                    if mask[b, j]:
+                        w = torch.nn.functional.gelu(q[b, h, i] @ k[b, h, j]) * 0.5
+                        ref[b, h, i] += w * v[b, h, j]
+    torch.testing.assert_close(out, ref)
+
+
+def test_attention_ignores_padding_and_empty_rows_are_zero():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(8, 2)
+    x = torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    out = attn(x, x, mask)
+    x2 = x.clone()
+    x2[0, 2:] = 100.0  # changing padded keys must not change the outputs of the real queries
+    torch.testing.assert_close(attn(x2, x2, mask)[0, :2], out[0, :2])
+    # a query that sees no key gets only the output bias
+    torch.testing.assert_close(out[1], attn.o.bias.expand(4, 8))
+
+
+def test_window_mask():
+    m = window_mask(5, 1)
+    assert m.sum().item() == 5 + 2 * 4
+    assert m[0, 1] and not m[0, 2]
+
+
+def test_sum_kron_linear_is_sum_of_kronecker_terms():
+    torch.manual_seed(0)
+    layer = SumKronLinear(6, 3, 4, rank=2)
+    x = torch.randn(5, 6, 4)
+    expected = sum(layer.z[i].T @ x @ layer.w[i] for i in range(2))
+    torch.testing.assert_close(layer(x), expected)
+    dense_params = 6 * 3 * 4 * 4
+    assert sum(p.numel() for p in layer.parameters()) < dense_params
+
+
+def test_wukong_fm_block_is_pairwise_interactions():
+    torch.manual_seed(0)
+    layer = WukongLayer(n_in=5, n_fmb=2, n_lcb=3, dim=4, rank=3, hidden=8)
+    x = torch.randn(2, 5, 4)
+    fm = torch.einsum("bnd,bdr->bnr", x, torch.einsum("bnd,nr->bdr", x, layer.proj))
+    expected = (x @ x.transpose(1, 2)) @ layer.proj  # (X·Xᵀ)·P, the FM interaction matrix projected
+    torch.testing.assert_close(fm, expected)
+    assert layer(x).shape == (2, 5, 4)
+    assert WukongLayer(7, 2, 3, 4, 3, 8)(torch.randn(2, 7, 4)).shape == (2, 5, 4)

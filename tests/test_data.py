@@ -1,0 +1,171 @@
+import numpy as np
+import pytest
+
+from kunlun.data.batches import Batcher
+from kunlun.data.movielens import build, load_latest_small
+from kunlun.data.prepare import OOV, PAD, Encoder, load_prepared, save_prepared
+from kunlun.data.registry import EMBEDDED, prepare_dataset
+from kunlun.errors import KunlunError
+
+from conftest import SHARED_DATA, needs_shared
+
+
+@pytest.fixture(scope="module")
+def ml_raw():
+    return load_latest_small(EMBEDDED / "ml-latest-small")
+
+
+def test_split_is_per_user_chronological_80_10_10(ml_raw):
+    s = ml_raw.splits
+    n = {k: len(v) for k, v in s.items()}
+    total = sum(n.values())
+    assert total == 100836
+    assert 0.78 < n["train"] / total < 0.82 and 0.08 < n["valid"] / total < 0.12
+    # for every user, all train events are no later than any valid event, valid no later than test
+    for a, b in (("train", "valid"), ("valid", "test")):
+        ua, ta = s[a].columns["user"], s[a].columns["time"]
+        ub, tb = s[b].columns["user"], s[b].columns["time"]
+        last_a = {u: t for u, t in zip(ua[np.argsort(ta)], np.sort(ta))}
+        first_b = {}
+        for u, t in zip(ub, tb):
+            first_b[u] = min(t, first_b.get(u, t))
+        assert all(last_a[u] <= first_b[u] for u in first_b if u in last_a)
+
+
+def test_history_is_the_users_strictly_earlier_events(ml_raw):
+    ev = ml_raw.events["history"]
+    for split in ml_raw.splits.values():
+        rng = np.random.default_rng(0)
+        for i in rng.choice(len(split), 300, replace=False):
+            lo, hi = split.seq_start["history"][i], split.seq_end["history"][i]
+            assert np.all(ev["time"][lo:hi] < split.columns["time"][i])
+            # complete: the event right after the history is not earlier than the impression
+            if hi < len(ev["time"]):
+                assert ev["time"][hi] >= split.columns["time"][i] or hi == lo
+    # the label of each event equals its event type
+    assert set(np.unique(ev["event"])) == {"liked", "not_liked"}
+
+
+def test_label_is_rating_at_least_4():
+    from kunlun.data.movielens import ItemTable, Ratings
+
+    r = Ratings(np.array([1, 1, 1]), np.array([10, 11, 12]), np.array([3.5, 4.0, 5.0]), np.array([1, 2, 3]))
+    items = ItemTable(np.array([10]), np.array(["Drama"]), np.array([1999]), np.zeros((1, 1), np.float32), ["Drama"])
+    raw = build(r, items, None, "t", split=False)
+    assert raw.splits["file"].columns["label"].tolist() == [0.0, 1.0, 1.0]
+    assert raw.splits["file"].columns["genre"].tolist() == ["Drama", "unknown", "unknown"]
+
+
+def test_vocabulary_from_train_only(ml_raw):
+    enc = Encoder.fit(ml_raw)
+    train_items = set(ml_raw.splits["train"].columns["item"].tolist())
+    test = ml_raw.splits["test"].columns["item"]
+    unseen = np.array([i not in train_items for i in test])
+    assert unseen.any()
+    codes = enc.vocabs["item"].encode(test)
+    assert np.all(codes[unseen] == OOV) and np.all(codes[~unseen] >= 2)
+
+
+def test_cache_round_trip_and_reuse(tmp_path):
+    p = prepare_dataset("ml-latest-small")
+    save_prepared(p, tmp_path / "c")
+    q = load_prepared(tmp_path / "c")
+    for k in p.splits:
+        for f in ("label", "cat", "num", "group", "time", "row"):
+            np.testing.assert_array_equal(getattr(p.splits[k], f), getattr(q.splits[k], f))
+    np.testing.assert_array_equal(p.events["history"].item, q.events["history"].item)
+    assert q.train_ctr == p.train_ctr and q.schema == p.schema
+    assert not list(tmp_path.glob(".c.*"))  # no temporary directory left behind
+
+
+def test_batches_keep_most_recent_events_left_padded():
+    p = prepare_dataset("ml-latest-small")
+    split, ev = p.splits["test"], p.events["history"]
+    b = Batcher(p, "test", max_len=5)
+    rows = np.arange(50)
+    batch = b.batch(rows)
+    s = batch.seqs["history"]
+    assert s.item.shape == (50, 5)
+    for r in range(50):
+        lo, hi = split.seq_start["history"][r], split.seq_end["history"][r]
+        k = min(5, hi - lo)
+        expect = ev.item[hi - k : hi]
+        assert s.item[r, 5 - k :].tolist() == expect.tolist()
+        assert not s.mask[r, : 5 - k].any() and s.mask[r, 5 - k :].all()
+        assert (s.item[r, : 5 - k] == PAD).all()
+        assert (s.gap[r, 5 - k :] >= 0).all()
+
+
+@needs_shared
+def test_ml100k_and_frappe_load():
+    p = prepare_dataset("ml-100k", SHARED_DATA)
+    assert sum(len(s) for s in p.splits.values()) == 100000
+    assert 0.55 < np.mean(np.concatenate([s.label for s in p.splits.values()])) < 0.56  # 55.4 % positive
+    assert "occupation" in [c for c, _ in p.schema.categorical]
+    f = prepare_dataset("frappe_x1", SHARED_DATA)
+    assert (len(f.splits["train"]), len(f.splits["valid"])) == (202027, 57722)
+    assert not f.schema.sequences and "test" not in f.splits
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_generic_schema_with_sequences(tmp_path):
+    header = "click,user,item,price,ts,hist,hist_t\n"
+    rows_train = "1,u1,a,1.5,100,b|c,50|60\n0,u1,b,2.0,200,a|b|c,50|60|100\n1,u2,c,0.5,150,,\n0,u2,a,1.0,160,c,150\n"
+    rows_valid = "1,u1,c,1.0,300,a|b,100|200\n0,u3,z,3.0,310,q,10\n"
+    write(tmp_path / "train.csv", header + rows_train)
+    write(tmp_path / "valid.csv", header + rows_valid)
+    schema = write(tmp_path / "s.yaml", """
+name: toy
+files: {train: train.csv, valid: valid.csv}
+label: click
+group: user
+time: ts
+categorical: [user, item]
+numeric: [price]
+sequences:
+  - {name: hist, item: hist, item_vocab: item, time: hist_t, separator: "|"}
+""")
+    p = prepare_dataset(str(schema))
+    tr = p.splits["train"]
+    assert (tr.seq_end["hist"] - tr.seq_start["hist"]).tolist() == [2, 3, 0, 1]
+    b = Batcher(p, "valid", max_len=3).batch(np.arange(2))
+    s = b.seqs["hist"]
+    assert s.mask.tolist() == [[False, True, True], [False, False, True]]
+    assert s.item[1, 2].item() == OOV  # "q" never seen in training
+    assert s.gap[0, 1:].tolist() == [200.0, 100.0]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("", "file is empty"),
+        ("label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city\n", "no rows"),
+        ("label,user,item\n1,2,3\n", "missing column 'daytime'"),
+        ("label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city\n2,1,1,1,1,1,1,1,1,1,1\n",
+         "must be 0 or 1, found 2 at data row 1"),
+        ("label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city\nnan,1,1,1,1,1,1,1,1,1,1\n",
+         "missing or NaN value at data row 1"),
+        ("label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city\n1,1,1,1,1,1,1,1,1,1,1\n0,,1,1,1,1,1,1,1,1,1\n",
+         "column 'user' has a missing or NaN value at data row 2"),
+        ("label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city\nyes,1,1,1,1,1,1,1,1,1,1\n",
+         "must be numeric"),
+    ],
+)
+def test_bad_frappe_files_name_file_and_problem(tmp_path, content, needle):
+    from kunlun.data.tabular import read_frappe_file
+
+    f = write(tmp_path / "bad.csv", content)
+    with pytest.raises(KunlunError) as e:
+        read_frappe_file(f)
+    assert needle in str(e.value) and str(f) in str(e.value)
+
+
+def test_unknown_dataset_and_missing_dir():
+    with pytest.raises(KunlunError, match="unknown dataset 'nope'"):
+        prepare_dataset("nope")
+    with pytest.raises(KunlunError, match="data directory not found"):
+        prepare_dataset("ml-100k", "/no/such/dir")

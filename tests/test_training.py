@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from kunlun.config import load_config
+from kunlun.data.registry import prepare_dataset
+from kunlun.errors import KunlunError
+from kunlun.training.trainer import Trainer
+
+from conftest import TINY_MODEL
+
+
+def tiny(*extra):
+    return load_config(None, TINY_MODEL + ["train.max_steps=40", "train.epochs=2"] + list(extra))
+
+
+def run(cfg, path):
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, path, progress=False, logger=lambda m: None)
+    t.start_record()
+    return t, t.fit()
+
+
+def test_same_seed_same_metrics_different_seed_different(tmp_path):
+    _, a = run(tiny(), tmp_path / "a")
+    _, b = run(tiny(), tmp_path / "b")
+    _, c = run(tiny("train.seed=1"), tmp_path / "c")
+    assert a["metrics"] == b["metrics"]
+    assert a["metrics"]["test"]["ne"] != c["metrics"]["test"]["ne"]
+
+
+def test_run_record_contents(tmp_path):
+    _, final = run(tiny(), tmp_path / "r")
+    d = tmp_path / "r"
+    for f in ("config.yaml", "environment.json", "epochs.jsonl", "final.json", "encoder/encoder.json",
+              "checkpoints/best/model.safetensors", "checkpoints/best/config.yaml", "checkpoints/last/trainer_state.pt"):
+        assert (d / f).is_file(), f
+    lines = (d / "epochs.jsonl").read_text().splitlines()
+    assert len(lines) == final["epochs_run"] == 1  # max_steps=40 ends inside the first epoch
+    assert set(json.loads(lines[0])["valid"]) >= {"ne", "auc", "gauc", "logloss", "calibration"}
+    env = json.loads((d / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["torch_threads"] >= 1
+    assert final["flops_per_example"] > 0 and final["parameters"]["total"] > 0
+    assert final["train_examples_per_s"] > 0 and final["metrics"]["test"]["examples"] > 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    # 2 epochs straight == the same run killed after epoch 1, then resumed
+    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048")
+    _, straight = run(cfg, tmp_path / "straight")
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t.start_record()
+    real_epoch = t.train_epoch
+
+    def killed_in_second_epoch(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(epoch)
+
+    t.train_epoch = killed_in_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    t2 = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t2.resume(tmp_path / "killed" / "checkpoints" / "last")
+    resumed = t2.fit()
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["steps"] == straight["steps"]
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0")
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    t.start_record()
+    t.train_epoch(0)  # one good epoch, then checkpoint it as the trainer does
+    from kunlun.training.checkpoint import load_file, save_checkpoint
+
+    save_checkpoint(tmp_path / "r" / "checkpoints" / "last", t.model, cfg.to_dict(), t.checkpoint_state())
+    good = load_file(str(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"))
+    forward = t.model.forward
+    monkeypatch.setattr(t.model, "forward", lambda b: forward(b) * float("nan"))
+    with pytest.raises(KunlunError, match="non-finite training loss"):
+        t.train_epoch(1)
+    after = load_file(str(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    _, final = run(tiny("train.bf16=true", "train.max_steps=10", "train.epochs=1"), tmp_path / "bf16")
+    assert 0 < final["metrics"]["test"]["ne"] < 1.2
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.num_heads=3", "model.num_heads: 3 heads do not divide model.d_model=16"),
+        ("model.d_model=-4", "model.d_model: expected a positive integer"),
+        ("train.batch_size=0", "train.batch_size: expected a positive integer"),
+        ("model.nope=1", "model.nope is not known"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("model.name=transformer9", "unknown model 'transformer9'"),
+    ],
+)
+def test_impossible_config_names_the_key(override, needle):
+    from kunlun.models import model_config
+
+    with pytest.raises(KunlunError) as e:
+        cfg = tiny(override)
+        model_config(cfg.model)
+    assert needle in str(e.value)
