@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA, needs_shared
 from kunlun.data.batches import Batcher
 from kunlun.data.movielens import build, load_latest_small
 from kunlun.data.prepare import OOV, PAD, Encoder, load_prepared, save_prepared
 from kunlun.data.registry import EMBEDDED, prepare_dataset
 from kunlun.errors import KunlunError
-
-from conftest import SHARED_DATA, needs_shared
 
 
 @pytest.fixture(scope="module")

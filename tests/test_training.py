@@ -3,12 +3,11 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_MODEL
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.training.trainer import Trainer
-
-from conftest import TINY_MODEL
 
 
 def tiny(*extra):

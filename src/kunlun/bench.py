@@ -68,66 +68,71 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3) -> dict[str,
         "repeats": repeats,
     }
     for name, dtype in DTYPES.items():
-        set_seed(t.seed)
-        model = build(cfg, data).to(device)
-        flops = model.flops_per_example()
-        result["flops_per_example"] = flops
-        opts = make_optimizers(model, t)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
-        bf16 = dtype is torch.bfloat16
-
-        def train_steps(k: int) -> None:
-            model.train()
-            for i in range(k):
-                b = train_batches[i % len(train_batches)]
-                with autocast(device, bf16):
-                    logits = model(b)
-                loss = loss_fn(logits.float(), b.label)
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                for o in opts:
-                    o.step()
-            _sync(device)
-
-        @torch.no_grad()
-        def infer(k: int) -> None:
-            model.eval()
-            for _ in range(k):
-                with autocast(device, bf16):
-                    model(eval_batch)
-            _sync(device)
-
         log(f"bench {name}: GEMM peak, training and inference timing …")
-        peak = gemm_flops_per_s(dtype, device)
-        train_steps(3)
-        train_times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            train_steps(steps)
-            train_times.append(time.perf_counter() - t0)
-        infer_steps = max(3, steps // 5)
-        infer(1)
-        infer_times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            infer(infer_steps)
-            infer_times.append(time.perf_counter() - t0)
-        train_eps = steps * t.batch_size / statistics.median(train_times)
-        infer_eps = infer_steps * len(eval_batch) / statistics.median(infer_times)
-        result[name] = {
-            "gemm_flops_per_s": peak,
-            "train_examples_per_s": train_eps,
-            "train_mfu": 3 * flops * train_eps / peak,
-            "infer_examples_per_s": infer_eps,
-            "infer_mfu": flops * infer_eps / peak,
-        }
+        result[name] = _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps, repeats)
+        result["flops_per_example"] = result[name].pop("flops_per_example")
     return result
 
 
+def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int, repeats: int) -> dict[str, float]:
+    """Median training / inference examples/s of a fresh model at ``dtype`` (autocast for bf16), and MFU."""
+    t = cfg.train
+    set_seed(t.seed)
+    model = build(cfg, data).to(device)
+    flops = model.flops_per_example()
+    opts = make_optimizers(model, t)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    bf16 = dtype is torch.bfloat16
+
+    def train_steps(k: int) -> None:
+        model.train()
+        for i in range(k):
+            b = train_batches[i % len(train_batches)]
+            with autocast(device, bf16):
+                logits = model(b)
+            loss = loss_fn(logits.float(), b.label)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+        _sync(device)
+
+    @torch.no_grad()
+    def infer(k: int) -> None:
+        model.eval()
+        for _ in range(k):
+            with autocast(device, bf16):
+                model(eval_batch)
+        _sync(device)
+
+    def median_seconds(fn, k: int) -> float:
+        fn(min(k, 3))  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(k)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    peak = gemm_flops_per_s(dtype, device)
+    train_eps = steps * t.batch_size / median_seconds(train_steps, steps)
+    infer_steps = max(3, steps // 5)
+    infer_eps = infer_steps * len(eval_batch) / median_seconds(infer, infer_steps)
+    return {
+        "flops_per_example": flops,
+        "gemm_flops_per_s": peak,
+        "train_examples_per_s": train_eps,
+        "train_mfu": 3 * flops * train_eps / peak,
+        "infer_examples_per_s": infer_eps,
+        "infer_mfu": flops * infer_eps / peak,
+    }
+
+
 def speed_table(r: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from kunlun.cli import out_console
 
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
                       f"{r['flops_per_example'] / 1e6:.2f} MFLOPs/example forward")
@@ -137,4 +142,4 @@ def speed_table(r: dict[str, Any]) -> None:
         m = r[name]
         tab.add_row(name, f"{m['gemm_flops_per_s'] / 1e9:.1f}", f"{m['train_examples_per_s']:.0f}", f"{100 * m['train_mfu']:.2f} %",
                     f"{m['infer_examples_per_s']:.0f}", f"{100 * m['infer_mfu']:.2f} %")
-    Console().print(tab)
+    out_console().print(tab)

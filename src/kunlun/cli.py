@@ -33,8 +33,15 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(clean(obj)))
 
 
-def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None:
+def out_console():
+    """Console for tables on stdout; when piped, wide enough that nothing is truncated."""
     from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=200)
+
+
+def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None:
     from rich.table import Table
 
     table = Table(title=title or None)
@@ -44,7 +51,7 @@ def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None
     for split, m in metrics.items():
         table.add_row(split, f"{m['ne']:.4f}", f"{m['logloss']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}",
                       f"{m['calibration']:.3f}", str(m["examples"]))
-    Console().print(table)
+    out_console().print(table)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,7 +190,8 @@ def predict(run, file, out, data_dir):
 
     from kunlun.data.batches import Batcher
     from kunlun.data.registry import prepare_file
-    from kunlun.training.trainer import log, predict as predict_rows
+    from kunlun.training.trainer import log
+    from kunlun.training.trainer import predict as predict_rows
 
     cfg, encoder, model = load_trained(run)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder)
@@ -239,7 +247,6 @@ def dataset_summary(p) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True)
 def info(dataset, data_dir, as_json):
     """Rows, CTR, fields, vocabularies and history lengths per split."""
-    from rich.console import Console
     from rich.table import Table
 
     from kunlun.data.registry import prepare_dataset
@@ -249,7 +256,7 @@ def info(dataset, data_dir, as_json):
     if as_json:
         emit_json(summary)
         return
-    con = Console()
+    con = out_console()
     con.print(f"[bold]{summary['name']}[/]  label={summary['label']}  train CTR={summary['train_ctr']:.4f}")
     t = Table("split", "rows", "CTR", "groups", *[f"{q} length (mean/median/max)" for q in summary["sequences"]])
     for name, r in summary["splits"].items():
@@ -282,7 +289,6 @@ def prepare(dataset, data_dir):
 @click.option("--json", "as_json", is_flag=True)
 def runs(root, as_json):
     """A table of past runs (newest first)."""
-    from rich.console import Console
     from rich.table import Table
 
     from kunlun.runs import list_runs
@@ -306,7 +312,7 @@ def runs(root, as_json):
                   num(m, "valid", "ne"), num(m, "test", "ne"), num(m, "test", "auc"),
                   f"{r['flops_per_example'] / 1e6:.2f}" if r.get("flops_per_example") is not None else "-",
                   f"{r['train_examples_per_s']:.0f}" if r.get("train_examples_per_s") else "-")
-    Console().print(t)
+    out_console().print(t)
 
 
 # ---------------------------------------------------------------------------------------- bench

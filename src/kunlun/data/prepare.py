@@ -271,7 +271,7 @@ def load_prepared(directory: Path) -> Prepared:
     splits = {}
     for split_name in meta["splits"]:
         t = feather.read_table(directory / f"{split_name}.arrow", memory_map=True)
-        col = lambda k: t.column(k).to_numpy()  # noqa: E731
+        col = lambda k, t=t: t.column(k).to_numpy()
         n = t.num_rows
         cat = np.stack([col(f"cat{i}") for i in range(len(s.categorical))], axis=1) if s.categorical else np.zeros((n, 0), np.int64)
         num = np.stack([col(f"num{i}") for i in range(len(s.numeric))], axis=1) if s.numeric else np.zeros((n, 0), np.float32)

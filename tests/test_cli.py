@@ -1,0 +1,107 @@
+"""The CLI as a user runs it: subprocesses, exit codes, stdout JSON, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SHARED_DATA, TINY_MODEL, needs_shared
+
+TINY = TINY_MODEL + ["train.max_steps=30", "train.epochs=1"]
+
+
+def kunlun(*args, cwd, expect=0):
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "kunlun", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == expect, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    r = kunlun("train", "--run-dir", d / "run", "--json", "--quiet", *TINY, cwd=d)
+    return d, json.loads(r.stdout)
+
+
+def test_train_json_is_metrics_by_split(trained_run):
+    d, out = trained_run
+    assert set(out) == {"valid", "test"}
+    assert {"ne", "logloss", "auc", "gauc", "calibration"} <= set(out["test"])
+    assert 0.5 < out["test"]["ne"] < 1.1
+
+
+def test_eval_reproduces_training_metrics_and_scores_files(trained_run, tmp_path):
+    d, out = trained_run
+    r = kunlun("eval", d / "run", "--json", cwd=d)
+    assert json.loads(r.stdout)["test"] == pytest.approx(out["test"])
+    # a file of the same schema (a ratings file; histories come from the file itself)
+    from kunlun.data.registry import EMBEDDED
+
+    src = EMBEDDED / "ml-latest-small"
+    lines = (src / "ratings.csv").read_text().splitlines()
+    (tmp_path / "movies.csv").write_text((src / "movies.csv").read_text())
+    (tmp_path / "ratings.csv").write_text("\n".join(lines[:3001]) + "\n")
+    m = json.loads(kunlun("eval", d / "run" / "checkpoints" / "best", "--file", tmp_path / "ratings.csv", "--json", cwd=d).stdout)
+    assert m["examples"] == 3000 and 0 < m["auc"] < 1
+
+
+def test_predict_writes_probabilities_in_file_order(trained_run, tmp_path):
+    d, _ = trained_run
+    from kunlun.data.registry import EMBEDDED
+
+    src = EMBEDDED / "ml-latest-small"
+    lines = (src / "ratings.csv").read_text().splitlines()
+    (tmp_path / "movies.csv").write_text((src / "movies.csv").read_text())
+    (tmp_path / "ratings.csv").write_text("\n".join([lines[0]] + lines[1:501][::-1]) + "\n")  # not in time order
+    kunlun("predict", d / "run", "--file", tmp_path / "ratings.csv", "--out", tmp_path / "p.csv", cwd=d)
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == '"row","probability","label"' and len(rows) == 501
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(500))
+    ratings = [float(line.split(",")[2]) for line in lines[1:501][::-1]]
+    assert [float(r.split(",")[2]) for r in rows[1:]] == [1.0 if x >= 4 else 0.0 for x in ratings]
+
+
+def test_runs_table_and_data_info(trained_run):
+    d, out = trained_run
+    runs = json.loads(kunlun("runs", "--root", d, "--json", cwd=d).stdout)["runs"]
+    assert runs[0]["status"] == "complete" and runs[0]["metrics"]["test"]["ne"] == pytest.approx(out["test"]["ne"])
+    assert "complete" in kunlun("runs", "--root", d, cwd=d).stdout
+    info = json.loads(kunlun("data", "info", "--json", cwd=d).stdout)
+    assert info["splits"]["train"]["rows"] == 80896 and "history" in info["sequences"]
+
+
+@needs_shared
+def test_frappe_train_and_eval_of_a_held_out_file(tmp_path):
+    lines = (SHARED_DATA / "frappe_x1" / "valid.csv").read_text().splitlines()
+    (tmp_path / "test.csv").write_text("\n".join(lines[:2001]) + "\n")
+    out = json.loads(kunlun("train", "--dataset", "frappe_x1", "--data-dir", SHARED_DATA, "--run-dir", tmp_path / "run",
+                            "--json", "--quiet", *TINY, cwd=tmp_path).stdout)
+    assert set(out) == {"valid"}  # Frappe_x1's test split is held out
+    m = json.loads(kunlun("eval", tmp_path / "run", "--file", tmp_path / "test.csv", "--json", cwd=tmp_path).stdout)
+    assert m["examples"] == 2000 and m["auc"] > 0.6
+    # a file whose columns differ from the training schema
+    (tmp_path / "other.csv").write_text("label,user,item\n1,2,3\n")
+    r = kunlun("eval", tmp_path / "run", "--file", tmp_path / "other.csv", cwd=tmp_path, expect=2)
+    assert "missing column 'daytime'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
+        (["train", "--dataset", "ml-100k", "--data-dir", "/no/such"], "/no/such: data directory not found"),
+        (["train", "model.num_heads=5"], "model.num_heads: 5 heads do not divide"),
+        (["train", "--model", "bogus"], "unknown model 'bogus'"),
+        (["train", "model.d_model"], "expected KEY=VALUE"),
+        (["eval", "/no/run"], "/no/run: run or checkpoint not found"),
+        (["train", "--config", "/no/cfg.yaml"], "/no/cfg.yaml: config file not found"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, args, needle):
+    r = kunlun(*args, cwd=tmp_path, expect=2)
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
