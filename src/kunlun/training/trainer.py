@@ -223,6 +223,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t, cfg = self.cfg.train, self.cfg
         ckpt_dir = self.run_dir / "checkpoints"
+        if not (self.run_dir / "config.yaml").is_file():
+            self.start_record()
         wall0 = time.perf_counter()
         while self.state.epoch < t.epochs and self.state.step < self.total_steps:
             epoch = self.state.epoch
