@@ -168,3 +168,39 @@ def test_unknown_dataset_and_missing_dir():
         prepare_dataset("nope")
     with pytest.raises(KunlunError, match="data directory not found"):
         prepare_dataset("ml-100k", "/no/such/dir")
+
+
+def test_generic_schema_over_parquet_with_list_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, n in (("train", 6), ("valid", 3)):
+        pq.write_table(pa.table({
+            "y": [i % 2 for i in range(n)],
+            "item": [f"i{i % 3}" for i in range(n)],
+            "hist": [[f"i{j}" for j in range(i % 4)] for i in range(n)],
+            "kind": [["view"] * (i % 4) for i in range(n)],
+        }), tmp_path / f"{name}.parquet")
+    schema = write(tmp_path / "s.yaml", """
+files: {train: train.parquet, valid: valid.parquet}
+label: y
+categorical: {item: items}
+sequences:
+  - {name: hist, item: hist, item_vocab: items, event: kind}
+""")
+    p = prepare_dataset(str(schema))
+    assert p.name == "s" and set(p.splits) == {"train", "valid"}
+    lengths = p.splits["train"].seq_end["hist"] - p.splits["train"].seq_start["hist"]
+    assert lengths.tolist() == [0, 1, 2, 3, 0, 1]
+    b = Batcher(p, "train", max_len=2).batch(np.arange(6))
+    assert b.seqs["hist"].mask.sum().item() == 0 + 1 + 2 + 2 + 0 + 1
+    assert (b.seqs["hist"].event[b.seqs["hist"].mask] >= 2).all()  # "view" is a known event type
+
+
+def test_schema_file_errors_name_the_key(tmp_path):
+    bad = write(tmp_path / "s.yaml", "files: {train: a.csv}\nlabel: y\ncategorical: [a]\n")
+    with pytest.raises(KunlunError, match="must map at least train and valid"):
+        prepare_dataset(str(bad))
+    bad = write(tmp_path / "t.yaml", "files: {train: a.csv, valid: b.csv}\nlabel: y\ncategorical: [a]\ncolour: red\n")
+    with pytest.raises(KunlunError, match="unknown key 'colour'"):
+        prepare_dataset(str(bad))
