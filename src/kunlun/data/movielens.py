@@ -143,14 +143,24 @@ LATEST_GENRES = [
 ]
 
 
+def ratings_from_table(t, path: Path, user: str, item: str, rating: str, ts: str) -> Ratings:
+    """Validated Ratings from the four named columns of a parsed table."""
+    r = numeric_column(t, rating, path)
+    bad = (r < 0) | (r > 5)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise KunlunError(f"{path}: column {rating!r} must be a rating in [0, 5], found {r[row]:g} at data row {row + 1}")
+    return Ratings(
+        user=numeric_column(t, user, path, integer=True),
+        item=numeric_column(t, item, path, integer=True),
+        rating=r,
+        ts=numeric_column(t, ts, path, integer=True),
+    )
+
+
 def read_latest_ratings(path: Path) -> Ratings:
     t = read_table(path, required=["userId", "movieId", "rating", "timestamp"])
-    return Ratings(
-        user=numeric_column(t, "userId", path, integer=True),
-        item=numeric_column(t, "movieId", path, integer=True),
-        rating=_check_ratings(numeric_column(t, "rating", path), path, "rating"),
-        ts=numeric_column(t, "timestamp", path, integer=True),
-    )
+    return ratings_from_table(t, path, "userId", "movieId", "rating", "timestamp")
 
 
 def read_latest_movies(path: Path) -> ItemTable:
@@ -181,12 +191,7 @@ ML100K_GENRES = [
 
 def read_100k_ratings(path: Path) -> Ratings:
     t = read_table(path, names=["user", "item", "rating", "ts"], delimiter="\t")
-    return Ratings(
-        user=numeric_column(t, "user", path, integer=True),
-        item=numeric_column(t, "item", path, integer=True),
-        rating=_check_ratings(numeric_column(t, "rating", path), path, "rating"),
-        ts=numeric_column(t, "ts", path, integer=True),
-    )
+    return ratings_from_table(t, path, "user", "item", "rating", "ts")
 
 
 def read_100k_items(path: Path) -> ItemTable:
@@ -226,10 +231,3 @@ def load_100k(folder: Path, ratings_file: Path | None = None) -> RawData:
         str(ratings_path), split=ratings_file is None,
     )
 
-
-def _check_ratings(r: np.ndarray, path: Path, col: str) -> np.ndarray:
-    bad = (r < 0) | (r > 5)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise KunlunError(f"{path}: column {col!r} must be a rating in [0, 5], found {r[row]:g} at data row {row + 1}")
-    return r
