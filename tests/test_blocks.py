@@ -59,3 +59,54 @@ def test_wukong_fm_block_is_pairwise_interactions():
     torch.testing.assert_close(fm, expected)
     assert layer(x).shape == (2, 5, 4)
     assert WukongLayer(7, 2, 3, 4, 3, 8)(torch.randn(2, 7, 4)).shape == (2, 5, 4)
+
+
+def test_banded_sliding_window_matches_dense_masked_attention():
+    torch.manual_seed(0)
+    banded = MultiHeadAttention(8, 2, window=3)
+    x = torch.randn(4, 20, 8)
+    mask = torch.rand(4, 20) > 0.3
+    mask[0] = False  # an empty history
+    tau = torch.rand(4, 20) * 5
+    assert banded.banded(20, 20)
+    out = banded(x, x, mask, tau)
+    dense = MultiHeadAttention(8, 2, window=3)
+    dense.load_state_dict(banded.state_dict())
+    dense.banded = lambda lq, lk: False  # force the dense path: full scores masked by window_mask
+    torch.testing.assert_close(out, dense(x, x, mask, tau), rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_time_differences():
+    from kunlun.blocks.attention import rotary
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    tau = torch.tensor([[0.5, 2.0]])
+    s1 = rotary(q, tau) @ rotary(k, tau).transpose(-1, -2)
+    s2 = rotary(q, tau + 3.7) @ rotary(k, tau + 3.7).transpose(-1, -2)  # shift every time equally
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(rotary(q, tau), q)
+
+
+def test_gdpa_per_head_activations():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    out = gdpa(q, k, v, ["relu", "identity"], scale=1.0)
+    torch.testing.assert_close(out[:, 0], torch.relu(q[:, 0] @ k[:, 0].transpose(-1, -2)) @ v[:, 0])
+    torch.testing.assert_close(out[:, 1], (q[:, 1] @ k[:, 1].transpose(-1, -2)) @ v[:, 1])
+
+
+def test_mixture_of_wukong_experts_partitions_tokens():
+    from kunlun.blocks.wukong import MixtureOfWukongExperts
+
+    torch.manual_seed(0)
+    moe = MixtureOfWukongExperts(n_in=7, n_out=5, experts=2, dim=4, rank=2, hidden=8)
+    assert moe.index == [[0, 2, 4, 6], [1, 3, 5]]
+    x = torch.randn(3, 7, 4)
+    y = moe(x)
+    assert y.shape == (3, 5, 4)
+    x2 = x.clone()
+    x2[:, 1] += 1.0  # a token of expert 1 only changes expert 1's outputs (the last 2 tokens)
+    y2 = moe(x2)
+    torch.testing.assert_close(y2[:, :3], y[:, :3])
+    assert not torch.allclose(y2[:, 3:], y[:, 3:])

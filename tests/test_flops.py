@@ -20,7 +20,11 @@ def counted_flops(model, batch):
     "model_cfg,max_len",
     [
         ({"name": "kunlun"}, 50),
-        ({"name": "kunlun", "d_model": 24, "num_layers": 3, "num_heads": 3, "window": 4, "kron_rank": 3}, 17),
+        ({"name": "kunlun", "d_model": 24, "num_layers": 3, "num_heads": 3, "window": 4, "kron_rank": 3,
+          "gdpa_activation": ["silu", "gelu", "relu2"], "compskip": False}, 17),
+        ({"name": "kunlun", "num_layers": 3, "seq_pooling": "pma", "personalized": False, "wukong_experts": 3,
+          "rotary_time": False, "window": 0}, 12),
+        ({"name": "kunlun", "num_layers": 4, "window": 100}, 20),  # window wider than L: dense path
         ({"name": "logistic_regression"}, 10),
     ],
 )
@@ -31,7 +35,8 @@ def test_analytic_flops_equal_flop_counter(model_cfg, max_len):
     assert counted_flops(model, batch) == 37 * model.flops_per_example()
     if model_cfg["name"] == "kunlun":
         parts = model.flops_by_component()
-        assert {"self_attention", "gdpa_pffn", "seed_pooling", "interaction", "nonseq_summary", "output"} <= set(parts)
+        assert {"self_attention", "gdpa_pffn", "seed_pooling", "interaction", "output"} <= set(parts)
+        assert ("nonseq_summary" in parts) == model.config.personalized
         assert all(v > 0 for v in parts.values())
 
 

@@ -5,8 +5,9 @@
   X_sum = Z ⊙ σ(W_g·Z) with Z = MLP(LCE(X)). X_sum supplies K/V of the GDPA-PFFN, so each example's
   sequence is transformed with weights derived from its own context. (The gate form is our choice;
   ``gate=False`` removes it for ablation.)
-* ``HierarchicalSeedPooling`` — sequence → a few summary tokens: learned seeds attend over the sequence
-  (softmax MHA + residual + LayerNorm), then ``SumKronLinear`` compresses the seed outputs to fewer tokens.
+* ``SeedPooling`` (PMA) — sequence → S tokens: learned seeds attend over the sequence.
+* ``HierarchicalSeedPooling`` — PMA with many seeds, then ``SumKronLinear`` compresses the seed outputs
+  to fewer tokens (Kunlun's replacement for InterFormer's PMA).
 """
 
 from __future__ import annotations
@@ -73,21 +74,36 @@ class SumKronLinear(nn.Module):
         return 2 * self.rank * self.n_out * (self.n_in * self.dim + self.dim * self.dim)
 
 
-class HierarchicalSeedPooling(nn.Module):
-    """s: [B, L, D], mask: [B, L] → [B, T, D]. Stage 1: seeds [S, D] attend over LN(s); stage 2: SumKronLinear S → T."""
+class SeedPooling(nn.Module):
+    """PMA, pooling by multi-head attention (Lee et al., Set Transformer): S learned seeds attend over
+    the sequence. s: [B, L, D], mask: [B, L] → LN(seeds + MHA(seeds, LN(s))): [B, S, D].
+    The seeds are the queries directly (a query projection of a learned vector adds nothing)."""
 
-    def __init__(self, dim: int, heads: int, seeds: int, out_tokens: int, rank: int):
+    def __init__(self, dim: int, heads: int, seeds: int):
         super().__init__()
         self.seeds = nn.Parameter(torch.randn(seeds, dim) * 0.05)
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, project_query=False)
         self.norm = nn.LayerNorm(dim)
-        self.compress = SumKronLinear(seeds, out_tokens, dim, rank)
         self.n_seeds = seeds
 
     def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        z = self.norm(self.seeds + self.attn(self.seeds, self.norm_kv(s), mask))
-        return self.compress(z)
+        return self.norm(self.seeds + self.attn(self.seeds, self.norm_kv(s), mask))
 
     def flops(self, length: int) -> int:
-        return self.attn.flops(self.n_seeds, length) + self.compress.flops()
+        return self.attn.flops(self.n_seeds, length)
+
+
+class HierarchicalSeedPooling(nn.Module):
+    """s: [B, L, D], mask: [B, L] → [B, T, D]. Stage 1: PMA with S seeds; stage 2: SumKronLinear S → T."""
+
+    def __init__(self, dim: int, heads: int, seeds: int, out_tokens: int, rank: int):
+        super().__init__()
+        self.pool = SeedPooling(dim, heads, seeds)
+        self.compress = SumKronLinear(seeds, out_tokens, dim, rank)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.compress(self.pool(s, mask))
+
+    def flops(self, length: int) -> int:
+        return self.pool.flops(length) + self.compress.flops()

@@ -26,7 +26,7 @@ class WukongLayer(nn.Module):
         self.proj = nn.Parameter(torch.randn(n_in, rank) / n_in**0.5)
         self.fm_norm = nn.LayerNorm(n_in * rank)
         self.fm_mlp = MLP([n_in * rank, hidden, n_fmb * dim], act="relu", dropout=dropout)
-        self.lcb = LinearCompress(n_in, n_lcb)
+        self.lcb = LinearCompress(n_in, n_lcb) if n_lcb else None
         n_out = n_fmb + n_lcb
         self.residual = LinearCompress(n_in, n_out) if n_out != n_in else None
         self.norm = nn.LayerNorm(dim)
@@ -36,10 +36,44 @@ class WukongLayer(nn.Module):
         xtp = torch.einsum("bnd,nr->bdr", x, self.proj)  # Xᵀ·P
         fm = torch.einsum("bnd,bdr->bnr", x, xtp)  # X·(Xᵀ·P): [B, N, r]
         fmb = self.fm_mlp(self.fm_norm(fm.reshape(b, -1))).reshape(b, self.n_fmb, self.dim)
-        out = torch.cat([fmb, self.lcb(x)], dim=1)
+        out = torch.cat([fmb, self.lcb(x)], dim=1) if self.lcb is not None else fmb
         res = self.residual(x) if self.residual is not None else x
         return self.norm(out + res)
 
     def flops(self) -> int:
-        f = 2 * 2 * self.n_in * self.dim * self.rank + self.fm_mlp.flops() + self.lcb.flops(self.dim)
+        f = 2 * 2 * self.n_in * self.dim * self.rank + self.fm_mlp.flops()
+        f += self.lcb.flops(self.dim) if self.lcb is not None else 0
         return f + (self.residual.flops(self.dim) if self.residual is not None else 0)
+
+
+def split_counts(total: int, parts: int) -> list[int]:
+    """``total`` items into ``parts`` near-equal counts (the first ones one larger)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class MixtureOfWukongExperts(nn.Module):
+    """Kunlun's global interaction: E Wukong experts over interleaved partitions of the tokens.
+
+    X: [B, N, D] → [B, n_out, D]. Expert e sees tokens e, e+E, e+2E, … (so each mixes fields and sequence
+    summaries) and produces its share of the n_out output tokens. E = 1 is a single Wukong layer.
+    Cost per expert shrinks with its partition: the FM and MLP terms scale with (N/E)².
+    """
+
+    def __init__(self, n_in: int, n_out: int, experts: int, dim: int, rank: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        if experts > min(n_in, n_out):
+            raise ValueError(f"{experts} experts for {n_in} input / {n_out} output tokens: at most one token each")
+        self.experts_n = experts
+        outs = split_counts(n_out, experts)
+        self.index = [list(range(e, n_in, experts)) for e in range(experts)]
+        self.experts = nn.ModuleList(
+            WukongLayer(len(idx), max(1, o // 2), o - max(1, o // 2), dim, rank, hidden, dropout) for idx, o in zip(self.index, outs)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.experts_n == 1:
+            return self.experts[0](x)
+        return torch.cat([ex(x[:, idx]) for ex, idx in zip(self.experts, self.index)], dim=1)
+
+    def flops(self) -> int:
+        return sum(ex.flops() for ex in self.experts)
