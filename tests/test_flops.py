@@ -51,3 +51,22 @@ def test_flops_of_non_sequence_path():
     b = Batch(torch.zeros(9), batch_cat, torch.zeros(9, 0), torch.zeros(9, dtype=torch.long), {})
     assert counted_flops(model, b) == 9 * model.flops_per_example()
     assert set(model.flops_by_component()) == {"tokens", "interaction", "output"}
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "dnn", "dcnv2", "wukong", "din", "bst", "interformer", "kunlun"])
+def test_every_registered_model_counts_its_flops_exactly(name):
+    from kunlun.models import MODELS
+
+    assert name in MODELS
+    p = prepare_dataset("ml-latest-small")
+    model = build_model({"name": name}, FeatureInfo.from_encoder(p.encoder(), 9))
+    model.eval()  # BatchNorm (Dice) in eval mode: the count must not depend on it anyway
+    batch = Batcher(p, "valid", 9).batch(np.arange(11))
+    assert counted_flops(model, batch) == 11 * model.flops_per_example()
+    assert model(batch).shape == (11,)
+
+
+def test_registry_has_exactly_the_documented_models():
+    from kunlun.models import MODELS
+
+    assert set(MODELS) == {"logistic_regression", "dnn", "dcnv2", "wukong", "din", "bst", "interformer", "kunlun"}

@@ -119,3 +119,37 @@ class EventTokens(nn.Module):
 
     def flops(self) -> int:
         return linear_flops(self.max_len, self.in_dim, self.dim)
+
+
+class Inputs(nn.Module):
+    """Embeds a batch once for any model: non-sequence tokens and per-sequence event tokens.
+
+    → x: [B, N, D]; seqs: name → (tokens [B, L, D], mask [B, L] bool, gap [B, L] seconds).
+    One embedding table per vocabulary, shared by fields and sequences that use it.
+    """
+
+    def __init__(self, info: FeatureInfo, dim: int, positions: bool = False, time_buckets: int = 0):
+        super().__init__()
+        self.info = info
+        self.tables = embedding_tables(info, dim)
+        self.features = FeatureTokens(info, dim)
+        self.events = nn.ModuleDict({q.name: EventTokens(q, dim, dim, info.max_len, time_buckets, positions) for q in info.sequences})
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        x = self.features(self.tables, batch.cat, batch.num)
+        seqs = {n: (self.events[n](self.tables, s), s.mask, s.gap) for n, s in batch.seqs.items() if n in self.events}
+        return x, seqs
+
+    def target_index(self, seq: str) -> int:
+        """Position among the non-sequence tokens of the candidate item (the field sharing the sequence's item vocabulary)."""
+        vocab = next(q.item_vocab for q in self.info.sequences if q.name == seq)
+        return self.info.cat_vocabs.index(vocab)
+
+    def flops(self) -> int:
+        return self.features.flops() + sum(e.flops() for e in self.events.values())
+
+
+def masked_mean(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real tokens. s: [B, L, D], mask: [B, L] → [B, D] (0 for an empty sequence)."""
+    m = mask.unsqueeze(-1).to(s.dtype)
+    return (s * m).sum(1) / m.sum(1).clamp(min=1.0)

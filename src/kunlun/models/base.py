@@ -19,6 +19,7 @@ class RankingModel(nn.Module):
 
     config: Any
     info: FeatureInfo
+    requires_sequence = False  # DIN, BST, InterFormer: nothing to do without a behaviour sequence
 
     def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -74,4 +75,10 @@ def model_config(model: dict[str, Any]) -> Any:
 
 def build_model(model: dict[str, Any], info: FeatureInfo) -> RankingModel:
     cfg = model_config(model)
-    return MODELS[model["name"]].cls(cfg, info)
+    entry = MODELS[model["name"]]
+    if entry.cls.requires_sequence and not info.sequences:
+        raise KunlunError(
+            f"config key model.name: {model['name']} models a behaviour sequence and this dataset has none; "
+            "choose a non-sequence model (kunlun, dnn, dcnv2, wukong, logistic_regression)"
+        )
+    return entry.cls(cfg, info)

@@ -33,7 +33,7 @@ from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import ACTIVATIONS, MLP
-from kunlun.blocks.embeddings import EventTokens, FeatureInfo, FeatureTokens, embedding_tables
+from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.pffn import GDPAPFFN
 from kunlun.blocks.summary import HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
 from kunlun.blocks.wukong import MixtureOfWukongExperts
@@ -183,11 +183,7 @@ class Kunlun(RankingModel):
         super().__init__()
         self.config, self.info = cfg, info
         d = cfg.d_model
-        self.tables = embedding_tables(info, d)
-        self.features = FeatureTokens(info, d)
-        self.events = nn.ModuleDict(
-            {q.name: EventTokens(q, d, d, info.max_len, cfg.time_buckets, cfg.position_embedding) for q in info.sequences}
-        )
+        self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets)
         names = [q.name for q in info.sequences]
         n = info.n_tokens
         experts = min(cfg.wukong_experts, n)
@@ -197,12 +193,8 @@ class Kunlun(RankingModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         cfg = self.config
-        x = self.features(self.tables, batch.cat, batch.num)
-        seqs = {}
-        for n, s in batch.seqs.items():
-            if n in self.events:
-                tau = torch.log1p(s.gap / cfg.time_scale) if cfg.rotary_time else None
-                seqs[n] = (self.events[n](self.tables, s), s.mask, tau)
+        x, embedded = self.inputs(batch)
+        seqs = {n: (s, mask, torch.log1p(gap / cfg.time_scale) if cfg.rotary_time else None) for n, (s, mask, gap) in embedded.items()}
         summaries: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             x, seqs, summaries = layer(x, seqs, summaries)
@@ -210,7 +202,7 @@ class Kunlun(RankingModel):
         return self.output(flat).squeeze(-1)
 
     def flops_by_component(self) -> dict[str, int]:
-        total = {"tokens": self.features.flops() + sum(e.flops() for e in self.events.values())}
+        total = {"tokens": self.inputs.flops()}
         for layer in self.layers:
             for k, v in layer.flops(self.info.max_len).items():
                 total[k] = total.get(k, 0) + v

@@ -1,0 +1,90 @@
+"""BST, Behavior Sequence Transformer (Chen et al., "Behavior Sequence Transformer for E-commerce
+Recommendation in Alibaba", DLP-KDD 2019, arXiv 1905.06874): the history plus the candidate item as
+the last position, with a time-based position embedding (pos = t_candidate − t_event, bucketed), go
+through a Transformer layer (multi-head self-attention and a LeakyReLU feed-forward, each with residual
++ LayerNorm); the flattened outputs and the other embeddings feed an MLP with LeakyReLU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kunlun.blocks.attention import MultiHeadAttention
+from kunlun.blocks.common import MLP
+from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.data.batches import Batch
+from kunlun.models.base import RankingModel, register
+from kunlun.models.base_config import check_dropout, check_heads, check_positive
+
+
+@dataclass
+class BSTConfig:
+    d_model: int = 16
+    num_heads: int = 2
+    num_layers: int = 1
+    ffn_mult: int = 4
+    time_buckets: int = 16
+    hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        check_positive(self, "d_model", "num_heads", "num_layers", "ffn_mult", "time_buckets", "hidden")
+        check_heads(self)
+        check_dropout(self)
+
+
+class TransformerLayer(nn.Module):
+    """Post-norm Transformer layer as in BST. s: [B, L, D], mask: [B, L] → [B, L, D]."""
+
+    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        self.attn = MultiHeadAttention(dim, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = MLP([dim, ffn_mult * dim, dim], act="leaky_relu")
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.norm1(s + self.drop(self.attn(s, s, mask)))
+        return self.norm2(s + self.drop(self.ffn(s)))
+
+    def flops(self, length: int) -> int:
+        return self.attn.flops(length, length) + self.ffn.flops(length)
+
+
+@register("bst", BSTConfig)
+class BST(RankingModel):
+    """Batch → logits [B]."""
+
+    requires_sequence = True
+
+    def __init__(self, cfg: BSTConfig, info: FeatureInfo):
+        super().__init__()
+        self.config, self.info = cfg, info
+        d = cfg.d_model
+        self.inputs = Inputs(info, d, positions=False, time_buckets=cfg.time_buckets)
+        self.blocks = nn.ModuleDict(
+            {q.name: nn.ModuleList(TransformerLayer(d, cfg.num_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.num_layers))
+             for q in info.sequences}
+        )
+        width = (info.n_tokens + len(info.sequences) * (info.max_len + 1)) * d
+        self.mlp = MLP([width, *cfg.hidden, 1], act="leaky_relu", dropout=cfg.dropout)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x, seqs = self.inputs(batch)
+        outs = [x.flatten(1)]
+        for n, (s, m, _) in seqs.items():
+            target = x[:, self.inputs.target_index(n)].unsqueeze(1)  # the candidate, time gap 0
+            s = torch.cat([s, target], dim=1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+            for layer in self.blocks[n]:
+                s = layer(s, m) * m.unsqueeze(-1)
+            outs.append(s.flatten(1))
+        return self.mlp(torch.cat(outs, dim=1)).squeeze(-1)
+
+    def flops_by_component(self) -> dict[str, int]:
+        length = self.info.max_len + 1
+        return {"tokens": self.inputs.flops(),
+                "transformer": sum(layer.flops(length) for layers in self.blocks.values() for layer in layers),
+                "mlp": self.mlp.flops()}

@@ -1,0 +1,63 @@
+"""DIN (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018,
+arXiv 1706.06978): the history is pooled by target attention — each event weighted by an activation
+unit MLP of (event, candidate, difference, product), without softmax normalisation — and concatenated
+with the other embeddings into an MLP with Dice activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kunlun.blocks.common import linear_flops
+from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.interaction import Dice, TargetAttention
+from kunlun.data.batches import Batch
+from kunlun.models.base import RankingModel, register
+from kunlun.models.base_config import check_dropout, check_positive
+
+
+@dataclass
+class DINConfig:
+    d_model: int = 16
+    attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
+    hidden: list[int] = field(default_factory=lambda: [200, 80])
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        check_positive(self, "d_model", "attention_hidden", "hidden")
+        check_dropout(self)
+
+
+@register("din", DINConfig)
+class DIN(RankingModel):
+    """Batch → logits [B]."""
+
+    requires_sequence = True
+
+    def __init__(self, cfg: DINConfig, info: FeatureInfo):
+        super().__init__()
+        self.config, self.info = cfg, info
+        d = cfg.d_model
+        self.inputs = Inputs(info, d)
+        self.attention = nn.ModuleDict({q.name: TargetAttention(d, cfg.attention_hidden) for q in info.sequences})
+        dims = [(info.n_tokens + len(info.sequences)) * d, *cfg.hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.acts = nn.ModuleList(Dice(b) for b in cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(dims[-1], 1)
+        self.dims = [*dims, 1]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x, seqs = self.inputs(batch)
+        pooled = [self.attention[n](s, x[:, self.inputs.target_index(n)], m) for n, (s, m, _) in seqs.items()]
+        h = torch.cat([x.flatten(1), *pooled], dim=1)
+        for layer, act in zip(self.layers, self.acts):
+            h = self.drop(act(layer(h)))
+        return self.out(h).squeeze(-1)
+
+    def flops_by_component(self) -> dict[str, int]:
+        length = self.info.max_len
+        return {"tokens": self.inputs.flops(), "target_attention": sum(a.flops(length) for a in self.attention.values()),
+                "mlp": sum(linear_flops(1, a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))}

@@ -1,0 +1,50 @@
+"""DNN (the "deep" CTR baseline of Covington et al., RecSys 2016, as in the BARS benchmark): embeddings of
+all fields concatenated and fed to an MLP. Behaviour sequences, when present, enter as one mean-pooled
+token (the usual treatment of sequence features in non-sequential CTR models)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kunlun.blocks.common import MLP
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, masked_mean
+from kunlun.data.batches import Batch
+from kunlun.models.base import RankingModel, register
+from kunlun.models.base_config import check_dropout, check_positive
+
+
+def pooled_tokens(inputs: Inputs, batch: Batch) -> torch.Tensor:
+    """Non-sequence tokens plus one mean-pooled token per sequence: [B, N + n_seq, D]."""
+    x, seqs = inputs(batch)
+    return torch.cat([x, *(masked_mean(s, m).unsqueeze(1) for s, m, _ in seqs.values())], dim=1)
+
+
+@dataclass
+class DNNConfig:
+    d_model: int = 16
+    hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        check_positive(self, "d_model", "hidden")
+        check_dropout(self)
+
+
+@register("dnn", DNNConfig)
+class DNN(RankingModel):
+    """Batch → logits [B]."""
+
+    def __init__(self, cfg: DNNConfig, info: FeatureInfo):
+        super().__init__()
+        self.config, self.info = cfg, info
+        self.inputs = Inputs(info, cfg.d_model)
+        n_tokens = info.n_tokens + len(info.sequences)
+        self.mlp = MLP([n_tokens * cfg.d_model, *cfg.hidden, 1], dropout=cfg.dropout)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.mlp(pooled_tokens(self.inputs, batch).flatten(1)).squeeze(-1)
+
+    def flops_by_component(self) -> dict[str, int]:
+        return {"tokens": self.inputs.flops(), "mlp": self.mlp.flops()}

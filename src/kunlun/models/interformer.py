@@ -1,0 +1,171 @@
+"""InterFormer (Zeng et al., "InterFormer: Effective Heterogeneous Interaction Learning for
+Click-Through Rate Prediction", arXiv 2411.09852): Kunlun's predecessor.
+
+Per layer, three arches with bidirectional information flow:
+  Cross Arch:       X_sum = Gating(MLP(LCE(X))) summarises the non-sequence side for the sequence;
+                    S_sum = Gating([CLS tokens, PMA tokens, K most recent tokens]) summarises the
+                    sequence for the non-sequence side (self-gating z ⊙ σ(W·z) per token).
+  Interaction Arch: the non-sequence tokens interact with S_sum — a DHEN-style layer of DOT (all
+                    pairwise inner products) and DCN (cross network) modules, projected back to the N
+                    non-sequence tokens, with residual and LayerNorm.
+  Sequence Arch:    PFFN then multi-head self-attention; PFFN(X_sum, S) = S·W(X_sum), a per-example
+                    D×D matrix generated from X_sum (a batched per-sample matmul — the op Kunlun
+                    replaces with GDPA).
+Output: MLP over the last layer's non-sequence tokens and sequence summary.
+
+Shared with Kunlun: embeddings, the non-sequence summary (LCE + MLP + gate), PMA, self-attention.
+Choices of ours where the paper leaves room: token width ``d_model`` everywhere; CLS tokens are learned
+and prepended once at the input; PFFN has a residual connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kunlun.blocks.attention import SequenceSelfAttention
+from kunlun.blocks.common import MLP, linear_flops
+from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.interaction import CrossNetV2
+from kunlun.blocks.summary import NonSequenceSummary, SeedPooling
+from kunlun.data.batches import Batch
+from kunlun.models.base import RankingModel, register
+from kunlun.models.base_config import check_dropout, check_heads, check_positive
+
+
+@dataclass
+class InterFormerConfig:
+    d_model: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    summary_tokens: int = 4  # X_sum tokens (LCE output)
+    cls_tokens: int = 2
+    pma_tokens: int = 2
+    recent_tokens: int = 2
+    cross_layers: int = 1  # DCN inside the interaction arch
+    output_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+    position_embedding: bool = True
+    time_buckets: int = 16
+
+    def validate(self) -> None:
+        check_positive(self, "d_model", "num_layers", "num_heads", "summary_tokens", "cls_tokens", "pma_tokens",
+                       "recent_tokens", "cross_layers", "output_hidden")
+        check_heads(self)
+        check_dropout(self)
+
+    @property
+    def seq_summary_tokens(self) -> int:
+        return self.cls_tokens + self.pma_tokens + self.recent_tokens
+
+
+class PersonalizedFFN(nn.Module):
+    """InterFormer's PFFN: s + s·W_b with W_b = reshape(Linear(flatten(X_sum))) ∈ R^{D×D} per example.
+    s: [B, L, D], x_sum: [B, T, D], mask [B, L] → [B, L, D]."""
+
+    def __init__(self, summary_tokens: int, dim: int):
+        super().__init__()
+        self.generate = nn.Linear(summary_tokens * dim, dim * dim)
+        nn.init.normal_(self.generate.weight, std=0.02 / dim**0.5)
+        self.dim, self.tokens = dim, summary_tokens
+
+    def forward(self, s: torch.Tensor, x_sum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = self.generate(x_sum.flatten(1)).view(-1, self.dim, self.dim)
+        return (s + torch.bmm(s, w)) * mask.unsqueeze(-1)
+
+    def flops(self, length: int) -> int:
+        return linear_flops(1, self.tokens * self.dim, self.dim * self.dim) + linear_flops(length, self.dim, self.dim)
+
+
+class SequenceSummary(nn.Module):
+    """Cross Arch, sequence side: gated [CLS outputs, PMA tokens, most recent tokens].
+    s: [B, n_cls + L, D] (CLS first), mask → [B, n_cls + n_pma + K, D]."""
+
+    def __init__(self, cfg: InterFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pma = SeedPooling(cfg.d_model, cfg.num_heads, cfg.pma_tokens)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c, k = self.cfg.cls_tokens, self.cfg.recent_tokens
+        z = torch.cat([s[:, :c], self.pma(s, mask), s[:, -k:]], dim=1)
+        return z * torch.sigmoid(self.gate(z))
+
+    def flops(self, length: int) -> int:
+        return self.pma.flops(length) + linear_flops(self.cfg.seq_summary_tokens, self.cfg.d_model, self.cfg.d_model)
+
+
+class DHENInteraction(nn.Module):
+    """Interaction Arch: DOT + DCN over Z = [X; S_sum] → N tokens, + X, LayerNorm.
+    x: [B, N, D], s_sum: [B, T, D] → [B, N, D]."""
+
+    def __init__(self, n_tokens: int, seq_tokens: int, dim: int, cross_layers: int):
+        super().__init__()
+        self.n, self.nz, self.dim = n_tokens, n_tokens + seq_tokens, dim
+        self.pairs = torch.triu_indices(self.nz, self.nz, offset=1)
+        self.cross = CrossNetV2(self.nz * dim, cross_layers)
+        self.combine = nn.Linear(self.pairs.shape[1] + self.nz * dim, n_tokens * dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, s_sum: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([x, s_sum], dim=1)
+        dots = (z @ z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
+        mixed = self.combine(torch.cat([dots, self.cross(z.flatten(1))], dim=1))
+        return self.norm(x + mixed.view(-1, self.n, self.dim))
+
+    def flops(self) -> int:
+        return 2 * self.nz * self.nz * self.dim + self.cross.flops() + linear_flops(1, self.combine.in_features, self.combine.out_features)
+
+
+@register("interformer", InterFormerConfig)
+class InterFormer(RankingModel):
+    """Batch → logits [B]."""
+
+    requires_sequence = True
+
+    def __init__(self, cfg: InterFormerConfig, info: FeatureInfo):
+        super().__init__()
+        self.config, self.info = cfg, info
+        d, n = cfg.d_model, info.n_tokens
+        names = [q.name for q in info.sequences]
+        self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets)
+        self.cls = nn.ParameterDict({q: nn.Parameter(torch.randn(cfg.cls_tokens, d) * 0.05) for q in names})
+        t = len(names) * cfg.seq_summary_tokens
+        self.x_summary = nn.ModuleList(NonSequenceSummary(n, cfg.summary_tokens, d) for _ in range(cfg.num_layers))
+        self.s_summary = nn.ModuleList(
+            nn.ModuleDict({q: SequenceSummary(cfg) for q in names}) for _ in range(cfg.num_layers + 1)
+        )
+        self.interaction = nn.ModuleList(DHENInteraction(n, t, d, cfg.cross_layers) for _ in range(cfg.num_layers))
+        self.pffn = nn.ModuleList(nn.ModuleDict({q: PersonalizedFFN(cfg.summary_tokens, d) for q in names}) for _ in range(cfg.num_layers))
+        self.attn = nn.ModuleList(nn.ModuleDict({q: SequenceSelfAttention(d, cfg.num_heads) for q in names}) for _ in range(cfg.num_layers))
+        self.output = MLP([(n + t) * d, *cfg.output_hidden, 1], dropout=cfg.dropout)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x, embedded = self.inputs(batch)
+        seqs = {}
+        for q, (s, m, _) in embedded.items():
+            cls = self.cls[q].expand(s.shape[0], -1, -1)
+            seqs[q] = (torch.cat([cls, s], dim=1), torch.cat([torch.ones_like(m[:, : cls.shape[1]]), m], dim=1))
+        for i in range(self.config.num_layers):
+            x_sum = self.x_summary[i](x)
+            s_sum = torch.cat([self.s_summary[i][q](s, m) for q, (s, m) in seqs.items()], dim=1)
+            x = self.interaction[i](x, s_sum)
+            seqs = {q: (self.attn[i][q](self.pffn[i][q](s, x_sum, m), m), m) for q, (s, m) in seqs.items()}
+        s_sum = torch.cat([self.s_summary[-1][q](s, m) for q, (s, m) in seqs.items()], dim=1)
+        return self.output(torch.cat([x.flatten(1), s_sum.flatten(1)], dim=1)).squeeze(-1)
+
+    def flops_by_component(self) -> dict[str, int]:
+        length = self.info.max_len + self.config.cls_tokens
+        layers = range(self.config.num_layers)
+        return {
+            "tokens": self.inputs.flops(),
+            "nonseq_summary": sum(m.flops() for m in self.x_summary),
+            "seq_summary": sum(m.flops(length) for d in self.s_summary for m in d.values()),
+            "interaction": sum(m.flops() for m in self.interaction),
+            "pffn": sum(m.flops(length) for i in layers for m in self.pffn[i].values()),
+            "self_attention": sum(m.flops(length) for i in layers for m in self.attn[i].values()),
+            "output": self.output.flops(),
+        }

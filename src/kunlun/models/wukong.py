@@ -1,0 +1,61 @@
+"""Wukong (Zhang et al., "Wukong: Towards a Scaling Law for Large-Scale Recommendation", ICML 2024,
+arXiv 2403.02545): embeddings → a stack of Wukong layers (FMB + LCB, residual, LayerNorm) → MLP.
+The layer is the same block Kunlun uses for its global interaction. Sequences enter as one mean-pooled
+token each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kunlun.blocks.common import MLP
+from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.wukong import WukongLayer
+from kunlun.data.batches import Batch
+from kunlun.models.base import RankingModel, register
+from kunlun.models.base_config import check_dropout, check_positive
+from kunlun.models.dnn import pooled_tokens
+
+
+@dataclass
+class WukongConfig:
+    d_model: int = 16
+    num_layers: int = 3
+    fmb_tokens: int = 8  # n_F: tokens out of the FM block per layer
+    lcb_tokens: int = 8  # n_L: tokens out of the linear compression block per layer
+    fm_rank: int = 8
+    fm_hidden: int = 256
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        check_positive(self, "d_model", "num_layers", "fmb_tokens", "lcb_tokens", "fm_rank", "fm_hidden", "hidden")
+        check_dropout(self)
+
+
+@register("wukong", WukongConfig)
+class Wukong(RankingModel):
+    """Batch → logits [B]."""
+
+    def __init__(self, cfg: WukongConfig, info: FeatureInfo):
+        super().__init__()
+        self.config, self.info = cfg, info
+        self.inputs = Inputs(info, cfg.d_model)
+        n = info.n_tokens + len(info.sequences)
+        layers = []
+        for _ in range(cfg.num_layers):
+            layers.append(WukongLayer(n, cfg.fmb_tokens, cfg.lcb_tokens, cfg.d_model, cfg.fm_rank, cfg.fm_hidden, cfg.dropout))
+            n = cfg.fmb_tokens + cfg.lcb_tokens
+        self.layers = nn.ModuleList(layers)
+        self.mlp = MLP([n * cfg.d_model, *cfg.hidden, 1], dropout=cfg.dropout)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x = pooled_tokens(self.inputs, batch)
+        for layer in self.layers:
+            x = layer(x)
+        return self.mlp(x.flatten(1)).squeeze(-1)
+
+    def flops_by_component(self) -> dict[str, int]:
+        return {"tokens": self.inputs.flops(), "interaction": sum(m.flops() for m in self.layers), "mlp": self.mlp.flops()}
