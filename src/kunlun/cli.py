@@ -317,7 +317,15 @@ def runs(root, as_json):
 
 # ---------------------------------------------------------------------------------------- bench
 
-@cli.command()
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def bench(ctx):
+    """Benchmarks: speed/MFU (default), quality of every model, Kunlun ablations."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(speed)
+
+
+@bench.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
 @click.option("--dataset", help="Dataset (default: the config's).")
 @click.option("--data-dir", help="Folder holding the dataset folders.")
@@ -325,9 +333,9 @@ def runs(root, as_json):
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timing repeats; medians are reported.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("overrides", nargs=-1)
-def bench(config_path, dataset, data_dir, steps, repeats, as_json, overrides):
+def speed(config_path=None, dataset=None, data_dir=None, steps=30, repeats=3, as_json=False, overrides=()):
     """Training / inference examples/s and MFU (fp32 and bf16) against this machine's measured GEMM peak."""
-    from kunlun.bench import run_speed_bench, speed_table
+    from kunlun.bench.speed import run_speed_bench, speed_table
     from kunlun.config import load_config
 
     extra = list(overrides)
@@ -337,6 +345,63 @@ def bench(config_path, dataset, data_dir, steps, repeats, as_json, overrides):
     cfg = load_config(config_path, extra)
     result = run_speed_bench(cfg, steps=steps, repeats=repeats)
     emit_json(result) if as_json else speed_table(result)
+
+
+def _bench_options(f):
+    f = click.option("--spec", type=click.Path(path_type=Path), help="Benchmark spec (default: packaged configs/quality.yaml).")(f)
+    f = click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True,
+                     help="Where run records and tables go; finished points there are reused.")(f)
+    f = click.option("--data-dir", help="Folder holding the dataset folders.")(f)
+    f = click.option("--seeds", help="Comma-separated seeds (overrides the spec).")(f)
+    f = click.option("--threads", type=int, default=0, help="torch threads per run (0: default).")(f)
+    f = click.option("--json", "as_json", is_flag=True)(f)
+    return f
+
+
+def _spec(spec_path, seeds, datasets=None, models=None):
+    from kunlun.bench.quality import load_spec
+
+    spec = load_spec(spec_path)
+    if seeds:
+        spec["seeds"] = [int(x) for x in seeds.split(",")]
+    if datasets:
+        spec["datasets"] = datasets.split(",")
+    if models:
+        keep = models.split(",")
+        unknown = [m for m in keep if m not in spec["models"]]
+        if unknown:
+            raise KunlunError(f"--models: {unknown[0]!r} is not in the spec; known: {', '.join(spec['models'])}")
+        spec["models"] = {m: spec["models"][m] for m in keep}
+    return spec
+
+
+@bench.command()
+@_bench_options
+@click.option("--datasets", help="Comma-separated datasets (overrides the spec).")
+@click.option("--models", help="Comma-separated models (overrides the spec).")
+@click.option("--check", type=click.Path(path_type=Path), help="Pinned expected NE (JSON): exit 1 if a model is worse.")
+def quality(spec, out, data_dir, seeds, threads, as_json, datasets, models, check):
+    """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
+    from kunlun.bench.quality import check_expected, quality_markdown, run_quality
+
+    results = run_quality(_spec(spec, seeds, datasets, models), out, data_dir, threads)
+    emit_json(results["results"]) if as_json else click.echo(quality_markdown(results))
+    if check:
+        failures = check_expected(results, check)
+        for f in failures:
+            click.echo(f"kunlun: regression: {f}", err=True)
+        if failures:
+            sys.exit(1)
+
+
+@bench.command()
+@_bench_options
+def ablation(spec, out, data_dir, seeds, threads, as_json):
+    """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model."""
+    from kunlun.bench.quality import ablation_markdown, run_ablation
+
+    result = run_ablation(_spec(spec, seeds), out, data_dir, threads)
+    emit_json(result) if as_json else click.echo(ablation_markdown(result))
 
 
 def main() -> None:

@@ -1,0 +1,176 @@
+"""Quality benchmark: every model × dataset × seed through the same pipeline, summarised as mean ± std;
+and Kunlun ablations (each component off in turn).
+
+Each point is a normal run record under ``<out>/runs/<dataset>/<model or variant>/seed<k>``; a point
+whose ``final.json`` exists is reused, so an interrupted benchmark continues where it stopped.
+Tables are written atomically as ``quality.md`` / ``quality.json`` (and ``ablation.*``).
+The metric split is ``test`` when the dataset has one, else ``valid`` (Frappe_x1: its test split is held out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml
+from kunlun.data.registry import prepare_dataset
+from kunlun.errors import KunlunError
+from kunlun.models.base import MODELS
+from kunlun.runs import environment, read_json
+from kunlun.training.checkpoint import atomic_write_text
+from kunlun.training.trainer import Trainer, log
+
+METRICS = ("auc", "gauc", "logloss", "ne")
+
+
+def load_spec(path: Path | None) -> dict[str, Any]:
+    path = path or DEFAULT_CONFIG_DIR / "quality.yaml"
+    spec = read_yaml(Path(path))
+    for key in ("datasets", "seeds", "models"):
+        if key not in spec:
+            raise KunlunError(f"{path}: missing key {key!r}")
+    unknown = [m for m in spec["models"] if m not in MODELS]
+    if unknown:
+        raise KunlunError(f"{path}: unknown model {unknown[0]!r}; known: {', '.join(sorted(MODELS))}")
+    return spec
+
+
+def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, run_dir: Path, data_dir, threads: int) -> dict:
+    """Train one (dataset, model, seed) point unless its run record is complete; return its final.json."""
+    final = read_json(run_dir / "final.json")
+    if final is not None:
+        return final
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted point restarts from scratch (its seed makes it reproducible)
+    extra = [f"data.dataset={dataset}", f"train.seed={seed}", *overrides]
+    if data_dir:
+        extra.append(f"data.data_dir={json.dumps(str(data_dir))}")
+    if threads:
+        extra.append(f"train.threads={threads}")
+    cfg = load_config(None, extra, model=model)
+    log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] training …")
+    return Trainer(cfg, data, run_dir, progress=False, logger=lambda m: None).fit()
+
+
+def summarise(finals: list[dict]) -> dict[str, Any]:
+    split = "test" if "test" in finals[0]["metrics"] else "valid"
+    row: dict[str, Any] = {"split": split, "seeds": len(finals)}
+    for m in METRICS:
+        vals = np.array([f["metrics"][split][m] for f in finals], dtype=float)
+        row[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, "values": vals.tolist()}
+    row["flops_per_example"] = finals[0]["flops_per_example"]
+    row["parameters"] = finals[0]["parameters"]["total"]
+    row["train_examples_per_s"] = float(np.median([f["train_examples_per_s"] for f in finals]))
+    return row
+
+
+def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[str, Any]:
+    results: dict[str, Any] = {"environment": environment(), "spec": spec, "results": {}}
+    for dataset in spec["datasets"]:
+        data = prepare_dataset(dataset, data_dir, log=log)
+        table = results["results"].setdefault(dataset, {})
+        for model, overrides in spec["models"].items():
+            if MODELS[model].cls.requires_sequence and not data.schema.sequences:
+                table[model] = {"skipped": "needs a behaviour sequence; the dataset has none"}
+                continue
+            finals = [run_point(dataset, data, model, list(overrides or []), s, out / "runs" / dataset / model / f"seed{s}", data_dir, threads)
+                      for s in spec["seeds"]]
+            table[model] = summarise(finals)
+            write_quality(results, out)  # tables stay current while the benchmark runs
+    return results
+
+
+def fmt(cell: dict, digits: int = 4) -> str:
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+def quality_markdown(results: dict) -> str:
+    lines = []
+    for dataset, table in results["results"].items():
+        lines += [f"### {dataset}", "",
+                  "| model | split | AUC | gAUC | logloss | NE | MFLOPs/ex | params | train ex/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for model, r in table.items():
+            if "skipped" in r:
+                lines.append(f"| {model} | – | n/a ({r['skipped']}) | | | | | | |")
+                continue
+            lines.append(f"| {model} | {r['split']} | {fmt(r['auc'])} | {fmt(r['gauc'])} | {fmt(r['logloss'])} | {fmt(r['ne'])} | "
+                         f"{r['flops_per_example'] / 1e6:.3f} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
+        lines.append("")
+    env = results["environment"]
+    lines.append(f"Mean ± sample std over seeds {results['spec']['seeds']}; {env['cpu']}, {env['torch_threads']} threads, "
+                 f"torch {env['torch']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_quality(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "quality.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "quality.md", quality_markdown(results))
+
+
+# ------------------------------------------------------------------------------------------ ablation
+
+def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[str, Any]:
+    ab = spec.get("ablation") or {}
+    dataset = ab.get("dataset", "ml-100k")
+    variants = {"full": [], **(ab.get("variants") or {})}
+    data = prepare_dataset(dataset, data_dir, log=log)
+    base = list(spec["models"].get("kunlun") or [])
+    finals = {}
+    for name, overrides in variants.items():
+        finals[name] = [run_point(dataset, data, "kunlun", base + list(overrides), s, out / "runs" / dataset / f"kunlun-{name}" / f"seed{s}",
+                                  data_dir, threads) for s in spec["seeds"]]
+    split = "test" if "test" in finals["full"][0]["metrics"] else "valid"
+    full_ne = np.array([f["metrics"][split]["ne"] for f in finals["full"]])
+    full = summarise(finals["full"])
+    rows = {}
+    for name, fs in finals.items():
+        ne = np.array([f["metrics"][split]["ne"] for f in fs])
+        delta = 100 * (ne - full_ne) / full_ne  # paired by seed
+        r = summarise(fs)
+        rows[name] = {
+            "overrides": variants[name], "ne": r["ne"],
+            "delta_ne_pct": {"mean": float(delta.mean()), "std": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0},
+            "flops_per_example": r["flops_per_example"],
+            "delta_flops_pct": 100 * (r["flops_per_example"] / full["flops_per_example"] - 1),
+            "train_examples_per_s": r["train_examples_per_s"],
+            "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
+        }
+    result = {"environment": environment(), "dataset": dataset, "split": split, "seeds": spec["seeds"], "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "ablation.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "ablation.md", ablation_markdown(result))
+    return result
+
+
+def ablation_markdown(r: dict) -> str:
+    lines = [f"Kunlun ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}; ΔNE is paired by seed (negative = better).", "",
+             "| variant | NE | ΔNE % | MFLOPs/ex | ΔFLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "
+                     f"{row['flops_per_example'] / 1e6:.3f} | {row['delta_flops_pct']:+.1f} | {row['train_examples_per_s']:,.0f} | "
+                     f"{row['delta_speed_pct']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ regression check
+
+def check_expected(results: dict, expected_path: Path) -> list[str]:
+    """Compare mean NE with pinned values: a model fails when mean NE > pinned + tolerance."""
+    expected = json.loads(Path(expected_path).read_text())
+    failures = []
+    for dataset, models in expected["ne"].items():
+        for model, pin in models.items():
+            r = results["results"].get(dataset, {}).get(model)
+            if r is None or "skipped" in r:
+                continue
+            got = r["ne"]["mean"]
+            if not math.isfinite(got) or got > pin["mean"] + pin["tolerance"]:
+                failures.append(f"{dataset}/{model}: NE {got:.4f} > pinned {pin['mean']:.4f} + {pin['tolerance']:.4f}")
+    return failures
