@@ -70,3 +70,32 @@ def test_registry_has_exactly_the_documented_models():
     from kunlun.models import MODELS
 
     assert set(MODELS) == {"logistic_regression", "dnn", "dcnv2", "wukong", "din", "bst", "interformer", "kunlun"}
+
+
+@pytest.mark.parametrize("name", ["kunlun", "interformer", "din", "bst", "dcnv2"])
+def test_several_sequences_per_example(tmp_path, name):
+    rows = ["y,u,item,t,clicks,click_t,buys,buy_t"]
+    for i in range(40):
+        k, j = i % 5, i % 3
+        clicks = "|".join(f"i{(i + n) % 7}" for n in range(k))
+        buys = "|".join(f"i{(i * n) % 7}" for n in range(j))
+        rows.append(f"{i % 2},u{i % 4},i{i % 7},{1000 + i},{clicks},{'|'.join(str(900 + n) for n in range(k))},"
+                    f"{buys},{'|'.join(str(950 + n) for n in range(j))}")
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "s.yaml").write_text("""
+files: {train: d.csv, valid: d.csv}
+label: y
+group: u
+time: t
+categorical: [u, item]
+sequences:
+  - {name: clicks, item: clicks, item_vocab: item, time: click_t}
+  - {name: buys, item: buys, item_vocab: item, time: buy_t}
+""")
+    p = prepare_dataset(str(tmp_path / "s.yaml"))
+    model = build_model({"name": name}, FeatureInfo.from_encoder(p.encoder(), 4))
+    model.eval()
+    batch = Batcher(p, "train", 4).batch(np.arange(40))
+    assert set(batch.seqs) == {"clicks", "buys"}
+    assert counted_flops(model, batch) == 40 * model.flops_per_example()
+    assert torch.isfinite(model(batch)).all()

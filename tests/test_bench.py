@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from kunlun.bench.quality import check_expected, load_spec, run_ablation, run_quality
+from kunlun.blocks.embeddings import FeatureInfo
+from kunlun.data.tabular import FRAPPE_FIELDS
+from kunlun.errors import KunlunError
+from kunlun.models import build_model
+
+from conftest import TINY_MODEL
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    short = ["train.max_steps=3", "train.epochs=1", "data.max_seq_len=4"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({
+        "datasets": ["ml-latest-small"],
+        "seeds": [0, 1],
+        "models": {"logistic_regression": short, "kunlun": short + TINY_MODEL[:-3]},
+        "ablation": {"dataset": "ml-latest-small", "variants": {"pma": ["model.seq_pooling=pma"]}},
+    }))
+    return load_spec(spec)
+
+
+def test_quality_table_is_written_and_finished_points_are_reused(tiny_spec, tmp_path):
+    out = tmp_path / "out"
+    res = run_quality(tiny_spec, out)
+    row = res["results"]["ml-latest-small"]["kunlun"]
+    assert row["split"] == "test" and row["seeds"] == 2 and len(row["ne"]["values"]) == 2
+    assert row["ne"]["std"] > 0 and row["flops_per_example"] > 0
+    md = (out / "quality.md").read_text()
+    assert "| kunlun | test |" in md and "±" in md
+    final = out / "runs" / "ml-latest-small" / "kunlun" / "seed0" / "final.json"
+    stamp = final.stat().st_mtime_ns
+    again = run_quality(tiny_spec, out)  # nothing retrained
+    assert final.stat().st_mtime_ns == stamp
+    assert again["results"]["ml-latest-small"]["kunlun"]["ne"] == row["ne"]
+
+    pins = {"ne": {"ml-latest-small": {"kunlun": {"mean": row["ne"]["mean"] - 0.5, "tolerance": 0.01},
+                                       "logistic_regression": {"mean": 5.0, "tolerance": 0.01}}}}
+    (tmp_path / "pins.json").write_text(json.dumps(pins))
+    failures = check_expected(res, tmp_path / "pins.json")
+    assert len(failures) == 1 and failures[0].startswith("ml-latest-small/kunlun")
+
+
+def test_ablation_deltas_are_relative_to_the_full_model(tiny_spec, tmp_path):
+    r = run_ablation(tiny_spec, tmp_path / "out")
+    assert set(r["rows"]) == {"full", "pma"}
+    assert r["rows"]["full"]["delta_ne_pct"]["mean"] == 0.0
+    assert r["rows"]["pma"]["delta_flops_pct"] != 0.0
+    assert (tmp_path / "out" / "ablation.md").is_file()
+
+
+def test_sequence_model_on_a_context_only_dataset_is_a_config_error():
+    info = FeatureInfo(tuple(FRAPPE_FIELDS), {f: 10 for f in FRAPPE_FIELDS}, 0, (), 1)
+    for name in ("din", "bst", "interformer"):
+        with pytest.raises(KunlunError, match=f"config key model.name: {name} models a behaviour sequence"):
+            build_model({"name": name}, info)
+    build_model({"name": "dcnv2"}, info)  # non-sequence models are fine
+
+
+def test_spec_with_unknown_model(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("datasets: [ml-100k]\nseeds: [0]\nmodels: {gpt: []}\n")
+    with pytest.raises(KunlunError, match="unknown model 'gpt'"):
+        load_spec(p)
