@@ -2,13 +2,12 @@ import json
 
 import pytest
 
+from conftest import TINY_MODEL
 from kunlun.bench.quality import check_expected, load_spec, run_ablation, run_quality
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.errors import KunlunError
 from kunlun.models import build_model
-
-from conftest import TINY_MODEL
 
 
 @pytest.fixture
