@@ -110,3 +110,23 @@ def test_mixture_of_wukong_experts_partitions_tokens():
     y2 = moe(x2)
     torch.testing.assert_close(y2[:, :3], y[:, :3])
     assert not torch.allclose(y2[:, 3:], y[:, 3:])
+
+
+def test_select_events_keeps_the_most_recent_of_one_type_left_padded():
+    from kunlun.blocks.embeddings import select_events
+
+    torch.manual_seed(0)
+    b, length, d = 6, 9, 3
+    tokens = torch.randn(b, length, d)
+    mask = torch.rand(b, length) > 0.2
+    event = torch.randint(2, 4, (b, length))
+    gap = torch.rand(b, length)
+    out, out_mask, out_gap = select_events(tokens, mask, event, code=3, length=4, extra=gap)
+    for r in range(b):
+        pos = [i for i in range(length) if mask[r, i] and event[r, i] == 3][-4:]
+        k = len(pos)
+        assert out_mask[r].tolist() == [False] * (4 - k) + [True] * k
+        if k:
+            torch.testing.assert_close(out[r, 4 - k :], tokens[r, pos])
+            torch.testing.assert_close(out_gap[r, 4 - k :], gap[r, pos])
+        assert (out[r, : 4 - k] == 0).all()

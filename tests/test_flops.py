@@ -99,3 +99,21 @@ sequences:
     assert set(batch.seqs) == {"clicks", "buys"}
     assert counted_flops(model, batch) == 40 * model.flops_per_example()
     assert torch.isfinite(model(batch)).all()
+
+
+def test_event_level_personalisation_streams():
+    p = prepare_dataset("ml-latest-small")
+    info = FeatureInfo.from_encoder(p.encoder(), 20)
+    assert info.sequences[0].event_names == ("liked", "not_liked")
+    model = build_model({"name": "kunlun", "num_layers": 3}, info)
+    by_name = {st.name: st for st in model.streams}
+    assert set(by_name) == {"history_liked", "history_not_liked"}
+    full, light = by_name["history_liked"], by_name["history_not_liked"]
+    assert (full.dim, full.heads, full.length, full.layers) == (32, 2, 20, 3)
+    assert (light.dim, light.heads, light.length, light.layers) == (16, 1, 10, 2)
+    assert light.event_code == 3 and full.event_code == 2
+    whole = build_model({"name": "kunlun", "num_layers": 3, "event_split": False}, info)
+    assert [st.name for st in whole.streams] == ["history"]
+    # the saving is against giving every event type the full configuration
+    uniform = build_model({"name": "kunlun", "num_layers": 3, "light_scale": 1.0}, info)
+    assert model.flops_per_example() < 0.8 * uniform.flops_per_example()

@@ -20,16 +20,18 @@ from kunlun.blocks.common import linear_flops
 
 
 class GDPAPFFN(nn.Module):
-    """s: [B, L, D], summary: [B, T, D], mask: [B, L] bool → [B, L, D]."""
+    """s: [B, L, D], summary: [B, T, D_kv], mask: [B, L] bool → [B, L, D]. D_kv defaults to D (a narrower
+    event sequence under event-level personalisation reads the full-width summary)."""
 
-    def __init__(self, dim: int, heads: int, act: str = "silu"):
+    def __init__(self, dim: int, heads: int, act: str | list[str] = "silu", kv_dim: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.dim, self.heads, self.act = dim, heads, act
+        self.kv_dim = kv_dim or dim
         self.norm_q = nn.LayerNorm(dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
+        self.k = nn.Linear(self.kv_dim, dim)
+        self.v = nn.Linear(self.kv_dim, dim)
         self.norm_out = nn.RMSNorm(dim)
 
     def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,4 +41,4 @@ class GDPAPFFN(nn.Module):
         return (self.norm_out(h) + s) * mask.unsqueeze(-1)
 
     def flops(self, length: int, summary_tokens: int) -> int:
-        return linear_flops(summary_tokens, self.dim, 2 * self.dim) + 2 * 2 * length * summary_tokens * self.dim
+        return linear_flops(summary_tokens, self.kv_dim, 2 * self.dim) + 2 * 2 * length * summary_tokens * self.dim

@@ -14,10 +14,15 @@ layer when it is an odd one, so its attention output is not wasted).
 Output: MLP over the last non-sequence tokens and sequence summaries → one logit.
 Datasets without sequences run the non-sequence path only (stacked Wukong experts).
 
+Event-level personalisation: a sequence with event types is split into one stream per type; types in
+``primary_events`` keep the full configuration, the others get a light one (``light_scale`` × width,
+heads, summary tokens, seeds, window, length and depth), so cheap events cost less. Light streams are
+projected to their own width and their summaries back to ``d_model`` for the interaction.
+
 Every component is on by default and switchable in the config (an ablation is a config change):
 ``window`` (0 = full attention), ``rotary_time``, ``gdpa_activation`` (one name = same for all heads),
 ``seq_pooling`` (hsp | pma), ``personalized`` (False = static learned K/V), ``wukong_experts`` (1 =
-a single Wukong layer), ``compskip``.
+a single Wukong layer), ``compskip``, ``event_split``.
 
 Choices the paper leaves open, made here: one token width ``d_model`` everywhere; the candidate item
 enters as a non-sequence token (so the sequence is conditioned on it through the summary K/V);
@@ -26,14 +31,15 @@ several sequences get their own blocks and concatenate their summaries.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
-from kunlun.blocks.common import ACTIVATIONS, MLP
-from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.common import ACTIVATIONS, MLP, linear_flops
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, select_events
 from kunlun.blocks.pffn import GDPAPFFN
 from kunlun.blocks.summary import HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
 from kunlun.blocks.wukong import MixtureOfWukongExperts
@@ -67,6 +73,9 @@ class KunlunConfig:
     dropout: float = 0.0
     position_embedding: bool = True
     time_buckets: int = 16  # log2-hour time-gap buckets added to event tokens; 0 = off
+    event_split: bool = True  # event-level personalisation: one stream per event type
+    primary_events: list[str] = field(default_factory=lambda: ["liked"])  # full-size streams
+    light_scale: float = 0.5  # size of the other event streams relative to the full configuration
 
     def validate(self) -> None:
         for key in ["d_model", "num_layers", "num_heads", "summary_tokens", "num_seeds", "seq_summary_tokens",
@@ -94,12 +103,56 @@ class KunlunConfig:
         for a in self.gdpa_activation:
             if a not in ACTIVATIONS:
                 raise KunlunError(f"config key model.gdpa_activation: unknown {a!r}; known: {', '.join(ACTIVATIONS)}")
+        if not 0 < self.light_scale <= 1:
+            raise KunlunError(f"config key model.light_scale: expected 0 < light_scale <= 1, got {self.light_scale}")
         if self.seq_pooling not in ("hsp", "pma"):
             raise KunlunError(f"config key model.seq_pooling: expected hsp or pma, got {self.seq_pooling!r}")
 
     @property
     def activations(self) -> str | list[str]:
         return self.gdpa_activation[0] if len(self.gdpa_activation) == 1 else list(self.gdpa_activation)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One sequence stream: a whole behaviour sequence, or one event type of it."""
+
+    name: str  # module key, e.g. "history" or "history_liked"
+    source: str  # the batch's sequence
+    event_code: int | None  # event-type index to keep; None = every event
+    dim: int
+    heads: int
+    window: int
+    tokens: int  # summary tokens
+    seeds: int
+    length: int
+    layers: int  # the stream takes part in layers [0, layers)
+
+
+def make_streams(cfg: KunlunConfig, info: FeatureInfo) -> list[Stream]:
+    streams = []
+    for q in info.sequences:
+        if not (cfg.event_split and q.event_names):
+            streams.append(Stream(q.name, q.name, None, cfg.d_model, cfg.num_heads, cfg.window, cfg.seq_summary_tokens,
+                                  cfg.num_seeds, info.max_len, cfg.num_layers))
+            continue
+        any_primary = any(e in cfg.primary_events for e in q.event_names)
+        for i, event in enumerate(q.event_names):
+            name = f"{q.name}_{event}".replace(".", "_")
+            if event in cfg.primary_events or not any_primary:
+                streams.append(Stream(name, q.name, i + 2, cfg.d_model, cfg.num_heads, cfg.window, cfg.seq_summary_tokens,
+                                      cfg.num_seeds, info.max_len, cfg.num_layers))
+                continue
+            k = cfg.light_scale
+            heads = max(1, round(cfg.num_heads * k))
+            unit = 2 * heads  # even head width (rotary)
+            streams.append(Stream(
+                name, q.name, i + 2, dim=max(unit, int(cfg.d_model * k) // unit * unit), heads=heads,
+                window=round(cfg.window * k), tokens=max(1, round(cfg.seq_summary_tokens * k)),
+                seeds=max(1, round(cfg.num_seeds * k)), length=max(1, round(info.max_len * k)),
+                layers=max(1, math.ceil(cfg.num_layers * k)),
+            ))
+    return streams
 
 
 def layer_plan(cfg: KunlunConfig, index: int) -> tuple[bool, bool, bool]:
@@ -110,69 +163,99 @@ def layer_plan(cfg: KunlunConfig, index: int) -> tuple[bool, bool, bool]:
     return even, not even, even
 
 
-class KunlunLayer(nn.Module):
-    """x: [B, N, D]; seqs: name → ([B, L, D], mask [B, L], tau [B, L] | None); summaries: name → [B, T, D]
-    (the previous layer's, reused under CompSkip) → (x', seqs', summaries')."""
+def head_activations(cfg: KunlunConfig, heads: int) -> str | list[str]:
+    acts = cfg.gdpa_activation
+    return acts[0] if len(acts) == 1 else [acts[h % len(acts)] for h in range(heads)]
 
-    def __init__(self, cfg: KunlunConfig, index: int, n_tokens: int, seq_names: list[str], n_experts: int, last: bool):
+
+class StreamBlocks(nn.Module):
+    """One stream's work in one layer. s: [B, L, d], mask [B, L], tau [B, L] | None, x_sum: [B, T, D]
+    → (s', summary [B, tokens, D] or None when the layer reuses the previous summary)."""
+
+    def __init__(self, cfg: KunlunConfig, st: Stream, index: int):
         super().__init__()
-        d = cfg.d_model
-        self.cfg, self.seq_names = cfg, seq_names
-        self.use_pffn, self.use_attn, self.use_pool = layer_plan(cfg, index) if seq_names else (False, False, False)
-        # an attention-only last layer pools once more after its interaction, for the output head
-        self.final_pool = last and self.use_attn and not self.use_pool
-        self.summary = None
-        if self.use_pffn:
-            if cfg.personalized:
-                self.summary = NonSequenceSummary(n_tokens, cfg.summary_tokens, d, cfg.summary_gate)
-            else:
-                self.static_kv = nn.Parameter(torch.randn(cfg.summary_tokens, d) * 0.05)
-        self.pffn = nn.ModuleDict({n: GDPAPFFN(d, cfg.num_heads, cfg.activations) for n in seq_names} if self.use_pffn else {})
-        self.attn = nn.ModuleDict({n: SequenceSelfAttention(d, cfg.num_heads, cfg.window) for n in seq_names} if self.use_attn else {})
-        self.pool = nn.ModuleDict({n: make_pooling(cfg) for n in seq_names} if (self.use_pool or self.final_pool) else {})
-        n_in = n_tokens + len(seq_names) * cfg.seq_summary_tokens
-        self.interaction = MixtureOfWukongExperts(n_in, n_tokens, n_experts, d, cfg.fm_rank, cfg.fm_hidden, cfg.dropout)
-
-    def forward(self, x, seqs, summaries):
-        if self.seq_names:
-            if self.use_pffn:
-                x_sum = self.summary(x) if self.summary is not None else self.static_kv.expand(x.shape[0], -1, -1)
-            new_seqs, new_sums = {}, dict(summaries)
-            for n in self.seq_names:
-                s, mask, tau = seqs[n]
-                if self.use_pffn:
-                    s = self.pffn[n](s, x_sum, mask)
-                if self.use_attn:
-                    s = self.attn[n](s, mask, tau)
-                new_seqs[n] = (s, mask, tau)
-                if self.use_pool:
-                    new_sums[n] = self.pool[n](s, mask)
-            seqs = new_seqs
-            x = self.interaction(torch.cat([x, *new_sums.values()], dim=1))
-            if self.final_pool:
-                new_sums = {n: self.pool[n](seqs[n][0], seqs[n][1]) for n in self.seq_names}
-            return x, seqs, new_sums
-        return self.interaction(x), seqs, summaries
-
-    def flops(self, length: int) -> dict[str, int]:
-        cfg = self.cfg
-        out = {"interaction": self.interaction.flops()}
-        if self.use_pffn:
-            if self.summary is not None:
-                out["nonseq_summary"] = self.summary.flops()
-            out["gdpa_pffn"] = sum(m.flops(length, cfg.summary_tokens) for m in self.pffn.values())
-        if self.use_attn:
-            out["self_attention"] = sum(m.attn.flops(length, length) for m in self.attn.values())
+        self.st, self.cfg = st, cfg
+        active = index < st.layers
+        self.use_pffn, self.use_attn, self.use_pool = layer_plan(cfg, index) if active else (False, False, False)
+        # an attention-only last layer pools once more after the interaction, so its work reaches the output
+        self.final_pool = index == st.layers - 1 and self.use_attn and not self.use_pool
+        self.pffn = GDPAPFFN(st.dim, st.heads, head_activations(cfg, st.heads), kv_dim=cfg.d_model) if self.use_pffn else None
+        self.attn = SequenceSelfAttention(st.dim, st.heads, st.window) if self.use_attn else None
         if self.use_pool or self.final_pool:
-            out["seed_pooling"] = sum(m.flops(length) for m in self.pool.values())
+            self.pool = (SeedPooling(st.dim, st.heads, st.tokens) if cfg.seq_pooling == "pma"
+                         else HierarchicalSeedPooling(st.dim, st.heads, st.seeds, st.tokens, cfg.kron_rank))
+            self.widen = nn.Linear(st.dim, cfg.d_model) if st.dim != cfg.d_model else None
+        else:
+            self.pool = None
+
+    def transform(self, s, mask, tau, x_sum):
+        if self.pffn is not None:
+            s = self.pffn(s, x_sum, mask)
+        if self.attn is not None:
+            s = self.attn(s, mask, tau)
+        return s
+
+    def summarise(self, s, mask):
+        z = self.pool(s, mask)
+        return self.widen(z) if self.widen is not None else z
+
+    def flops(self) -> dict[str, int]:
+        st, out = self.st, {}
+        if self.pffn is not None:
+            out["gdpa_pffn"] = self.pffn.flops(st.length, self.cfg.summary_tokens)
+        if self.attn is not None:
+            out["self_attention"] = self.attn.attn.flops(st.length, st.length)
+        if self.pool is not None:
+            out["seed_pooling"] = self.pool.flops(st.length) + (linear_flops(st.tokens, st.dim, self.cfg.d_model) if self.widen else 0)
         return out
 
 
-def make_pooling(cfg: KunlunConfig) -> nn.Module:
-    d = cfg.d_model
-    if cfg.seq_pooling == "pma":
-        return SeedPooling(d, cfg.num_heads, cfg.seq_summary_tokens)
-    return HierarchicalSeedPooling(d, cfg.num_heads, cfg.num_seeds, cfg.seq_summary_tokens, cfg.kron_rank)
+class KunlunLayer(nn.Module):
+    """x: [B, N, D]; seqs: stream → (tokens [B, L_s, d_s], mask [B, L_s], tau [B, L_s] | None);
+    summaries: stream → [B, T_s, D] (the previous layer's, reused where a stream skips pooling)
+    → (x', seqs', summaries')."""
+
+    def __init__(self, cfg: KunlunConfig, index: int, n_tokens: int, streams: list[Stream], n_experts: int):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.blocks = nn.ModuleDict({st.name: StreamBlocks(cfg, st, index) for st in streams})
+        needs_kv = any(b.use_pffn for b in self.blocks.values())
+        self.summary = self.static_kv = None
+        if needs_kv and cfg.personalized:
+            self.summary = NonSequenceSummary(n_tokens, cfg.summary_tokens, d, cfg.summary_gate)
+        elif needs_kv:
+            self.static_kv = nn.Parameter(torch.randn(cfg.summary_tokens, d) * 0.05)
+        n_in = n_tokens + sum(st.tokens for st in streams)
+        self.interaction = MixtureOfWukongExperts(n_in, n_tokens, n_experts, d, cfg.fm_rank, cfg.fm_hidden, cfg.dropout)
+
+    def forward(self, x, seqs, summaries):
+        x_sum = None
+        if self.summary is not None:
+            x_sum = self.summary(x)
+        elif self.static_kv is not None:
+            x_sum = self.static_kv.expand(x.shape[0], -1, -1)
+        new_seqs, new_sums = {}, dict(summaries)
+        for name, block in self.blocks.items():
+            s, mask, tau = seqs[name]
+            s = block.transform(s, mask, tau, x_sum)
+            new_seqs[name] = (s, mask, tau)
+            if block.use_pool:
+                new_sums[name] = block.summarise(s, mask)
+        x = self.interaction(torch.cat([x, *new_sums.values()], dim=1))
+        for name, block in self.blocks.items():
+            if block.final_pool:
+                new_sums[name] = block.summarise(new_seqs[name][0], new_seqs[name][1])
+        return x, new_seqs, new_sums
+
+    def flops(self) -> dict[str, int]:
+        out = {"interaction": self.interaction.flops()}
+        if self.summary is not None:
+            out["nonseq_summary"] = self.summary.flops()
+        for block in self.blocks.values():
+            for k, v in block.flops().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
 
 @register("kunlun", KunlunConfig)
@@ -184,28 +267,36 @@ class Kunlun(RankingModel):
         self.config, self.info = cfg, info
         d = cfg.d_model
         self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets)
-        names = [q.name for q in info.sequences]
+        self.streams = make_streams(cfg, info)
+        self.narrow = nn.ModuleDict({st.name: nn.Linear(d, st.dim) for st in self.streams if st.dim != d})
         n = info.n_tokens
         experts = min(cfg.wukong_experts, n)
-        self.layers = nn.ModuleList(KunlunLayer(cfg, i, n, names, experts, i == cfg.num_layers - 1) for i in range(cfg.num_layers))
-        out_in = (n + len(names) * cfg.seq_summary_tokens) * d
+        self.layers = nn.ModuleList(KunlunLayer(cfg, i, n, self.streams, experts) for i in range(cfg.num_layers))
+        out_in = (n + sum(st.tokens for st in self.streams)) * d
         self.output = MLP([out_in, *cfg.output_hidden, 1], act="relu", dropout=cfg.dropout)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         cfg = self.config
         x, embedded = self.inputs(batch)
-        seqs = {n: (s, mask, torch.log1p(gap / cfg.time_scale) if cfg.rotary_time else None) for n, (s, mask, gap) in embedded.items()}
+        seqs = {}
+        for st in self.streams:
+            s, mask, gap = embedded[st.source]
+            if st.event_code is not None:
+                s, mask, gap = select_events(s, mask, batch.seqs[st.source].event, st.event_code, st.length, gap)
+            if st.name in self.narrow:
+                s = self.narrow[st.name](s) * mask.unsqueeze(-1)
+            seqs[st.name] = (s, mask, torch.log1p(gap / cfg.time_scale) if cfg.rotary_time else None)
         summaries: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             x, seqs, summaries = layer(x, seqs, summaries)
-        flat = torch.cat([x.flatten(1), *(v.flatten(1) for v in summaries.values())], dim=1)
+        flat = torch.cat([x.flatten(1), *(summaries[st.name].flatten(1) for st in self.streams)], dim=1)
         return self.output(flat).squeeze(-1)
 
     def flops_by_component(self) -> dict[str, int]:
-        total = {"tokens": self.inputs.flops()}
+        d = self.config.d_model
+        total = {"tokens": self.inputs.flops() + sum(linear_flops(st.length, d, st.dim) for st in self.streams if st.dim != d)}
         for layer in self.layers:
-            for k, v in layer.flops(self.info.max_len).items():
+            for k, v in layer.flops().items():
                 total[k] = total.get(k, 0) + v
         total["output"] = self.output.flops()
         return total
-
