@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import TINY_MODEL
-from kunlun.bench.quality import check_expected, load_spec, run_ablation, run_quality
+from kunlun.bench.quality import check_expected, load_spec, pin_expected, run_ablation, run_quality
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.errors import KunlunError
@@ -42,6 +42,10 @@ def test_quality_table_is_written_and_finished_points_are_reused(tiny_spec, tmp_
     (tmp_path / "pins.json").write_text(json.dumps(pins))
     failures = check_expected(res, tmp_path / "pins.json")
     assert len(failures) == 1 and failures[0].startswith("ml-latest-small/kunlun")
+    # pins written from a measured run pass against that run
+    pinned = pin_expected(res, tmp_path / "own.json")
+    assert pinned["ne"]["ml-latest-small"]["kunlun"]["tolerance"] >= 0.005
+    assert check_expected(res, tmp_path / "own.json") == []
 
 
 def test_ablation_deltas_are_relative_to_the_full_model(tiny_spec, tmp_path):

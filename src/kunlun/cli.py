@@ -380,11 +380,14 @@ def _spec(spec_path, seeds, datasets=None, models=None):
 @click.option("--datasets", help="Comma-separated datasets (overrides the spec).")
 @click.option("--models", help="Comma-separated models (overrides the spec).")
 @click.option("--check", type=click.Path(path_type=Path), help="Pinned expected NE (JSON): exit 1 if a model is worse.")
-def quality(spec, out, data_dir, seeds, threads, as_json, datasets, models, check):
+@click.option("--pin", type=click.Path(path_type=Path), help="Write this run's mean NE (tolerance max(3σ, 0.005)) as pins.")
+def quality(spec, out, data_dir, seeds, threads, as_json, datasets, models, check, pin):
     """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
-    from kunlun.bench.quality import check_expected, quality_markdown, run_quality
+    from kunlun.bench.quality import check_expected, pin_expected, quality_markdown, run_quality
 
     results = run_quality(_spec(spec, seeds, datasets, models), out, data_dir, threads)
+    if pin:
+        pin_expected(results, pin)
     emit_json(results["results"]) if as_json else click.echo(quality_markdown(results))
     if check:
         failures = check_expected(results, check)

@@ -174,3 +174,17 @@ def check_expected(results: dict, expected_path: Path) -> list[str]:
             if not math.isfinite(got) or got > pin["mean"] + pin["tolerance"]:
                 failures.append(f"{dataset}/{model}: NE {got:.4f} > pinned {pin['mean']:.4f} + {pin['tolerance']:.4f}")
     return failures
+
+
+def pin_expected(results: dict, path: Path, min_tolerance: float = 0.005) -> dict:
+    """Write pinned NE per (dataset, model) from a measured benchmark: tolerance = max(3 σ, min_tolerance)."""
+    pins: dict[str, Any] = {"source": "kunlun bench quality", "seeds": results["spec"]["seeds"], "ne": {}}
+    for dataset, table in results["results"].items():
+        for model, r in table.items():
+            if "skipped" in r:
+                continue
+            pins["ne"].setdefault(dataset, {})[model] = {
+                "mean": round(r["ne"]["mean"], 5), "tolerance": round(max(3 * r["ne"]["std"], min_tolerance), 5)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(pins, indent=1) + "\n")
+    return pins
