@@ -180,10 +180,10 @@ def eval_cmd(run, file, split, data_dir, as_json):
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--file", "file", required=True, type=click.Path(path_type=Path), help="File to score (training schema).")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="CSV to write: row, probability, label.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="CSV to write: row, probability (, label).")
 @click.option("--data-dir", help="Where side files of the dataset live, if needed.")
 def predict(run, file, out, data_dir):
-    """Write click probabilities for every row of FILE, in the file's row order."""
+    """Write click probabilities for every row of FILE, in the file's row order (the label column is optional)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -194,11 +194,14 @@ def predict(run, file, out, data_dir):
     from kunlun.training.trainer import predict as predict_rows
 
     cfg, encoder, model = load_trained(run)
-    data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder)
+    data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
     batcher = Batcher(data, "file", cfg.data.max_seq_len)
     probs, labels, _ = predict_rows(model, batcher, cfg.train.eval_batch_size)
     order = np.argsort(data.splits["file"].row, kind="stable")
-    table = pa.table({"row": data.splits["file"].row[order], "probability": probs[order], "label": labels[order]})
+    columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
+    if data.has_labels:
+        columns["label"] = labels[order]
+    table = pa.table(columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     pacsv.write_csv(table, tmp)

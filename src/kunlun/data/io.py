@@ -92,3 +92,12 @@ def label_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
         row = int(np.flatnonzero(bad)[0])
         raise KunlunError(f"{path}: label column {column!r} must be 0 or 1, found {values[row]:g} at data row {row + 1}")
     return values.astype(np.float32)
+
+
+def optional_label(t: pa.Table, column: str, path: Path, labels: bool) -> tuple[np.ndarray, bool]:
+    """The label column, or (when ``labels`` is False and the column is absent) zeros and False."""
+    if column in t.column_names:
+        return label_column(t, column, path), True
+    if labels:
+        raise KunlunError(f"{path}: missing label column {column!r}")
+    return np.zeros(t.num_rows, dtype=np.float32), False

@@ -173,7 +173,8 @@ def read_latest_movies(path: Path) -> ItemTable:
     return ItemTable(numeric_column(t, "movieId", path, integer=True), primary, year, flags.astype(np.float32), LATEST_GENRES)
 
 
-def load_latest_small(folder: Path, ratings_file: Path | None = None) -> RawData:
+def load_latest_small(folder: Path, ratings_file: Path | None = None, labels: bool = True) -> RawData:
+    """``labels`` is accepted for a uniform adapter signature: ratings always give labels."""
     ratings_path = ratings_file or folder / "ratings.csv"
     movies = folder / "movies.csv"
     require_file(movies, "MovieLens movies.csv (expected next to the ratings file)")
@@ -222,7 +223,7 @@ def read_100k_users(path: Path) -> UserTable:
     )
 
 
-def load_100k(folder: Path, ratings_file: Path | None = None) -> RawData:
+def load_100k(folder: Path, ratings_file: Path | None = None, labels: bool = True) -> RawData:
     ratings_path = ratings_file or folder / "u.data"
     for f in ("u.item", "u.user"):
         require_file(folder / f, f"MovieLens-100K {f} (expected next to the ratings file)")

@@ -111,6 +111,7 @@ class Prepared:
     train_ctr: float
     splits: dict[str, Split]
     events: dict[str, Events]
+    has_labels: bool = True
 
     @property
     def vocab_sizes(self) -> dict[str, int]:
@@ -201,6 +202,7 @@ class Encoder:
             train_ctr=self.train_ctr,
             splits={k: self.encode_split(v) for k, v in raw.splits.items()},
             events=self.encode_events(raw.events),
+            has_labels=raw.has_labels,
         )
 
     # --- persistence (run directories keep the encoder so `eval --file` needs no dataset cache) ---

@@ -21,7 +21,7 @@ EMBEDDED = Path(__file__).parent / "embedded"
 class DatasetSpec:
     folder: str
     files: tuple[str, ...]
-    load: Callable[[Path, Path | None], RawData]  # (folder, optional single file to score) -> raw
+    load: Callable[..., RawData]  # (folder, optional single file to score, labels=required?) -> raw
     description: str
 
 
@@ -72,13 +72,13 @@ def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
     raise KunlunError(f"{base / spec.folder}: dataset {name!r} not found (missing {', '.join(missing)}); pass --data-dir")
 
 
-def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None) -> tuple[RawData, list[Path]]:
+def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True) -> tuple[RawData, list[Path]]:
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
-        return sf.load(file), [sf.path, *sf.files.values()]
+        return sf.load(file, labels), [sf.path, *sf.files.values()]
     folder = dataset_folder(dataset, data_dir)
     spec = DATASETS[dataset]
-    return spec.load(folder, file), [folder / f for f in spec.files]
+    return spec.load(folder, file, labels), [folder / f for f in spec.files]
 
 
 def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, log=None) -> Prepared:
@@ -109,9 +109,10 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
     return prepared
 
 
-def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder) -> Prepared:
-    """Encode one user-supplied file (split ``file``) with a trained model's encoder."""
-    raw, _ = load_raw(dataset, data_dir, file=file)
+def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True) -> Prepared:
+    """Encode one user-supplied file (split ``file``) with a trained model's encoder; ``labels=False``
+    accepts a file without the label column (for prediction)."""
+    raw, _ = load_raw(dataset, data_dir, file=file, labels=labels)
     if raw.schema != encoder.schema:
         raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
     return encoder.prepare(raw, Path(file).name)

@@ -96,3 +96,4 @@ class RawData:
     splits: dict[str, RawSplit]
     events: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # seq -> column -> values
     source: str = ""  # human-readable origin, for messages
+    has_labels: bool = True  # False: a file to score had no label column (labels are 0 placeholders)

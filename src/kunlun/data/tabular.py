@@ -27,30 +27,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from kunlun.data.io import id_column, label_column, numeric_column, read_table
+from kunlun.data.io import id_column, numeric_column, optional_label, read_table
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.errors import KunlunError
 
 FRAPPE_FIELDS = ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city"]
 
 
-def read_frappe_file(path: Path) -> RawSplit:
-    t = read_table(path, required=["label"] + FRAPPE_FIELDS)
-    cols = {"label": label_column(t, "label", path)}
+def read_frappe_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
+    t = read_table(path, required=(["label"] if labels else []) + FRAPPE_FIELDS)
+    label, has_labels = optional_label(t, "label", path, labels)
+    cols = {"label": label}
     cols.update({f: id_column(t, f, path) for f in FRAPPE_FIELDS})
-    return RawSplit(columns=cols)
+    return RawSplit(columns=cols), has_labels
 
 
 FRAPPE_SCHEMA = Schema(label="label", categorical=tuple((f, f) for f in FRAPPE_FIELDS), group="user")
 
 
-def load_frappe(folder: Path, file: Path | None = None) -> RawData:
+def load_frappe(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
     """BARS Frappe_x1: train on train.csv, early-stop and report on valid.csv (test.csv is held out)."""
     if file is not None:
-        return RawData(FRAPPE_SCHEMA, {"file": read_frappe_file(file)}, source=str(file))
-    splits = {"train": read_frappe_file(folder / "train.csv"), "valid": read_frappe_file(folder / "valid.csv")}
+        split, has_labels = read_frappe_file(file, labels)
+        return RawData(FRAPPE_SCHEMA, {"file": split}, source=str(file), has_labels=has_labels)
+    splits = {"train": read_frappe_file(folder / "train.csv")[0], "valid": read_frappe_file(folder / "valid.csv")[0]}
     if (folder / "test.csv").is_file():
-        splits["test"] = read_frappe_file(folder / "test.csv")
+        splits["test"] = read_frappe_file(folder / "test.csv")[0]
     return RawData(FRAPPE_SCHEMA, splits, source=str(folder))
 
 
@@ -103,17 +105,19 @@ class SchemaFile:
             has_time=bool(spec.get("time")),
         )
 
-    def load(self, file: Path | None = None) -> RawData:
+    def load(self, file: Path | None = None, labels: bool = True) -> RawData:
         targets = {"file": file} if file is not None else self.files
+        has_labels = True
         splits: dict[str, RawSplit] = {}
         events: dict[str, dict[str, list]] = {s["name"]: {"item": [], "event": [], "time": []} for s in self.sequences}
         offset = {s["name"]: 0 for s in self.sequences}
         for split_name, path in targets.items():
-            columns = [self.spec["label"]] + [c for c, _ in self.categorical] + self.numeric
+            columns = ([self.spec["label"]] if labels else []) + [c for c, _ in self.categorical] + self.numeric
             columns += [c for c in (self.spec.get("group"), self.spec.get("time")) if c]
             columns += [s[k] for s in self.sequences for k in ("item", "event", "time") if s.get(k)]
             t = read_table(path, required=list(dict.fromkeys(columns)))
-            cols = {self.spec["label"]: label_column(t, self.spec["label"], path)}
+            label, has_labels = optional_label(t, self.spec["label"], path, labels)
+            cols = {self.spec["label"]: label}
             cols.update({c: id_column(t, c, path) for c, _ in self.categorical})
             cols.update({c: numeric_column(t, c, path) for c in self.numeric})
             if self.spec.get("group"):
@@ -139,7 +143,7 @@ class SchemaFile:
         raw_events = {
             name: {k: np.concatenate(v) for k, v in ev.items() if v} for name, ev in events.items()
         }
-        return RawData(self.schema, splits, raw_events, source=str(self.path))
+        return RawData(self.schema, splits, raw_events, source=str(self.path), has_labels=has_labels)
 
     @staticmethod
     def _list_column(t: pa.Table, column: str, separator: str | None, path: Path) -> tuple[np.ndarray, np.ndarray]:
