@@ -109,8 +109,8 @@ def test_event_level_personalisation_streams():
     by_name = {st.name: st for st in model.streams}
     assert set(by_name) == {"history_liked", "history_not_liked"}
     full, light = by_name["history_liked"], by_name["history_not_liked"]
-    assert (full.dim, full.heads, full.length, full.layers) == (32, 2, 20, 3)
-    assert (light.dim, light.heads, light.length, light.layers) == (16, 1, 10, 2)
+    assert (full.dim, full.heads, full.length, full.layers) == (32, 2, 20 + 1, 3)  # + the candidate slot
+    assert (light.dim, light.heads, light.length, light.layers) == (16, 1, 10 + 1, 2)
     assert light.event_code == 3 and full.event_code == 2
     whole = build_model({"name": "kunlun", "num_layers": 3, "event_split": False}, info)
     assert [st.name for st in whole.streams] == ["history"]

@@ -22,17 +22,18 @@ projected to their own width and their summaries back to ``d_model`` for the int
 Every component is on by default and switchable in the config (an ablation is a config change):
 ``window`` (0 = full attention), ``rotary_time``, ``gdpa_activation`` (one name = same for all heads),
 ``seq_pooling`` (hsp | pma), ``personalized`` (False = static learned K/V), ``wukong_experts`` (1 =
-a single Wukong layer), ``compskip``, ``event_split``.
+a single Wukong layer), ``compskip``, ``event_split``, ``target_in_sequence``.
 
 Choices the paper leaves open, made here: one token width ``d_model`` everywhere; the candidate item
-enters as a non-sequence token (so the sequence is conditioned on it through the summary K/V);
+is a non-sequence token (conditioning the sequence through the summary K/V) and, with
+``target_in_sequence``, also the newest token of every stream (target-aware attention and pooling);
 several sequences get their own blocks and concatenate their summaries.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -76,6 +77,7 @@ class KunlunConfig:
     event_split: bool = True  # event-level personalisation: one stream per event type
     primary_events: list[str] = field(default_factory=lambda: ["liked"])  # full-size streams
     light_scale: float = 0.5  # size of the other event streams relative to the full configuration
+    target_in_sequence: bool = True  # append the candidate item as the newest token of every stream
 
     def validate(self) -> None:
         for key in ["d_model", "num_layers", "num_heads", "summary_tokens", "num_seeds", "seq_summary_tokens",
@@ -268,6 +270,8 @@ class Kunlun(RankingModel):
         d = cfg.d_model
         self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets)
         self.streams = make_streams(cfg, info)
+        if cfg.target_in_sequence:
+            self.streams = [replace(st, length=st.length + 1) for st in self.streams]
         self.narrow = nn.ModuleDict({st.name: nn.Linear(d, st.dim) for st in self.streams if st.dim != d})
         n = info.n_tokens
         experts = min(cfg.wukong_experts, n)
@@ -282,7 +286,12 @@ class Kunlun(RankingModel):
         for st in self.streams:
             s, mask, gap = embedded[st.source]
             if st.event_code is not None:
-                s, mask, gap = select_events(s, mask, batch.seqs[st.source].event, st.event_code, st.length, gap)
+                keep = st.length - 1 if cfg.target_in_sequence else st.length  # length counts the candidate slot
+                s, mask, gap = select_events(s, mask, batch.seqs[st.source].event, st.event_code, keep, gap)
+            if cfg.target_in_sequence:  # the candidate, at time gap 0, so attention and pooling are target-aware
+                s = torch.cat([s, x[:, self.inputs.target_index(st.source)].unsqueeze(1)], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                gap = torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1)
             if st.name in self.narrow:
                 s = self.narrow[st.name](s) * mask.unsqueeze(-1)
             seqs[st.name] = (s, mask, torch.log1p(gap / cfg.time_scale) if cfg.rotary_time else None)
