@@ -109,3 +109,19 @@ def test_impossible_config_names_the_key(override, needle):
         cfg = tiny(override)
         model_config(cfg.model)
     assert needle in str(e.value)
+
+
+def test_embedding_weight_decay_shrinks_unused_rows(tmp_path):
+    from kunlun.training.trainer import make_optimizers
+
+    cfg = tiny("train.embedding_weight_decay=0.5", "train.embedding_lr=0.1")
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    table = t.model.inputs.tables["user"].weight
+    before = table.detach().clone()
+    opts = make_optimizers(t.model, cfg.train)
+    emb_opt = opts[-1]
+    assert isinstance(emb_opt, torch.optim.AdamW) and emb_opt.param_groups[0]["weight_decay"] == 0.5
+    table.grad = torch.zeros_like(table)  # no gradient: only the decay acts
+    emb_opt.step()
+    assert torch.allclose(table[2:], before[2:] * (1 - 0.1 * 0.5))

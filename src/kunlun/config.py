@@ -42,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     embedding_optimizer: str = "adam"  # adam | adagrad | sgd, for embedding tables
     embedding_lr: float = 1e-3
+    embedding_weight_decay: float = 0.0  # decoupled weight decay on embedding tables (adam → AdamW); 0 = none
     warmup_steps: int = 200
     schedule: str = "cosine"  # cosine | linear | constant, after warm-up
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -60,8 +61,8 @@ class TrainConfig:
         for key in ["lr", "embedding_lr"]:
             if not getattr(self, key) > 0:
                 raise KunlunError(f"config key train.{key}: expected a positive learning rate, got {getattr(self, key)}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise KunlunError("config keys train.weight_decay and train.grad_clip must be >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.embedding_weight_decay < 0:
+            raise KunlunError("config keys train.weight_decay, train.embedding_weight_decay and train.grad_clip must be >= 0")
         if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
             raise KunlunError(
                 f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"

@@ -63,15 +63,20 @@ def set_seed(seed: int) -> None:
 
 
 def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables (no weight decay on them)."""
+    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables, with optional weight decay
+    (decoupled, AdamW, for ``adam``; the optimizer's L2 term otherwise)."""
     opts: list[torch.optim.Optimizer] = []
     dense = [p for p in model.dense_parameters() if p.requires_grad]
     if dense:
         opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
     emb = model.embedding_parameters()
     if emb:
-        cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
-        opts.append(cls(emb, lr=t.embedding_lr))
+        wd = t.embedding_weight_decay
+        if t.embedding_optimizer == "adam":
+            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd else torch.optim.Adam(emb, lr=t.embedding_lr))
+        else:
+            cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
+            opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd))
     return opts
 
 
