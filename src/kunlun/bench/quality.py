@@ -103,8 +103,8 @@ def quality_markdown(results: dict) -> str:
                          f"{r['flops_per_example'] / 1e6:.3f} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
         lines.append("")
     env = results["environment"]
-    lines.append(f"Mean ± sample std over seeds {results['spec']['seeds']}; {env['cpu']}, {env['torch_threads']} threads, "
-                 f"torch {env['torch']}.")
+    lines.append(f"Mean ± sample std over seeds {results['spec']['seeds']}; {env['cpu']}, torch {env['torch']}. "
+                 "Each run's threads and environment are in its run directory (environment.json).")
     return "\n".join(lines) + "\n"
 
 
