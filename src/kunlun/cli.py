@@ -321,11 +321,12 @@ def runs(root, as_json):
 # ---------------------------------------------------------------------------------------- bench
 
 @cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Speed report as one JSON object (when no subcommand is given).")
 @click.pass_context
-def bench(ctx):
-    """Benchmarks: speed/MFU (default), quality of every model, Kunlun ablations."""
+def bench(ctx, as_json):
+    """Benchmarks: speed/MFU (default: `kunlun bench` = `kunlun bench speed`), quality of every model, Kunlun ablations."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(speed)
+        ctx.invoke(speed, as_json=as_json)
 
 
 @bench.command()
