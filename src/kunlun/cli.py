@@ -62,7 +62,7 @@ def cli() -> None:
 
 # ---------------------------------------------------------------------------------------- train
 
-@cli.command(context_settings={"ignore_unknown_options": False})
+@cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
 @click.option("--model", help="Model name, e.g. kunlun, logistic_regression.")
 @click.option("--dataset", help="ml-latest-small (default, embedded), ml-100k, frappe_x1, or a schema .yaml.")
@@ -165,7 +165,7 @@ def eval_cmd(run, file, split, data_dir, as_json):
         log(f"scored {m['examples']} rows of {file}")
         emit_json(m) if as_json else print_metrics({file.name: m})
         return
-    raw, _ = load_raw(cfg.data.dataset, ddir)
+    raw = load_raw(cfg.data.dataset, ddir)
     if raw.schema != encoder.schema:
         raise KunlunError(f"dataset {cfg.data.dataset!r} no longer matches the schema the model was trained on")
     data = encoder.prepare(raw, cfg.data.dataset)  # encoded with the run's own vocabularies

@@ -20,7 +20,7 @@ from kunlun.config import Config
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.runs import environment
-from kunlun.training.trainer import autocast, build, device_for, log, make_optimizers, set_seed, to_device
+from kunlun.training.trainer import autocast, build, default_device, log, make_optimizers, set_seed, to_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,7 +50,7 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3) -> dict[str,
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = device_for(t)
+    device = default_device()
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
     batcher = Batcher(data, "train", cfg.data.max_seq_len)
     rng = np.random.default_rng(0)

@@ -72,13 +72,10 @@ def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
     raise KunlunError(f"{base / spec.folder}: dataset {name!r} not found (missing {', '.join(missing)}); pass --data-dir")
 
 
-def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True) -> tuple[RawData, list[Path]]:
+def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True) -> RawData:
     if is_schema_file(dataset):
-        sf = tabular.SchemaFile(Path(dataset))
-        return sf.load(file, labels), [sf.path, *sf.files.values()]
-    folder = dataset_folder(dataset, data_dir)
-    spec = DATASETS[dataset]
-    return spec.load(folder, file, labels), [folder / f for f in spec.files]
+        return tabular.SchemaFile(Path(dataset)).load(file, labels)
+    return DATASETS[dataset].load(dataset_folder(dataset, data_dir), file, labels)
 
 
 def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, log=None) -> Prepared:
@@ -102,7 +99,7 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
                 log(f"cache {target} unreadable ({exc}); rebuilding")
     if log:
         log(f"preparing {name} (first run; cached afterwards)")
-    raw, _ = load_raw(dataset, data_dir)
+    raw = load_raw(dataset, data_dir)
     prepared = Encoder.fit(raw).prepare(raw, name)
     if use_cache:
         save_prepared(prepared, target)
@@ -112,7 +109,7 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
 def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True) -> Prepared:
     """Encode one user-supplied file (split ``file``) with a trained model's encoder; ``labels=False``
     accepts a file without the label column (for prediction)."""
-    raw, _ = load_raw(dataset, data_dir, file=file, labels=labels)
+    raw = load_raw(dataset, data_dir, file=file, labels=labels)
     if raw.schema != encoder.schema:
         raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
     return encoder.prepare(raw, Path(file).name)

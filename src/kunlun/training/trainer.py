@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,13 @@ def log(msg: str) -> None:
     stderr.print(msg, highlight=False, markup=False)
 
 
-def device_for(_: TrainConfig) -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
-    from dataclasses import replace
-
     seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
             for k, s in batch.seqs.items()}
     return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
@@ -138,7 +136,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         set_seed(t.seed)
-        self.device = device_for(t)
+        self.device = default_device()
         self.model = build(cfg, data).to(self.device)
         self.optimizers = make_optimizers(self.model, t)
         self.train_batches = Batcher(data, "train", cfg.data.max_seq_len)
