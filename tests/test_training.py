@@ -125,3 +125,13 @@ def test_embedding_weight_decay_shrinks_unused_rows(tmp_path):
     table.grad = torch.zeros_like(table)  # no gradient: only the decay acts
     emb_opt.step()
     assert torch.allclose(table[2:], before[2:] * (1 - 0.1 * 0.5))
+
+
+def test_single_value_for_a_list_key_and_bad_element_type():
+    from kunlun.models import model_config
+
+    cfg = tiny("model.gdpa_activation=relu", "model.output_hidden=48")
+    mc = model_config(cfg.model)
+    assert mc.gdpa_activation == ["relu"] and mc.output_hidden == [48]
+    with pytest.raises(KunlunError, match=r"model.output_hidden\[1\]: expected an integer"):
+        model_config(tiny("model.output_hidden=[8, wide]").model)

@@ -174,7 +174,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return coerce(value, inner[0], key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise KunlunError(f"config key {key}: expected a list, got {value!r}")
+            value = [value]  # a single value is a one-element list (model.gdpa_activation=relu)
         return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
