@@ -1,4 +1,4 @@
-"""``kunlun`` command line: train, eval, predict, data info|prepare, runs, bench.
+"""``kunlun`` command line: train, eval, predict, data info|prepare, runs, bench, sweep, fit.
 
 Numbers go to stdout (a table, or one JSON object with ``--json``); progress and logs go to stderr.
 User errors print one line and exit with status 2; nothing half-written is left behind.
@@ -409,6 +409,143 @@ def ablation(spec, out, data_dir, seeds, threads, as_json):
 
     result = run_ablation(_spec(spec, seeds), out, data_dir, threads)
     emit_json(result) if as_json else click.echo(ablation_markdown(result))
+
+
+# ---------------------------------------------------------------------------------------- scaling
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default sweeps/<name>); finished points there are skipped.")
+@click.option("--data-dir", help="Folder holding the dataset folders (overrides the sweep file).")
+@click.option("--parallel", type=int, help="Training processes at once (overrides the sweep file).")
+@click.option("--threads", type=int, help="torch threads per process (overrides the sweep file).")
+@click.option("--dry-run", is_flag=True, help="Validate every point and list the runs without training.")
+def sweep(sweep_file, out, data_dir, parallel, threads, dry_run):
+    """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kunlun.runs import read_json
+    from kunlun.scaling.sweep import jobs, load_sweep, run_sweep, validate
+    from kunlun.training.trainer import log, stderr
+
+    spec = load_sweep(sweep_file)
+    out = out or Path("sweeps") / spec.name
+    if parallel is not None and parallel < 1:
+        raise KunlunError(f"--parallel: expected >= 1, got {parallel}")
+    all_jobs = jobs(spec, out)
+    if dry_run:
+        validate(spec, all_jobs)
+        for j in all_jobs:
+            state = "complete" if read_json(j.run_dir / "final.json") else "to run"
+            click.echo(f"{j.label}\tseed {j.seed}\t{state}\t{' '.join(j.overrides)}")
+        return
+    todo = sum(read_json(j.run_dir / "final.json") is None for j in all_jobs)
+    log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}")
+    columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
+    with Progress(*columns, console=stderr) as bar:
+        task = bar.add_task("sweep", total=todo, last="")
+        result = run_sweep(spec, out, data_dir, parallel, threads,
+                           on_done=lambda job, status: bar.update(task, advance=1, last=f"{job.label} seed {job.seed}: {status}"))
+    log(f"sweep {spec.name}: {len(result['done'])} run, {len(result['skipped'])} skipped, {len(result['failed'])} failed")
+    if result["failed"]:
+        raise KunlunError(f"{len(result['failed'])} sweep run(s) failed, first: {result['failed'][0]} (rerun the sweep to retry them)")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--holdout", type=int, default=2, show_default=True, help="Hold out the runs at the K largest computes.")
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for intervals.")
+@click.option("--level", type=float, default=0.9, show_default=True, help="Interval coverage.")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Largest held-out relative NE error that a law may make.")
+@click.option("--family", help="Fit only this family (model name or the CSV's family column).")
+@click.option("--compare", nargs=2, metavar="A B", help="Compare two families (names among INPUTS, or two paths): slope ratio, compute multiplier.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.html and PNG plots into this folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, seed, as_json):
+    """Fit and validate scaling laws on run directories, sweep folders or a CSV table (compute, ne[, family, seed, layers])."""
+    import os
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: threads only slow down thousands of tiny fits
+    from kunlun.scaling.law import analyse
+    from kunlun.scaling.law import compare as compare_families
+    from kunlun.scaling.points import families, load_points
+    from kunlun.scaling.report import write_report
+    from kunlun.training.trainer import log
+
+    if not 0 < level < 1:
+        raise KunlunError(f"--level: expected a number between 0 and 1, got {level}")
+    if compare:
+        groups = []
+        pts = families(load_points(list(inputs))) if inputs else {}
+        for name in compare:
+            if name in pts:
+                groups.append(pts[name])
+            elif Path(name).exists():
+                groups.append(load_points([Path(name)]))
+            else:
+                known = ", ".join(sorted(pts)) or "none loaded"
+                raise KunlunError(f"--compare: {name!r} is neither a family among the inputs ({known}) nor a path")
+        from kunlun.scaling.points import check_points
+
+        check_points(groups[0] + groups[1])
+        results = [analyse(g, holdout, n_boot, level, tolerance, seed, progress=log) for g in groups]
+        comparison = compare_families(groups[0], groups[1], n_boot, level, seed)
+        if report_dir:
+            write_report(results[0], report_dir, comparison, results[1])
+        if as_json:
+            emit_json({"a": results[0], "b": results[1], "comparison": comparison})
+        else:
+            for r in results:
+                print_fit(r)
+            print_comparison(comparison)
+        return
+    if not inputs:
+        raise KunlunError("give run directories, a sweep folder or a CSV file to fit")
+    pts = load_points(list(inputs))
+    fams = families(pts)
+    if family:
+        if family not in fams:
+            raise KunlunError(f"--family: {family!r} not among the runs ({', '.join(sorted(fams))})")
+        pts = fams[family]
+    result = analyse(pts, holdout, n_boot, level, tolerance, seed, progress=log)
+    if report_dir:
+        for f in write_report(result, report_dir):
+            log(f"wrote {f}")
+    if as_json:
+        emit_json(result)
+    else:
+        print_fit(result)
+
+
+def print_fit(result: dict) -> None:
+    from rich.table import Table
+
+    from kunlun.scaling.report import forms_table
+
+    rows = forms_table(result)
+    table = Table(title=f"{result['family'] or 'runs'} on {result['dataset'] or '?'}: {result['n_fit']} runs fitted, "
+                        f"{result['n_holdout']} held out ({result['metric'] or 'NE'})")
+    for c in rows[0]:
+        table.add_column(c)
+    for r in rows[1:]:
+        table.add_row(*r)
+    con = out_console()
+    con.print(table)
+    for r in result["holdout"]:
+        con.print(f"  held out C={r['compute']:.3g}: NE {r['ne']:.4f}, predicted {r['predicted']:.4f} "
+                  f"[{r['lower']:.4f}, {r['upper']:.4f}]", highlight=False)
+    sigma = f"{result['seed_sigma']:.4f}" if result["seed_sigma"] is not None else "not estimated"
+    con.print(f"seed noise σ = {sigma} NE; {result['verdict']}", highlight=False)
+
+
+def print_comparison(c: dict) -> None:
+    con = out_console()
+    con.print(f"{c['a']} vs {c['b']} (M0 fits, {100 * c['level']:.0f} % bootstrap intervals):", highlight=False)
+    for key, what in (("slope_ratio", "scaling efficiency η_A/η_B"), ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
+                      ("eta_a", f"η {c['a']}"), ("eta_b", f"η {c['b']}")):
+        v = c[key]
+        con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]", highlight=False)
 
 
 def main() -> None:

@@ -172,6 +172,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):
+        return dataclass_from_dict(hint, value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single value is a one-element list (model.gdpa_activation=relu)

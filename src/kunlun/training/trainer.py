@@ -33,6 +33,7 @@ from kunlun.runs import environment
 from kunlun.training.checkpoint import atomic_write_text, load_trainer_state, load_weights, save_checkpoint
 
 stderr = Console(stderr=True)
+TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
 
 
 def log(msg: str) -> None:
@@ -120,6 +121,7 @@ class TrainState:
     bad_epochs: int = 0
     train_seconds: float = 0.0
     train_examples: int = 0
+    best_examples: int = 0  # training examples seen when the best checkpoint was saved
 
 
 def build(cfg: Config, data: Prepared) -> RankingModel:
@@ -238,6 +240,7 @@ class Trainer:
             improved = valid["ne"] < self.state.best_ne
             if improved:
                 self.state.best_ne, self.state.best_epoch, self.state.bad_epochs = valid["ne"], epoch + 1, 0
+                self.state.best_examples = self.state.train_examples
                 save_checkpoint(ckpt_dir / "best", self.model, cfg.to_dict())
             else:
                 self.state.bad_epochs += 1
@@ -274,6 +277,11 @@ class Trainer:
             "steps": self.state.step,
             "train_ctr": self.data.train_ctr,
             "flops_per_example": self.model.flops_per_example(),
+            # Training compute C (docs: README "FLOP convention"): forward FLOPs/example × 3 (forward + backward)
+            # × training examples processed; embedding lookups count 0 FLOPs.
+            "train_examples": self.state.train_examples,
+            "train_compute": TRAIN_FLOPS_FACTOR * self.model.flops_per_example() * self.state.train_examples,
+            "train_compute_at_best": TRAIN_FLOPS_FACTOR * self.model.flops_per_example() * self.state.best_examples,
             "flops_by_component": self.model.flops_by_component(),
             "parameters": self.model.num_parameters(),
             "wall_time_s": wall,

@@ -1,0 +1,266 @@
+"""Fit, bootstrap and *validate* scaling laws (spec: ``../shared/design/scaling.md``).
+
+``analyse`` holds out the runs at the K largest computes, fits every form on the rest, bootstraps
+prediction intervals, runs rolling-origin validation, chooses the form by held-out error, and accepts a
+law only when every held-out run is predicted within the tolerance, within 2σ of seed noise and inside
+the prediction interval. ``compare`` puts two families on one axis: slope ratio and effective-compute
+multiplier, each with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kunlun.errors import KunlunError
+from kunlun.scaling.forms import DELTA, FORMS, fit_form
+from kunlun.scaling.points import Point
+
+CONVENTION = ("C = 3 × forward FLOPs/example × training examples processed (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); "
+              "L = NE at the best-on-validation checkpoint")
+
+
+def seed_sigma(compute: np.ndarray, values: np.ndarray) -> tuple[float | None, int]:
+    """Pooled within-compute standard deviation of ``values`` (runs sharing a compute differ only by seed)."""
+    ss, dof = 0.0, 0
+    for c in np.unique(compute):
+        v = values[compute == c]
+        if len(v) > 1:
+            ss += float(((v - v.mean()) ** 2).sum())
+            dof += len(v) - 1
+    return (float(np.sqrt(ss / dof)), dof) if dof else (None, 0)
+
+
+def _resample(rng: np.random.Generator, compute: np.ndarray) -> np.ndarray:
+    """Bootstrap indices over runs with at least two distinct computes (else the curve is undefined)."""
+    n = len(compute)
+    for _ in range(100):
+        idx = rng.integers(0, n, n)
+        if len(np.unique(compute[idx])) >= 2:
+            return idx
+    return np.arange(n)
+
+
+def bootstrap(form: str, compute: np.ndarray, ne: np.ndarray, c_ref: float, query: np.ndarray, n_boot: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """ln-NE predictions at ``query`` from ``n_boot`` refits on runs resampled with replacement: [n_boot, q]."""
+    out = np.full((n_boot, len(query)), np.nan)
+    for b in range(n_boot):
+        idx = _resample(rng, compute)
+        try:
+            fit = fit_form(form, compute[idx], ne[idx], c_ref=c_ref, thorough=False)
+        except ValueError:
+            continue
+        out[b] = fit.log_predict(query)
+    return out
+
+
+def intervals(boot: np.ndarray, sigma: float, level: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Percentile confidence interval of the curve, and a prediction interval adding N(0, σ²) noise in ln NE."""
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    noisy = boot + rng.normal(0.0, sigma, boot.shape)
+    return {"ci_lower": np.exp(np.nanpercentile(boot, lo, axis=0)), "ci_upper": np.exp(np.nanpercentile(boot, hi, axis=0)),
+            "lower": np.exp(np.nanpercentile(noisy, lo, axis=0)), "upper": np.exp(np.nanpercentile(noisy, hi, axis=0))}
+
+
+def prediction_interval(form: str, compute: np.ndarray, ne: np.ndarray, query: np.ndarray, n_boot: int, level: float,
+                        sigma_seed_log: float | None, rng: np.random.Generator, c_ref: float | None = None) -> tuple[Fit, dict, float]:
+    """Fit ``form`` (all starts), bootstrap it, and return (fit, intervals at ``query``, σ of the added noise in ln NE).
+
+    σ = max(residual standard deviation with n − k degrees of freedom, seed noise), so a prediction
+    interval is never narrower than what re-running the same point with another seed would give."""
+    c_ref = float(compute.min()) if c_ref is None else c_ref
+    fit = fit_form(form, compute, ne, c_ref=c_ref)
+    resid = fit.log_predict(compute) - np.log(ne)
+    dof = len(compute) - len(fit.theta)
+    sigma_resid = float(np.sqrt((resid ** 2).sum() / dof)) if dof > 0 else 0.0
+    sigma = max(sigma_resid, sigma_seed_log or 0.0)
+    boot = bootstrap(form, compute, ne, c_ref, query, n_boot, rng)
+    return fit, intervals(boot, sigma, level, rng), sigma
+
+
+def split_holdout(compute: np.ndarray, k: int) -> np.ndarray:
+    """Mask of held-out runs: every run at one of the ``k`` largest distinct computes."""
+    distinct = np.unique(compute)
+    if k < 0:
+        raise KunlunError(f"--holdout: expected >= 0, got {k}")
+    if len(distinct) - k < 2:
+        raise KunlunError(f"{len(distinct)} distinct compute value(s): holding out {k} leaves fewer than 2 to fit "
+                          "(a curve needs runs at ≥ 2 computes)")
+    return compute >= distinct[len(distinct) - k] if k else np.zeros(len(compute), bool)
+
+
+def rolling_origin(compute: np.ndarray, ne: np.ndarray, forms: list[str]) -> dict[str, list[dict[str, float]]]:
+    """For every origin k: fit on runs at the k smallest computes, predict every larger run."""
+    distinct = np.unique(compute)
+    out: dict[str, list[dict[str, float]]] = {f: [] for f in forms}
+    for k in range(2, len(distinct)):
+        inside = compute <= distinct[k - 1]
+        for name in forms:
+            if inside.sum() <= len(FORMS[name].params):  # at least one residual degree of freedom
+                continue
+            fit = fit_form(name, compute[inside], ne[inside], thorough=False)
+            pred = fit.predict(compute[~inside])
+            for c, y, p in zip(compute[~inside], ne[~inside], pred):
+                out[name].append({"origin": float(distinct[k - 1]), "compute": float(c), "decades": float(np.log10(c / distinct[k - 1])),
+                                  "ne": float(y), "predicted": float(p), "error": float((p - y) / y)})
+    return out
+
+
+def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: float = 0.9, tolerance: float = 1e-3,
+            seed: int = 0, forms: list[str] | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fit and validate every form on one family's runs; see the module docstring."""
+    forms = forms or list(FORMS)
+    fams = sorted({p.family for p in points})
+    if len(fams) > 1:
+        raise KunlunError(f"runs from several families ({', '.join(fams)}): fit one at a time, or compare two with --compare")
+    if n_boot < 1:
+        raise KunlunError(f"bootstrap resamples: expected >= 1, got {n_boot}")
+    order = np.argsort([p.compute for p in points], kind="stable")
+    points = [points[i] for i in order]
+    compute = np.array([p.compute for p in points])
+    ne = np.array([p.ne for p in points])
+    if len(np.unique(compute)) < 2:
+        raise KunlunError("all runs have the same compute: a scaling fit needs runs at ≥ 2 distinct computes")
+    held = split_holdout(compute, holdout)
+    fc, fy = compute[~held], ne[~held]
+    usable = [f for f in forms if len(fc) >= len(FORMS[f].params)]
+    if not usable:
+        raise KunlunError(f"{len(fc)} run(s) to fit: fewer points than parameters of every form ({', '.join(forms)})")
+    sigma_seed, sigma_dof = seed_sigma(compute, ne)
+    sigma_seed_log, _ = seed_sigma(compute, np.log(ne))
+    rng = np.random.default_rng(seed)
+    c_ref = float(fc.min())
+    curve_c = np.logspace(np.log10(compute.min()), np.log10(compute.max()), 60)
+    result: dict[str, Any] = {
+        "family": points[0].family, "dataset": points[0].dataset, "metric": points[0].metric, "convention": CONVENTION,
+        "objective": f"sum of Huber(ln L̂ − ln L), delta = {DELTA}", "n_runs": len(points), "n_fit": int(len(fc)),
+        "n_holdout": int(held.sum()), "bootstrap": n_boot, "level": level, "tolerance": tolerance,
+        "seed_sigma": sigma_seed, "seed_sigma_dof": sigma_dof, "c_ref": c_ref,
+        "fit_window": [float(fc.min()), float(fc.max())],
+        "runs": [{"compute": p.compute, "ne": p.ne, "seed": p.seed, "layers": p.layers, "flops_per_example": p.flops_per_example,
+                  "held_out": bool(h), "source": p.source} for p, h in zip(points, held)],
+        "forms": {},
+    }
+    for name in forms:
+        if name not in usable:
+            result["forms"][name] = {"title": FORMS[name].title, "skipped": f"needs ≥ {len(FORMS[name].params)} runs to fit"}
+            continue
+        if progress:
+            progress(f"fitting {name} and bootstrapping ({n_boot} resamples)")
+        query = np.concatenate([compute[held], curve_c])
+        fit, iv, sigma = prediction_interval(name, fc, fy, query, n_boot, level, sigma_seed_log, rng, c_ref)
+        resid = fit.log_predict(fc) - np.log(fy)
+        theta_boot = _param_intervals(name, fc, fy, c_ref, rng, min(n_boot, 200), level)
+        nh = int(held.sum())
+        pred_h = fit.predict(compute[held])
+        rows = []
+        for i, (c, y, p) in enumerate(zip(compute[held], ne[held], pred_h)):
+            inside = bool(iv["lower"][i] <= y <= iv["upper"][i])
+            rows.append({"compute": float(c), "ne": float(y), "predicted": float(p), "lower": float(iv["lower"][i]),
+                         "upper": float(iv["upper"][i]), "error": float((p - y) / y), "abs_error": float(p - y), "inside": inside,
+                         "decades": float(np.log10(c / fc.max()))})
+        ok_tol = all(abs(r["error"]) <= tolerance for r in rows)
+        ok_noise = sigma_seed is not None and all(abs(r["abs_error"]) <= 2 * sigma_seed for r in rows)
+        ok_inside = all(r["inside"] for r in rows)
+        result["forms"][name] = {
+            "title": FORMS[name].title, "params": fit.params(), "param_intervals": theta_boot, "loss": fit.loss,
+            "starts": fit.starts, "starts_agree": fit.starts_agree,
+            "in_sample_rms_log": float(np.sqrt((resid ** 2).mean())), "in_sample_mean_abs_error": float(np.mean(np.abs(np.expm1(resid)))),
+            "sigma_pi_log": sigma, "holdout": rows,
+            "holdout_mean_abs_error": float(np.mean([abs(r["error"]) for r in rows])) if rows else None,
+            "passes": bool(rows) and ok_tol and ok_noise and ok_inside,
+            "checks": {"within_tolerance": ok_tol, "within_2_sigma_seed": ok_noise if sigma_seed is not None else None, "inside_interval": ok_inside},
+            "curve": {"compute": curve_c.tolist(), "predicted": fit.predict(curve_c).tolist(),
+                      "lower": iv["lower"][nh:].tolist(), "upper": iv["upper"][nh:].tolist(),
+                      "ci_lower": iv["ci_lower"][nh:].tolist(), "ci_upper": iv["ci_upper"][nh:].tolist()},
+        }
+    if progress:
+        progress("rolling-origin validation")
+    rolling = rolling_origin(compute, ne, usable)
+    for name in usable:
+        errs = [abs(r["error"]) for r in rolling[name]]
+        result["forms"][name]["rolling"] = rolling[name]
+        result["forms"][name]["rolling_mean_abs_error"] = float(np.mean(errs)) if errs else None
+    result.update(choose(result))
+    return result
+
+
+def _param_intervals(name: str, fc, fy, c_ref, rng, n: int, level: float) -> dict[str, list[float]]:
+    thetas = []
+    for _ in range(n):
+        idx = _resample(rng, fc)
+        try:
+            thetas.append(fit_form(name, fc[idx], fy[idx], c_ref=c_ref, thorough=False).theta)
+        except ValueError:
+            continue
+    t = np.array(thetas)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {p: [float(np.percentile(t[:, i], lo)), float(np.percentile(t[:, i], hi))] for i, p in enumerate(FORMS[name].params)}
+
+
+def choose(result: dict[str, Any]) -> dict[str, Any]:
+    """Form with the smallest held-out error (rolling-origin error when nothing is held out); ties → fewer params."""
+    fitted = {k: v for k, v in result["forms"].items() if "skipped" not in v}
+    key = "holdout_mean_abs_error" if result["n_holdout"] else "rolling_mean_abs_error"
+    scored = [(v[key], len(FORMS[k].params), k) for k, v in fitted.items() if v.get(key) is not None and np.isfinite(v[key])]
+    if not scored:
+        return {"chosen": None, "accepted": False, "params": {}, "holdout": [],
+                "verdict": "no law: nothing held out and no rolling-origin predictions to validate a form on"}
+    _, _, best = min(scored)
+    f = fitted[best]
+    holdout = [{k: r[k] for k in ("compute", "ne", "predicted", "lower", "upper")} for r in f["holdout"]]
+    if not result["n_holdout"]:
+        verdict = f"{best} chosen by rolling-origin error; nothing held out, so no law is accepted"
+        return {"chosen": best, "accepted": False, "params": f["params"], "holdout": holdout, "verdict": verdict}
+    if f["passes"]:
+        verdict = (f"law accepted: {best} ({FORMS[best].title}) predicts all {len(holdout)} held-out runs within "
+                   f"{100 * result['tolerance']:.2f} % NE, within 2σ of seed noise and inside the {100 * result['level']:.0f} % interval")
+    else:
+        failed = [k for k, ok in f["checks"].items() if ok is False]
+        if f["checks"]["within_2_sigma_seed"] is None:
+            failed.append("no seed-noise estimate (needs ≥ 2 seeds at some compute)")
+        passing = [k for k, v in fitted.items() if v.get("passes")]
+        verdict = (f"no law: the best form by held-out error, {best}, fails " + ", ".join(failed)
+                   + ("" if not passing else f" (forms passing all checks: {', '.join(passing)})")
+                   + ("; no form passes" if not passing else ""))
+    return {"chosen": best, "accepted": bool(f["passes"]), "params": f["params"], "holdout": holdout, "verdict": verdict}
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+def compare(a: list[Point], b: list[Point], n_boot: int = 1000, level: float = 0.9, seed: int = 0) -> dict[str, Any]:
+    """Two families on one compute axis, each fitted with M0 (L = a − η ln c) on all its runs.
+
+    Scaling efficiency = η_A / η_B. Effective-compute multiplier k: L_A(C) = L_B(k·C) at C = the geometric
+    middle of the compute range both families cover, so k = exp((L_B(C) − L_A(C)) / η_B); k > 1 means A
+    reaches there the NE that B needs k× the compute for."""
+    ca, ya = np.array([p.compute for p in a]), np.array([p.ne for p in a])
+    cb, yb = np.array([p.compute for p in b]), np.array([p.ne for p in b])
+    for name, c in ((a[0].family or "A", ca), (b[0].family or "B", cb)):
+        if len(np.unique(c)) < 2:
+            raise KunlunError(f"family {name}: needs runs at ≥ 2 distinct computes to fit a slope")
+    lo_c, hi_c = max(ca.min(), cb.min()), min(ca.max(), cb.max())
+    overlap = hi_c > lo_c
+    c_mid = float(np.sqrt(lo_c * hi_c)) if overlap else float(np.sqrt(max(ca.max(), cb.max()) * min(ca.min(), cb.min())))
+    c_ref = float(min(ca.min(), cb.min()))
+
+    def stats(ia, ib):
+        fa = fit_form("M0", ca[ia], ya[ia], c_ref=c_ref, thorough=False)
+        fb = fit_form("M0", cb[ib], yb[ib], c_ref=c_ref, thorough=False)
+        eta_a, eta_b = fa.theta[1], fb.theta[1]
+        la, lb = fa.predict(np.array([c_mid]))[0], fb.predict(np.array([c_mid]))[0]
+        k = float(np.exp((lb - la) / eta_b)) if eta_b > 0 else float("nan")
+        return eta_a, eta_b, eta_a / eta_b if eta_b else float("nan"), k
+
+    point = stats(np.arange(len(ca)), np.arange(len(cb)))
+    rng = np.random.default_rng(seed)
+    boots = np.array([stats(_resample(rng, ca), _resample(rng, cb)) for _ in range(n_boot)])
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    names = ("eta_a", "eta_b", "slope_ratio", "compute_multiplier")
+    out = {n: {"value": float(v), "lower": float(np.nanpercentile(boots[:, i], lo)), "upper": float(np.nanpercentile(boots[:, i], hi))}
+           for i, (n, v) in enumerate(zip(names, point))}
+    return {"a": a[0].family or "A", "b": b[0].family or "B", "form": "M0", "at_compute": c_mid, "overlap": bool(overlap),
+            "bootstrap": n_boot, "level": level, **out}

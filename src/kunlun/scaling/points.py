@@ -1,0 +1,115 @@
+"""Scaling points: one (compute, NE) per training run, from run directories, sweep folders or a CSV table.
+
+Conventions (also in the README): C = training compute = 3 × forward FLOPs/example × training examples
+processed (every matmul, attention, interaction and MLP FLOP at 2 FLOPs per multiply-add; embedding lookups
+0 FLOPs). L = NE on the test split (valid where the dataset has no test split) at the best-on-validation
+checkpoint. A CSV needs columns ``compute`` and ``ne``; ``family``, ``seed``, ``layers``, ``dataset``,
+``metric`` and ``flops_per_example`` are optional.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from kunlun.errors import KunlunError
+from kunlun.runs import read_json
+
+
+@dataclass
+class Point:
+    compute: float
+    ne: float
+    family: str = ""
+    seed: int | None = None
+    layers: int | None = None
+    dataset: str = ""
+    metric: str = ""
+    flops_per_example: float | None = None
+    source: str = ""
+
+
+def _from_run(final_path: Path) -> Point:
+    final = read_json(final_path)
+    if final is None:
+        raise KunlunError(f"{final_path}: unreadable run record")
+    if "train_compute" not in final:
+        raise KunlunError(f"{final_path}: no train_compute (the run predates compute tracking); retrain it or give a CSV")
+    split = "test" if "test" in final.get("metrics", {}) else "valid"
+    layers = None
+    cfg_path = final_path.parent / "config.yaml"
+    if cfg_path.is_file():
+        layers = (yaml.safe_load(cfg_path.read_text()) or {}).get("model", {}).get("num_layers")
+    return Point(compute=float(final["train_compute"]), ne=float(final["metrics"][split]["ne"]), family=final.get("model", ""),
+                 seed=final.get("seed"), layers=layers, dataset=final.get("dataset", ""), metric=f"{split} NE",
+                 flops_per_example=final.get("flops_per_example"), source=str(final_path.parent))
+
+
+def _number(value: str, path: Path, line: int, column: str, kind=float):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise KunlunError(f"{path}, line {line}, column {column!r}: expected a number, got {value!r}") from None
+
+
+def _from_csv(path: Path) -> list[Point]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in ("compute", "ne") if c not in cols]
+        if missing:
+            raise KunlunError(f"{path}: missing column {missing[0]!r} (need compute, ne; optional family, seed, layers, dataset, metric)")
+        pts = []
+        for line, row in enumerate(reader, start=2):
+            pts.append(Point(
+                compute=_number(row["compute"], path, line, "compute"), ne=_number(row["ne"], path, line, "ne"),
+                family=(row.get("family") or "").strip(),
+                seed=_number(row["seed"], path, line, "seed", int) if row.get("seed") not in (None, "") else None,
+                layers=_number(row["layers"], path, line, "layers", int) if row.get("layers") not in (None, "") else None,
+                dataset=(row.get("dataset") or "").strip(), metric=(row.get("metric") or "").strip(),
+                flops_per_example=_number(row["flops_per_example"], path, line, "flops_per_example")
+                if row.get("flops_per_example") not in (None, "") else None,
+                source=f"{path}:{line}"))
+    return pts
+
+
+def load_points(inputs: list[Path]) -> list[Point]:
+    """Points from CSV files, run directories, or folders searched for run records (``final.json``)."""
+    pts: list[Point] = []
+    for p in map(Path, inputs):
+        if p.is_file() and p.suffix.lower() == ".csv":
+            pts += _from_csv(p)
+        elif p.is_dir() and (p / "final.json").is_file():
+            pts.append(_from_run(p / "final.json"))
+        elif p.is_dir():
+            finals = sorted(p.rglob("final.json"))
+            if not finals:
+                raise KunlunError(f"{p}: no run records (final.json) under this folder")
+            pts += [_from_run(f) for f in finals]
+        else:
+            raise KunlunError(f"{p}: not a CSV file or a folder of runs")
+    check_points(pts)
+    return pts
+
+
+def check_points(pts: list[Point]) -> None:
+    for p in pts:
+        for name in ("compute", "ne"):
+            v = getattr(p, name)
+            if not (math.isfinite(v) and v > 0):
+                raise KunlunError(f"{p.source}: {name} = {v!r}; expected a positive finite number")
+    for attr, what in (("dataset", "datasets"), ("metric", "metrics")):
+        values = sorted({getattr(p, attr) for p in pts if getattr(p, attr)})
+        if len(values) > 1:
+            raise KunlunError(f"runs from different {what} are mixed together ({', '.join(values)}); fit each separately")
+
+
+def families(pts: list[Point]) -> dict[str, list[Point]]:
+    out: dict[str, list[Point]] = {}
+    for p in pts:
+        out.setdefault(p.family, []).append(p)
+    return out

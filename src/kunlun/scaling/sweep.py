@@ -1,0 +1,183 @@
+"""Compute sweeps: a grid of ordinary training runs, run as separate processes within a thread budget.
+
+A sweep file (YAML)::
+
+    name: kunlun-ml-latest-small      # default output folder: sweeps/<name>
+    model: kunlun
+    dataset: ml-latest-small
+    config: null                      # optional base config file (default: the model's packaged config)
+    overrides: [train.patience=0]     # applied to every point
+    mode: zip                         # zip: the i-th value of every axis together; product: every combination
+    axes:
+      model.d_model: [4, 8, 16, 32]
+      train.max_steps: [150, 300, 600, 1200]
+    seeds: [0]
+    noise: {seeds: [1, 2], points: [0, -1]}   # extra seeds at some points (indices into the point list)
+    parallel: 2                       # processes at once
+    threads: 1                        # torch threads per process
+
+Each (point, seed) is a normal run record under ``<out>/points/<label>/seed<k>`` whose ``final.json``
+also holds its training compute C (``train_compute``). A point with a ``final.json`` is skipped; one
+with a ``checkpoints/last`` is resumed; anything else there is restarted — so a killed sweep continues
+where it stopped. The same file runs unchanged on a GPU machine (the device is chosen per run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kunlun.config import dataclass_from_dict, load_config, read_yaml
+from kunlun.errors import KunlunError
+from kunlun.models import model_config
+from kunlun.runs import read_json
+from kunlun.training.checkpoint import atomic_write_text
+
+
+@dataclass
+class NoiseSpec:
+    seeds: list[int] = field(default_factory=list)
+    points: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SweepSpec:
+    name: str = "sweep"
+    model: str = "kunlun"
+    dataset: str = "ml-latest-small"
+    config: str | None = None
+    data_dir: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    mode: str = "product"
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    parallel: int = 1
+    threads: int = 1
+
+
+@dataclass
+class Job:
+    label: str
+    seed: int
+    overrides: list[str]
+    run_dir: Path
+
+
+def load_sweep(path: Path) -> SweepSpec:
+    raw = read_yaml(Path(path))
+    try:
+        spec = dataclass_from_dict(SweepSpec, raw, "sweep")
+    except KunlunError as exc:
+        raise KunlunError(f"{path}: {exc}") from None
+    if spec.mode not in ("zip", "product"):
+        raise KunlunError(f"{path}: key mode: expected zip or product, got {spec.mode!r}")
+    if not spec.axes:
+        raise KunlunError(f"{path}: key axes: expected at least one axis, e.g. model.d_model: [8, 16, 32]")
+    for key, values in spec.axes.items():
+        if "." not in key or not isinstance(values, list) or not values:
+            raise KunlunError(f"{path}: axis {key!r}: expected a 'section.key' name with a non-empty list of values")
+    if spec.mode == "zip" and len({len(v) for v in spec.axes.values()}) > 1:
+        raise KunlunError(f"{path}: mode zip needs axes of equal length, got {({k: len(v) for k, v in spec.axes.items()})}")
+    if spec.parallel < 1 or spec.threads < 0:
+        raise KunlunError(f"{path}: keys parallel (>= 1) and threads (>= 0) are out of range")
+    return spec
+
+
+def points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The sweep's points in file order: each a {axis key: value} dict."""
+    keys = list(spec.axes)
+    rows = zip(*spec.axes.values()) if spec.mode == "zip" else itertools.product(*spec.axes.values())
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def label(point: dict[str, Any]) -> str:
+    return "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+
+
+def jobs(spec: SweepSpec, out: Path) -> list[Job]:
+    pts = points(spec)
+    seeds_at = [list(spec.seeds) for _ in pts]
+    for i in spec.noise.points:
+        if not -len(pts) <= i < len(pts):
+            raise KunlunError(f"sweep noise.points: index {i} is outside the {len(pts)} points")
+        seeds_at[i] += [s for s in spec.noise.seeds if s not in seeds_at[i]]
+    out_jobs = []
+    for pt, seeds in zip(pts, seeds_at):
+        lab = label(pt)
+        extra = [*spec.overrides, *(f"{k}={json.dumps(v)}" for k, v in pt.items())]
+        out_jobs += [Job(lab, s, extra, out / "points" / lab / f"seed{s}") for s in seeds]
+    return out_jobs
+
+
+def validate(spec: SweepSpec, all_jobs: list[Job]) -> None:
+    """Every point's config must load before any process starts (a typo fails now, not in hour two)."""
+    for job in all_jobs:
+        try:
+            cfg = load_config(Path(spec.config) if spec.config else None,
+                              [f"data.dataset={json.dumps(spec.dataset)}", *job.overrides], model=spec.model)
+            model_config(cfg.model)
+        except KunlunError as exc:
+            raise KunlunError(f"sweep point {job.label}: {exc}") from None
+
+
+def command(spec: SweepSpec, job: Job, data_dir: str | None, threads: int) -> list[str]:
+    cmd = [sys.executable, "-m", "kunlun", "train", "--quiet", "--json"]
+    if (job.run_dir / "checkpoints" / "last" / "model.safetensors").is_file() and (job.run_dir / "config.yaml").is_file():
+        return [*cmd, "--resume", str(job.run_dir)]
+    if job.run_dir.exists():
+        shutil.rmtree(job.run_dir)  # killed before its first checkpoint: start again (the seed makes it identical)
+    cmd += ["--model", spec.model, "--dataset", spec.dataset, "--seed", str(job.seed), "--run-dir", str(job.run_dir)]
+    if spec.config:
+        cmd += ["--config", spec.config]
+    if data_dir or spec.data_dir:
+        cmd += ["--data-dir", str(data_dir or spec.data_dir)]
+    return [*cmd, *job.overrides, f"train.threads={threads}"]
+
+
+def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel: int | None = None, threads: int | None = None,
+              on_done: Callable[[Job, str], None] | None = None) -> dict[str, Any]:
+    """Run every (point, seed) not yet complete; return {"done", "skipped", "failed"} lists of run dirs."""
+    all_jobs = jobs(spec, out)
+    validate(spec, all_jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".sweep.lock", "w") as lock:
+        try:  # one sweep per folder: two would train the same points into the same run directories
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise KunlunError(f"{out}: another sweep is running in this folder") from None
+        return _run_jobs(spec, out, all_jobs, data_dir, parallel or spec.parallel, spec.threads if threads is None else threads, on_done)
+
+
+def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, parallel: int, threads: int, on_done) -> dict[str, Any]:
+    atomic_write_text(out / "sweep.json", json.dumps({"spec": dataclasses.asdict(spec), "jobs": [
+        {"label": j.label, "seed": j.seed, "overrides": j.overrides, "run_dir": str(j.run_dir.relative_to(out))} for j in all_jobs]}, indent=1))
+    (out / "logs").mkdir(exist_ok=True)
+    todo = [j for j in all_jobs if read_json(j.run_dir / "final.json") is None]
+    result: dict[str, list[str]] = {"done": [], "skipped": [str(j.run_dir) for j in all_jobs if j not in todo], "failed": []}
+
+    def run_one(job: Job) -> tuple[Job, str]:
+        log_path = out / "logs" / f"{job.label}-seed{job.seed}.log"
+        with open(log_path, "a") as log_file:
+            proc = subprocess.run(command(spec, job, data_dir, threads), stdout=log_file, stderr=subprocess.STDOUT)
+        ok = proc.returncode == 0 and read_json(job.run_dir / "final.json") is not None
+        return job, "done" if ok else f"failed (exit {proc.returncode}; see {log_path})"
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for fut in as_completed([pool.submit(run_one, j) for j in todo]):
+            job, status = fut.result()
+            result["done" if status == "done" else "failed"].append(str(job.run_dir))
+            if on_done:
+                on_done(job, status)
+    return result
+

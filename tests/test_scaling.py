@@ -1,0 +1,167 @@
+"""Scaling fits on synthetic data with known truth, their intervals, input errors, the CLI, and sweeps."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kunlun.errors import KunlunError
+from kunlun.scaling.forms import fit_form
+from kunlun.scaling.law import analyse, compare, prediction_interval
+from kunlun.scaling.points import Point, load_points
+
+C = np.logspace(10, 13, 10)
+
+
+def saturating(c, e=0.75, a=0.1, alpha=0.3):
+    return e + a * (c / C[0]) ** -alpha
+
+
+def test_fits_recover_known_parameters():
+    m2 = fit_form("M2", C, saturating(C))
+    assert np.exp(m2.theta[0]) == pytest.approx(0.75, abs=2e-3)
+    assert np.exp(m2.theta[1]) == pytest.approx(0.1, abs=2e-3)
+    assert m2.theta[2] == pytest.approx(0.3, abs=5e-3)
+    assert m2.starts_agree > 1  # several starts reach the same optimum
+    m0 = fit_form("M0", C, 0.9 - 0.01 * np.log(C / C[0]))
+    assert m0.params() == pytest.approx({"a": 0.9, "eta": 0.01}, abs=1e-6)
+    m1 = fit_form("M1", C, 0.9 * (C / C[0]) ** -0.02)
+    assert m1.params() == pytest.approx({"lnA": np.log(0.9), "alpha": 0.02}, abs=1e-6)
+
+
+def synthetic_points(noise, truth=saturating, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Point(c, truth(c) * np.exp(rng.normal(0, noise)), seed=s) for c in C for s in ((0, 1, 2) if c in C[[1, 5]] else (0,))]
+
+
+def test_noisy_fit_predicts_held_out_runs():
+    r = analyse(synthetic_points(2e-4), holdout=2, n_boot=100)
+    assert r["chosen"] == "M2"
+    assert [h["compute"] for h in r["holdout"]] == pytest.approx(list(C[-2:]))
+    for h in r["holdout"]:  # 0.3 and 0.7 decades beyond the fitted runs
+        assert h["predicted"] == pytest.approx(saturating(h["compute"]), rel=1e-3)
+    # a pure power law cannot follow the saturation: held-out error far above the tolerance
+    assert not r["forms"]["M1"]["passes"] and abs(r["forms"]["M1"]["holdout"][-1]["error"]) > 0.01
+
+
+def test_law_acceptance_rules():
+    # seed 0 on the true curve, repeated seeds scattered around it: the law is exact and the noise known
+    pts = [p if p.seed == 0 else Point(p.compute, saturating(p.compute) * (1 + 2e-4 * (p.seed - 1.5)), seed=p.seed)
+           for p in synthetic_points(0.0)]
+    exact = analyse(pts, holdout=2, n_boot=100)
+    assert exact["accepted"] and exact["verdict"].startswith("law accepted: M2")
+    # the same runs without repeated seeds: no noise estimate, so no law can be accepted
+    single = [p for p in pts if p.seed == 0]
+    r = analyse(single, holdout=2, n_boot=50)
+    assert not r["accepted"] and "no seed-noise estimate" in r["verdict"]
+    # a curve that turns upward beyond the fitted window: every form misses the held-out runs
+    bent = analyse(synthetic_points(1e-5, truth=lambda c: saturating(c) + 0.05 * (c > 3e12)), holdout=2, n_boot=50)
+    assert not bent["accepted"] and "no form passes" in bent["verdict"]
+
+
+def test_prediction_intervals_cover_about_90_percent():
+    rng = np.random.default_rng(1)
+    sigma, query = 2e-3, np.array([C[-1] * 2])
+    truth = lambda c: 0.9 - 0.01 * np.log(c / C[0])  # noqa: E731
+    hits, draws = 0, 40
+    for _ in range(draws):
+        ne = truth(C) * np.exp(rng.normal(0, sigma, len(C)))
+        _, iv, _ = prediction_interval("M0", C, ne, query, 100, 0.9, None, rng)
+        fresh = truth(query[0]) * np.exp(rng.normal(0, sigma))  # a new run at a held-out compute
+        hits += iv["lower"][0] <= fresh <= iv["upper"][0]
+    assert 0.75 <= hits / draws <= 1.0  # binomial sd at 90 %: 0.047
+
+
+def test_compare_recovers_slope_ratio():
+    rng = np.random.default_rng(2)
+    a = [Point(c, (0.9 - 0.02 * np.log(c / C[0])) * np.exp(rng.normal(0, 3e-4)), family="a") for c in C]
+    b = [Point(c, (0.9 - 0.01 * np.log(c / C[0])) * np.exp(rng.normal(0, 3e-4)), family="b") for c in C]
+    r = compare(a, b, n_boot=200)
+    assert r["slope_ratio"]["lower"] <= 2.0 <= r["slope_ratio"]["upper"]
+    assert r["slope_ratio"]["value"] == pytest.approx(2.0, rel=0.05)
+    # at the middle of the range A is 0.01·ln(c) better, which B needs exp(0.01 ln c / 0.01) = c× the compute for
+    mid = r["at_compute"] / C[0]
+    assert r["compute_multiplier"]["value"] == pytest.approx(mid, rel=0.1)
+
+
+def write_csv(path, rows, header="compute,ne"):
+    path.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("rows,msg", [
+    ([(1e10, 0.9), (-1, 0.8), (1e12, 0.7)], "compute = -1.0"),
+    ([(1e10, 0.9), (1e11, "nan"), (1e12, 0.7)], "ne = nan"),
+    ([(1e10, 0.9), (1e11, "x"), (1e12, 0.7)], "line 3, column 'ne'"),
+])
+def test_bad_csv_values_are_named(tmp_path, rows, msg):
+    with pytest.raises(KunlunError, match=msg):
+        load_points([write_csv(tmp_path / "runs.csv", rows)])
+
+
+def test_input_errors(tmp_path):
+    with pytest.raises(KunlunError, match="missing column 'ne'"):
+        load_points([write_csv(tmp_path / "a.csv", [(1, 2)], header="compute,loss")])
+    with pytest.raises(KunlunError, match="same compute"):
+        analyse([Point(1e10, 0.9), Point(1e10, 0.91)], holdout=0, n_boot=10)
+    with pytest.raises(KunlunError, match="leaves fewer than 2 to fit"):
+        analyse([Point(1e10, 0.9), Point(1e11, 0.85), Point(1e12, 0.8)], holdout=2, n_boot=10)
+    with pytest.raises(KunlunError, match="fewer points than parameters"):
+        analyse([Point(1e10, 0.9), Point(1e11, 0.85), Point(1e12, 0.8)], holdout=1, n_boot=10, forms=["M2"])
+    mixed = write_csv(tmp_path / "m.csv", [(1e10, 0.9, "ml-100k"), (1e11, 0.8, "frappe_x1")], header="compute,ne,dataset")
+    with pytest.raises(KunlunError, match="different datasets"):
+        load_points([mixed])
+    metrics = write_csv(tmp_path / "n.csv", [(1e10, 0.9, "test NE"), (1e11, 0.8, "valid NE")], header="compute,ne,metric")
+    with pytest.raises(KunlunError, match="different metrics"):
+        load_points([metrics])
+    with pytest.raises(KunlunError, match="several families"):
+        analyse([Point(c, 0.9, family=f) for c, f in zip(C, "ababababab")], n_boot=10)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kunlun", *args], capture_output=True, text=True)
+
+
+def test_fit_cli_json_and_report(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = [(c, round(float(saturating(c) * np.exp(rng.normal(0, 5e-4))), 6), fam) for c in C for fam in ("a",)]
+    rows += [(c, round(float(0.95 - 0.004 * np.log(c / C[0])), 6), "b") for c in C]
+    csv_path = write_csv(tmp_path / "runs.csv", rows, header="compute,ne,family")
+    r = run_cli("fit", str(csv_path), "--family", "a", "--bootstrap", "100", "--json", "--report", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["chosen"] in ("M0", "M1", "M2") and len(out["holdout"]) == 2
+    assert set(out["holdout"][0]) == {"compute", "ne", "predicted", "lower", "upper"}
+    assert set(out["forms"]) == {"M0", "M1", "M2"}
+    assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000  # plots are embedded
+    r = run_cli("fit", str(csv_path), "--bootstrap", "50")
+    assert r.returncode == 2 and "several families" in r.stderr
+    r = run_cli("fit", str(csv_path), "--compare", "a", "b", "--bootstrap", "50", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["comparison"]["slope_ratio"]["value"] > 1  # a falls faster than b
+
+
+def test_sweep_runs_points_resumes_and_records_compute(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "name: tiny\nmodel: kunlun\ndataset: ml-latest-small\n"
+        "overrides: [train.epochs=1, train.max_steps=3, train.warmup_steps=1, train.eval_batch_size=4096, model.num_layers=1]\n"
+        "mode: zip\naxes:\n  model.d_model: [4, 8]\n  train.batch_size: [32, 64]\nparallel: 2\nthreads: 1\n")
+    out = tmp_path / "out"
+    r = run_cli("sweep", str(sweep), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    finals = sorted(out.glob("points/*/seed0/final.json"))
+    assert len(finals) == 2
+    for f in finals:
+        final = json.loads(f.read_text())
+        assert final["train_examples"] == 3 * (32 if "d_model4" in str(f) else 64)
+        assert final["train_compute"] == 3 * final["flops_per_example"] * final["train_examples"]
+    mtime = finals[0].stat().st_mtime
+    r = run_cli("sweep", str(sweep), "--out", str(out))
+    assert r.returncode == 0 and "2 skipped" in r.stderr and finals[0].stat().st_mtime == mtime
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(sweep.read_text().replace("model.d_model", "model.d_modle"))
+    r = run_cli("sweep", str(bad), "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "d_modle" in r.stderr and not (tmp_path / "bad").exists()
