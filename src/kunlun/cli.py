@@ -542,7 +542,8 @@ def print_fit(result: dict) -> None:
 def print_comparison(c: dict) -> None:
     con = out_console()
     con.print(f"{c['a']} vs {c['b']} (M0 fits, {100 * c['level']:.0f} % bootstrap intervals):", highlight=False)
-    for key, what in (("slope_ratio", "scaling efficiency η_A/η_B"), ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
+    for key, what in (("slope_ratio", "scaling efficiency η_A/η_B"),
+                      ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
                       ("eta_a", f"η {c['a']}"), ("eta_b", f"η {c['b']}")):
         v = c[key]
         con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]", highlight=False)

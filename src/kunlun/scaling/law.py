@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kunlun.errors import KunlunError
-from kunlun.scaling.forms import DELTA, FORMS, fit_form
+from kunlun.scaling.forms import DELTA, FORMS, Fit, fit_form
 from kunlun.scaling.points import Point
 
 CONVENTION = ("C = 3 × forward FLOPs/example × training examples processed (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); "
