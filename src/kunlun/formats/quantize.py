@@ -156,7 +156,7 @@ def hif8(x, stochastic=False, generator=None):
     grid = torch.exp2(torch.where(e < -15, torch.clamp(e, min=-22.0), e - mbits))  # denormals: powers of two only
     q = _round(a / grid, stochastic, generator, half_even=False) * grid
     q = torch.where(a < 2.0**-23, 0.0, q)
-    q = torch.where(q > HIF8_MAX, torch.inf, q)  # 49152 is not a finite HiF8 value: |x| ≥ 40960 overflows
+    q = torch.where((q > HIF8_MAX) | torch.isinf(a), torch.inf, q)  # 49152 is not a finite HiF8 value: |x| ≥ 40960 overflows
     q = torch.copysign(q, x)
     return torch.where(torch.isnan(x), torch.nan, q)
 
