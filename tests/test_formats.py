@@ -135,3 +135,88 @@ def test_random_hadamard_preserves_products():
     r = random_hadamard(32, torch.Generator().manual_seed(1))
     x, w = torch.randn(8, 70), torch.randn(5, 70)
     assert torch.allclose(rotate(x, r) @ rotate(w, r).T, x @ w.T, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ emulated training
+
+def emulated(fmt, **kw):
+    from kunlun.formats.gemm import EmulatedLinear, PrecisionConfig, apply_precision
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Linear(24, 24), torch.nn.Linear(24, 1))
+    cfg = PrecisionConfig(format=fmt, keep_high_precision=kw.pop("keep", ["first", "last"]), **kw)
+    apply_precision(net, cfg, seed=0)
+    return net, [type(m) is EmulatedLinear for m in net]
+
+
+def test_emulated_linear_matches_reference_quantized_gemms():
+    net, swapped = emulated("mxfp4", keep=[])
+    layer = net[0]
+    assert swapped == [True, False, True, True]
+    x = torch.randn(8, 40, requires_grad=True)
+    y = layer(x)
+    w = layer.weight.detach()
+    ref = quantize(x.detach(), "mxfp4") @ quantize(w, "mxfp4").T + layer.bias.detach()
+    assert torch.equal(y.detach(), ref)
+    g = torch.randn(8, 24)
+    y.backward(g)
+    assert torch.equal(x.grad, quantize(g, "mxfp4") @ quantize(w, "mxfp4", axis=0))
+    assert torch.equal(layer.weight.grad, quantize(g.T, "mxfp4") @ quantize(x.detach(), "mxfp4", axis=0))
+
+
+def test_rht_keeps_the_product_and_first_last_stay_high_precision():
+    net, swapped = emulated("bf16", rht=True)
+    assert swapped == [False, False, True, False]  # first and last Linear kept in FP32
+    layer = net[2]
+    x = torch.randn(16, 24)
+    ref = x @ layer.weight.detach().T + layer.bias.detach()
+    assert torch.allclose(layer(x).detach(), ref, atol=0.05)  # rotation is exact; only bf16 rounding remains
+    r = layer.rht_matrix
+    manual = quantize(rotate(x, r), "bf16") @ quantize(rotate(layer.weight.detach(), r), "bf16").T + layer.bias.detach()
+    assert torch.equal(layer(x).detach(), manual)
+
+
+def test_train_with_precision_and_reload(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODEL
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kunlun", "train", "--precision", "hif4", "--run-dir", str(run_dir), "--json", "--quiet",
+           *TINY_MODEL, "train.max_steps=20", "train.epochs=1", "precision.rht=true"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    trained = json.loads(r.stdout)
+    r = subprocess.run([sys.executable, "-m", "kunlun", "eval", str(run_dir), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["test"]["ne"] == trained["test"]["ne"]  # the reloaded model runs the same emulation
+    r = subprocess.run([sys.executable, "-m", "kunlun", "train", "--precision", "fp4", "--run-dir", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "precision.format" in r.stderr
+
+
+def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
+    from conftest import TINY_MODEL
+    from kunlun.config import load_config
+    from kunlun.data.registry import prepare_dataset
+    from kunlun.errors import KunlunError
+    from kunlun.formats.gemm import EmulatedLinear
+    from kunlun.training.checkpoint import load_file, save_checkpoint
+    from kunlun.training.trainer import Trainer
+
+    cfg = load_config(None, TINY_MODEL + ["train.max_steps=0", "train.epochs=2", "precision.format=mxfp4"])
+    t = Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path / "r", progress=False, logger=lambda m: None)
+    t.start_record()
+    t.train_epoch(0)
+    last = tmp_path / "r" / "checkpoints" / "last"
+    save_checkpoint(last, t.model, cfg.to_dict(), t.checkpoint_state())
+    good = load_file(str(last / "model.safetensors"))
+    layer = next(m for m in t.model.modules() if isinstance(m, EmulatedLinear))
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")  # an overflow: the E8M0 scale of its block becomes NaN
+    with pytest.raises(KunlunError, match="non-finite training loss"):
+        t.train_epoch(1)
+    after = load_file(str(last / "model.safetensors"))
+    assert all(torch.equal(good[k], after[k]) for k in good)

@@ -71,11 +71,12 @@ def cli() -> None:
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--epochs", type=int, help="Maximum epochs.")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue an interrupted run directory.")
+@click.option("--precision", help="Emulated GEMM number format: fp32 (default), bf16, fp8_e4m3, fp8_e5m2, hif8, mxfp4, nvfp4, hif4.")
 @click.option("--no-cache", is_flag=True, help="Re-read the raw files instead of the prepared-data cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print final metrics by split as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.argument("overrides", nargs=-1)
-def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, no_cache, as_json, quiet, overrides):
+def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, precision, no_cache, as_json, quiet, overrides):
     """Train a model, early-stop on validation NE, report test metrics, keep a run record.
 
     OVERRIDES are config keys, e.g.  model.d_model=64  train.lr=3e-4  data.max_seq_len=100
@@ -91,7 +92,8 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
         if not (resume / "config.yaml").is_file():
             raise KunlunError(f"{resume}: not a run directory (no config.yaml) to resume")
         config_path = resume / "config.yaml"
-    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir), ("train.seed", seed), ("train.epochs", epochs)):
+    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir), ("train.seed", seed), ("train.epochs", epochs),
+                       ("precision.format", precision)):
         if value is not None:
             extra.append(f"{key}={json.dumps(value)}")
     cfg = load_config(config_path, extra, model=model)
@@ -132,16 +134,16 @@ def load_trained(path: Path):
     from kunlun.blocks.embeddings import FeatureInfo
     from kunlun.config import load_config
     from kunlun.data.prepare import Encoder
-    from kunlun.models import build_model
     from kunlun.runs import resolve_run
     from kunlun.training.checkpoint import load_weights
+    from kunlun.training.trainer import build_from_info
 
     run, ckpt = resolve_run(path)
     cfg = load_config(ckpt / "config.yaml")
     if not (run / "encoder" / "encoder.json").is_file():
         raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
     encoder = Encoder.load(run / "encoder")
-    model = build_model(cfg.model, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
+    model = build_from_info(cfg, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
     load_weights(ckpt, model)
     return cfg, encoder, model
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from kunlun.errors import KunlunError
+from kunlun.formats.gemm import PrecisionConfig
 
 
 @dataclass
@@ -76,26 +77,30 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "kunlun"})
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train), "model": dict(self.model)}
+        return {"data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train), "model": dict(self.model),
+                "precision": dataclasses.asdict(self.precision)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
         if not isinstance(raw, dict):
             raise KunlunError(f"{source}: expected a mapping with sections data/train/model")
-        unknown = set(raw) - {"data", "train", "model"}
+        unknown = set(raw) - {"data", "train", "model", "precision"}
         if unknown:
-            raise KunlunError(f"{source}: unknown section(s) {sorted(unknown)}; expected data, train, model")
+            raise KunlunError(f"{source}: unknown section(s) {sorted(unknown)}; expected data, train, model, precision")
         model = dict(raw.get("model") or {})
         model.setdefault("name", "kunlun")
         cfg = cls(
             data=dataclass_from_dict(DataConfig, raw.get("data") or {}, "data"),
             train=dataclass_from_dict(TrainConfig, raw.get("train") or {}, "train"),
             model=model,
+            precision=dataclass_from_dict(PrecisionConfig, raw.get("precision") or {}, "precision"),
         )
         cfg.data.validate()
         cfg.train.validate()
+        cfg.precision.validate()
         return cfg
 
 

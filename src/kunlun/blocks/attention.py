@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.common import activation, linear_flops
+from kunlun.formats.gemm import matmul
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -66,10 +67,10 @@ def gdpa(
     key_mask: [B, Lk] bool or None → [B, H, Lq, dh]. ``scale`` defaults to 1/√dh.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    a = head_activation(q @ k.transpose(-1, -2), act) * scale
+    a = head_activation(matmul(q, k.transpose(-1, -2)), act) * scale
     if key_mask is not None:
         a = a * key_mask[:, None, None, :].to(a.dtype)
-    return a @ v
+    return matmul(a, v)  # plain a @ v unless an emulated low-precision policy is active
 
 
 class MultiHeadAttention(nn.Module):

@@ -27,6 +27,7 @@ from kunlun.config import Config, TrainConfig
 from kunlun.data.batches import Batch, Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
+from kunlun.formats.gemm import apply_precision
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
 from kunlun.runs import environment
@@ -125,8 +126,14 @@ class TrainState:
 
 
 def build(cfg: Config, data: Prepared) -> RankingModel:
-    info = FeatureInfo.from_encoder(data.encoder(), cfg.data.max_seq_len)
-    return build_model(cfg.model, info)
+    return build_from_info(cfg, FeatureInfo.from_encoder(data.encoder(), cfg.data.max_seq_len))
+
+
+def build_from_info(cfg: Config, info: FeatureInfo) -> RankingModel:
+    """The model of ``cfg``, with its emulated low-precision GEMMs (none for fp32) — for training and for reloading."""
+    model = build_model(cfg.model, info)
+    apply_precision(model, cfg.precision, cfg.train.seed)
+    return model
 
 
 class Trainer:
