@@ -220,3 +220,18 @@ def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
         t.train_epoch(1)
     after = load_file(str(last / "model.safetensors"))
     assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_formats_benchmark_spec_errors(tmp_path):
+    from kunlun.bench.formats import load_formats_spec, variants
+    from kunlun.errors import KunlunError
+
+    spec = tmp_path / "f.yaml"
+    spec.write_text("datasets: [ml-100k]\nseeds: [0]\nmodel: kunlun\nformats: [hif4, mxfp4]\n")
+    with pytest.raises(KunlunError, match="must include bf16"):
+        load_formats_spec(spec)
+    spec.write_text("datasets: [ml-100k]\nseeds: [0]\nmodel: kunlun\nformats: [bf16, fp3]\n")
+    with pytest.raises(KunlunError, match="unknown format 'fp3'"):
+        load_formats_spec(spec)
+    v = variants({"formats": ["bf16", "hif4"], "variant_formats": ["hif4"], "variants": {"rht": ["precision.rht=true"]}})
+    assert v["hif4+rht"] == ("hif4", ["precision.format=hif4", "precision.rht=true"]) and set(v) == {"bf16", "hif4", "hif4+rht"}

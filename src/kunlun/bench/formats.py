@@ -1,0 +1,125 @@
+"""Low-precision benchmark: the same config trained in each number format × seed × dataset; relative NE vs
+BF16 (paired by seed), with and without RHT / stochastic rounding; and each format's quantization error on
+the real weight and activation tensors of a trained model.
+
+Spec: ``configs/formats.yaml``. Points are ordinary run records under ``<out>/runs/<dataset>/<variant>/seed<k>``
+and are reused when complete, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kunlun.bench.quality import run_point
+from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml
+from kunlun.data.batches import Batcher
+from kunlun.data.registry import prepare_dataset
+from kunlun.errors import KunlunError
+from kunlun.formats.gemm import PRECISIONS
+from kunlun.formats.quantize import quantize
+from kunlun.runs import environment
+from kunlun.training.checkpoint import atomic_write_text, load_weights
+from kunlun.training.trainer import build, log
+
+
+def load_formats_spec(path: Path | None) -> dict[str, Any]:
+    path = Path(path or DEFAULT_CONFIG_DIR / "formats.yaml")
+    spec = read_yaml(path)
+    for key in ("datasets", "seeds", "model", "formats"):
+        if key not in spec:
+            raise KunlunError(f"{path}: missing key {key!r}")
+    bad = [f for f in spec["formats"] if f not in PRECISIONS]
+    if bad:
+        raise KunlunError(f"{path}: unknown format {bad[0]!r}; known: {', '.join(PRECISIONS)}")
+    if "bf16" not in spec["formats"]:
+        raise KunlunError(f"{path}: formats must include bf16 (the baseline of relative NE)")
+    return spec
+
+
+def variants(spec: dict) -> dict[str, tuple[str, list[str]]]:
+    """name → (format, overrides): every format plain, then each recipe variant for the listed formats."""
+    out = {f: (f, [f"precision.format={f}"]) for f in spec["formats"]}
+    for vname, extra in (spec.get("variants") or {}).items():
+        for f in spec.get("variant_formats") or []:
+            out[f"{f}+{vname}"] = (f, [f"precision.format={f}", *extra])
+    return out
+
+
+@torch.no_grad()
+def tensor_errors(run_dir: Path, data, cfg_overrides, formats: list[str], batch_size: int = 512) -> dict[str, dict[str, float]]:
+    """Relative MSE ‖Q(x) − x‖² / ‖x‖² of each format on a trained model's Linear weights and inputs (one valid batch)."""
+    from kunlun.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    model = build(cfg, data)
+    load_weights(run_dir / "checkpoints" / "best", model)
+    model.eval()
+    weights, acts = [], []
+    hooks = [m.register_forward_hook(lambda m, inp, out: acts.append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    model(next(Batcher(data, "valid", cfg.data.max_seq_len).iterate(batch_size)))
+    for h in hooks:
+        h.remove()
+
+    def rel(ts, fmt):
+        num = sum(float(((quantize(t, fmt) - t) ** 2).sum()) for t in ts)
+        return num / sum(float((t ** 2).sum()) for t in ts)
+
+    return {f: {"weights": rel(weights, f), "activations": rel(acts, f)} for f in formats if f != "fp32"}
+
+
+def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[str, Any]:
+    results: dict[str, Any] = {"environment": environment(), "spec": spec, "results": {}}
+    vs = variants(spec)
+    for dataset in spec["datasets"]:
+        data = prepare_dataset(dataset, data_dir, log=log)
+        split = "test" if "test" in data.splits else "valid"
+        finals = {}
+        for name, (_, overrides) in vs.items():
+            finals[name] = [run_point(dataset, data, spec["model"], list(spec.get("overrides") or []) + overrides, s,
+                                      out / "runs" / dataset / name / f"seed{s}", data_dir, threads) for s in spec["seeds"]]
+        base = np.array([f["metrics"][split]["ne"] for f in finals["bf16"]])
+        rows = {}
+        for name, fs in finals.items():
+            ne = np.array([f["metrics"][split]["ne"] for f in fs])
+            rel = 100 * (ne - base) / base  # paired by seed
+            rows[name] = {"format": vs[name][0], "overrides": vs[name][1], "ne": {"mean": float(ne.mean()), "std": _std(ne), "values": ne.tolist()},
+                          "rel_ne_pct": {"mean": float(rel.mean()), "std": _std(rel), "values": rel.tolist()},
+                          "train_examples_per_s": float(np.median([f["train_examples_per_s"] for f in fs]))}
+        errors = tensor_errors(out / "runs" / dataset / "bf16" / f"seed{spec['seeds'][0]}", data, spec.get("overrides"), spec["formats"])
+        results["results"][dataset] = {"split": split, "rows": rows, "tensor_errors": errors}
+        write_formats(results, out)
+    return results
+
+
+def _std(v: np.ndarray) -> float:
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def formats_markdown(results: dict) -> str:
+    lines = []
+    for dataset, r in results["results"].items():
+        lines += [f"### {dataset} ({r['split']} NE, seeds {results['spec']['seeds']})", "",
+                  "| format / recipe | NE | relative NE vs BF16 % | train ex/s | weight rel. MSE | activation rel. MSE |",
+                  "|---|---|---|---|---|---|"]
+        for name, row in r["rows"].items():
+            err = r["tensor_errors"].get(name, {})
+            lines.append(f"| {name} | {row['ne']['mean']:.4f} ± {row['ne']['std']:.4f} | {row['rel_ne_pct']['mean']:+.2f} ± "
+                         f"{row['rel_ne_pct']['std']:.2f} | {row['train_examples_per_s']:,.0f} | "
+                         + (f"{err['weights']:.2e} | {err['activations']:.2e} |" if err else "| |"))
+        lines.append("")
+    lines.append("Relative NE is paired by seed: (NE_fmt − NE_bf16) / NE_bf16. Tensor errors: ‖Q(x) − x‖² / ‖x‖² over all Linear "
+                 "weights and over the Linear inputs of one validation batch of the BF16-trained model.")
+    return "\n".join(lines) + "\n"
+
+
+def write_formats(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "formats.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "formats.md", formats_markdown(results))
