@@ -420,7 +420,7 @@ def ablation(spec, out, data_dir, seeds, threads, as_json):
 @click.option("--no-variants", is_flag=True, help="Skip the RHT / stochastic-rounding recipe variants.")
 def formats_cmd(spec, out, data_dir, seeds, threads, as_json, datasets, formats_, no_variants):
     """Train in every number format × seed × dataset: relative NE vs BF16, recipes, tensor quantization errors."""
-    from kunlun.bench.formats import formats_markdown, load_formats_spec, run_formats
+    from kunlun.bench.formats import check_formats, formats_markdown, load_formats_spec, run_formats
 
     s = load_formats_spec(spec)
     if seeds:
@@ -429,22 +429,11 @@ def formats_cmd(spec, out, data_dir, seeds, threads, as_json, datasets, formats_
         s["datasets"] = datasets.split(",")
     if formats_:
         s["formats"] = formats_.split(",")
-        s = load_formats_spec_checked(s)
+        check_formats(s, "--formats")
     if no_variants:
         s["variants"] = {}
     results = run_formats(s, out, data_dir, threads)
     emit_json(results["results"]) if as_json else click.echo(formats_markdown(results))
-
-
-def load_formats_spec_checked(s: dict) -> dict:
-    from kunlun.formats.gemm import PRECISIONS
-
-    bad = [f for f in s["formats"] if f not in PRECISIONS]
-    if bad:
-        raise KunlunError(f"--formats: unknown format {bad[0]!r}; known: {', '.join(PRECISIONS)}")
-    if "bf16" not in s["formats"]:
-        raise KunlunError("--formats: include bf16, the baseline of relative NE")
-    return s
 
 
 # ---------------------------------------------------------------------------------------- scaling

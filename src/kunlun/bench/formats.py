@@ -8,14 +8,13 @@ and are reused when complete, so an interrupted benchmark continues where it sto
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kunlun.bench.quality import run_point
+from kunlun.bench.quality import run_point, write_tables
 from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
@@ -23,7 +22,7 @@ from kunlun.errors import KunlunError
 from kunlun.formats.gemm import PRECISIONS
 from kunlun.formats.quantize import quantize
 from kunlun.runs import environment
-from kunlun.training.checkpoint import atomic_write_text, load_weights
+from kunlun.training.checkpoint import load_weights
 from kunlun.training.trainer import build, log
 
 
@@ -33,11 +32,16 @@ def load_formats_spec(path: Path | None) -> dict[str, Any]:
     for key in ("datasets", "seeds", "model", "formats"):
         if key not in spec:
             raise KunlunError(f"{path}: missing key {key!r}")
+    return check_formats(spec, str(path))
+
+
+def check_formats(spec: dict, where: str) -> dict:
+    """Every format known, and bf16 (the baseline of relative NE) among them."""
     bad = [f for f in spec["formats"] if f not in PRECISIONS]
     if bad:
-        raise KunlunError(f"{path}: unknown format {bad[0]!r}; known: {', '.join(PRECISIONS)}")
+        raise KunlunError(f"{where}: unknown format {bad[0]!r}; known: {', '.join(PRECISIONS)}")
     if "bf16" not in spec["formats"]:
-        raise KunlunError(f"{path}: formats must include bf16 (the baseline of relative NE)")
+        raise KunlunError(f"{where}: formats must include bf16 (the baseline of relative NE)")
     return spec
 
 
@@ -120,6 +124,4 @@ def formats_markdown(results: dict) -> str:
 
 
 def write_formats(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "formats.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "formats.md", formats_markdown(results))
+    write_tables(out, "formats", results, formats_markdown(results))

@@ -108,10 +108,15 @@ def quality_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_quality(results: dict, out: Path) -> None:
+def write_tables(out: Path, stem: str, results: dict, markdown: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` in ``out``, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "quality.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "quality.md", quality_markdown(results))
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=1))
+    atomic_write_text(out / f"{stem}.md", markdown)
+
+
+def write_quality(results: dict, out: Path) -> None:
+    write_tables(out, "quality", results, quality_markdown(results))
 
 
 # ------------------------------------------------------------------------------------------ ablation
@@ -143,9 +148,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict
             "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
         }
     result = {"environment": environment(), "dataset": dataset, "split": split, "seeds": spec["seeds"], "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "ablation.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "ablation.md", ablation_markdown(result))
+    write_tables(out, "ablation", result, ablation_markdown(result))
     return result
 
 
