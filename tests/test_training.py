@@ -127,6 +127,24 @@ def test_embedding_weight_decay_shrinks_unused_rows(tmp_path):
     assert torch.allclose(table[2:], before[2:] * (1 - 0.1 * 0.5))
 
 
+def test_embedding_l2_is_a_coupled_penalty_on_every_row(tmp_path):
+    from kunlun.training.trainer import make_optimizers
+
+    cfg = tiny("train.embedding_l2=0.05", "train.embedding_lr=0.1")
+    t = Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path / "r", progress=False, logger=lambda m: None)
+    table = t.model.inputs.tables["user"].weight
+    before = table.detach().clone()
+    emb_opt = make_optimizers(t.model, cfg.train)[-1]
+    table.grad = torch.zeros_like(table)  # no data gradient: the penalty gradient λ·E is all Adam sees
+    emb_opt.step()
+    # Adam's first step is lr · g / |g| per element: every nonzero element moves lr toward 0
+    moved = before - table.detach()
+    nz = before.abs() > 1e-3  # tiny entries: Adam's eps (1e-8) is not negligible next to λ·E
+    assert torch.allclose(moved[nz], 0.1 * torch.sign(before[nz]), atol=1e-4)
+    with pytest.raises(KunlunError, match="embedding_l2"):
+        make_optimizers(t.model, tiny("train.embedding_l2=0.05", "train.embedding_weight_decay=0.1").train)
+
+
 def test_single_value_for_a_list_key_and_bad_element_type():
     from kunlun.models import model_config
 

@@ -44,6 +44,7 @@ class TrainConfig:
     embedding_optimizer: str = "adam"  # adam | adagrad | sgd, for embedding tables
     embedding_lr: float = 1e-3
     embedding_weight_decay: float = 0.0  # decoupled weight decay on embedding tables (adam → AdamW); 0 = none
+    embedding_l2: float = 0.0  # L2 penalty λ/2·‖E‖² on whole embedding tables (gradient λ·E on every row, every step)
     warmup_steps: int = 200
     schedule: str = "cosine"  # cosine | linear | constant, after warm-up
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -62,8 +63,9 @@ class TrainConfig:
         for key in ["lr", "embedding_lr"]:
             if not getattr(self, key) > 0:
                 raise KunlunError(f"config key train.{key}: expected a positive learning rate, got {getattr(self, key)}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.embedding_weight_decay < 0:
-            raise KunlunError("config keys train.weight_decay, train.embedding_weight_decay and train.grad_clip must be >= 0")
+        if min(self.weight_decay, self.grad_clip, self.embedding_weight_decay, self.embedding_l2) < 0:
+            raise KunlunError("config keys train.weight_decay, train.embedding_weight_decay, train.embedding_l2 and "
+                              "train.grad_clip must be >= 0")
         if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
             raise KunlunError(
                 f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"

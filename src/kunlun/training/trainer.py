@@ -63,20 +63,28 @@ def set_seed(seed: int) -> None:
 
 
 def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables, with optional weight decay
-    (decoupled, AdamW, for ``adam``; the optimizer's L2 term otherwise)."""
+    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables.
+
+    Embedding regularisation: ``embedding_l2`` adds λ·E to every row's gradient each step (the optimizer's
+    coupled L2 term, i.e. a λ/2·‖E‖² penalty on the whole table, as FuxiCTR's ``embedding_regularizer``
+    used for the BARS baselines); ``embedding_weight_decay`` is decoupled decay (AdamW) for ``adam``.
+    """
     opts: list[torch.optim.Optimizer] = []
     dense = [p for p in model.dense_parameters() if p.requires_grad]
     if dense:
         opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
     emb = model.embedding_parameters()
     if emb:
-        wd = t.embedding_weight_decay
+        wd, l2 = t.embedding_weight_decay, t.embedding_l2
         if t.embedding_optimizer == "adam":
-            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd else torch.optim.Adam(emb, lr=t.embedding_lr))
+            if wd and l2:
+                raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
+                                  "with train.embedding_optimizer=adam")
+            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd
+                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2))
         else:
             cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
-            opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd))
+            opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))
     return opts
 
 
