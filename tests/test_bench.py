@@ -69,3 +69,18 @@ def test_spec_with_unknown_model(tmp_path):
     p.write_text("datasets: [ml-100k]\nseeds: [0]\nmodels: {gpt: []}\n")
     with pytest.raises(KunlunError, match="unknown model 'gpt'"):
         load_spec(p)
+
+
+def test_dataset_overrides_come_first_and_must_name_a_benchmarked_dataset(tmp_path):
+    from kunlun.bench.quality import point_overrides
+
+    p = tmp_path / "s.yaml"
+    p.write_text("datasets: [frappe_x1]\nseeds: [0]\nmodels: {dnn: [train.epochs=3], wukong: []}\n"
+                 "dataset_overrides: {frappe_x1: [train.embedding_l2=0.01, train.epochs=20]}\n")
+    spec = load_spec(p)
+    # the model's own key is applied last, so it wins over the dataset recipe
+    assert point_overrides(spec, "frappe_x1", "dnn") == ["train.embedding_l2=0.01", "train.epochs=20", "train.epochs=3"]
+    assert point_overrides(spec, "frappe_x1", "wukong") == ["train.embedding_l2=0.01", "train.epochs=20"]
+    p.write_text("datasets: [ml-100k]\nseeds: [0]\nmodels: {dnn: []}\ndataset_overrides: {frapee_x1: [train.epochs=2]}\n")
+    with pytest.raises(KunlunError, match="dataset_overrides names 'frapee_x1'"):
+        load_spec(p)

@@ -37,7 +37,15 @@ def load_spec(path: Path | None) -> dict[str, Any]:
     unknown = [m for m in spec["models"] if m not in MODELS]
     if unknown:
         raise KunlunError(f"{path}: unknown model {unknown[0]!r}; known: {', '.join(sorted(MODELS))}")
+    extra = [d for d in spec.get("dataset_overrides") or {} if d not in spec["datasets"]]
+    if extra:
+        raise KunlunError(f"{path}: dataset_overrides names {extra[0]!r}, which is not among datasets {spec['datasets']}")
     return spec
+
+
+def point_overrides(spec: dict[str, Any], dataset: str, model: str) -> list[str]:
+    """The dataset's training recipe (``dataset_overrides``), then the model's own overrides (which win)."""
+    return list((spec.get("dataset_overrides") or {}).get(dataset) or []) + list(spec["models"].get(model) or [])
 
 
 def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, run_dir: Path, data_dir, threads: int) -> dict:
@@ -74,11 +82,12 @@ def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
     for dataset in spec["datasets"]:
         data = prepare_dataset(dataset, data_dir, log=log)
         table = results["results"].setdefault(dataset, {})
-        for model, overrides in spec["models"].items():
+        for model in spec["models"]:
             if MODELS[model].cls.requires_sequence and not data.schema.sequences:
                 table[model] = {"skipped": "needs a behaviour sequence; the dataset has none"}
                 continue
-            finals = [run_point(dataset, data, model, list(overrides or []), s, out / "runs" / dataset / model / f"seed{s}", data_dir, threads)
+            overrides = point_overrides(spec, dataset, model)
+            finals = [run_point(dataset, data, model, overrides, s, out / "runs" / dataset / model / f"seed{s}", data_dir, threads)
                       for s in spec["seeds"]]
             table[model] = summarise(finals)
             write_quality(results, out)  # tables stay current while the benchmark runs
@@ -126,7 +135,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict
     dataset = ab.get("dataset", "ml-100k")
     variants = {"full": [], **(ab.get("variants") or {})}
     data = prepare_dataset(dataset, data_dir, log=log)
-    base = list(spec["models"].get("kunlun") or [])
+    base = point_overrides(spec, dataset, "kunlun")
     finals = {}
     for name, overrides in variants.items():
         finals[name] = [run_point(dataset, data, "kunlun", base + list(overrides), s, out / "runs" / dataset / f"kunlun-{name}" / f"seed{s}",
