@@ -235,3 +235,22 @@ def test_formats_benchmark_spec_errors(tmp_path):
         load_formats_spec(spec)
     v = variants({"formats": ["bf16", "hif4"], "variant_formats": ["hif4"], "variants": {"rht": ["precision.rht=true"]}})
     assert v["hif4+rht"] == ("hif4", ["precision.format=hif4", "precision.rht=true"]) and set(v) == {"bf16", "hif4", "hif4+rht"}
+
+
+def test_hif4_head_to_head_is_paired_by_seed():
+    from scipy.stats import t as student_t
+
+    from kunlun.bench.formats import head_to_head
+
+    def row(fmt, rel):
+        return {"format": fmt, "rel_ne_pct": {"values": rel}}
+
+    rows = {"bf16": row("bf16", [0.0, 0.0, 0.0]), "hif4": row("hif4", [0.5, 0.6, 0.4]), "mxfp4": row("mxfp4", [1.0, 1.2, 0.8]),
+            "fp8_e4m3": row("fp8_e4m3", [0.1, 0.1, 0.2]), "hif4+rht": row("hif4", [0.6, 0.5, 0.4])}
+    h = head_to_head(rows, "hif4")
+    assert set(h) == {"mxfp4", "hif4+rht"}  # only 4-bit rivals
+    d = h["mxfp4"]["delta_pct"]
+    assert d["mean"] == pytest.approx(-0.5) and d["std"] == pytest.approx(0.1)
+    # paired t: mean / (std / sqrt(n)) with n − 1 degrees of freedom
+    assert h["mxfp4"]["p_value"] == pytest.approx(2 * student_t.sf(0.5 / (0.1 / 3 ** 0.5), 2))
+    assert head_to_head({"bf16": rows["bf16"]}, "hif4") == {}

@@ -97,9 +97,27 @@ def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
                           "rel_ne_pct": {"mean": float(rel.mean()), "std": _std(rel), "values": rel.tolist()},
                           "train_examples_per_s": float(np.median([f["train_examples_per_s"] for f in fs]))}
         errors = tensor_errors(out / "runs" / dataset / "bf16" / f"seed{spec['seeds'][0]}", data, spec.get("overrides"), spec["formats"])
-        results["results"][dataset] = {"split": split, "rows": rows, "tensor_errors": errors}
+        results["results"][dataset] = {"split": split, "rows": rows, "tensor_errors": errors, "hif4_vs": head_to_head(rows, "hif4")}
         write_formats(results, out)
     return results
+
+
+def head_to_head(rows: dict[str, Any], ref: str) -> dict[str, Any]:
+    """``ref`` against every other 4-bit format, paired by seed: Δ = rel. NE(ref) − rel. NE(other) in % of BF16's NE
+    (negative: ``ref`` is better), with a two-sided paired t-test — with 3 seeds only a large, consistent gap counts."""
+    from scipy.stats import ttest_rel
+
+    if ref not in rows:
+        return {}
+    out = {}
+    for name, row in rows.items():
+        if name == ref or row["format"] not in ("mxfp4", "nvfp4", "hif4"):
+            continue
+        a, b = np.array(rows[ref]["rel_ne_pct"]["values"]), np.array(row["rel_ne_pct"]["values"])
+        d = a - b
+        p = float(ttest_rel(a, b).pvalue) if len(d) > 1 and d.std() > 0 else float("nan")
+        out[name] = {"delta_pct": {"mean": float(d.mean()), "std": _std(d), "values": d.tolist()}, "p_value": p}
+    return out
 
 
 def _std(v: np.ndarray) -> float:
@@ -117,6 +135,11 @@ def formats_markdown(results: dict) -> str:
             lines.append(f"| {name} | {row['ne']['mean']:.4f} ± {row['ne']['std']:.4f} | {row['rel_ne_pct']['mean']:+.2f} ± "
                          f"{row['rel_ne_pct']['std']:.2f} | {row['train_examples_per_s']:,.0f} | "
                          + (f"{err['weights']:.2e} | {err['activations']:.2e} |" if err else "| |"))
+        if r.get("hif4_vs"):
+            lines += ["", "HiF4 against the other 4-bit formats (paired by seed; Δ < 0: HiF4 better):", "",
+                      "| vs | Δ relative NE, % of BF16 NE | paired t-test p |", "|---|---|---|"]
+            lines += [f"| {name} | {c['delta_pct']['mean']:+.2f} ± {c['delta_pct']['std']:.2f} | {c['p_value']:.3f} |"
+                      for name, c in r["hif4_vs"].items()]
         lines.append("")
     lines.append("Relative NE is paired by seed: (NE_fmt − NE_bf16) / NE_bf16. Tensor errors: ‖Q(x) − x‖² / ‖x‖² over all Linear "
                  "weights and over the Linear inputs of one validation batch of the BF16-trained model.")
