@@ -164,6 +164,25 @@ def test_emulated_linear_matches_reference_quantized_gemms():
     assert torch.equal(layer.weight.grad, quantize(g.T, "mxfp4") @ quantize(x.detach(), "mxfp4", axis=0))
 
 
+def test_emulated_matmul_quantizes_all_three_gemms_and_broadcasts():
+    from kunlun.formats.gemm import PrecisionConfig, Policy, active, matmul
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 40, requires_grad=True)  # a learned [T, N] map shared by the batch (as LCE's)
+    x = torch.randn(3, 40, 24, requires_grad=True)  # [B, N, D]
+    with active(Policy(PrecisionConfig(format="hif4"))):
+        y = matmul(w, x, ("weights", "activations"))
+    q = lambda t, axis: quantize(t.detach(), "hif4", axis)  # noqa: E731
+    assert torch.equal(y.detach(), q(w, -1) @ q(x, -2))
+    g = torch.randn(3, 6, 24)
+    y.backward(g)
+    # dW = Σ_b dY_b · X_bᵀ (reduction over D), dX = Wᵀ · dY (reduction over T), each operand quantized along its reduction axis
+    assert torch.equal(w.grad, (q(g, -1) @ q(x, -1).transpose(-1, -2)).sum(0))
+    assert torch.equal(x.grad, q(w, -2).transpose(-1, -2) @ q(g, -2))
+    plain = torch.randn(2, 5, 7) @ torch.randn(7, 3)
+    assert matmul(torch.ones(2, 5, 7), torch.ones(7, 3)).shape == plain.shape  # no policy: plain a @ b
+
+
 def test_rht_keeps_the_product_and_first_last_stay_high_precision():
     net, swapped = emulated("bf16", rht=True)
     assert swapped == [False, False, True, False]  # first and last Linear kept in FP32

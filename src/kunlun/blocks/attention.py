@@ -70,7 +70,7 @@ def gdpa(
     a = head_activation(matmul(q, k.transpose(-1, -2)), act) * scale
     if key_mask is not None:
         a = a * key_mask[:, None, None, :].to(a.dtype)
-    return matmul(a, v)  # plain a @ v unless an emulated low-precision policy is active
+    return matmul(a, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -98,13 +98,13 @@ class MultiHeadAttention(nn.Module):
             q, k = rotary(q, tau, self.rotary_base), rotary(k, tau, self.rotary_base)
         if self.banded(query.shape[-2], kv.shape[1]):
             return self.o(merge_heads(self._banded(q, k, v, key_mask)))
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.dim // self.heads)  # [B, H, Lq, Lk]
+        scores = matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dim // self.heads)  # [B, H, Lq, Lk]
         visible = key_mask[:, None, None, :]
         if self.window:
             visible = visible & window_mask(kv.shape[1], self.window, kv.device)
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         attn = torch.softmax(scores, dim=-1) * visible.to(scores.dtype)
-        return self.o(merge_heads(attn @ v))
+        return self.o(merge_heads(matmul(attn, v)))
 
     def banded(self, lq: int, lk: int) -> bool:
         """Sliding-window self-attention computes only the band when the band is narrower than L."""
@@ -118,10 +118,10 @@ class MultiHeadAttention(nn.Module):
         kw = nn.functional.pad(k, (0, 0, w, w)).unfold(2, width, 1)  # [B, H, L, dh, 2W+1]
         vw = nn.functional.pad(v, (0, 0, w, w)).unfold(2, width, 1)
         mw = nn.functional.pad(key_mask, (w, w)).unfold(1, width, 1)[:, None]  # [B, 1, L, 2W+1]
-        scores = torch.einsum("bhld,bhldw->bhlw", q, kw) / math.sqrt(q.shape[-1])
+        scores = matmul(q.unsqueeze(-2), kw).squeeze(-2) / math.sqrt(q.shape[-1])  # [B, H, L, 2W+1]
         scores = scores.masked_fill(~mw, torch.finfo(scores.dtype).min)
         attn = torch.softmax(scores, dim=-1) * mw.to(scores.dtype)
-        return torch.einsum("bhlw,bhldw->bhld", attn, vw)
+        return matmul(attn.unsqueeze(-2), vw.transpose(-1, -2)).squeeze(-2)
 
     def flops(self, lq: int, lk: int) -> int:
         f = linear_flops(lk, self.dim, 2 * self.dim) + linear_flops(lq, self.dim, self.dim)  # k, v, o

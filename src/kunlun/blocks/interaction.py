@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.common import linear_flops
+from kunlun.formats.gemm import matmul
 
 
 class CrossNetV2(nn.Module):
@@ -61,7 +62,7 @@ class TargetAttention(nn.Module):
         for layer, act in zip(self.layers, self.acts):
             h = act(layer(h))
         w = self.out(h).squeeze(-1) * mask.to(history.dtype)  # [B, L]
-        return torch.einsum("bl,bld->bd", w, history)
+        return matmul(w.unsqueeze(1), history).squeeze(1)
 
     def flops(self, length: int) -> int:
         mlp = sum(linear_flops(length, a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))

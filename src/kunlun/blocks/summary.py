@@ -17,6 +17,7 @@ from torch import nn
 
 from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.common import MLP, linear_flops
+from kunlun.formats.gemm import matmul
 
 
 class LinearCompress(nn.Module):
@@ -28,7 +29,7 @@ class LinearCompress(nn.Module):
         self.n_in, self.n_out = n_in, n_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("tn,bnd->btd", self.weight, x)
+        return matmul(self.weight, x, ("weights", "activations"))
 
     def flops(self, dim: int) -> int:
         return 2 * self.n_out * self.n_in * dim
@@ -67,8 +68,11 @@ class SumKronLinear(nn.Module):
         self.n_in, self.n_out, self.dim, self.rank = n_in, n_out, dim, rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zx = torch.einsum("kst,bsd->bktd", self.z, x)
-        return torch.einsum("bktd,kde->bte", zx, self.w)
+        b, k = x.shape[0], self.rank
+        zx = matmul(self.z.transpose(1, 2), x.unsqueeze(1), ("weights", "activations"))  # Z_iᵀ·X_b: [B, k, T, D]
+        # Σ_i (Z_iᵀ X_b) W_i is one GEMM with reduction over (i, d): [B, T, k·D] · [k·D, D]
+        return matmul(zx.transpose(1, 2).reshape(b, self.n_out, k * self.dim), self.w.reshape(k * self.dim, self.dim),
+                      ("activations", "weights"))
 
     def flops(self) -> int:
         return 2 * self.rank * self.n_out * (self.n_in * self.dim + self.dim * self.dim)

@@ -15,6 +15,7 @@ from torch import nn
 
 from kunlun.blocks.common import MLP
 from kunlun.blocks.summary import LinearCompress
+from kunlun.formats.gemm import matmul
 
 
 class WukongLayer(nn.Module):
@@ -33,8 +34,8 @@ class WukongLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        xtp = torch.einsum("bnd,nr->bdr", x, self.proj)  # Xᵀ·P
-        fm = torch.einsum("bnd,bdr->bnr", x, xtp)  # X·(Xᵀ·P): [B, N, r]
+        xtp = matmul(x.transpose(1, 2), self.proj, ("activations", "weights"))  # Xᵀ·P: [B, D, r]
+        fm = matmul(x, xtp)  # X·(Xᵀ·P): [B, N, r]
         fmb = self.fm_mlp(self.fm_norm(fm.reshape(b, -1))).reshape(b, self.n_fmb, self.dim)
         out = torch.cat([fmb, self.lcb(x)], dim=1) if self.lcb is not None else fmb
         res = self.residual(x) if self.residual is not None else x

@@ -9,9 +9,11 @@ quantize their operands along each GEMM's reduction axis, per tensor role:
 
 Optional: a blockwise random Hadamard rotation R of both operands along the reduction axis
 ((A R)(B R)ᵀ = A Bᵀ, so only the quantization error changes) and stochastic rounding of gradients.
-The per-sample GEMMs of GDPA / attention go through ``matmul`` below, which fake-quantizes both forward
-operands (straight-through gradient) while a policy is active. Embedding lookups are not GEMMs and stay
-FP32; the first and last Linear layers stay FP32 unless configured otherwise.
+The model's other GEMMs — attention and GDPA products, token compressions (LCE, SumKron), Wukong's FM,
+DIN's pooling, InterFormer's PFFN and dot interaction — go through ``matmul`` below, which emulates the same
+three GEMMs while a policy is active (learned operands in the weights role, the rest as activations).
+Embedding lookups are not GEMMs and stay FP32; the first and last Linear layers stay FP32 unless configured
+otherwise.
 """
 
 from __future__ import annotations
@@ -121,11 +123,33 @@ def _set_active(policy: Policy | None) -> None:
     _ACTIVE = policy
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b; inside ``active(policy)`` both operands are fake-quantized along the contracted axis (activations role)."""
+class _EmulatedMatmul(torch.autograd.Function):
+    """a [..., M, K] @ b [..., K, N] (broadcasting batch dims) with all three GEMMs emulated, as for Linear."""
+
+    @staticmethod
+    def forward(ctx, a, b, policy, role_a, role_b):
+        ctx.save_for_backward(a, b)
+        ctx.policy, ctx.roles = policy, (role_a, role_b)
+        return policy.q(a, role_a, -1) @ policy.q(b, role_b, -2)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        p, (ra, rb) = ctx.policy, ctx.roles
+        da = db = None
+        if ctx.needs_input_grad[0]:  # dA = dY · Bᵀ, reduction over N
+            da = (p.q(g, "gradients", -1) @ p.q(b, rb, -1).transpose(-1, -2)).sum_to_size(a.shape)
+        if ctx.needs_input_grad[1]:  # dB = Aᵀ · dY, reduction over M
+            db = (p.q(a, ra, -2).transpose(-1, -2) @ p.q(g, "gradients", -2)).sum_to_size(b.shape)
+        return da, db, None, None, None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, roles: tuple[str, str] = ("activations", "activations")) -> torch.Tensor:
+    """a @ b for the model's non-Linear GEMMs (attention, GDPA, token compressions, FM). Inside ``active(policy)``
+    the forward and both backward GEMMs quantize their operands along each GEMM's reduction axis, per role."""
     if _ACTIVE is None:
         return a @ b
-    return _ACTIVE.q(a, "activations", -1) @ _ACTIVE.q(b, "activations", -2)
+    return _EmulatedMatmul.apply(a.float(), b.float(), _ACTIVE, *roles)
 
 
 def apply_precision(model: nn.Module, cfg: PrecisionConfig, seed: int = 0) -> Policy | None:

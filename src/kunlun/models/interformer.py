@@ -31,6 +31,7 @@ from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import CrossNetV2
 from kunlun.blocks.summary import NonSequenceSummary, SeedPooling
 from kunlun.data.batches import Batch
+from kunlun.formats.gemm import matmul
 from kunlun.models.base import RankingModel, register
 from kunlun.models.base_config import check_dropout, check_heads, check_positive
 
@@ -73,7 +74,7 @@ class PersonalizedFFN(nn.Module):
 
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         w = self.generate(x_sum.flatten(1)).view(-1, self.dim, self.dim)
-        return (s + torch.bmm(s, w)) * mask.unsqueeze(-1)
+        return (s + matmul(s, w)) * mask.unsqueeze(-1)
 
     def flops(self, length: int) -> int:
         return linear_flops(1, self.tokens * self.dim, self.dim * self.dim) + linear_flops(length, self.dim, self.dim)
@@ -112,7 +113,7 @@ class DHENInteraction(nn.Module):
 
     def forward(self, x: torch.Tensor, s_sum: torch.Tensor) -> torch.Tensor:
         z = torch.cat([x, s_sum], dim=1)
-        dots = (z @ z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
+        dots = matmul(z, z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
         mixed = self.combine(torch.cat([dots, self.cross(z.flatten(1))], dim=1))
         return self.norm(x + mixed.view(-1, self.n, self.dim))
 
