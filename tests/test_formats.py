@@ -165,7 +165,7 @@ def test_emulated_linear_matches_reference_quantized_gemms():
 
 
 def test_emulated_matmul_quantizes_all_three_gemms_and_broadcasts():
-    from kunlun.formats.gemm import PrecisionConfig, Policy, active, matmul
+    from kunlun.formats.gemm import Policy, PrecisionConfig, active, matmul
 
     torch.manual_seed(0)
     w = torch.randn(6, 40, requires_grad=True)  # a learned [T, N] map shared by the batch (as LCE's)
