@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kunlun.bench.quality import run_point, write_tables
+from kunlun.bench.quality import fmt, run_point, stat_cell, write_tables
 from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
@@ -93,8 +93,8 @@ def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
         for name, fs in finals.items():
             ne = np.array([f["metrics"][split]["ne"] for f in fs])
             rel = 100 * (ne - base) / base  # paired by seed
-            rows[name] = {"format": vs[name][0], "overrides": vs[name][1], "ne": {"mean": float(ne.mean()), "std": _std(ne), "values": ne.tolist()},
-                          "rel_ne_pct": {"mean": float(rel.mean()), "std": _std(rel), "values": rel.tolist()},
+            rows[name] = {"format": vs[name][0], "overrides": vs[name][1], "ne": stat_cell(ne),
+                          "rel_ne_pct": stat_cell(rel),
                           "train_examples_per_s": float(np.median([f["train_examples_per_s"] for f in fs]))}
         errors = tensor_errors(out / "runs" / dataset / "bf16" / f"seed{spec['seeds'][0]}", data, spec.get("overrides"), spec["formats"])
         results["results"][dataset] = {"split": split, "rows": rows, "tensor_errors": errors, "hif4_vs": head_to_head(rows, "hif4")}
@@ -116,12 +116,8 @@ def head_to_head(rows: dict[str, Any], ref: str) -> dict[str, Any]:
         a, b = np.array(rows[ref]["rel_ne_pct"]["values"]), np.array(row["rel_ne_pct"]["values"])
         d = a - b
         p = float(ttest_rel(a, b).pvalue) if len(d) > 1 and d.std() > 0 else float("nan")
-        out[name] = {"delta_pct": {"mean": float(d.mean()), "std": _std(d), "values": d.tolist()}, "p_value": p}
+        out[name] = {"delta_pct": stat_cell(d), "p_value": p}
     return out
-
-
-def _std(v: np.ndarray) -> float:
-    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def formats_markdown(results: dict) -> str:
@@ -132,7 +128,7 @@ def formats_markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for name, row in r["rows"].items():
             err = r["tensor_errors"].get(name, {})
-            lines.append(f"| {name} | {row['ne']['mean']:.4f} ± {row['ne']['std']:.4f} | {row['rel_ne_pct']['mean']:+.2f} ± "
+            lines.append(f"| {name} | {fmt(row['ne'])} | {row['rel_ne_pct']['mean']:+.2f} ± "
                          f"{row['rel_ne_pct']['std']:.2f} | {row['train_examples_per_s']:,.0f} | "
                          + (f"{err['weights']:.2e} | {err['activations']:.2e} |" if err else "| |"))
         if r.get("hif4_vs"):

@@ -70,7 +70,7 @@ def summarise(finals: list[dict]) -> dict[str, Any]:
     row: dict[str, Any] = {"split": split, "seeds": len(finals)}
     for m in METRICS:
         vals = np.array([f["metrics"][split][m] for f in finals], dtype=float)
-        row[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, "values": vals.tolist()}
+        row[m] = stat_cell(vals)
     row["flops_per_example"] = finals[0]["flops_per_example"]
     row["parameters"] = finals[0]["parameters"]["total"]
     row["train_examples_per_s"] = float(np.median([f["train_examples_per_s"] for f in finals]))
@@ -92,6 +92,16 @@ def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
             table[model] = summarise(finals)
             write_quality(results, out)  # tables stay current while the benchmark runs
     return results
+
+
+def sample_std(v: np.ndarray) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def stat_cell(v: np.ndarray) -> dict[str, Any]:
+    """One table cell over seeds: mean, sample std and the per-seed values."""
+    return {"mean": float(v.mean()), "std": sample_std(v), "values": v.tolist()}
 
 
 def fmt(cell: dict, digits: int = 4) -> str:
@@ -150,7 +160,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict
         r = summarise(fs)
         rows[name] = {
             "overrides": variants[name], "ne": r["ne"],
-            "delta_ne_pct": {"mean": float(delta.mean()), "std": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0},
+            "delta_ne_pct": {"mean": float(delta.mean()), "std": sample_std(delta)},
             "flops_per_example": r["flops_per_example"],
             "delta_flops_pct": 100 * (r["flops_per_example"] / full["flops_per_example"] - 1),
             "train_examples_per_s": r["train_examples_per_s"],
