@@ -6,5 +6,8 @@ Data flow: ``data`` (adapters, cache, batches) → ``blocks`` → ``models`` →
 
 from kunlun.errors import KunlunError
 
-__version__ = "0.1.0"
+try:  # written by setuptools-scm at build time: 0.1.1.devN+g<commit>[.d<date> when built from a dirty tree]
+    from kunlun._version import __version__
+except ImportError:  # running from a source tree that was never built
+    __version__ = "0.1.0+unknown"
 __all__ = ["KunlunError", "__version__"]

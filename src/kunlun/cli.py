@@ -360,6 +360,8 @@ def _bench_options(f):
     f = click.option("--data-dir", help="Folder holding the dataset folders.")(f)
     f = click.option("--seeds", help="Comma-separated seeds (overrides the spec).")(f)
     f = click.option("--threads", type=int, default=0, help="torch threads per run (0: default).")(f)
+    f = click.option("--reuse-stale", is_flag=True,
+                     help="Keep finished runs of the same config trained by other code (their rows are marked stale).")(f)
     f = click.option("--json", "as_json", is_flag=True)(f)
     return f
 
@@ -387,11 +389,11 @@ def _spec(spec_path, seeds, datasets=None, models=None):
 @click.option("--models", help="Comma-separated models (overrides the spec).")
 @click.option("--check", type=click.Path(path_type=Path), help="Pinned expected NE (JSON): exit 1 if a model is worse.")
 @click.option("--pin", type=click.Path(path_type=Path), help="Write this run's mean NE (tolerance max(3σ, 0.005)) as pins.")
-def quality(spec, out, data_dir, seeds, threads, as_json, datasets, models, check, pin):
+def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, models, check, pin):
     """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
     from kunlun.bench.quality import check_expected, pin_expected, quality_markdown, run_quality
 
-    results = run_quality(_spec(spec, seeds, datasets, models), out, data_dir, threads)
+    results = run_quality(_spec(spec, seeds, datasets, models), out, data_dir, threads, reuse_stale)
     if pin:
         pin_expected(results, pin)
     emit_json(results["results"]) if as_json else click.echo(quality_markdown(results))
@@ -405,11 +407,11 @@ def quality(spec, out, data_dir, seeds, threads, as_json, datasets, models, chec
 
 @bench.command()
 @_bench_options
-def ablation(spec, out, data_dir, seeds, threads, as_json):
+def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json):
     """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model."""
     from kunlun.bench.quality import ablation_markdown, run_ablation
 
-    result = run_ablation(_spec(spec, seeds), out, data_dir, threads)
+    result = run_ablation(_spec(spec, seeds), out, data_dir, threads, reuse_stale)
     emit_json(result) if as_json else click.echo(ablation_markdown(result))
 
 
@@ -418,7 +420,7 @@ def ablation(spec, out, data_dir, seeds, threads, as_json):
 @click.option("--datasets", help="Comma-separated datasets (overrides the spec).")
 @click.option("--formats", "formats_", help="Comma-separated formats (overrides the spec; keep bf16, the baseline).")
 @click.option("--no-variants", is_flag=True, help="Skip the RHT / stochastic-rounding recipe variants.")
-def formats_cmd(spec, out, data_dir, seeds, threads, as_json, datasets, formats_, no_variants):
+def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, formats_, no_variants):
     """Train in every number format × seed × dataset: relative NE vs BF16, recipes, tensor quantization errors."""
     from kunlun.bench.formats import check_formats, formats_markdown, load_formats_spec, run_formats
 
@@ -432,7 +434,7 @@ def formats_cmd(spec, out, data_dir, seeds, threads, as_json, datasets, formats_
         check_formats(s, "--formats")
     if no_variants:
         s["variants"] = {}
-    results = run_formats(s, out, data_dir, threads)
+    results = run_formats(s, out, data_dir, threads, reuse_stale)
     emit_json(results["results"]) if as_json else click.echo(formats_markdown(results))
 
 
@@ -445,12 +447,12 @@ def formats_cmd(spec, out, data_dir, seeds, threads, as_json, datasets, formats_
 @click.option("--parallel", type=int, help="Training processes at once (overrides the sweep file).")
 @click.option("--threads", type=int, help="torch threads per process (overrides the sweep file).")
 @click.option("--dry-run", is_flag=True, help="Validate every point and list the runs without training.")
-def sweep(sweep_file, out, data_dir, parallel, threads, dry_run):
+@click.option("--reuse-stale", is_flag=True, help="Keep finished points of the same config trained by other code.")
+def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kunlun.runs import read_json
-    from kunlun.scaling.sweep import jobs, load_sweep, run_sweep, validate
+    from kunlun.scaling.sweep import job_state, jobs, load_sweep, pending, run_sweep, validate
     from kunlun.training.trainer import log, stderr
 
     spec = load_sweep(sweep_file)
@@ -461,16 +463,17 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run):
     if dry_run:
         validate(spec, all_jobs)
         for j in all_jobs:
-            state = "complete" if read_json(j.run_dir / "final.json") else "to run"
+            state = job_state(spec, j, spec.threads if threads is None else threads)
             click.echo(f"{j.label}\tseed {j.seed}\t{state}\t{' '.join(j.overrides)}")
         return
-    todo = sum(read_json(j.run_dir / "final.json") is None for j in all_jobs)
+    todo = len(pending(spec, all_jobs, spec.threads if threads is None else threads, reuse_stale))
     log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}")
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
     with Progress(*columns, console=stderr) as bar:
         task = bar.add_task("sweep", total=todo, last="")
         result = run_sweep(spec, out, data_dir, parallel, threads,
-                           on_done=lambda job, status: bar.update(task, advance=1, last=f"{job.label} seed {job.seed}: {status}"))
+                           on_done=lambda job, status: bar.update(task, advance=1, last=f"{job.label} seed {job.seed}: {status}"),
+                           reuse_stale=reuse_stale)
     log(f"sweep {spec.name}: {len(result['done'])} run, {len(result['skipped'])} skipped, {len(result['failed'])} failed")
     if result["failed"]:
         raise KunlunError(f"{len(result['failed'])} sweep run(s) failed, first: {result['failed'][0]} (rerun the sweep to retry them)")

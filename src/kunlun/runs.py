@@ -1,7 +1,8 @@
 """Run records: one directory per run with everything needed to understand and reproduce it.
 
     <run>/config.yaml        resolved config (data, train, model)
-    <run>/environment.json   versions, CPU, threads, command line
+    <run>/environment.json   code version (git commit, dirty flag, source hash), versions, device, threads,
+                             command line, dataset fingerprint
     <run>/encoder/           schema, vocabularies and numeric statistics (to score new files)
     <run>/epochs.jsonl       one JSON line per epoch: train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
@@ -11,9 +12,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,12 +51,92 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What the code version hashes: the package's Python source and packaged configs. Not the embedded data
+# (a dataset is identified by its own fingerprint) and not _version.py (it changes with every commit,
+# the code need not).
+SOURCE_SUFFIXES = (".py", ".yaml")
+
+
+def source_sha256(root: Path = PACKAGE_DIR) -> str:
+    """SHA-256 over the package's source files (relative path and bytes, in sorted order).
+
+    This identifies the code that ran however it was installed (editable, wheel, copied tree); two
+    commits that differ only outside the package (README, tests) have the same source hash.
+    """
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES
+                   and p.name != "_version.py" and "__pycache__" not in p.parts)
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_version(root: Path) -> dict[str, Any] | None:
+    """Commit and dirty flag when the package runs from a git checkout (editable install or source tree)."""
+    top = _git(["rev-parse", "--show-toplevel"], root)
+    commit = _git(["rev-parse", "HEAD"], root) if top else None
+    if not commit:
+        return None
+    status = _git(["status", "--porcelain", "--untracked-files=normal", "--", "."], root)
+    return {"commit": commit, "dirty": bool(status), "origin": "git checkout"}
+
+
+def _build_version(version: str) -> dict[str, Any] | None:
+    """Commit and dirty flag stamped at build time by setuptools-scm (``0.1.1.dev52+gb10dea3[.d20261123]``)."""
+    m = re.search(r"\+g([0-9a-f]{7,40})(\.d\d{8})?", version)
+    if not m:
+        return None
+    return {"commit": m.group(1), "dirty": bool(m.group(2)), "origin": "build stamp"}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """What code produced a result: git commit (full from a checkout, abbreviated from a wheel's build
+    stamp), whether the package source differed from it, and the SHA-256 of the source itself.
+
+    ``source_sha256`` is what benchmarks compare before reusing a finished run; ``label`` is what tables print.
+    """
+    import kunlun
+
+    info: dict[str, Any] = {"version": kunlun.__version__, "commit": None, "dirty": None, "origin": None,
+                            "source_sha256": source_sha256()}
+    info.update(_git_version(PACKAGE_DIR) or _build_version(kunlun.__version__) or {})
+    info["label"] = version_label(info)
+    return info
+
+
+def version_label(code: dict[str, Any] | None) -> str:
+    """``b10dea3c1f`` / ``b10dea3c1f+dirty`` / ``unknown``, always with the source hash: ``… (src 1a2b3c4d)``."""
+    if not code:
+        return "unknown (no code version recorded)"
+    commit = (code.get("commit") or "unknown")[:10]
+    return f"{commit}{'+dirty' if code.get('dirty') else ''} (src {code.get('source_sha256', '?')[:8]})"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+    return f"cpu ({cpu_name()})"
+
+
 def environment() -> dict[str, Any]:
     import pyarrow
 
     import kunlun
 
     env = {
+        "code": code_version(),
         "kunlun": kunlun.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -62,6 +147,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": device_name(),
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -88,6 +174,60 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's resolved config without where its files were (``data.data_dir``): what must match for a
+    finished run to stand for a requested one."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    out.get("data", {}).pop("data_dir", None)
+    return out
+
+
+def run_code(run_dir: Path, final: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every code version that trained the run (more than one when it was resumed under other code)."""
+    final = final if final is not None else read_json(run_dir / "final.json") or {}
+    if final.get("code_versions"):
+        return final["code_versions"]
+    env = read_json(run_dir / "environment.json") or {}
+    return [env["code"]] if env.get("code") else []
+
+
+def reuse_state(run_dir: Path, config: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """Can the finished run in ``run_dir`` stand for a run of ``config`` with the code running now?
+
+    Returns (state, final.json): ``missing`` (no finished run), ``config differs`` (it answers another
+    question), ``stale`` (same config, other or unknown code), ``fresh`` (same config, same source hash).
+    """
+    import yaml
+
+    final = read_json(run_dir / "final.json")
+    if final is None:
+        return "missing", None
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "config differs", final
+    if comparable_config(saved) != comparable_config(config):
+        return "config differs", final
+    codes = run_code(run_dir, final)
+    now = code_version()["source_sha256"]
+    if not codes or any(c.get("source_sha256") != now for c in codes):
+        return "stale", final
+    return "fresh", final
+
+
+def provenance_line(codes: list[dict[str, Any]], stale: int = 0) -> str:
+    """One line for a table or report: which code versions its runs came from, with counts."""
+    counts: dict[str, int] = {}
+    for c in codes:
+        counts[version_label(c)] = counts.get(version_label(c), 0) + 1
+    now = version_label(code_version())
+    parts = [f"{label} × {n}" + (" (current)" if label == now else "") for label, n in counts.items()]
+    line = f"Built from {sum(counts.values())} run(s) of code {'; '.join(parts) or 'unknown'}."
+    if stale:
+        line += f" **{stale} run(s) are stale** (trained by code other than the current {now}; marked †)."
+    return line
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:

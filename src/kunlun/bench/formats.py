@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kunlun.bench.quality import fmt, run_point, stat_cell, write_tables
+from kunlun.bench.quality import fmt, provenance, run_point, stale_mark, stat_cell, write_tables
 from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
@@ -78,7 +78,7 @@ def tensor_errors(run_dir: Path, data, cfg_overrides, formats: list[str], batch_
     return {f: {"weights": rel(weights, f), "activations": rel(acts, f)} for f in formats if f != "fp32"}
 
 
-def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[str, Any]:
+def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {"environment": environment(), "spec": spec, "results": {}}
     vs = variants(spec)
     for dataset in spec["datasets"]:
@@ -87,7 +87,8 @@ def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
         finals = {}
         for name, (_, overrides) in vs.items():
             finals[name] = [run_point(dataset, data, spec["model"], list(spec.get("overrides") or []) + overrides, s,
-                                      out / "runs" / dataset / name / f"seed{s}", data_dir, threads) for s in spec["seeds"]]
+                                      out / "runs" / dataset / name / f"seed{s}", data_dir, threads, reuse_stale)
+                            for s in spec["seeds"]]
         base = np.array([f["metrics"][split]["ne"] for f in finals["bf16"]])
         rows = {}
         for name, fs in finals.items():
@@ -95,7 +96,9 @@ def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
             rel = 100 * (ne - base) / base  # paired by seed
             rows[name] = {"format": vs[name][0], "overrides": vs[name][1], "ne": stat_cell(ne),
                           "rel_ne_pct": stat_cell(rel),
-                          "train_examples_per_s": float(np.median([f["train_examples_per_s"] for f in fs]))}
+                          "train_examples_per_s": float(np.median([f["train_examples_per_s"] for f in fs])),
+                          "code": [c for f in fs for c in f.get("code_versions") or [f.get("code")] if c],
+                          "stale_seeds": [f["seed"] for f in fs if f.get("stale")]}
         errors = tensor_errors(out / "runs" / dataset / "bf16" / f"seed{spec['seeds'][0]}", data, spec.get("overrides"), spec["formats"])
         results["results"][dataset] = {"split": split, "rows": rows, "tensor_errors": errors, "hif4_vs": head_to_head(rows, "hif4")}
         write_formats(results, out)
@@ -128,7 +131,7 @@ def formats_markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for name, row in r["rows"].items():
             err = r["tensor_errors"].get(name, {})
-            lines.append(f"| {name} | {fmt(row['ne'])} | {row['rel_ne_pct']['mean']:+.2f} ± "
+            lines.append(f"| {name}{stale_mark(row)} | {fmt(row['ne'])} | {row['rel_ne_pct']['mean']:+.2f} ± "
                          f"{row['rel_ne_pct']['std']:.2f} | {row['train_examples_per_s']:,.0f} | "
                          + (f"{err['weights']:.2e} | {err['activations']:.2e} |" if err else "| |"))
         if r.get("hif4_vs"):
@@ -139,6 +142,7 @@ def formats_markdown(results: dict) -> str:
         lines.append("")
     lines.append("Relative NE is paired by seed: (NE_fmt − NE_bf16) / NE_bf16. Tensor errors: ‖Q(x) − x‖² / ‖x‖² over all Linear "
                  "weights and over the Linear inputs of one validation batch of the BF16-trained model.")
+    lines += ["", provenance([row for r in results["results"].values() for row in r["rows"].values()])]
     return "\n".join(lines) + "\n"
 
 

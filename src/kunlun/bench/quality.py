@@ -1,8 +1,11 @@
 """Quality benchmark: every model × dataset × seed through the same pipeline, summarised as mean ± std;
 and Kunlun ablations (each component off in turn).
 
-Each point is a normal run record under ``<out>/runs/<dataset>/<model or variant>/seed<k>``; a point
-whose ``final.json`` exists is reused, so an interrupted benchmark continues where it stopped.
+Each point is a normal run record under ``<out>/runs/<dataset>/<model or variant>/seed<k>``. A finished
+point is reused only when its config and the code that trained it (source hash, ``kunlun.runs.code_version``)
+match the current ones, so an interrupted benchmark continues where it stopped and a table never silently
+mixes code versions; with ``reuse_stale`` a finished point of the same config trained by other code is kept
+and its row is marked stale. Every table names the code version(s) it was built from.
 Tables are written atomically as ``quality.md`` / ``quality.json`` (and ``ablation.*``).
 The metric split is ``test`` when the dataset has one, else ``valid`` (Frappe_x1: its test split is held out).
 """
@@ -21,7 +24,7 @@ from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.models.base import MODELS
-from kunlun.runs import environment, read_json
+from kunlun.runs import environment, provenance_line, reuse_state, run_code
 from kunlun.training.checkpoint import atomic_write_text
 from kunlun.training.trainer import Trainer, log
 
@@ -48,21 +51,26 @@ def point_overrides(spec: dict[str, Any], dataset: str, model: str) -> list[str]
     return list((spec.get("dataset_overrides") or {}).get(dataset) or []) + list(spec["models"].get(model) or [])
 
 
-def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, run_dir: Path, data_dir, threads: int) -> dict:
-    """Train one (dataset, model, seed) point unless its run record is complete; return its final.json."""
-    final = read_json(run_dir / "final.json")
-    if final is not None:
-        return final
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted point restarts from scratch (its seed makes it reproducible)
+def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, run_dir: Path, data_dir, threads: int,
+              reuse_stale: bool = False) -> dict:
+    """Train one (dataset, model, seed) point unless a finished run of the same config and code is there;
+    return its final.json, with ``"stale": True`` when it is a kept run of other code (``reuse_stale``)."""
     extra = [f"data.dataset={dataset}", f"train.seed={seed}", *overrides]
     if data_dir:
         extra.append(f"data.data_dir={json.dumps(str(data_dir))}")
     if threads:
         extra.append(f"train.threads={threads}")
     cfg = load_config(None, extra, model=model)
+    state, final = reuse_state(run_dir, cfg.to_dict())
+    if state == "fresh" or (state == "stale" and reuse_stale):
+        return {**final, "stale": state == "stale", "code_versions": run_code(run_dir, final)}
+    if run_dir.exists():
+        # interrupted, trained with another config, or by other code: start again (the seed makes it reproducible)
+        log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] {state if state != 'missing' else 'incomplete'}: retraining")
+        shutil.rmtree(run_dir)
     log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] training …")
-    return Trainer(cfg, data, run_dir, progress=False, logger=lambda m: None).fit()
+    final = Trainer(cfg, data, run_dir, progress=False, logger=lambda m: None).fit()
+    return {**final, "stale": False}
 
 
 def summarise(finals: list[dict]) -> dict[str, Any]:
@@ -74,10 +82,21 @@ def summarise(finals: list[dict]) -> dict[str, Any]:
     row["flops_per_example"] = finals[0]["flops_per_example"]
     row["parameters"] = finals[0]["parameters"]["total"]
     row["train_examples_per_s"] = float(np.median([f["train_examples_per_s"] for f in finals]))
+    row["code"] = [c for f in finals for c in f.get("code_versions") or [f.get("code")] if c]
+    row["stale_seeds"] = [f["seed"] for f in finals if f.get("stale")]
     return row
 
 
-def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[str, Any]:
+def provenance(rows: list[dict[str, Any]]) -> str:
+    """The code versions a table's rows were built from (see ``kunlun.runs.provenance_line``)."""
+    return provenance_line([c for r in rows for c in r.get("code", [])], sum(len(r.get("stale_seeds", [])) for r in rows))
+
+
+def stale_mark(row: dict[str, Any]) -> str:
+    return f" †(seeds {row['stale_seeds']})" if row.get("stale_seeds") else ""
+
+
+def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {"environment": environment(), "spec": spec, "results": {}}
     for dataset in spec["datasets"]:
         data = prepare_dataset(dataset, data_dir, log=log)
@@ -87,8 +106,8 @@ def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[
                 table[model] = {"skipped": "needs a behaviour sequence; the dataset has none"}
                 continue
             overrides = point_overrides(spec, dataset, model)
-            finals = [run_point(dataset, data, model, overrides, s, out / "runs" / dataset / model / f"seed{s}", data_dir, threads)
-                      for s in spec["seeds"]]
+            finals = [run_point(dataset, data, model, overrides, s, out / "runs" / dataset / model / f"seed{s}", data_dir, threads,
+                                reuse_stale) for s in spec["seeds"]]
             table[model] = summarise(finals)
             write_quality(results, out)  # tables stay current while the benchmark runs
     return results
@@ -118,12 +137,14 @@ def quality_markdown(results: dict) -> str:
             if "skipped" in r:
                 lines.append(f"| {model} | – | n/a ({r['skipped']}) | | | | | | |")
                 continue
-            lines.append(f"| {model} | {r['split']} | {fmt(r['auc'])} | {fmt(r['gauc'])} | {fmt(r['logloss'])} | {fmt(r['ne'])} | "
+            lines.append(f"| {model}{stale_mark(r)} | {r['split']} | {fmt(r['auc'])} | {fmt(r['gauc'])} | {fmt(r['logloss'])} | {fmt(r['ne'])} | "
                          f"{r['flops_per_example'] / 1e6:.3f} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
         lines.append("")
     env = results["environment"]
     lines.append(f"Mean ± sample std over seeds {results['spec']['seeds']}; {env['cpu']}, torch {env['torch']}. "
                  "Each run's threads and environment are in its run directory (environment.json).")
+    rows = [r for table in results["results"].values() for r in table.values() if "skipped" not in r]
+    lines += ["", provenance(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +161,7 @@ def write_quality(results: dict, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ ablation
 
-def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict[str, Any]:
+def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False) -> dict[str, Any]:
     ab = spec.get("ablation") or {}
     dataset = ab.get("dataset", "ml-100k")
     variants = {"full": [], **(ab.get("variants") or {})}
@@ -149,7 +170,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict
     finals = {}
     for name, overrides in variants.items():
         finals[name] = [run_point(dataset, data, "kunlun", base + list(overrides), s, out / "runs" / dataset / f"kunlun-{name}" / f"seed{s}",
-                                  data_dir, threads) for s in spec["seeds"]]
+                                  data_dir, threads, reuse_stale) for s in spec["seeds"]]
     split = "test" if "test" in finals["full"][0]["metrics"] else "valid"
     full_ne = np.array([f["metrics"][split]["ne"] for f in finals["full"]])
     full = summarise(finals["full"])
@@ -165,6 +186,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0) -> dict
             "delta_flops_pct": 100 * (r["flops_per_example"] / full["flops_per_example"] - 1),
             "train_examples_per_s": r["train_examples_per_s"],
             "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
+            "code": r["code"], "stale_seeds": r["stale_seeds"],
         }
     result = {"environment": environment(), "dataset": dataset, "split": split, "seeds": spec["seeds"], "rows": rows}
     write_tables(out, "ablation", result, ablation_markdown(result))
@@ -175,9 +197,10 @@ def ablation_markdown(r: dict) -> str:
     lines = [f"Kunlun ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}; ΔNE is paired by seed (negative = better).", "",
              "| variant | NE | ΔNE % | MFLOPs/ex | ΔFLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
-        lines.append(f"| {name} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "
+        lines.append(f"| {name}{stale_mark(row)} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "
                      f"{row['flops_per_example'] / 1e6:.3f} | {row['delta_flops_pct']:+.1f} | {row['train_examples_per_s']:,.0f} | "
                      f"{row['delta_speed_pct']:+.1f} |")
+    lines += ["", provenance(list(r["rows"].values()))]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -119,6 +120,23 @@ class Prepared:
 
     def encoder(self) -> Encoder:
         return Encoder(self.schema, self.vocabs, self.num_mean, self.num_std, self.train_ctr)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Rows per split and a SHA-256 over every encoded array (splits, events, vocabularies, statistics):
+        two runs with the same fingerprint saw the same data, however it was read or cached."""
+        h = hashlib.sha256(json.dumps({"schema": repr(self.schema), "vocabs": self.vocab_sizes}, sort_keys=True).encode())
+        for arr in (self.num_mean, self.num_std):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        for name in sorted(self.splits):
+            sp = self.splits[name]
+            for arr in (sp.label, sp.cat, sp.num, sp.group, sp.time, sp.row, *[sp.seq_start[k] for k in sorted(sp.seq_start)],
+                        *[sp.seq_end[k] for k in sorted(sp.seq_end)]):
+                h.update(np.ascontiguousarray(arr).tobytes())
+        for name in sorted(self.events):
+            for arr in vars(self.events[name]).values():
+                if isinstance(arr, np.ndarray):
+                    h.update(np.ascontiguousarray(arr).tobytes())
+        return {"name": self.name, "rows": {k: len(v) for k, v in self.splits.items()}, "sha256": h.hexdigest()}
 
 
 @dataclass

@@ -17,9 +17,11 @@ A sweep file (YAML)::
     threads: 1                        # torch threads per process
 
 Each (point, seed) is a normal run record under ``<out>/points/<label>/seed<k>`` whose ``final.json``
-also holds its training compute C (``train_compute``). A point with a ``final.json`` is skipped; one
-with a ``checkpoints/last`` is resumed; anything else there is restarted — so a killed sweep continues
-where it stopped. The same file runs unchanged on a GPU machine (the device is chosen per run).
+also holds its training compute C (``train_compute``). A finished point is skipped when its config and
+the code that trained it (source hash) match the current ones (``reuse_stale`` keeps finished points of
+other code too); an interrupted one is resumed when it was started by the current code; anything else
+there is restarted — so a killed sweep continues where it stopped, and never mixes code versions silently.
+The same file runs unchanged on a GPU machine (the device is chosen per run).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
 from kunlun.models import model_config
-from kunlun.runs import read_json
+from kunlun.runs import code_version, read_json, reuse_state
 from kunlun.training.checkpoint import atomic_write_text
 
 
@@ -120,23 +122,43 @@ def jobs(spec: SweepSpec, out: Path) -> list[Job]:
     return out_jobs
 
 
+def job_config(spec: SweepSpec, job: Job, threads: int = 0) -> dict[str, Any]:
+    """The resolved config the job's ``kunlun train`` process runs with (``data.data_dir`` aside)."""
+    cfg = load_config(Path(spec.config) if spec.config else None,
+                      [f"data.dataset={json.dumps(spec.dataset)}", f"train.seed={job.seed}", *job.overrides,
+                       f"train.threads={threads}"], model=spec.model)
+    model_config(cfg.model)
+    return cfg.to_dict()
+
+
 def validate(spec: SweepSpec, all_jobs: list[Job]) -> None:
     """Every point's config must load before any process starts (a typo fails now, not in hour two)."""
     for job in all_jobs:
         try:
-            cfg = load_config(Path(spec.config) if spec.config else None,
-                              [f"data.dataset={json.dumps(spec.dataset)}", *job.overrides], model=spec.model)
-            model_config(cfg.model)
+            job_config(spec, job)
         except KunlunError as exc:
             raise KunlunError(f"sweep point {job.label}: {exc}") from None
 
 
+def job_state(spec: SweepSpec, job: Job, threads: int) -> str:
+    """``fresh`` / ``stale`` / ``config differs`` / ``missing``: see ``kunlun.runs.reuse_state``."""
+    return reuse_state(job.run_dir, job_config(spec, job, threads))[0]
+
+
+def resumable(job: Job) -> bool:
+    """An interrupted run started by the code running now (a run is never continued by other code)."""
+    env = read_json(job.run_dir / "environment.json") or {}
+    return ((job.run_dir / "checkpoints" / "last" / "model.safetensors").is_file() and (job.run_dir / "config.yaml").is_file()
+            and (env.get("code") or {}).get("source_sha256") == code_version()["source_sha256"])
+
+
 def command(spec: SweepSpec, job: Job, data_dir: str | None, threads: int) -> list[str]:
     cmd = [sys.executable, "-m", "kunlun", "train", "--quiet", "--json"]
-    if (job.run_dir / "checkpoints" / "last" / "model.safetensors").is_file() and (job.run_dir / "config.yaml").is_file():
+    if read_json(job.run_dir / "final.json") is None and resumable(job):
         return [*cmd, "--resume", str(job.run_dir)]
     if job.run_dir.exists():
-        shutil.rmtree(job.run_dir)  # killed before its first checkpoint: start again (the seed makes it identical)
+        # killed before its first checkpoint, or trained by other code or config: start again (the seed makes it identical)
+        shutil.rmtree(job.run_dir)
     cmd += ["--model", spec.model, "--dataset", spec.dataset, "--seed", str(job.seed), "--run-dir", str(job.run_dir)]
     if spec.config:
         cmd += ["--config", spec.config]
@@ -146,8 +168,9 @@ def command(spec: SweepSpec, job: Job, data_dir: str | None, threads: int) -> li
 
 
 def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel: int | None = None, threads: int | None = None,
-              on_done: Callable[[Job, str], None] | None = None) -> dict[str, Any]:
-    """Run every (point, seed) not yet complete; return {"done", "skipped", "failed"} lists of run dirs."""
+              on_done: Callable[[Job, str], None] | None = None, reuse_stale: bool = False) -> dict[str, Any]:
+    """Run every (point, seed) not yet complete with the current code and config; return {"done", "skipped",
+    "failed"} lists of run dirs."""
     all_jobs = jobs(spec, out)
     validate(spec, all_jobs)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,14 +179,22 @@ def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise KunlunError(f"{out}: another sweep is running in this folder") from None
-        return _run_jobs(spec, out, all_jobs, data_dir, parallel or spec.parallel, spec.threads if threads is None else threads, on_done)
+        return _run_jobs(spec, out, all_jobs, data_dir, parallel or spec.parallel, spec.threads if threads is None else threads, on_done,
+                         reuse_stale)
 
 
-def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, parallel: int, threads: int, on_done) -> dict[str, Any]:
+def pending(spec: SweepSpec, all_jobs: list[Job], threads: int, reuse_stale: bool = False) -> list[Job]:
+    """The jobs to (re)run: not finished, or finished with another config or (unless ``reuse_stale``) other code."""
+    keep = ("fresh", "stale") if reuse_stale else ("fresh",)
+    return [j for j in all_jobs if job_state(spec, j, threads) not in keep]
+
+
+def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, parallel: int, threads: int, on_done,
+              reuse_stale: bool) -> dict[str, Any]:
     atomic_write_text(out / "sweep.json", json.dumps({"spec": dataclasses.asdict(spec), "jobs": [
         {"label": j.label, "seed": j.seed, "overrides": j.overrides, "run_dir": str(j.run_dir.relative_to(out))} for j in all_jobs]}, indent=1))
     (out / "logs").mkdir(exist_ok=True)
-    todo = [j for j in all_jobs if read_json(j.run_dir / "final.json") is None]
+    todo = pending(spec, all_jobs, threads, reuse_stale)
     result: dict[str, list[str]] = {"done": [], "skipped": [str(j.run_dir) for j in all_jobs if j not in todo], "failed": []}
 
     def run_one(job: Job) -> tuple[Job, str]:

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from kunlun.errors import KunlunError
 from kunlun.formats.gemm import apply_precision
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
-from kunlun.runs import environment
+from kunlun.runs import code_version, environment
 from kunlun.training.checkpoint import atomic_write_text, load_trainer_state, load_weights, save_checkpoint
 
 stderr = Console(stderr=True)
@@ -131,6 +131,7 @@ class TrainState:
     train_seconds: float = 0.0
     train_examples: int = 0
     best_examples: int = 0  # training examples seen when the best checkpoint was saved
+    code_versions: list = field(default_factory=list)  # every code version that trained this run (resume may change it)
 
 
 def build(cfg: Config, data: Prepared) -> RankingModel:
@@ -174,7 +175,7 @@ class Trainer:
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        (d / "environment.json").write_text(json.dumps(environment(), indent=1))
+        (d / "environment.json").write_text(json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
         self.data.encoder().save(d / "encoder")
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -242,6 +243,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t, cfg = self.cfg.train, self.cfg
+        code = code_version()
+        if self.state.step and not self.state.code_versions:  # a checkpoint from before code versions were recorded
+            self.state.code_versions.append({"commit": None, "source_sha256": None, "label": "unknown (before provenance)"})
+        if not any(c.get("source_sha256") == code["source_sha256"] for c in self.state.code_versions):
+            if self.state.code_versions:
+                self.log(f"note: this run was started by code {self.state.code_versions[0].get('label')} and continues "
+                         f"with {code['label']}; its record lists both")
+            self.state.code_versions.append(code)
         ckpt_dir = self.run_dir / "checkpoints"
         if not (self.run_dir / "config.yaml").is_file():
             self.start_record()
@@ -283,6 +292,8 @@ class Trainer:
                 eval_seconds += time.perf_counter() - e0
                 eval_examples += metrics[split]["examples"]
         final = {
+            "code": code_version(),
+            "code_versions": self.state.code_versions,
             "model": cfg.model["name"],
             "dataset": self.data.name,
             "seed": cfg.train.seed,
