@@ -133,7 +133,7 @@ def test_fit_cli_json_and_report(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["chosen"] in ("M0", "M1", "M2") and len(out["holdout"]) == 2
-    assert set(out["holdout"][0]) == {"compute", "ne", "predicted", "lower", "upper"}
+    assert set(out["holdout"][0]) == {"compute", "ne", "predicted", "lower", "upper", "seed_sigma"}
     assert set(out["forms"]) == {"M0", "M1", "M2"}
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000  # plots are embedded
     r = run_cli("fit", str(csv_path), "--bootstrap", "50")
@@ -165,3 +165,54 @@ def test_sweep_runs_points_resumes_and_records_compute(tmp_path):
     bad.write_text(sweep.read_text().replace("model.d_model", "model.d_modle"))
     r = run_cli("sweep", str(bad), "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "d_modle" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_a_run_is_placed_at_the_compute_that_produced_its_ne(tmp_path):
+    # a run that overfit: its best checkpoint came at half the examples it processed
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {name: kunlun, num_layers: 2}\n")
+    (run / "final.json").write_text(json.dumps({
+        "model": "kunlun", "dataset": "d", "seed": 0, "metrics": {"test": {"ne": 0.8}}, "flops_per_example": 1e6,
+        "train_examples": 2000, "train_compute": 6e9, "train_compute_at_best": 3e9}))
+    (pt,) = load_points([run])
+    assert pt.compute == 3e9 and pt.ne == 0.8
+
+
+def test_seed_noise_is_judged_where_it_was_measured():
+    from kunlun.scaling.law import seed_groups, sigma_at
+
+    C = np.array([1e9, 1e9, 1e9, 1e10, 1e11, 1e12, 1e12, 1e12])
+    ne = np.array([0.90, 0.94, 0.86, 0.85, 0.80, 0.7502, 0.7498, 0.7500])
+    groups = seed_groups(C, ne)
+    assert [g["compute"] for g in groups] == [1e9, 1e12]
+    np.testing.assert_allclose([g["sigma"] for g in groups], [np.std([0.90, 0.94, 0.86], ddof=1), np.std([0.7502, 0.7498, 0.75], ddof=1)])
+    small, large = groups[0]["sigma"], groups[1]["sigma"]
+    np.testing.assert_allclose(sigma_at(np.array([2e9, 5e11, 1e13]), groups), [small, large, large])
+    assert np.isnan(sigma_at(np.array([1e9]), [])).all()
+
+    # a held-out prediction off by 3 σ of the large-compute noise passes a pooled σ (dominated by the
+    # small-compute spread) but must fail the local one
+    law = lambda c: 1.0 - 0.02 * np.log(c / 1e9)  # noqa: E731
+    Cf = np.repeat([1e9, 3e9, 1e10, 3e10, 1e11], 3)
+    rng = np.random.default_rng(0)
+    fit_ne = law(Cf) + rng.normal(0, 0.01, len(Cf))
+    held_c = np.array([1e12, 1e12, 1e12])
+    held_ne = law(held_c) + np.array([1, -1, 0]) * 1e-4 + 3 * 1e-4 * 3
+    pts = [Point(float(c), float(y), family="f", seed=i % 3) for i, (c, y) in enumerate(zip(np.r_[Cf, held_c], np.r_[fit_ne, held_ne]))]
+    r = analyse(pts, holdout=1, n_boot=50, forms=["M0"])
+    rows = r["forms"]["M0"]["holdout"]
+    assert all(abs(row["seed_sigma"] - 1e-4) < 1e-6 for row in rows)  # σ measured at the held-out compute itself
+    assert r["forms"]["M0"]["checks"]["within_2_sigma_seed"] is False
+
+
+def test_compare_reports_resamples_without_a_multiplier():
+    rng = np.random.default_rng(1)
+    C = np.repeat(np.logspace(9, 12, 6), 2)
+    a = [Point(float(c), float(1.0 - 0.02 * np.log(c / 1e9) + rng.normal(0, 1e-3)), family="a") for c in C]
+    flat = [Point(float(c), float(0.9 + rng.normal(0, 1e-2)), family="b") for c in C]  # no slope: often ≤ 0 when resampled
+    steep = [Point(float(c), float(1.0 - 0.01 * np.log(c / 1e9) + rng.normal(0, 1e-4)), family="b") for c in C]
+    assert compare(a, steep, n_boot=200)["compute_multiplier"]["dropped_fraction"] == 0.0
+    res = compare(a, flat, n_boot=200)
+    dropped = res["compute_multiplier"]["dropped_fraction"]
+    assert 0.05 < dropped < 0.95 and res["slope_ratio"]["dropped_fraction"] == dropped

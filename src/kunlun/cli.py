@@ -560,11 +560,15 @@ def print_fit(result: dict) -> None:
         table.add_row(*r)
     con = out_console()
     con.print(table)
+    from kunlun.scaling.report import seed_noise_text
+
     for r in result["holdout"]:
+        sigma = f"{r['seed_sigma']:.4f}" if r.get("seed_sigma") is not None else "not estimated"
         con.print(f"  held out C={r['compute']:.3g}: NE {r['ne']:.4f}, predicted {r['predicted']:.4f} "
-                  f"[{r['lower']:.4f}, {r['upper']:.4f}]", highlight=False)
-    sigma = f"{result['seed_sigma']:.4f}" if result["seed_sigma"] is not None else "not estimated"
-    con.print(f"seed noise σ = {sigma} NE; {result['verdict']}", highlight=False)
+                  f"[{r['lower']:.4f}, {r['upper']:.4f}], seed σ there {sigma}", highlight=False)
+    con.print(f"seed noise σ: {seed_noise_text(result)}", highlight=False)
+    con.print(f"code: {result.get('provenance', 'unknown')}", highlight=False)
+    con.print(result["verdict"], highlight=False)
 
 
 def print_comparison(c: dict) -> None:
@@ -574,7 +578,8 @@ def print_comparison(c: dict) -> None:
                       ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
                       ("eta_a", f"η {c['a']}"), ("eta_b", f"η {c['b']}")):
         v = c[key]
-        con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]", highlight=False)
+        dropped = f" ({100 * v['dropped_fraction']:.1f} % of resamples undefined: {c['b']}'s slope ≤ 0)" if v.get("dropped_fraction") else ""
+        con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]{dropped}", highlight=False)
 
 
 def main() -> None:

@@ -16,21 +16,35 @@ import numpy as np
 
 from kunlun.errors import KunlunError
 from kunlun.scaling.forms import DELTA, FORMS, Fit, fit_form
-from kunlun.scaling.points import Point
+from kunlun.scaling.points import Point, provenance
 
-CONVENTION = ("C = 3 × forward FLOPs/example × training examples processed (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); "
-              "L = NE at the best-on-validation checkpoint")
+CONVENTION = ("C = 3 × forward FLOPs/example × training examples processed up to the best-on-validation checkpoint "
+              "(2 FLOPs per multiply-add; embedding lookups 0 FLOPs); L = NE at that checkpoint")
 
 
-def seed_sigma(compute: np.ndarray, values: np.ndarray) -> tuple[float | None, int]:
-    """Pooled within-compute standard deviation of ``values`` (runs sharing a compute differ only by seed)."""
-    ss, dof = 0.0, 0
+def seed_groups(compute: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
+    """Seed noise where it was measured: for every compute with ≥ 2 runs (which differ only by seed), the
+    sample standard deviation of ``values`` there and its degrees of freedom."""
+    out = []
     for c in np.unique(compute):
         v = values[compute == c]
         if len(v) > 1:
-            ss += float(((v - v.mean()) ** 2).sum())
-            dof += len(v) - 1
-    return (float(np.sqrt(ss / dof)), dof) if dof else (None, 0)
+            out.append({"compute": float(c), "sigma": float(v.std(ddof=1)), "dof": len(v) - 1})
+    return out
+
+
+def sigma_at(query: np.ndarray, groups: list[dict[str, float]]) -> np.ndarray:
+    """Seed σ at each query compute: the σ measured at the nearest compute (in log C) that has ≥ 2 seeds.
+
+    Seed noise changes by ~10× between small and large runs, so one pooled value would be too wide at one
+    end and too narrow at the other; nearest-measured does not extrapolate a trend beyond what was run.
+    NaN when no compute has repeated seeds."""
+    if not groups:
+        return np.full(len(query), np.nan)
+    gc = np.log(np.array([g["compute"] for g in groups]))
+    gs = np.array([g["sigma"] for g in groups])
+    nearest = np.abs(np.log(np.asarray(query, float))[:, None] - gc[None, :]).argmin(axis=1)
+    return gs[nearest]
 
 
 def _resample(rng: np.random.Generator, compute: np.ndarray) -> np.ndarray:
@@ -57,8 +71,9 @@ def bootstrap(form: str, compute: np.ndarray, ne: np.ndarray, c_ref: float, quer
     return out
 
 
-def intervals(boot: np.ndarray, sigma: float, level: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Percentile confidence interval of the curve, and a prediction interval adding N(0, σ²) noise in ln NE."""
+def intervals(boot: np.ndarray, sigma: float | np.ndarray, level: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Percentile confidence interval of the curve, and a prediction interval adding N(0, σ²) noise in ln NE
+    (σ a scalar, or one value per query point)."""
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     noisy = boot + rng.normal(0.0, sigma, boot.shape)
     return {"ci_lower": np.exp(np.nanpercentile(boot, lo, axis=0)), "ci_upper": np.exp(np.nanpercentile(boot, hi, axis=0)),
@@ -66,17 +81,21 @@ def intervals(boot: np.ndarray, sigma: float, level: float, rng: np.random.Gener
 
 
 def prediction_interval(form: str, compute: np.ndarray, ne: np.ndarray, query: np.ndarray, n_boot: int, level: float,
-                        sigma_seed_log: float | None, rng: np.random.Generator, c_ref: float | None = None) -> tuple[Fit, dict, float]:
-    """Fit ``form`` (all starts), bootstrap it, and return (fit, intervals at ``query``, σ of the added noise in ln NE).
+                        sigma_seed_log: float | np.ndarray | None, rng: np.random.Generator,
+                        c_ref: float | None = None) -> tuple[Fit, dict, np.ndarray]:
+    """Fit ``form`` (all starts), bootstrap it, and return (fit, intervals at ``query``, σ of the added noise in
+    ln NE at each query point).
 
-    σ = max(residual standard deviation with n − k degrees of freedom, seed noise), so a prediction
-    interval is never narrower than what re-running the same point with another seed would give."""
+    σ = max(residual standard deviation with n − k degrees of freedom, seed noise at that compute), so a
+    prediction interval is never narrower than what re-running the same point with another seed would give."""
     c_ref = float(compute.min()) if c_ref is None else c_ref
     fit = fit_form(form, compute, ne, c_ref=c_ref)
     resid = fit.log_predict(compute) - np.log(ne)
     dof = len(compute) - len(fit.theta)
     sigma_resid = float(np.sqrt((resid ** 2).sum() / dof)) if dof > 0 else 0.0
-    sigma = max(sigma_resid, sigma_seed_log or 0.0)
+    seed = np.nan_to_num(np.broadcast_to(np.asarray(sigma_seed_log if sigma_seed_log is not None else np.nan, float),
+                                         query.shape), nan=0.0)
+    sigma = np.maximum(sigma_resid, seed)
     boot = bootstrap(form, compute, ne, c_ref, query, n_boot, rng)
     return fit, intervals(boot, sigma, level, rng), sigma
 
@@ -129,8 +148,7 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
     usable = [f for f in forms if len(fc) >= len(FORMS[f].params)]
     if not usable:
         raise KunlunError(f"{len(fc)} run(s) to fit: fewer points than parameters of every form ({', '.join(forms)})")
-    sigma_seed, sigma_dof = seed_sigma(compute, ne)
-    sigma_seed_log, _ = seed_sigma(compute, np.log(ne))
+    groups, groups_log = seed_groups(compute, ne), seed_groups(compute, np.log(ne))
     rng = np.random.default_rng(seed)
     c_ref = float(fc.min())
     curve_c = np.logspace(np.log10(compute.min()), np.log10(compute.max()), 60)
@@ -138,10 +156,10 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
         "family": points[0].family, "dataset": points[0].dataset, "metric": points[0].metric, "convention": CONVENTION,
         "objective": f"sum of Huber(ln L̂ − ln L), delta = {DELTA}", "n_runs": len(points), "n_fit": int(len(fc)),
         "n_holdout": int(held.sum()), "bootstrap": n_boot, "level": level, "tolerance": tolerance,
-        "seed_sigma": sigma_seed, "seed_sigma_dof": sigma_dof, "c_ref": c_ref,
+        "seed_sigma_by_compute": groups, "c_ref": c_ref, "provenance": provenance(points),
         "fit_window": [float(fc.min()), float(fc.max())],
         "runs": [{"compute": p.compute, "ne": p.ne, "seed": p.seed, "layers": p.layers, "flops_per_example": p.flops_per_example,
-                  "held_out": bool(h), "source": p.source} for p, h in zip(points, held)],
+                  "held_out": bool(h), "source": p.source, "code": p.code} for p, h in zip(points, held)],
         "forms": {},
     }
     for name in forms:
@@ -151,28 +169,31 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
         if progress:
             progress(f"fitting {name} and bootstrapping ({n_boot} resamples)")
         query = np.concatenate([compute[held], curve_c])
-        fit, iv, sigma = prediction_interval(name, fc, fy, query, n_boot, level, sigma_seed_log, rng, c_ref)
+        fit, iv, sigma = prediction_interval(name, fc, fy, query, n_boot, level, sigma_at(query, groups_log), rng, c_ref)
         resid = fit.log_predict(fc) - np.log(fy)
         theta_boot = _param_intervals(name, fc, fy, c_ref, rng, min(n_boot, 200), level)
         nh = int(held.sum())
         pred_h = fit.predict(compute[held])
         rows = []
+        seed_h = sigma_at(compute[held], groups)
         for i, (c, y, p) in enumerate(zip(compute[held], ne[held], pred_h)):
             inside = bool(iv["lower"][i] <= y <= iv["upper"][i])
             rows.append({"compute": float(c), "ne": float(y), "predicted": float(p), "lower": float(iv["lower"][i]),
                          "upper": float(iv["upper"][i]), "error": float((p - y) / y), "abs_error": float(p - y), "inside": inside,
-                         "decades": float(np.log10(c / fc.max()))})
+                         "decades": float(np.log10(c / fc.max())),
+                         "seed_sigma": None if np.isnan(seed_h[i]) else float(seed_h[i])})
         ok_tol = all(abs(r["error"]) <= tolerance for r in rows)
-        ok_noise = sigma_seed is not None and all(abs(r["abs_error"]) <= 2 * sigma_seed for r in rows)
+        has_noise = bool(groups)
+        ok_noise = has_noise and all(abs(r["abs_error"]) <= 2 * r["seed_sigma"] for r in rows)
         ok_inside = all(r["inside"] for r in rows)
         result["forms"][name] = {
             "title": FORMS[name].title, "params": fit.params(), "param_intervals": theta_boot, "loss": fit.loss,
             "starts": fit.starts, "starts_agree": fit.starts_agree,
             "in_sample_rms_log": float(np.sqrt((resid ** 2).mean())), "in_sample_mean_abs_error": float(np.mean(np.abs(np.expm1(resid)))),
-            "sigma_pi_log": sigma, "holdout": rows,
+            "sigma_pi_log": sigma[:nh].tolist(), "holdout": rows,
             "holdout_mean_abs_error": float(np.mean([abs(r["error"]) for r in rows])) if rows else None,
             "passes": bool(rows) and ok_tol and ok_noise and ok_inside,
-            "checks": {"within_tolerance": ok_tol, "within_2_sigma_seed": ok_noise if sigma_seed is not None else None, "inside_interval": ok_inside},
+            "checks": {"within_tolerance": ok_tol, "within_2_sigma_seed": ok_noise if has_noise else None, "inside_interval": ok_inside},
             "curve": {"compute": curve_c.tolist(), "predicted": fit.predict(curve_c).tolist(),
                       "lower": iv["lower"][nh:].tolist(), "upper": iv["upper"][nh:].tolist(),
                       "ci_lower": iv["ci_lower"][nh:].tolist(), "ci_upper": iv["ci_upper"][nh:].tolist()},
@@ -211,13 +232,14 @@ def choose(result: dict[str, Any]) -> dict[str, Any]:
                 "verdict": "no law: nothing held out and no rolling-origin predictions to validate a form on"}
     _, _, best = min(scored)
     f = fitted[best]
-    holdout = [{k: r[k] for k in ("compute", "ne", "predicted", "lower", "upper")} for r in f["holdout"]]
+    holdout = [{k: r[k] for k in ("compute", "ne", "predicted", "lower", "upper", "seed_sigma")} for r in f["holdout"]]
     if not result["n_holdout"]:
         verdict = f"{best} chosen by rolling-origin error; nothing held out, so no law is accepted"
         return {"chosen": best, "accepted": False, "params": f["params"], "holdout": holdout, "verdict": verdict}
     if f["passes"]:
         verdict = (f"law accepted: {best} ({FORMS[best].title}) predicts all {len(holdout)} held-out runs within "
-                   f"{100 * result['tolerance']:.2f} % NE, within 2σ of seed noise and inside the {100 * result['level']:.0f} % interval")
+                   f"{100 * result['tolerance']:.2f} % NE, within 2σ of the seed noise at its compute and inside the "
+                   f"{100 * result['level']:.0f} % interval")
     else:
         failed = [k for k, ok in f["checks"].items() if ok is False]
         if f["checks"]["within_2_sigma_seed"] is None:
@@ -253,14 +275,17 @@ def compare(a: list[Point], b: list[Point], n_boot: int = 1000, level: float = 0
         eta_a, eta_b = fa.theta[1], fb.theta[1]
         la, lb = fa.predict(np.array([c_mid]))[0], fb.predict(np.array([c_mid]))[0]
         k = float(np.exp((lb - la) / eta_b)) if eta_b > 0 else float("nan")
-        return eta_a, eta_b, eta_a / eta_b if eta_b else float("nan"), k
+        return eta_a, eta_b, eta_a / eta_b if eta_b > 0 else float("nan"), k
 
     point = stats(np.arange(len(ca)), np.arange(len(cb)))
     rng = np.random.default_rng(seed)
     boots = np.array([stats(_resample(rng, ca), _resample(rng, cb)) for _ in range(n_boot)])
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     names = ("eta_a", "eta_b", "slope_ratio", "compute_multiplier")
-    out = {n: {"value": float(v), "lower": float(np.nanpercentile(boots[:, i], lo)), "upper": float(np.nanpercentile(boots[:, i], hi))}
+    # A resample where B's fitted slope is not positive has no multiplier (B never reaches A's NE by adding
+    # compute): such resamples are left out of that interval, and the fraction left out is reported with it.
+    out = {n: {"value": float(v), "lower": float(np.nanpercentile(boots[:, i], lo)), "upper": float(np.nanpercentile(boots[:, i], hi)),
+               "dropped_fraction": float(np.mean(~np.isfinite(boots[:, i])))}
            for i, (n, v) in enumerate(zip(names, point))}
     return {"a": a[0].family or "A", "b": b[0].family or "B", "form": "M0", "at_compute": c_mid, "overlap": bool(overlap),
             "bootstrap": n_boot, "level": level, **out}

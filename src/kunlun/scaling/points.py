@@ -1,10 +1,12 @@
 """Scaling points: one (compute, NE) per training run, from run directories, sweep folders or a CSV table.
 
-Conventions (also in the README): C = training compute = 3 × forward FLOPs/example × training examples
-processed (every matmul, attention, interaction and MLP FLOP at 2 FLOPs per multiply-add; embedding lookups
-0 FLOPs). L = NE on the test split (valid where the dataset has no test split) at the best-on-validation
-checkpoint. A CSV needs columns ``compute`` and ``ne``; ``family``, ``seed``, ``layers``, ``dataset``,
-``metric`` and ``flops_per_example`` are optional.
+Conventions (also in the README): L = NE on the test split (valid where the dataset has no test split) at
+the best-on-validation checkpoint, and C = the training compute that produced that checkpoint: 3 × forward
+FLOPs/example × training examples processed *up to that checkpoint* (``train_compute_at_best``; every
+matmul, attention, interaction and MLP FLOP at 2 FLOPs per multiply-add; embedding lookups 0 FLOPs).
+Training on past the best checkpoint spends compute that did not produce the NE, so it is not counted.
+A CSV needs columns ``compute`` and ``ne``; ``family``, ``seed``, ``layers``, ``dataset``, ``metric``,
+``flops_per_example`` and ``code`` are optional.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from kunlun.errors import KunlunError
-from kunlun.runs import read_json
+from kunlun.runs import read_json, run_code, version_label
 
 
 @dataclass
@@ -31,22 +33,25 @@ class Point:
     metric: str = ""
     flops_per_example: float | None = None
     source: str = ""
+    code: str = ""  # the code version that trained the run (kunlun.runs.version_label); "" from a CSV without it
 
 
 def _from_run(final_path: Path) -> Point:
     final = read_json(final_path)
     if final is None:
         raise KunlunError(f"{final_path}: unreadable run record")
-    if "train_compute" not in final:
-        raise KunlunError(f"{final_path}: no train_compute (the run predates compute tracking); retrain it or give a CSV")
+    if "train_compute_at_best" not in final:
+        raise KunlunError(f"{final_path}: no train_compute_at_best (the run predates compute tracking); retrain it or give a CSV")
     split = "test" if "test" in final.get("metrics", {}) else "valid"
     layers = None
     cfg_path = final_path.parent / "config.yaml"
     if cfg_path.is_file():
         layers = (yaml.safe_load(cfg_path.read_text()) or {}).get("model", {}).get("num_layers")
-    return Point(compute=float(final["train_compute"]), ne=float(final["metrics"][split]["ne"]), family=final.get("model", ""),
+    codes = run_code(final_path.parent, final)
+    return Point(compute=float(final["train_compute_at_best"]), ne=float(final["metrics"][split]["ne"]), family=final.get("model", ""),
                  seed=final.get("seed"), layers=layers, dataset=final.get("dataset", ""), metric=f"{split} NE",
-                 flops_per_example=final.get("flops_per_example"), source=str(final_path.parent))
+                 flops_per_example=final.get("flops_per_example"), source=str(final_path.parent),
+                 code=" + ".join(version_label(c) for c in codes) if codes else version_label(None))
 
 
 def _number(value: str, path: Path, line: int, column: str, kind=float):
@@ -71,6 +76,7 @@ def _from_csv(path: Path) -> list[Point]:
                 seed=_number(row["seed"], path, line, "seed", int) if row.get("seed") not in (None, "") else None,
                 layers=_number(row["layers"], path, line, "layers", int) if row.get("layers") not in (None, "") else None,
                 dataset=(row.get("dataset") or "").strip(), metric=(row.get("metric") or "").strip(),
+                code=(row.get("code") or "").strip(),
                 flops_per_example=_number(row["flops_per_example"], path, line, "flops_per_example")
                 if row.get("flops_per_example") not in (None, "") else None,
                 source=f"{path}:{line}"))
@@ -106,6 +112,14 @@ def check_points(pts: list[Point]) -> None:
         values = sorted({getattr(p, attr) for p in pts if getattr(p, attr)})
         if len(values) > 1:
             raise KunlunError(f"runs from different {what} are mixed together ({', '.join(values)}); fit each separately")
+
+
+def provenance(pts: list[Point]) -> str:
+    """Which code versions the points came from, with counts (``unknown`` for CSV rows without a code column)."""
+    counts: dict[str, int] = {}
+    for p in pts:
+        counts[p.code or "unknown"] = counts.get(p.code or "unknown", 0) + 1
+    return "; ".join(f"{k} × {n}" for k, n in sorted(counts.items()))
 
 
 def families(pts: list[Point]) -> dict[str, list[Point]]:

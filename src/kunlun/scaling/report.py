@@ -111,6 +111,13 @@ def plot_ne_vs_layers(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def seed_noise_text(result: dict[str, Any]) -> str:
+    groups = result.get("seed_sigma_by_compute") or []
+    if not groups:
+        return "not estimated (needs ≥ 2 seeds at some compute)"
+    return "; ".join(f"{g['sigma']:.4f} NE at C = {g['compute']:.3g} ({g['dof']} dof)" for g in groups)
+
+
 def _table_html(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows[1:])
@@ -126,20 +133,21 @@ def write_report(result: dict[str, Any], out: Path, comparison: dict[str, Any] |
     if plot_ne_vs_layers(result, out / "ne_vs_layers.png"):
         files.append(out / "ne_vs_layers.png")
     imgs = "".join(f'<p><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></p>' for p in files)
-    raw = [["compute (FLOPs)", "NE", "seed", "layers", "FLOPs/example", "held out", "source"]] + [
+    raw = [["compute (FLOPs)", "NE", "seed", "layers", "FLOPs/example", "held out", "code", "source"]] + [
         [f"{r['compute']:.4g}", f"{r['ne']:.5f}", str(r["seed"]), str(r["layers"]),
-         f"{r['flops_per_example']:.4g}" if r.get("flops_per_example") else "", "yes" if r["held_out"] else "", r["source"]]
+         f"{r['flops_per_example']:.4g}" if r.get("flops_per_example") else "", "yes" if r["held_out"] else "", r.get("code") or "",
+         r["source"]]
         for r in result["runs"]]
     params = [["form", "parameter", "value", f"{100 * result['level']:.0f} % bootstrap interval"]] + [
         [name, k, f"{v:.5g}", "[{:.4g}, {:.4g}]".format(*f["param_intervals"][k])]
         for name, f in result["forms"].items() if "params" in f for k, v in f["params"].items()]
-    seed = (f"{result['seed_sigma']:.4f} NE ({result['seed_sigma_dof']} degrees of freedom)" if result["seed_sigma"] is not None
-            else "not estimated (needs ≥ 2 seeds at some compute)")
+    seed = seed_noise_text(result)
     cmp_html = ""
     if comparison:
         c = comparison
         cmp_rows = [["quantity", "value", f"{100 * c['level']:.0f} % bootstrap interval"]] + [
-            [k, f"{c[k]['value']:.4g}", f"[{c[k]['lower']:.4g}, {c[k]['upper']:.4g}]"]
+            [k, f"{c[k]['value']:.4g}", f"[{c[k]['lower']:.4g}, {c[k]['upper']:.4g}]"
+             + (f" ({100 * c[k]['dropped_fraction']:.1f} % of resamples undefined: B's slope ≤ 0)" if c[k].get("dropped_fraction") else "")]
             for k in ("eta_a", "eta_b", "slope_ratio", "compute_multiplier")]
         cmp_html = (f"<h2>{html.escape(c['a'])} vs {html.escape(c['b'])}</h2><p>Both fitted with M0 (L = a − η ln c) on all their runs; "
                     f"slope ratio = η<sub>A</sub>/η<sub>B</sub>; compute multiplier k with L<sub>A</sub>(C) = L<sub>B</sub>(kC) at "
@@ -154,7 +162,9 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></hea
 <li>Objective: {html.escape(result['objective'])}; L-BFGS-B from variable-projection and Chinchilla-grid starts.</li>
 <li>Held out: the {result['n_holdout']} run(s) at the largest computes; fitted on the other {result['n_fit']}.
 Intervals: {result['bootstrap']} bootstrap resamples over runs; prediction interval adds N(0, σ²) in ln NE,
-σ = max(residual, seed noise).</li><li>Seed noise σ: {seed}. Tolerance: {100 * result['tolerance']:.2f} % relative NE.</li></ul>
+σ = max(residual, seed noise at that compute).</li><li>Seed noise σ, measured where seeds were repeated (each held-out run
+is judged against the σ at the nearest such compute): {html.escape(seed)}. Tolerance: {100 * result['tolerance']:.2f} % relative NE.</li>
+<li>Code: {html.escape(result.get('provenance', 'unknown'))}</li></ul>
 {cmp_html}<h2>Plots</h2>{imgs}<h2>Parameters</h2>{_table_html(params)}
 <p>Parameters of NE curves are poorly identified; interpret the predictions and their validation, not E or α.</p>
 <h2>Runs</h2>{_table_html(raw)}</body></html>"""
