@@ -123,3 +123,9 @@ def test_user_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, args, needl
     assert needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_of_a_bf16_run_reproduces_its_own_metrics(tmp_path):
+    out = json.loads(kunlun("train", "--run-dir", tmp_path / "run", "--json", "--quiet", *TINY, "train.bf16=true", cwd=tmp_path).stdout)
+    again = json.loads(kunlun("eval", tmp_path / "run", "--json", cwd=tmp_path).stdout)
+    assert again == out  # bit for bit: scored under the same bf16 autocast as at the end of training

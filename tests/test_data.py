@@ -204,3 +204,34 @@ def test_schema_file_errors_name_the_key(tmp_path):
     bad = write(tmp_path / "t.yaml", "files: {train: a.csv, valid: b.csv}\nlabel: y\ncategorical: [a]\ncolour: red\n")
     with pytest.raises(KunlunError, match="unknown key 'colour'"):
         prepare_dataset(str(bad))
+
+
+@needs_shared
+def test_frappe_splits_are_exactly_train_and_valid(tmp_path):
+    # a test.csv beside the BARS files is held out: never loaded, never part of the cache key
+    folder = tmp_path / "frappe_x1"
+    folder.mkdir()
+    for name in ("train", "valid", "test"):
+        src = (SHARED_DATA / "frappe_x1" / ("valid.csv" if name == "test" else f"{name}.csv")).read_text().splitlines()
+        (folder / f"{name}.csv").write_text("\n".join(src[:401]) + "\n")
+    p = prepare_dataset("frappe_x1", tmp_path)
+    assert sorted(p.splits) == ["train", "valid"]
+    (folder / "test.csv").write_text("garbage that would fail to parse\n")
+    assert sorted(prepare_dataset("frappe_x1", tmp_path).splits) == ["train", "valid"]
+
+
+def test_schema_cache_key_covers_every_named_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid", "test"):
+        pq.write_table(pa.table({"y": rng.integers(0, 2, 50), "u": rng.integers(0, 5, 50)}), tmp_path / f"{split}.parquet")
+    schema = tmp_path / "s.yaml"
+    schema.write_text("files: {train: train.parquet, valid: valid.parquet, test: test.parquet}\nlabel: y\ncategorical: [u]\n")
+    assert len(prepare_dataset(str(schema)).splits["test"]) == 50
+    pq.write_table(pa.table({"y": rng.integers(0, 2, 20), "u": rng.integers(0, 5, 20)}), tmp_path / "test.parquet")
+    assert len(prepare_dataset(str(schema)).splits["test"]) == 20  # a changed test file is not served from the cache
+    (tmp_path / "test.parquet").unlink()
+    with pytest.raises(KunlunError, match="test: .*test.parquet"):
+        prepare_dataset(str(schema))

@@ -163,7 +163,7 @@ def eval_cmd(run, file, split, data_dir, as_json):
     ddir = data_dir or cfg.data.data_dir
     if file:
         data = prepare_file(cfg.data.dataset, ddir, file, encoder)
-        m = evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size)
+        m = evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
         log(f"scored {m['examples']} rows of {file}")
         emit_json(m) if as_json else print_metrics({file.name: m})
         return
@@ -175,7 +175,8 @@ def eval_cmd(run, file, split, data_dir, as_json):
     for s in splits:
         if s not in data.splits:
             raise KunlunError(f"--split {s}: dataset {data.name!r} has splits {sorted(data.splits)}")
-    metrics = {s: evaluate(model, data, s, cfg.data.max_seq_len, cfg.train.eval_batch_size) for s in splits}
+    # scored exactly as training scored them (a bf16-trained run is evaluated under bf16 autocast)
+    metrics = {s: evaluate(model, data, s, cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16) for s in splits}
     emit_json(metrics) if as_json else print_metrics(metrics)
 
 
@@ -198,7 +199,7 @@ def predict(run, file, out, data_dir):
     cfg, encoder, model = load_trained(run)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
     batcher = Batcher(data, "file", cfg.data.max_seq_len)
-    probs, labels, _ = predict_rows(model, batcher, cfg.train.eval_batch_size)
+    probs, labels, _ = predict_rows(model, batcher, cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
     if data.has_labels:

@@ -20,7 +20,7 @@ EMBEDDED = Path(__file__).parent / "embedded"
 @dataclass(frozen=True)
 class DatasetSpec:
     folder: str
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # every file the adapter reads (the prepared-data cache key covers exactly these)
     load: Callable[..., RawData]  # (folder, optional single file to score, labels=required?) -> raw
     description: str
 
@@ -35,7 +35,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "MovieLens 100K, CTR (rating >= 4) with histories and user/item features",
     ),
     "frappe_x1": DatasetSpec(
-        "frappe_x1", ("train.csv", "valid.csv"), tabular.load_frappe,
+        "frappe_x1", tuple(tabular.FRAPPE_SPLITS.values()), tabular.load_frappe,
         "Frappe_x1 (BARS split), context features only",
     ),
 }
@@ -82,7 +82,10 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
     """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache."""
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
-        files, name = [sf.path, *[f for f in sf.files.values() if f.exists()]], sf.name
+        missing = [f"{split}: {f}" for split, f in sf.files.items() if not f.is_file()]
+        if missing:
+            raise KunlunError(f"{sf.path}: key files names a file that does not exist ({missing[0]})")
+        files, name = [sf.path, *sf.files.values()], sf.name
     else:
         folder = dataset_folder(dataset, data_dir)
         files, name = [folder / f for f in DATASETS[dataset].files], dataset

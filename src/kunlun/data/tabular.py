@@ -45,14 +45,18 @@ def read_frappe_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
 FRAPPE_SCHEMA = Schema(label="label", categorical=tuple((f, f) for f in FRAPPE_FIELDS), group="user")
 
 
+FRAPPE_SPLITS = {"train": "train.csv", "valid": "valid.csv"}
+
+
 def load_frappe(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
-    """BARS Frappe_x1: train on train.csv, early-stop and report on valid.csv (test.csv is held out)."""
+    """BARS Frappe_x1: train on train.csv, early-stop and report on valid.csv — exactly these two files.
+
+    A test.csv beside them is never read implicitly (it is held out, and the prepared-data cache key
+    covers only the files read): score it with ``kunlun eval RUN --file test.csv``."""
     if file is not None:
         split, has_labels = read_frappe_file(file, labels)
         return RawData(FRAPPE_SCHEMA, {"file": split}, source=str(file), has_labels=has_labels)
-    splits = {"train": read_frappe_file(folder / "train.csv")[0], "valid": read_frappe_file(folder / "valid.csv")[0]}
-    if (folder / "test.csv").is_file():
-        splits["test"] = read_frappe_file(folder / "test.csv")[0]
+    splits = {name: read_frappe_file(folder / f)[0] for name, f in FRAPPE_SPLITS.items()}
     return RawData(FRAPPE_SCHEMA, splits, source=str(folder))
 
 
