@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -68,22 +69,47 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["steps"] == straight["steps"]
 
 
+def checkpoint_files(ckpt_dir):
+    """{relative path: sha256} of every file under ``ckpt_dir``."""
+    return {str(p.relative_to(ckpt_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}
+
+
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0")
+    # epoch 1 runs through fit (writing checkpoints/best and last); in epoch 2 the loss turns NaN after 3 good
+    # steps, so the weights in memory have moved past the checkpoint when training stops
+    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=4096")
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
-    t.start_record()
-    t.train_epoch(0)  # one good epoch, then checkpoint it as the trainer does
-    from kunlun.training.checkpoint import load_file, save_checkpoint
+    ckpt = tmp_path / "r" / "checkpoints"
+    after_epoch_1 = {}
+    real_epoch, forward = t.train_epoch, t.model.forward
+    calls = []
 
-    save_checkpoint(tmp_path / "r" / "checkpoints" / "last", t.model, cfg.to_dict(), t.checkpoint_state())
-    good = load_file(str(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"))
-    forward = t.model.forward
-    monkeypatch.setattr(t.model, "forward", lambda b: forward(b) * float("nan"))
-    with pytest.raises(KunlunError, match="non-finite training loss"):
-        t.train_epoch(1)
-    after = load_file(str(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"))
-    assert all(torch.equal(good[k], after[k]) for k in good)
+    def nan_after_three_steps(batch):
+        calls.append(1)
+        return forward(batch) * (float("nan") if len(calls) > 3 else 1.0)
+
+    def second_epoch_goes_non_finite(epoch):
+        if epoch == 1:
+            after_epoch_1.update(checkpoint_files(ckpt))
+            monkeypatch.setattr(t.model, "forward", nan_after_three_steps)
+        return real_epoch(epoch)
+
+    t.train_epoch = second_epoch_goes_non_finite
+    with pytest.raises(KunlunError, match=rf"non-finite training loss at step {t.steps_per_epoch + 4} \(epoch 2\)") as e:
+        t.fit()
+    assert f"The last good checkpoint is in {ckpt}" in str(e.value)
+    assert {"best/model.safetensors", "last/model.safetensors", "last/trainer_state.pt"} <= set(after_epoch_1)
+    assert checkpoint_files(ckpt) == after_epoch_1  # byte-identical, and no file added (a half-written temp dir)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
+    from kunlun.training.checkpoint import load_file
+
+    last = load_file(str(ckpt / "last" / "model.safetensors"))
+    assert any(not torch.equal(v, last[k]) for k, v in t.model.state_dict().items())  # memory moved on; the files did not
+    resumed = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    resumed.resume(ckpt / "last")  # the checkpoint loads, at the end of epoch 1
+    assert (resumed.state.epoch, resumed.state.step) == (1, t.steps_per_epoch)
+    assert all(torch.equal(v, last[k]) for k, v in resumed.model.state_dict().items())
 
 
 def test_bf16_autocast_trains(tmp_path):
