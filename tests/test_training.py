@@ -1,10 +1,9 @@
-import hashlib
 import json
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, checkpoint_files
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
@@ -67,11 +66,6 @@ def test_resume_continues_exactly(tmp_path):
     resumed = t2.fit()
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["steps"] == straight["steps"]
-
-
-def checkpoint_files(ckpt_dir):
-    """{relative path: sha256} of every file under ``ckpt_dir``."""
-    return {str(p.relative_to(ckpt_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
