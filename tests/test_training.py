@@ -44,10 +44,25 @@ def test_run_record_contents(tmp_path):
     assert final["train_examples_per_s"] > 0 and final["metrics"]["test"]["examples"] > 0
 
 
-def test_resume_continues_exactly(tmp_path):
+def resume_cfg():
+    return tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048")
+
+
+_STRAIGHT = {}
+
+
+@pytest.fixture
+def straight(tmp_path_factory):
+    """The resume tests' reference: 2 epochs uninterrupted, trained once per session. (run dir, final.json)."""
+    if not _STRAIGHT:
+        d = tmp_path_factory.mktemp("straight")
+        _STRAIGHT.update(dir=d, final=run(resume_cfg(), d)[1])
+    return _STRAIGHT["dir"], _STRAIGHT["final"]
+
+
+def test_resume_continues_exactly(tmp_path, straight):
     # 2 epochs straight == the same run killed after epoch 1, then resumed
-    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048")
-    _, straight = run(cfg, tmp_path / "straight")
+    cfg, (_, straight) = resume_cfg(), straight
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
     t.start_record()
@@ -66,6 +81,40 @@ def test_resume_continues_exactly(tmp_path):
     resumed = t2.fit()
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["steps"] == straight["steps"]
+
+
+def test_resume_after_an_interrupt_mid_epoch_continues_exactly(tmp_path, straight):
+    # killed inside the batch loop, 5 steps into epoch 2 (the weights in memory have moved past the checkpoint),
+    # resumed from checkpoints/last: epoch 2 is redone from the end of epoch 1 and the run ends as if never killed
+    cfg, (straight_dir, straight) = resume_cfg(), straight
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t.start_record()
+    batches, epochs = t.train_batches.iterate, []
+
+    def killed_5_steps_into_second_epoch(batch_size, rng=None):
+        epochs.append(len(epochs))
+        for i, batch in enumerate(batches(batch_size, rng)):
+            if epochs[-1] == 1 and i == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    t.train_batches.iterate = killed_5_steps_into_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert t.state.step == t.steps_per_epoch + 5
+    t2 = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t2.resume(tmp_path / "killed" / "checkpoints" / "last")
+    resumed = t2.fit()
+    assert resumed["metrics"] == straight["metrics"]
+    for key in ("steps", "epochs_run", "best_epoch", "train_examples", "train_compute"):
+        assert resumed[key] == straight[key], key
+
+    def records(run_dir):  # epochs.jsonl without the timings
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+
+    assert [r["epoch"] for r in records(tmp_path / "killed")] == [1, 2]  # epoch 1 once, no duplicated line
+    assert records(tmp_path / "killed") == records(straight_dir)
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
