@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -21,6 +22,11 @@ TINY_MODEL = [
     "model.summary_tokens=2", "model.fm_hidden=32", "model.output_hidden=[32]", "data.max_seq_len=8",
     "train.batch_size=512", "train.warmup_steps=5",
 ]
+
+
+def checkpoint_files(ckpt_dir: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``ckpt_dir``: equal dicts mean byte-identical checkpoints."""
+    return {str(p.relative_to(ckpt_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,8 @@
+import copy
 import json
+import statistics
 
+import numpy as np
 import pytest
 
 from conftest import TINY_MODEL
@@ -42,10 +45,38 @@ def test_quality_table_is_written_and_finished_points_are_reused(tiny_spec, tmp_
     (tmp_path / "pins.json").write_text(json.dumps(pins))
     failures = check_expected(res, tmp_path / "pins.json")
     assert len(failures) == 1 and failures[0].startswith("ml-latest-small/kunlun")
-    # pins written from a measured run pass against that run
-    pinned = pin_expected(res, tmp_path / "own.json")
-    assert pinned["ne"]["ml-latest-small"]["kunlun"]["tolerance"] >= 0.005
-    assert check_expected(res, tmp_path / "own.json") == []
+    # pins from the measured run judge a different result: the pin is the mean over seeds, the tolerance
+    # max(3 × sample std, 0.005), both recomputed here from the per-seed values
+    values = row["ne"]["values"]
+    pin = pin_expected(res, tmp_path / "own.json")["ne"]["ml-latest-small"]["kunlun"]
+    assert pin["mean"] == pytest.approx(statistics.mean(values), abs=1e-5)
+    assert pin["tolerance"] == pytest.approx(max(3 * statistics.stdev(values), 0.005), abs=1e-5)
+
+    def with_kunlun_ne(ne):
+        other = copy.deepcopy(res)
+        other["results"]["ml-latest-small"]["kunlun"]["ne"]["mean"] = ne
+        return other
+
+    edge = pin["mean"] + pin["tolerance"]
+    assert check_expected(with_kunlun_ne(edge - 1e-4), tmp_path / "own.json") == []  # worse, but within tolerance
+    assert check_expected(with_kunlun_ne(pin["mean"] - 0.1), tmp_path / "own.json") == []  # better passes
+    for bad in (edge + 1e-4, float("nan")):
+        failures = check_expected(with_kunlun_ne(bad), tmp_path / "own.json")
+        assert len(failures) == 1 and failures[0].startswith("ml-latest-small/kunlun: NE"), bad
+
+
+def test_pin_tolerance_is_three_sample_stds_with_a_floor(tmp_path):
+    from kunlun.bench.quality import stat_cell
+
+    wide, narrow = [0.80, 0.81, 0.83], [0.8000, 0.8001, 0.8003]
+    res = {"spec": {"seeds": [0, 1, 2]}, "results": {"d": {
+        "wide": {"ne": stat_cell(np.array(wide))}, "narrow": {"ne": stat_cell(np.array(narrow))},
+        "din": {"skipped": "needs a behaviour sequence"}}}}
+    pins = pin_expected(res, tmp_path / "pins.json")["ne"]["d"]
+    assert set(pins) == {"wide", "narrow"}
+    assert pins["wide"] == {"mean": pytest.approx(0.81333, abs=1e-5), "tolerance": pytest.approx(3 * 0.0152753, abs=1e-5)}
+    assert pins["narrow"] == {"mean": pytest.approx(0.80013, abs=1e-5), "tolerance": 0.005}  # 3σ = 0.00046 < floor
+    assert json.loads((tmp_path / "pins.json").read_text())["ne"]["d"] == pins
 
 
 def test_ablation_deltas_are_relative_to_the_full_model(tiny_spec, tmp_path):

@@ -51,13 +51,41 @@ def test_sum_kron_linear_is_sum_of_kronecker_terms():
 
 
 def test_wukong_fm_block_is_pairwise_interactions():
+    """The layer's own forward against explicit loops: FM[b, n, r] = Σ_m ⟨x_n, x_m⟩ · P[m, r] (pairwise dot
+    products, projected), then flatten → LayerNorm → MLP → n_fmb tokens, next to the LCB tokens, plus the
+    residual, then LayerNorm over D."""
     torch.manual_seed(0)
-    layer = WukongLayer(n_in=5, n_fmb=2, n_lcb=3, dim=4, rank=3, hidden=8)
-    x = torch.randn(2, 5, 4)
-    fm = torch.einsum("bnd,bdr->bnr", x, torch.einsum("bnd,nr->bdr", x, layer.proj))
-    expected = (x @ x.transpose(1, 2)) @ layer.proj  # (X·Xᵀ)·P, the FM interaction matrix projected
-    torch.testing.assert_close(fm, expected)
-    assert layer(x).shape == (2, 5, 4)
+    n, n_fmb, n_lcb, d, r, hidden = 5, 2, 3, 4, 3, 8
+    layer = WukongLayer(n_in=n, n_fmb=n_fmb, n_lcb=n_lcb, dim=d, rank=r, hidden=hidden)
+    with torch.no_grad():  # non-trivial norm affines, so a skipped or misplaced norm shows
+        for p in (*layer.fm_norm.parameters(), *layer.norm.parameters()):
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(2, n, d, dtype=torch.float64)
+    layer = layer.double()
+    seen = {}
+    layer.fm_norm.register_forward_pre_hook(lambda m, args: seen.setdefault("fm", args[0]))
+    out = layer(x)
+
+    def layer_norm(v, weight, bias, eps):
+        return (v - v.mean()) / (v.var(unbiased=False) + eps).sqrt() * weight + bias
+
+    fm = torch.zeros(2, n, r, dtype=torch.float64)
+    ref = torch.zeros(2, n_fmb + n_lcb, d, dtype=torch.float64)
+    w1, b1 = layer.fm_mlp.layers[0].weight, layer.fm_mlp.layers[0].bias
+    w2, b2 = layer.fm_mlp.layers[1].weight, layer.fm_mlp.layers[1].bias
+    for b in range(2):
+        for i in range(n):
+            for j in range(n):
+                fm[b, i] += float(x[b, i] @ x[b, j]) * layer.proj[j]
+        h = layer_norm(fm[b].flatten(), layer.fm_norm.weight, layer.fm_norm.bias, layer.fm_norm.eps)
+        fmb = (w2 @ torch.relu(w1 @ h + b1) + b2).reshape(n_fmb, d)
+        lcb = torch.stack([sum(layer.lcb.weight[t, m] * x[b, m] for m in range(n)) for t in range(n_lcb)])
+        tokens = torch.cat([fmb, lcb]) + x[b]  # n_fmb + n_lcb = n: the residual is X itself
+        for t in range(n_fmb + n_lcb):
+            ref[b, t] = layer_norm(tokens[t], layer.norm.weight, layer.norm.bias, layer.norm.eps)
+    assert seen["fm"].shape == (2, n * r)  # the FM block's flattened interactions, as the layer computed them
+    torch.testing.assert_close(seen["fm"], fm.reshape(2, -1))
+    torch.testing.assert_close(out, ref)
     assert WukongLayer(7, 2, 3, 4, 3, 8)(torch.randn(2, 7, 4)).shape == (2, 5, 4)
 
 

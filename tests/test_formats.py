@@ -217,27 +217,52 @@ def test_train_with_precision_and_reload(tmp_path):
 
 
 def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
-    from conftest import TINY_MODEL
+    import itertools
+
+    from conftest import TINY_MODEL, checkpoint_files
     from kunlun.config import load_config
     from kunlun.data.registry import prepare_dataset
     from kunlun.errors import KunlunError
     from kunlun.formats.gemm import EmulatedLinear
-    from kunlun.training.checkpoint import load_file, save_checkpoint
+    from kunlun.training.checkpoint import load_file
     from kunlun.training.trainer import Trainer
 
-    cfg = load_config(None, TINY_MODEL + ["train.max_steps=10", "train.epochs=1", "precision.format=mxfp4"])
-    t = Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path / "r", progress=False, logger=lambda m: None)
-    t.start_record()
-    last = tmp_path / "r" / "checkpoints" / "last"  # the last good state: here the initial weights
-    save_checkpoint(last, t.model, cfg.to_dict(), t.checkpoint_state())
-    good = load_file(str(last / "model.safetensors"))
+    cfg = load_config(None, TINY_MODEL + ["train.epochs=2", "train.patience=0", "precision.format=mxfp4"])
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    batches = t.train_batches.iterate  # short epochs, the first 4 batches of each shuffle: a full emulated one takes a minute
+    t.train_batches.iterate = lambda batch_size, rng=None: itertools.islice(batches(batch_size, rng), 4)
     layer = next(m for m in t.model.modules() if isinstance(m, EmulatedLinear))
-    with torch.no_grad():
-        layer.weight[0, 0] = float("inf")  # an overflow: the E8M0 scale of its block becomes NaN
-    with pytest.raises(KunlunError, match="non-finite training loss"):
-        t.train_epoch(0)
-    after = load_file(str(last / "model.safetensors"))
-    assert all(torch.equal(good[k], after[k]) for k in good)
+    ckpt = tmp_path / "r" / "checkpoints"
+    after_epoch_1, calls = {}, []
+    real_epoch, forward = t.train_epoch, t.model.forward
+
+    def overflow_at_third_step(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                layer.weight[0, 0] = float("inf")  # an overflow: the E8M0 scale of its block becomes NaN
+        return forward(batch)
+
+    def second_epoch_overflows(epoch):  # epoch 1 ran through fit and wrote checkpoints/best and last
+        if epoch == 1:
+            after_epoch_1.update(checkpoint_files(ckpt))
+            t.model.forward = overflow_at_third_step
+        return real_epoch(epoch)
+
+    t.train_epoch = second_epoch_overflows
+    with pytest.raises(KunlunError, match=r"non-finite training loss at step 7 \(epoch 2\)") as e:
+        t.fit()
+    assert f"The last good checkpoint is in {ckpt}" in str(e.value)
+    assert {"best/model.safetensors", "last/model.safetensors", "last/trainer_state.pt"} <= set(after_epoch_1)
+    assert checkpoint_files(ckpt) == after_epoch_1  # byte-identical after two more steps and the overflow; no temp dir
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
+    last = load_file(str(ckpt / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in last.values())
+    resumed = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    resumed.resume(ckpt / "last")  # the checkpoint loads, at the end of epoch 1
+    assert (resumed.state.epoch, resumed.state.step) == (1, 4)
+    assert all(torch.equal(v, last[k]) for k, v in resumed.model.state_dict().items())
 
 
 def test_formats_benchmark_spec_errors(tmp_path):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, checkpoint_files
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
@@ -44,10 +44,25 @@ def test_run_record_contents(tmp_path):
     assert final["train_examples_per_s"] > 0 and final["metrics"]["test"]["examples"] > 0
 
 
-def test_resume_continues_exactly(tmp_path):
+def resume_cfg():
+    return tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048")
+
+
+_STRAIGHT = {}
+
+
+@pytest.fixture
+def straight(tmp_path_factory):
+    """The resume tests' reference: 2 epochs uninterrupted, trained once per session. (run dir, final.json)."""
+    if not _STRAIGHT:
+        d = tmp_path_factory.mktemp("straight")
+        _STRAIGHT.update(dir=d, final=run(resume_cfg(), d)[1])
+    return _STRAIGHT["dir"], _STRAIGHT["final"]
+
+
+def test_resume_continues_exactly(tmp_path, straight):
     # 2 epochs straight == the same run killed after epoch 1, then resumed
-    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048")
-    _, straight = run(cfg, tmp_path / "straight")
+    cfg, (_, straight) = resume_cfg(), straight
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
     t.start_record()
@@ -68,22 +83,76 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["steps"] == straight["steps"]
 
 
+def test_resume_after_an_interrupt_mid_epoch_continues_exactly(tmp_path, straight):
+    # killed inside the batch loop, 5 steps into epoch 2 (the weights in memory have moved past the checkpoint),
+    # resumed from checkpoints/last: epoch 2 is redone from the end of epoch 1 and the run ends as if never killed
+    cfg, (straight_dir, straight) = resume_cfg(), straight
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t.start_record()
+    batches, epochs = t.train_batches.iterate, []
+
+    def killed_5_steps_into_second_epoch(batch_size, rng=None):
+        epochs.append(len(epochs))
+        for i, batch in enumerate(batches(batch_size, rng)):
+            if epochs[-1] == 1 and i == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    t.train_batches.iterate = killed_5_steps_into_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert t.state.step == t.steps_per_epoch + 5
+    t2 = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t2.resume(tmp_path / "killed" / "checkpoints" / "last")
+    resumed = t2.fit()
+    assert resumed["metrics"] == straight["metrics"]
+    for key in ("steps", "epochs_run", "best_epoch", "train_examples", "train_compute"):
+        assert resumed[key] == straight[key], key
+
+    def records(run_dir):  # epochs.jsonl without the timings
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+
+    assert [r["epoch"] for r in records(tmp_path / "killed")] == [1, 2]  # epoch 1 once, no duplicated line
+    assert records(tmp_path / "killed") == records(straight_dir)
+
+
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0")
+    # epoch 1 runs through fit (writing checkpoints/best and last); in epoch 2 the loss turns NaN after 3 good
+    # steps, so the weights in memory have moved past the checkpoint when training stops
+    cfg = tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=4096")
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
-    t.start_record()
-    t.train_epoch(0)  # one good epoch, then checkpoint it as the trainer does
-    from kunlun.training.checkpoint import load_file, save_checkpoint
+    ckpt = tmp_path / "r" / "checkpoints"
+    after_epoch_1 = {}
+    real_epoch, forward = t.train_epoch, t.model.forward
+    calls = []
 
-    save_checkpoint(tmp_path / "r" / "checkpoints" / "last", t.model, cfg.to_dict(), t.checkpoint_state())
-    good = load_file(str(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"))
-    forward = t.model.forward
-    monkeypatch.setattr(t.model, "forward", lambda b: forward(b) * float("nan"))
-    with pytest.raises(KunlunError, match="non-finite training loss"):
-        t.train_epoch(1)
-    after = load_file(str(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"))
-    assert all(torch.equal(good[k], after[k]) for k in good)
+    def nan_after_three_steps(batch):
+        calls.append(1)
+        return forward(batch) * (float("nan") if len(calls) > 3 else 1.0)
+
+    def second_epoch_goes_non_finite(epoch):
+        if epoch == 1:
+            after_epoch_1.update(checkpoint_files(ckpt))
+            monkeypatch.setattr(t.model, "forward", nan_after_three_steps)
+        return real_epoch(epoch)
+
+    t.train_epoch = second_epoch_goes_non_finite
+    with pytest.raises(KunlunError, match=rf"non-finite training loss at step {t.steps_per_epoch + 4} \(epoch 2\)") as e:
+        t.fit()
+    assert f"The last good checkpoint is in {ckpt}" in str(e.value)
+    assert {"best/model.safetensors", "last/model.safetensors", "last/trainer_state.pt"} <= set(after_epoch_1)
+    assert checkpoint_files(ckpt) == after_epoch_1  # byte-identical, and no file added (a half-written temp dir)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
+    from kunlun.training.checkpoint import load_file
+
+    last = load_file(str(ckpt / "last" / "model.safetensors"))
+    assert any(not torch.equal(v, last[k]) for k, v in t.model.state_dict().items())  # memory moved on; the files did not
+    resumed = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    resumed.resume(ckpt / "last")  # the checkpoint loads, at the end of epoch 1
+    assert (resumed.state.epoch, resumed.state.step) == (1, t.steps_per_epoch)
+    assert all(torch.equal(v, last[k]) for k, v in resumed.model.state_dict().items())
 
 
 def test_bf16_autocast_trains(tmp_path):
