@@ -3,6 +3,7 @@
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,152 @@ def test_hif4_rounds_to_its_grid():
     q = quantize(unit, "hif4").tolist()
     # first group of 4: e4 = 1 → grid 1; second: max 1.8 → e4 = 0 → grid 0.5, ties away from zero (0.25 → 0.5)
     assert q[:8] == [7.0, 0.0, 0.0, 1.0, 2.0, 0.5, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------ HiF4 against its spec
+# An independent reference for formats.md "HiFloat4": one unit at a time, one element at a time, in Python floats.
+# Python floats are float64, so every product below is exact (a float32 value has 24 significant bits, a BF16 value
+# 8), and each rounding the spec writes happens once, on the exact value.
+
+def _round_sig(v: float, bits: int) -> float:
+    """v ≥ 0 rounded to ``bits`` significant bits, ties to even (Python's round is half-even)."""
+    if v == 0:
+        return 0.0
+    m, e = math.frexp(v)  # v = m · 2^e, 0.5 ≤ m < 1
+    return math.ldexp(round(m * 2**bits) / 2**bits, e)
+
+
+def _bf16(v: float) -> float:
+    return _round_sig(v, 8)  # 1 implicit + 7 stored mantissa bits; S never needs BF16's subnormals (it is clipped at 2^-48)
+
+
+def _e6m2(v: float) -> float:
+    return _round_sig(v, 3)  # 1 implicit + 2 stored mantissa bits
+
+
+def hif4_spec(row: list[float]) -> list[float]:
+    """formats.md HiFloat4 steps 1–4 for one row (the reduction axis last), zero-padded to units of 64.
+    A unit holding NaN or ±Inf decodes to NaN everywhere (as the 4-bit formats' non-finite blocks)."""
+    n = len(row)
+    padded = list(row) + [0.0] * (-n % 64)
+    out: list[float] = []
+    for start in range(0, len(padded), 64):
+        unit = padded[start:start + 64]
+        if any(math.isnan(x) or math.isinf(x) for x in unit):
+            out += [math.nan] * 64
+            continue
+        m64 = max(abs(x) for x in unit)
+        s = min(max(_e6m2(_bf16(m64 * _bf16(1 / 7))), 2.0**-48), 49152.0)  # step 2
+        r = _bf16(1 / s)  # step 3
+        for g8 in range(8):  # step 1: [8][2][4]
+            eight = unit[8 * g8:8 * g8 + 8]
+            e8 = 1 if max(abs(x) for x in eight) * r >= 4 else 0
+            for g4 in range(2):
+                four = eight[4 * g4:4 * g4 + 4]
+                e4 = 1 if max(abs(x) for x in four) * r / 2**e8 >= 2 else 0
+                for x in four:
+                    k = min(7, math.floor(abs(x) * r * 4 / 2 ** (e8 + e4) + 0.5))  # step 4, half away from zero
+                    out.append(math.copysign(k / 4 * 2 ** (e8 + e4) * s, x))
+    return out[:n]
+
+
+def assert_matches_hif4_spec(x: torch.Tensor) -> None:
+    """quantize(x, "hif4") equals the reference bit for bit (NaN where the reference has NaN). x: [rows, n] float32."""
+    ours = quantize(x, "hif4")
+    spec = torch.tensor([hif4_spec(row) for row in x.tolist()], dtype=torch.float32).reshape(x.shape)
+    nan = torch.isnan(spec)
+    assert torch.equal(torch.isnan(ours), nan), f"NaN pattern differs in {(torch.isnan(ours) != nan).sum()} elements"
+    bad = (ours.view(torch.int32) != spec.view(torch.int32)) & ~nan
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        pytest.fail(f"{int(bad.sum())} of {x.numel()} elements differ from the spec; first at {i}: "
+                    f"x={x[tuple(i)].item()!r} ours={ours[tuple(i)].item()!r} spec={spec[tuple(i)].item()!r}")
+
+
+def _rounding_boundaries(rng: np.random.Generator, units: int) -> np.ndarray:
+    """Units whose elements sit on, and one float32 ulp either side of, every decision threshold of the spec:
+    the half-way points (k + ½)·2^(e8+e4)/(4r) of the element grids and the micro-exponent thresholds 2/r, 4/r."""
+    rows = []
+    for _ in range(units):
+        s = _e6m2(rng.uniform(1, 2)) * 2.0 ** int(rng.integers(-40, 14))
+        m64 = np.float32(7 * s)
+        r = _bf16(1 / min(max(_e6m2(_bf16(float(m64) * _bf16(1 / 7))), 2.0**-48), 49152.0))
+        points = [(k + 0.5) * 2**e / (4 * r) for k in range(7) for e in range(3)] + [2 / r, 4 / r, 8 / r]
+        near = np.array([np.nextafter(np.float32(p), np.float32(d)) for p in points for d in (-np.inf, 0, np.inf)], np.float32)
+        near = near[near <= m64]
+        unit = rng.choice(near, 64) * rng.choice([-1, 1], 64)
+        unit[rng.integers(64)] = m64 * rng.choice([-1, 1])
+        rows.append(unit)
+    return np.stack(rows).astype(np.float32)
+
+
+def _hif4_inputs(kind: str) -> torch.Tensor:
+    """[rows, n] float32 test inputs; n = 1000 is not a multiple of 64, so every row ends in a ragged unit."""
+    rng = np.random.default_rng(list(HIF4_KINDS).index(kind))
+    shape = (24, 1000)
+    if kind == "normal":
+        x = rng.standard_normal(shape)
+    elif kind == "lognormal":  # magnitudes over ~60 decades, each row its own scale
+        x = rng.choice([-1, 1], shape) * np.exp(rng.normal(0, 4, shape)) * 10.0 ** rng.uniform(-30, 30, (shape[0], 1))
+    elif kind == "limits":  # unit maxima at S's clip points 2^-48 and 49152 (·7), float32 subnormals, float32's max
+        centre = np.array([7 * 2.0**-48, 7 * 49152.0, 1e-40, 1e-44, 3e38, 7 * 2.0**-49, 7 * 57344.0, 1.0])
+        x = rng.uniform(-1, 1, shape) * centre[np.arange(shape[0]) % len(centre), None] * 2.0 ** rng.uniform(-2, 2, (shape[0], 1))
+        x[:, ::64] = np.sign(x[:, ::64]) * centre[np.arange(shape[0]) % len(centre), None]  # some unit maxima exactly on them
+    elif kind == "boundaries":
+        x = _rounding_boundaries(rng, shape[0] * 16).reshape(shape[0], -1)[:, :shape[1]]
+    elif kind == "zeros":  # all-zero units, −0.0, and units whose only non-zero is tiny
+        x = np.zeros(shape)
+        x[::3] = -0.0
+        x[1::3, ::64] = rng.uniform(-1, 1, x[1::3, ::64].shape) * 1e-30
+    elif kind == "nonfinite":  # NaN, +Inf and −Inf in some units; the other units must be untouched
+        x = rng.standard_normal(shape)
+        for value in (np.nan, np.inf, -np.inf):
+            x[rng.integers(0, shape[0], 8), rng.integers(0, shape[1], 8)] = value
+    return torch.from_numpy(np.asarray(x, dtype=np.float32).copy())
+
+
+HIF4_KINDS = ("normal", "lognormal", "limits", "boundaries", "zeros", "nonfinite")
+
+
+@pytest.mark.parametrize("kind", HIF4_KINDS)
+def test_hif4_matches_the_spec_bit_for_bit(kind):
+    assert_matches_hif4_spec(_hif4_inputs(kind))
+
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 130])
+def test_hif4_ragged_units_match_the_spec(n):
+    assert_matches_hif4_spec(torch.randn(3, n, generator=torch.Generator().manual_seed(n)) * 1e3)
+
+
+def test_hif4_scale_is_one_rounding_of_the_exact_product():
+    # BF16(m64 · BF16(1/7)) rounds the exact product once: m64 · 73/512 rounded to float32 first would land on a
+    # BF16 tie here and give S = 0.1875 instead of the spec's 0.21875.
+    unit = torch.zeros(64)
+    unit[0] = 1.4280822277069092
+    assert quantize(unit, "hif4")[0].item() == 7 * 0.21875 == hif4_spec(unit.tolist())[0]  # the unit's max decodes to 7·S
+
+
+def test_hif4_inf_makes_the_unit_nan():
+    x = torch.randn(2, 128)
+    x[0, 70] = float("inf")
+    q = quantize(x, "hif4")
+    assert torch.isnan(q[0, 64:]).all() and torch.isfinite(q[0, :64]).all() and torch.isfinite(q[1]).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hypothesis") is None, reason="hypothesis not installed (optional test dependency)")
+def test_hif4_matches_the_spec_on_generated_rows():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    any_float32 = st.floats(width=32)  # NaN, ±Inf, subnormals, float32's extremes
+    shared_scale = st.builds(lambda v, e: float(np.float32(v * 2.0**e)), st.floats(-8, 8, width=32), st.integers(-60, 30))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.one_of(st.lists(any_float32, min_size=1, max_size=140), st.lists(shared_scale, min_size=1, max_size=140)))
+    def check(row):
+        assert_matches_hif4_spec(torch.tensor([row], dtype=torch.float32))
+
+    check()
 
 
 def test_gaussian_mse_ratios_match_the_paper():
