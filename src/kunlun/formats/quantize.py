@@ -122,10 +122,15 @@ def nvfp4(x, axis=-1, tensor_scale=True, stochastic=False, generator=None):
     return _unblocks(q, info)
 
 
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e as float64 for integer ``e`` in [-1022, 1023], built from its exponent bits: exact on every device."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 def _round_significant(v: torch.Tensor, bits: int) -> torch.Tensor:
     """Non-negative float64 ``v`` rounded to ``bits`` significant bits, ties to even (float64 has room for it exactly)."""
     m, e = torch.frexp(v)  # v = m · 2^e, m in [0.5, 1)
-    return torch.round(m * 2**bits) / 2**bits * torch.exp2(e.double())
+    return torch.round(m * 2**bits) * _pow2(e - bits)
 
 
 HIF4_INV7 = 73 / 512  # BF16(1/7) = 0.142578125
@@ -148,8 +153,8 @@ def hif4(x, axis=-1, stochastic=False, generator=None):
     s = _round_significant(_round_significant(m64 * HIF4_INV7, 8), 3).clamp(HIF4_S_MIN, HIF4_S_MAX)  # E6M2(BF16(·))
     r = _round_significant(1 / s, 8)  # BF16(1/S)
     e8 = (m8 * r >= 4).double()
-    e4 = (m4 * r / torch.exp2(e8) >= 2).double()
-    micro = torch.exp2(e8 + e4)
+    e4 = (m4 * r / (1 + e8) >= 2).double()
+    micro = (1 + e8) * (1 + e4)  # 2^(e8+e4)
     v = a * (r * 4 / micro)  # |x|·r·4 / 2^(e8+e4): float32 × float64 → float64, exact
     if stochastic:
         v += torch.rand(v.shape, generator=generator, device=v.device)
@@ -245,5 +250,5 @@ def rotate(x: torch.Tensor, r: torch.Tensor, axis: int = -1) -> torch.Tensor:
     pad = (-x.shape[-1]) % b
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    y = (x.reshape(*x.shape[:-1], -1, b) @ r).reshape(x.shape)
+    y = (x.reshape(*x.shape[:-1], -1, b) @ r.to(x.dtype)).reshape(x.shape)
     return y.movedim(-1, axis)
