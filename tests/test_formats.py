@@ -312,13 +312,15 @@ def test_emulated_linear_matches_reference_quantized_gemms():
 
 
 def test_emulated_matmul_quantizes_all_three_gemms_and_broadcasts():
-    from kunlun.formats.gemm import Policy, PrecisionConfig, active, matmul
+    from kunlun.formats.gemm import EmulatedMatMul, MatMul, PrecisionConfig, apply_precision
 
     torch.manual_seed(0)
     w = torch.randn(6, 40, requires_grad=True)  # a learned [T, N] map shared by the batch (as LCE's)
     x = torch.randn(3, 40, 24, requires_grad=True)  # [B, N, D]
-    with active(Policy(PrecisionConfig(format="hif4"))):
-        y = matmul(w, x, ("weights", "activations"))
+    mm = MatMul()
+    apply_precision(mm, PrecisionConfig(format="hif4"))
+    assert type(mm) is EmulatedMatMul
+    y = mm(w, x, ("weights", "activations"))
     q = lambda t, axis: quantize(t.detach(), "hif4", axis)  # noqa: E731
     assert torch.equal(y.detach(), q(w, -1) @ q(x, -2))
     g = torch.randn(3, 6, 24)
@@ -326,8 +328,8 @@ def test_emulated_matmul_quantizes_all_three_gemms_and_broadcasts():
     # dW = Σ_b dY_b · X_bᵀ (reduction over D), dX = Wᵀ · dY (reduction over T), each operand quantized along its reduction axis
     assert torch.equal(w.grad, (q(g, -1) @ q(x, -1).transpose(-1, -2)).sum(0))
     assert torch.equal(x.grad, q(w, -2).transpose(-1, -2) @ q(g, -2))
-    plain = torch.randn(2, 5, 7) @ torch.randn(7, 3)
-    assert matmul(torch.ones(2, 5, 7), torch.ones(7, 3)).shape == plain.shape  # no policy: plain a @ b
+    a, b = torch.randn(2, 5, 7), torch.randn(7, 3)
+    assert torch.equal(MatMul()(a, b), a @ b)  # not swapped (FP32): plain a @ b
 
 
 def test_rht_keeps_the_product_and_first_last_stay_high_precision():
@@ -385,6 +387,119 @@ def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
         t.train_epoch(0)
     after = load_file(str(last / "model.safetensors"))
     assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def token_net(fmt, seed=0, **kw):
+    """LCE over tokens, then three Linear layers: x [B, 40, 24] → [B, 6, 1]; every GEMM emulated (nothing kept)."""
+    from kunlun.blocks.summary import LinearCompress
+    from kunlun.formats.gemm import PrecisionConfig, apply_precision
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(LinearCompress(40, 6), torch.nn.Linear(24, 24), torch.nn.Linear(24, 24), torch.nn.Linear(24, 1))
+    apply_precision(net, PrecisionConfig(format=fmt, keep_high_precision=[], **kw), seed=seed)
+    return net
+
+
+def test_precision_state_moves_with_the_model():
+    from kunlun.formats.gemm import EmulatedLinear, policies
+
+    net = token_net("hif4", rht=True, stochastic_rounding=True)
+    layer = net[1]
+    assert type(layer) is EmulatedLinear and "rht_matrix" in dict(layer.named_buffers())
+    assert set(net.state_dict()) == set(token_net("fp32").state_dict())  # non-persistent: a plain model's checkpoint keys
+    net(torch.randn(3, 40, 24)).sum().backward()
+    assert set(policies(net)[0].generators) == {"cpu"}  # stochastic rounding drew on the gradients' device
+    net.to(torch.float64)
+    assert layer.rht_matrix.dtype == torch.float64
+    net(torch.randn(3, 40, 24, dtype=torch.float64)).sum().backward()  # the rotation follows the operands' dtype
+    net.to("meta")
+    assert layer.rht_matrix.device.type == "meta" and layer.weight.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: RHT buffers and SR generators on a GPU need one")
+def test_rht_and_stochastic_rounding_train_on_cuda():
+    from kunlun.formats.gemm import policies
+
+    net = token_net("hif4", rht=True, stochastic_rounding=True).cuda()
+    x = torch.randn(3, 40, 24, device="cuda")
+    net(x).square().sum().backward()
+    assert net[1].rht_matrix.is_cuda and set(policies(net)[0].generators) == {"cuda:0"}
+    assert all(p.grad.is_cuda and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert torch.equal(quantize(x, "hif4").cpu(), quantize(x.cpu(), "hif4"))  # the quantizer is bit-identical on the GPU
+    ref = token_net("hif4", rht=True)  # the same weights on the CPU; the GEMM's summation order may differ
+    assert torch.allclose(net[0](x).cpu(), ref[0](x.cpu()), rtol=1e-5, atol=1e-6)
+
+
+def test_models_of_different_precision_do_not_interfere():
+    from kunlun.formats.gemm import policies
+
+    x = torch.randn(3, 40, 24)
+    nets = {fmt: token_net(fmt, stochastic_rounding=fmt != "fp32") for fmt in ("hif4", "mxfp4", "fp32")}
+    w = nets["fp32"][0].weight.detach()  # the same initial weights in all three
+    expected = {fmt: w @ x if fmt == "fp32" else quantize(w, fmt) @ quantize(x, fmt, axis=-2) for fmt in nets}
+    for fmt in ("hif4", "mxfp4", "fp32", "hif4", "fp32", "mxfp4"):  # interleaved, each model keeps its own format
+        assert torch.equal(nets[fmt][0](x), expected[fmt]), fmt  # the LCE submodule run on its own, too
+        nets[fmt](x)
+    with pytest.raises(RuntimeError):
+        nets["hif4"](torch.randn(3, 41, 24))  # a forward that fails half-way leaves nothing behind
+    assert torch.equal(nets["fp32"][0](x), expected["fp32"])
+    # stochastic rounding: each model draws from its own generators
+    hif4, mxfp4 = policies(nets["hif4"])[0], policies(nets["mxfp4"])[0]
+    nets["mxfp4"](x).sum().backward()
+    before = mxfp4.state_dict()["cpu"].clone()
+    nets["hif4"](x).sum().backward()
+    assert torch.equal(mxfp4.state_dict()["cpu"], before) and hif4 is not mxfp4
+
+
+def _head(data, n: int, n_eval: int):
+    """``data`` cut to its first n training and n_eval validation / test examples (a seconds-long training run)."""
+    import dataclasses
+
+    def cut(s, k):
+        return dataclasses.replace(s, **{f: getattr(s, f)[:k] for f in ("label", "cat", "num", "group", "time", "row")},
+                                   seq_start={q: a[:k] for q, a in s.seq_start.items()},
+                                   seq_end={q: a[:k] for q, a in s.seq_end.items()})
+
+    return dataclasses.replace(data, splits={k: cut(s, n if k == "train" else n_eval) for k, s in data.splits.items()})
+
+
+def test_stochastic_rounding_run_resumes_exactly(tmp_path):
+    # 2 epochs straight == the same run killed after epoch 1, then resumed: the rounding noise continues exactly
+    from conftest import TINY_MODEL
+    from kunlun.config import load_config
+    from kunlun.data.registry import prepare_dataset
+    from kunlun.training.checkpoint import load_trainer_state
+    from kunlun.training.trainer import Trainer
+
+    cfg = load_config(None, TINY_MODEL + ["model.d_model=8", "train.epochs=2", "train.max_steps=0", "train.patience=0",
+                                          "train.batch_size=256", "precision.format=mxfp4", "precision.rht=true",
+                                          "precision.stochastic_rounding=true"])
+    data = _head(prepare_dataset(cfg.data.dataset), 2048, 1024)
+    trainer = lambda d: Trainer(cfg, data, tmp_path / d, progress=False, logger=lambda m: None)  # noqa: E731
+    straight = trainer("straight")
+    straight.start_record()
+    straight_final = straight.fit()
+    killed = trainer("killed")
+    killed.start_record()
+    epoch = killed.train_epoch
+
+    def killed_in_second_epoch(e):
+        if e == 1:
+            raise KeyboardInterrupt
+        return epoch(e)
+
+    killed.train_epoch = killed_in_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    last = tmp_path / "killed" / "checkpoints" / "last"
+    assert set(load_trainer_state(last)["precision_rng"][0]) == {"cpu"}
+    resumed = trainer("killed")
+    resumed.resume(last)
+    final = resumed.fit()
+    assert final["metrics"] == straight_final["metrics"] and final["steps"] == straight_final["steps"] == 16
+    # the final metrics are the best epoch's, maybe the first: the second epoch's own numbers must match too
+    epochs = lambda t: [(h["train_loss"], h["valid"]) for h in t.history]  # noqa: E731
+    assert epochs(resumed) == epochs(straight) and len(epochs(straight)) == 2
 
 
 def test_formats_benchmark_spec_errors(tmp_path):
