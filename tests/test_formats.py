@@ -3,6 +3,7 @@
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,152 @@ def test_hif4_rounds_to_its_grid():
     q = quantize(unit, "hif4").tolist()
     # first group of 4: e4 = 1 → grid 1; second: max 1.8 → e4 = 0 → grid 0.5, ties away from zero (0.25 → 0.5)
     assert q[:8] == [7.0, 0.0, 0.0, 1.0, 2.0, 0.5, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------ HiF4 against its spec
+# An independent reference for formats.md "HiFloat4": one unit at a time, one element at a time, in Python floats.
+# Python floats are float64, so every product below is exact (a float32 value has 24 significant bits, a BF16 value
+# 8), and each rounding the spec writes happens once, on the exact value.
+
+def _round_sig(v: float, bits: int) -> float:
+    """v ≥ 0 rounded to ``bits`` significant bits, ties to even (Python's round is half-even)."""
+    if v == 0:
+        return 0.0
+    m, e = math.frexp(v)  # v = m · 2^e, 0.5 ≤ m < 1
+    return math.ldexp(round(m * 2**bits) / 2**bits, e)
+
+
+def _bf16(v: float) -> float:
+    return _round_sig(v, 8)  # 1 implicit + 7 stored mantissa bits; S never needs BF16's subnormals (it is clipped at 2^-48)
+
+
+def _e6m2(v: float) -> float:
+    return _round_sig(v, 3)  # 1 implicit + 2 stored mantissa bits
+
+
+def hif4_spec(row: list[float]) -> list[float]:
+    """formats.md HiFloat4 steps 1–4 for one row (the reduction axis last), zero-padded to units of 64.
+    A unit holding NaN or ±Inf decodes to NaN everywhere (as the 4-bit formats' non-finite blocks)."""
+    n = len(row)
+    padded = list(row) + [0.0] * (-n % 64)
+    out: list[float] = []
+    for start in range(0, len(padded), 64):
+        unit = padded[start:start + 64]
+        if any(math.isnan(x) or math.isinf(x) for x in unit):
+            out += [math.nan] * 64
+            continue
+        m64 = max(abs(x) for x in unit)
+        s = min(max(_e6m2(_bf16(m64 * _bf16(1 / 7))), 2.0**-48), 49152.0)  # step 2
+        r = _bf16(1 / s)  # step 3
+        for g8 in range(8):  # step 1: [8][2][4]
+            eight = unit[8 * g8:8 * g8 + 8]
+            e8 = 1 if max(abs(x) for x in eight) * r >= 4 else 0
+            for g4 in range(2):
+                four = eight[4 * g4:4 * g4 + 4]
+                e4 = 1 if max(abs(x) for x in four) * r / 2**e8 >= 2 else 0
+                for x in four:
+                    k = min(7, math.floor(abs(x) * r * 4 / 2 ** (e8 + e4) + 0.5))  # step 4, half away from zero
+                    out.append(math.copysign(k / 4 * 2 ** (e8 + e4) * s, x))
+    return out[:n]
+
+
+def assert_matches_hif4_spec(x: torch.Tensor) -> None:
+    """quantize(x, "hif4") equals the reference bit for bit (NaN where the reference has NaN). x: [rows, n] float32."""
+    ours = quantize(x, "hif4")
+    spec = torch.tensor([hif4_spec(row) for row in x.tolist()], dtype=torch.float32).reshape(x.shape)
+    nan = torch.isnan(spec)
+    assert torch.equal(torch.isnan(ours), nan), f"NaN pattern differs in {(torch.isnan(ours) != nan).sum()} elements"
+    bad = (ours.view(torch.int32) != spec.view(torch.int32)) & ~nan
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        pytest.fail(f"{int(bad.sum())} of {x.numel()} elements differ from the spec; first at {i}: "
+                    f"x={x[tuple(i)].item()!r} ours={ours[tuple(i)].item()!r} spec={spec[tuple(i)].item()!r}")
+
+
+def _rounding_boundaries(rng: np.random.Generator, units: int) -> np.ndarray:
+    """Units whose elements sit on, and one float32 ulp either side of, every decision threshold of the spec:
+    the half-way points (k + ½)·2^(e8+e4)/(4r) of the element grids and the micro-exponent thresholds 2/r, 4/r."""
+    rows = []
+    for _ in range(units):
+        s = _e6m2(rng.uniform(1, 2)) * 2.0 ** int(rng.integers(-40, 14))
+        m64 = np.float32(7 * s)
+        r = _bf16(1 / min(max(_e6m2(_bf16(float(m64) * _bf16(1 / 7))), 2.0**-48), 49152.0))
+        points = [(k + 0.5) * 2**e / (4 * r) for k in range(7) for e in range(3)] + [2 / r, 4 / r, 8 / r]
+        near = np.array([np.nextafter(np.float32(p), np.float32(d)) for p in points for d in (-np.inf, 0, np.inf)], np.float32)
+        near = near[near <= m64]
+        unit = rng.choice(near, 64) * rng.choice([-1, 1], 64)
+        unit[rng.integers(64)] = m64 * rng.choice([-1, 1])
+        rows.append(unit)
+    return np.stack(rows).astype(np.float32)
+
+
+def _hif4_inputs(kind: str) -> torch.Tensor:
+    """[rows, n] float32 test inputs; n = 1000 is not a multiple of 64, so every row ends in a ragged unit."""
+    rng = np.random.default_rng(list(HIF4_KINDS).index(kind))
+    shape = (24, 1000)
+    if kind == "normal":
+        x = rng.standard_normal(shape)
+    elif kind == "lognormal":  # magnitudes over ~60 decades, each row its own scale
+        x = rng.choice([-1, 1], shape) * np.exp(rng.normal(0, 4, shape)) * 10.0 ** rng.uniform(-30, 30, (shape[0], 1))
+    elif kind == "limits":  # unit maxima at S's clip points 2^-48 and 49152 (·7), float32 subnormals, float32's max
+        centre = np.array([7 * 2.0**-48, 7 * 49152.0, 1e-40, 1e-44, 3e38, 7 * 2.0**-49, 7 * 57344.0, 1.0])
+        x = rng.uniform(-1, 1, shape) * centre[np.arange(shape[0]) % len(centre), None] * 2.0 ** rng.uniform(-2, 2, (shape[0], 1))
+        x[:, ::64] = np.sign(x[:, ::64]) * centre[np.arange(shape[0]) % len(centre), None]  # some unit maxima exactly on them
+    elif kind == "boundaries":
+        x = _rounding_boundaries(rng, shape[0] * 16).reshape(shape[0], -1)[:, :shape[1]]
+    elif kind == "zeros":  # all-zero units, −0.0, and units whose only non-zero is tiny
+        x = np.zeros(shape)
+        x[::3] = -0.0
+        x[1::3, ::64] = rng.uniform(-1, 1, x[1::3, ::64].shape) * 1e-30
+    elif kind == "nonfinite":  # NaN, +Inf and −Inf in some units; the other units must be untouched
+        x = rng.standard_normal(shape)
+        for value in (np.nan, np.inf, -np.inf):
+            x[rng.integers(0, shape[0], 8), rng.integers(0, shape[1], 8)] = value
+    return torch.from_numpy(np.asarray(x, dtype=np.float32).copy())
+
+
+HIF4_KINDS = ("normal", "lognormal", "limits", "boundaries", "zeros", "nonfinite")
+
+
+@pytest.mark.parametrize("kind", HIF4_KINDS)
+def test_hif4_matches_the_spec_bit_for_bit(kind):
+    assert_matches_hif4_spec(_hif4_inputs(kind))
+
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 130])
+def test_hif4_ragged_units_match_the_spec(n):
+    assert_matches_hif4_spec(torch.randn(3, n, generator=torch.Generator().manual_seed(n)) * 1e3)
+
+
+def test_hif4_scale_is_one_rounding_of_the_exact_product():
+    # BF16(m64 · BF16(1/7)) rounds the exact product once: m64 · 73/512 rounded to float32 first would land on a
+    # BF16 tie here and give S = 0.1875 instead of the spec's 0.21875.
+    unit = torch.zeros(64)
+    unit[0] = 1.4280822277069092
+    assert quantize(unit, "hif4")[0].item() == 7 * 0.21875 == hif4_spec(unit.tolist())[0]  # the unit's max decodes to 7·S
+
+
+def test_hif4_inf_makes_the_unit_nan():
+    x = torch.randn(2, 128)
+    x[0, 70] = float("inf")
+    q = quantize(x, "hif4")
+    assert torch.isnan(q[0, 64:]).all() and torch.isfinite(q[0, :64]).all() and torch.isfinite(q[1]).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hypothesis") is None, reason="hypothesis not installed (optional test dependency)")
+def test_hif4_matches_the_spec_on_generated_rows():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    any_float32 = st.floats(width=32)  # NaN, ±Inf, subnormals, float32's extremes
+    shared_scale = st.builds(lambda v, e: float(np.float32(v * 2.0**e)), st.floats(-8, 8, width=32), st.integers(-60, 30))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.one_of(st.lists(any_float32, min_size=1, max_size=140), st.lists(shared_scale, min_size=1, max_size=140)))
+    def check(row):
+        assert_matches_hif4_spec(torch.tensor([row], dtype=torch.float32))
+
+    check()
 
 
 def test_gaussian_mse_ratios_match_the_paper():
@@ -165,13 +312,15 @@ def test_emulated_linear_matches_reference_quantized_gemms():
 
 
 def test_emulated_matmul_quantizes_all_three_gemms_and_broadcasts():
-    from kunlun.formats.gemm import Policy, PrecisionConfig, active, matmul
+    from kunlun.formats.gemm import EmulatedMatMul, MatMul, PrecisionConfig, apply_precision
 
     torch.manual_seed(0)
     w = torch.randn(6, 40, requires_grad=True)  # a learned [T, N] map shared by the batch (as LCE's)
     x = torch.randn(3, 40, 24, requires_grad=True)  # [B, N, D]
-    with active(Policy(PrecisionConfig(format="hif4"))):
-        y = matmul(w, x, ("weights", "activations"))
+    mm = MatMul()
+    apply_precision(mm, PrecisionConfig(format="hif4"))
+    assert type(mm) is EmulatedMatMul
+    y = mm(w, x, ("weights", "activations"))
     q = lambda t, axis: quantize(t.detach(), "hif4", axis)  # noqa: E731
     assert torch.equal(y.detach(), q(w, -1) @ q(x, -2))
     g = torch.randn(3, 6, 24)
@@ -179,8 +328,8 @@ def test_emulated_matmul_quantizes_all_three_gemms_and_broadcasts():
     # dW = Σ_b dY_b · X_bᵀ (reduction over D), dX = Wᵀ · dY (reduction over T), each operand quantized along its reduction axis
     assert torch.equal(w.grad, (q(g, -1) @ q(x, -1).transpose(-1, -2)).sum(0))
     assert torch.equal(x.grad, q(w, -2).transpose(-1, -2) @ q(g, -2))
-    plain = torch.randn(2, 5, 7) @ torch.randn(7, 3)
-    assert matmul(torch.ones(2, 5, 7), torch.ones(7, 3)).shape == plain.shape  # no policy: plain a @ b
+    a, b = torch.randn(2, 5, 7), torch.randn(7, 3)
+    assert torch.equal(MatMul()(a, b), a @ b)  # not swapped (FP32): plain a @ b
 
 
 def test_rht_keeps_the_product_and_first_last_stay_high_precision():
@@ -263,6 +412,119 @@ def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
     resumed.resume(ckpt / "last")  # the checkpoint loads, at the end of epoch 1
     assert (resumed.state.epoch, resumed.state.step) == (1, 4)
     assert all(torch.equal(v, last[k]) for k, v in resumed.model.state_dict().items())
+
+
+def token_net(fmt, seed=0, **kw):
+    """LCE over tokens, then three Linear layers: x [B, 40, 24] → [B, 6, 1]; every GEMM emulated (nothing kept)."""
+    from kunlun.blocks.summary import LinearCompress
+    from kunlun.formats.gemm import PrecisionConfig, apply_precision
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(LinearCompress(40, 6), torch.nn.Linear(24, 24), torch.nn.Linear(24, 24), torch.nn.Linear(24, 1))
+    apply_precision(net, PrecisionConfig(format=fmt, keep_high_precision=[], **kw), seed=seed)
+    return net
+
+
+def test_precision_state_moves_with_the_model():
+    from kunlun.formats.gemm import EmulatedLinear, policies
+
+    net = token_net("hif4", rht=True, stochastic_rounding=True)
+    layer = net[1]
+    assert type(layer) is EmulatedLinear and "rht_matrix" in dict(layer.named_buffers())
+    assert set(net.state_dict()) == set(token_net("fp32").state_dict())  # non-persistent: a plain model's checkpoint keys
+    net(torch.randn(3, 40, 24)).sum().backward()
+    assert set(policies(net)[0].generators) == {"cpu"}  # stochastic rounding drew on the gradients' device
+    net.to(torch.float64)
+    assert layer.rht_matrix.dtype == torch.float64
+    net(torch.randn(3, 40, 24, dtype=torch.float64)).sum().backward()  # the rotation follows the operands' dtype
+    net.to("meta")
+    assert layer.rht_matrix.device.type == "meta" and layer.weight.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: RHT buffers and SR generators on a GPU need one")
+def test_rht_and_stochastic_rounding_train_on_cuda():
+    from kunlun.formats.gemm import policies
+
+    net = token_net("hif4", rht=True, stochastic_rounding=True).cuda()
+    x = torch.randn(3, 40, 24, device="cuda")
+    net(x).square().sum().backward()
+    assert net[1].rht_matrix.is_cuda and set(policies(net)[0].generators) == {"cuda:0"}
+    assert all(p.grad.is_cuda and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert torch.equal(quantize(x, "hif4").cpu(), quantize(x.cpu(), "hif4"))  # the quantizer is bit-identical on the GPU
+    ref = token_net("hif4", rht=True)  # the same weights on the CPU; the GEMM's summation order may differ
+    assert torch.allclose(net[0](x).cpu(), ref[0](x.cpu()), rtol=1e-5, atol=1e-6)
+
+
+def test_models_of_different_precision_do_not_interfere():
+    from kunlun.formats.gemm import policies
+
+    x = torch.randn(3, 40, 24)
+    nets = {fmt: token_net(fmt, stochastic_rounding=fmt != "fp32") for fmt in ("hif4", "mxfp4", "fp32")}
+    w = nets["fp32"][0].weight.detach()  # the same initial weights in all three
+    expected = {fmt: w @ x if fmt == "fp32" else quantize(w, fmt) @ quantize(x, fmt, axis=-2) for fmt in nets}
+    for fmt in ("hif4", "mxfp4", "fp32", "hif4", "fp32", "mxfp4"):  # interleaved, each model keeps its own format
+        assert torch.equal(nets[fmt][0](x), expected[fmt]), fmt  # the LCE submodule run on its own, too
+        nets[fmt](x)
+    with pytest.raises(RuntimeError):
+        nets["hif4"](torch.randn(3, 41, 24))  # a forward that fails half-way leaves nothing behind
+    assert torch.equal(nets["fp32"][0](x), expected["fp32"])
+    # stochastic rounding: each model draws from its own generators
+    hif4, mxfp4 = policies(nets["hif4"])[0], policies(nets["mxfp4"])[0]
+    nets["mxfp4"](x).sum().backward()
+    before = mxfp4.state_dict()["cpu"].clone()
+    nets["hif4"](x).sum().backward()
+    assert torch.equal(mxfp4.state_dict()["cpu"], before) and hif4 is not mxfp4
+
+
+def _head(data, n: int, n_eval: int):
+    """``data`` cut to its first n training and n_eval validation / test examples (a seconds-long training run)."""
+    import dataclasses
+
+    def cut(s, k):
+        return dataclasses.replace(s, **{f: getattr(s, f)[:k] for f in ("label", "cat", "num", "group", "time", "row")},
+                                   seq_start={q: a[:k] for q, a in s.seq_start.items()},
+                                   seq_end={q: a[:k] for q, a in s.seq_end.items()})
+
+    return dataclasses.replace(data, splits={k: cut(s, n if k == "train" else n_eval) for k, s in data.splits.items()})
+
+
+def test_stochastic_rounding_run_resumes_exactly(tmp_path):
+    # 2 epochs straight == the same run killed after epoch 1, then resumed: the rounding noise continues exactly
+    from conftest import TINY_MODEL
+    from kunlun.config import load_config
+    from kunlun.data.registry import prepare_dataset
+    from kunlun.training.checkpoint import load_trainer_state
+    from kunlun.training.trainer import Trainer
+
+    cfg = load_config(None, TINY_MODEL + ["model.d_model=8", "train.epochs=2", "train.max_steps=0", "train.patience=0",
+                                          "train.batch_size=256", "precision.format=mxfp4", "precision.rht=true",
+                                          "precision.stochastic_rounding=true"])
+    data = _head(prepare_dataset(cfg.data.dataset), 2048, 1024)
+    trainer = lambda d: Trainer(cfg, data, tmp_path / d, progress=False, logger=lambda m: None)  # noqa: E731
+    straight = trainer("straight")
+    straight.start_record()
+    straight_final = straight.fit()
+    killed = trainer("killed")
+    killed.start_record()
+    epoch = killed.train_epoch
+
+    def killed_in_second_epoch(e):
+        if e == 1:
+            raise KeyboardInterrupt
+        return epoch(e)
+
+    killed.train_epoch = killed_in_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    last = tmp_path / "killed" / "checkpoints" / "last"
+    assert set(load_trainer_state(last)["precision_rng"][0]) == {"cpu"}
+    resumed = trainer("killed")
+    resumed.resume(last)
+    final = resumed.fit()
+    assert final["metrics"] == straight_final["metrics"] and final["steps"] == straight_final["steps"] == 16
+    # the final metrics are the best epoch's, maybe the first: the second epoch's own numbers must match too
+    epochs = lambda t: [(h["train_loss"], h["valid"]) for h in t.history]  # noqa: E731
+    assert epochs(resumed) == epochs(straight) and len(epochs(straight)) == 2
 
 
 def test_formats_benchmark_spec_errors(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.common import activation, linear_flops
-from kunlun.formats.gemm import matmul
+from kunlun.formats.gemm import MatMul
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,15 +58,17 @@ def head_activation(scores: torch.Tensor, act: str | list[str]) -> torch.Tensor:
 
 def gdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, act: str | list[str] = "silu", scale: float | None = None,
-    key_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None, matmul: MatMul | None = None,
 ) -> torch.Tensor:
     """Generalised dot-product attention, reference implementation.
 
     O = (act(Q·Kᵀ) · scale) · V — the softmax is replaced by an element-wise activation (one for all
     heads, or one per head) and rows are not normalised. q: [B, H, Lq, dh]; k, v: [B, H, Lk, dh];
-    key_mask: [B, Lk] bool or None → [B, H, Lq, dh]. ``scale`` defaults to 1/√dh.
+    key_mask: [B, Lk] bool or None → [B, H, Lq, dh]. ``scale`` defaults to 1/√dh. ``matmul``: the calling module's
+    MatMul, so both products run in that module's precision (plain ``torch.matmul`` when None).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    matmul = matmul or torch.matmul
     a = head_activation(matmul(q, k.transpose(-1, -2)), act) * scale
     if key_mask is not None:
         a = a * key_mask[:, None, None, :].to(a.dtype)
@@ -89,6 +91,7 @@ class MultiHeadAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
+        self.matmul = MatMul()
 
     def forward(self, query: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor, tau: torch.Tensor | None = None) -> torch.Tensor:
         """``tau`` [B, L] (self-attention only): continuous rotary positions applied to q and k."""
@@ -98,13 +101,13 @@ class MultiHeadAttention(nn.Module):
             q, k = rotary(q, tau, self.rotary_base), rotary(k, tau, self.rotary_base)
         if self.banded(query.shape[-2], kv.shape[1]):
             return self.o(merge_heads(self._banded(q, k, v, key_mask)))
-        scores = matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dim // self.heads)  # [B, H, Lq, Lk]
+        scores = self.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dim // self.heads)  # [B, H, Lq, Lk]
         visible = key_mask[:, None, None, :]
         if self.window:
             visible = visible & window_mask(kv.shape[1], self.window, kv.device)
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         attn = torch.softmax(scores, dim=-1) * visible.to(scores.dtype)
-        return self.o(merge_heads(matmul(attn, v)))
+        return self.o(merge_heads(self.matmul(attn, v)))
 
     def banded(self, lq: int, lk: int) -> bool:
         """Sliding-window self-attention computes only the band when the band is narrower than L."""
@@ -118,10 +121,10 @@ class MultiHeadAttention(nn.Module):
         kw = nn.functional.pad(k, (0, 0, w, w)).unfold(2, width, 1)  # [B, H, L, dh, 2W+1]
         vw = nn.functional.pad(v, (0, 0, w, w)).unfold(2, width, 1)
         mw = nn.functional.pad(key_mask, (w, w)).unfold(1, width, 1)[:, None]  # [B, 1, L, 2W+1]
-        scores = matmul(q.unsqueeze(-2), kw).squeeze(-2) / math.sqrt(q.shape[-1])  # [B, H, L, 2W+1]
+        scores = self.matmul(q.unsqueeze(-2), kw).squeeze(-2) / math.sqrt(q.shape[-1])  # [B, H, L, 2W+1]
         scores = scores.masked_fill(~mw, torch.finfo(scores.dtype).min)
         attn = torch.softmax(scores, dim=-1) * mw.to(scores.dtype)
-        return matmul(attn.unsqueeze(-2), vw.transpose(-1, -2)).squeeze(-2)
+        return self.matmul(attn.unsqueeze(-2), vw.transpose(-1, -2)).squeeze(-2)
 
     def flops(self, lq: int, lk: int) -> int:
         f = linear_flops(lk, self.dim, 2 * self.dim) + linear_flops(lq, self.dim, self.dim)  # k, v, o

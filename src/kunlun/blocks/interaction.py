@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.common import linear_flops
-from kunlun.formats.gemm import matmul
+from kunlun.formats.gemm import MatMul
 
 
 class CrossNetV2(nn.Module):
@@ -55,6 +55,7 @@ class TargetAttention(nn.Module):
         self.out = nn.Linear(dims[-1], 1)
         self.dims = [*dims, 1]
         self.dim = dim
+        self.matmul = MatMul()
 
     def forward(self, history: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         t = target.unsqueeze(1).expand_as(history)
@@ -62,7 +63,7 @@ class TargetAttention(nn.Module):
         for layer, act in zip(self.layers, self.acts):
             h = act(layer(h))
         w = self.out(h).squeeze(-1) * mask.to(history.dtype)  # [B, L]
-        return matmul(w.unsqueeze(1), history).squeeze(1)
+        return self.matmul(w.unsqueeze(1), history).squeeze(1)
 
     def flops(self, length: int) -> int:
         mlp = sum(linear_flops(length, a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))

@@ -17,6 +17,7 @@ from torch import nn
 
 from kunlun.blocks.attention import gdpa, merge_heads, split_heads
 from kunlun.blocks.common import linear_flops
+from kunlun.formats.gemm import MatMul
 
 
 class GDPAPFFN(nn.Module):
@@ -33,11 +34,12 @@ class GDPAPFFN(nn.Module):
         self.k = nn.Linear(self.kv_dim, dim)
         self.v = nn.Linear(self.kv_dim, dim)
         self.norm_out = nn.RMSNorm(dim)
+        self.matmul = MatMul()
 
     def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q_n = self.norm_q(s)
         k, v = split_heads(self.k(summary), self.heads), split_heads(self.v(summary), self.heads)
-        h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act)) + q_n
+        h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act, matmul=self.matmul)) + q_n
         return (self.norm_out(h) + s) * mask.unsqueeze(-1)
 
     def flops(self, length: int, summary_tokens: int) -> int:

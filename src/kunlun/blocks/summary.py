@@ -17,7 +17,7 @@ from torch import nn
 
 from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.common import MLP, linear_flops
-from kunlun.formats.gemm import matmul
+from kunlun.formats.gemm import MatMul
 
 
 class LinearCompress(nn.Module):
@@ -27,9 +27,10 @@ class LinearCompress(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
         self.n_in, self.n_out = n_in, n_out
+        self.matmul = MatMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(self.weight, x, ("weights", "activations"))
+        return self.matmul(self.weight, x, ("weights", "activations"))
 
     def flops(self, dim: int) -> int:
         return 2 * self.n_out * self.n_in * dim
@@ -66,13 +67,14 @@ class SumKronLinear(nn.Module):
         self.z = nn.Parameter(torch.randn(rank, n_in, n_out) / n_in**0.5)
         self.w = nn.Parameter(torch.randn(rank, dim, dim) / (dim * rank) ** 0.5)
         self.n_in, self.n_out, self.dim, self.rank = n_in, n_out, dim, rank
+        self.matmul = MatMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k = x.shape[0], self.rank
-        zx = matmul(self.z.transpose(1, 2), x.unsqueeze(1), ("weights", "activations"))  # Z_iᵀ·X_b: [B, k, T, D]
+        zx = self.matmul(self.z.transpose(1, 2), x.unsqueeze(1), ("weights", "activations"))  # Z_iᵀ·X_b: [B, k, T, D]
         # Σ_i (Z_iᵀ X_b) W_i is one GEMM with reduction over (i, d): [B, T, k·D] · [k·D, D]
-        return matmul(zx.transpose(1, 2).reshape(b, self.n_out, k * self.dim), self.w.reshape(k * self.dim, self.dim),
-                      ("activations", "weights"))
+        return self.matmul(zx.transpose(1, 2).reshape(b, self.n_out, k * self.dim), self.w.reshape(k * self.dim, self.dim),
+                           ("activations", "weights"))
 
     def flops(self) -> int:
         return 2 * self.rank * self.n_out * (self.n_in * self.dim + self.dim * self.dim)

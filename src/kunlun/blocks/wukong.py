@@ -15,7 +15,7 @@ from torch import nn
 
 from kunlun.blocks.common import MLP
 from kunlun.blocks.summary import LinearCompress
-from kunlun.formats.gemm import matmul
+from kunlun.formats.gemm import MatMul
 
 
 class WukongLayer(nn.Module):
@@ -31,11 +31,12 @@ class WukongLayer(nn.Module):
         n_out = n_fmb + n_lcb
         self.residual = LinearCompress(n_in, n_out) if n_out != n_in else None
         self.norm = nn.LayerNorm(dim)
+        self.matmul = MatMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        xtp = matmul(x.transpose(1, 2), self.proj, ("activations", "weights"))  # Xᵀ·P: [B, D, r]
-        fm = matmul(x, xtp)  # X·(Xᵀ·P): [B, N, r]
+        xtp = self.matmul(x.transpose(1, 2), self.proj, ("activations", "weights"))  # Xᵀ·P: [B, D, r]
+        fm = self.matmul(x, xtp)  # X·(Xᵀ·P): [B, N, r]
         fmb = self.fm_mlp(self.fm_norm(fm.reshape(b, -1))).reshape(b, self.n_fmb, self.dim)
         out = torch.cat([fmb, self.lcb(x)], dim=1) if self.lcb is not None else fmb
         res = self.residual(x) if self.residual is not None else x

@@ -122,28 +122,47 @@ def nvfp4(x, axis=-1, tensor_scale=True, stochastic=False, generator=None):
     return _unblocks(q, info)
 
 
-def _e6m2(v: torch.Tensor) -> torch.Tensor:
-    """Positive ``v`` with its mantissa rounded to 2 bits (nearest even)."""
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e as float64 for integer ``e`` in [-1022, 1023], built from its exponent bits: exact on every device."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def _round_significant(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative float64 ``v`` rounded to ``bits`` significant bits, ties to even (float64 has room for it exactly)."""
     m, e = torch.frexp(v)  # v = m · 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.round(m * 8) / 8, e)
+    return torch.round(m * 2**bits) * _pow2(e - bits)
+
+
+HIF4_INV7 = 73 / 512  # BF16(1/7) = 0.142578125
+HIF4_S_MIN, HIF4_S_MAX = 2.0**-48, 49152.0
 
 
 def hif4(x, axis=-1, stochastic=False, generator=None):
+    """HiFloat4 as formats.md writes it, step for step. The arithmetic is float64, where every product of a float32
+    value and a BF16 value is exact, so each rounding the spec names happens once on the exact value: in float32,
+    m64 · BF16(1/7) would be rounded twice (to float32, then BF16), and |x| · r could land on a rounding tie that
+    the exact product misses. A unit holding NaN or Inf decodes to NaN, as a 4-bit block's overflow never clips."""
     b, info = _blocks(x, axis, BLOCK["hif4"])
     u = b.reshape(*b.shape[:-1], 8, 2, 4)  # 64 = 8 groups of 8 = 16 groups of 4
     a = u.abs()
-    m4 = a.amax(-1, keepdim=True)  # [..., 8, 2, 1]
+    m4 = a.amax(-1, keepdim=True).double()  # [..., 8, 2, 1]
     m8 = m4.amax(-2, keepdim=True)  # [..., 8, 1, 1]
     m64 = m8.amax(-3, keepdim=True)  # [..., 1, 1, 1]
-    inv7 = bf16(torch.tensor(1 / 7))
-    s = _e6m2(bf16(bf16(m64) * inv7)).clamp(2.0**-48, 49152.0)
-    r = bf16(1 / s)
-    e8 = (m8 * r >= 4).float()
-    e4 = (m4 * r / torch.exp2(e8) >= 2).float()
-    micro = torch.exp2(e8 + e4)
-    k = _round(a * r * 4 / micro, stochastic, generator, half_even=False).clamp(max=7)
-    q = torch.copysign(k / 4 * micro * s, u)
-    q = torch.where(torch.isnan(m64), torch.nan, q)
+    finite = torch.isfinite(m64)
+    m64 = torch.where(finite, m64, 1.0)  # the unit becomes NaN below; keep the arithmetic finite
+    s = _round_significant(_round_significant(m64 * HIF4_INV7, 8), 3).clamp(HIF4_S_MIN, HIF4_S_MAX)  # E6M2(BF16(·))
+    r = _round_significant(1 / s, 8)  # BF16(1/S)
+    e8 = (m8 * r >= 4).double()
+    e4 = (m4 * r / (1 + e8) >= 2).double()
+    micro = (1 + e8) * (1 + e4)  # 2^(e8+e4)
+    v = a * (r * 4 / micro)  # |x|·r·4 / 2^(e8+e4): float32 × float64 → float64, exact
+    if stochastic:
+        v += torch.rand(v.shape, generator=generator, device=v.device)
+    else:
+        v += 0.5  # then floor: half away from zero
+    k = v.floor_().clamp_(max=7).float()
+    q = k * (micro * s / 4).float()  # k/4 · 2^(e8+e4) · S has ≤ 6 significant bits: exact in float32
+    q = torch.where(finite, torch.copysign(q, u), torch.nan)
     return _unblocks(q.reshape(b.shape), info)
 
 
@@ -231,5 +250,5 @@ def rotate(x: torch.Tensor, r: torch.Tensor, axis: int = -1) -> torch.Tensor:
     pad = (-x.shape[-1]) % b
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    y = (x.reshape(*x.shape[:-1], -1, b) @ r).reshape(x.shape)
+    y = (x.reshape(*x.shape[:-1], -1, b) @ r.to(x.dtype)).reshape(x.shape)
     return y.movedim(-1, axis)

@@ -31,7 +31,7 @@ from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import CrossNetV2
 from kunlun.blocks.summary import NonSequenceSummary, SeedPooling
 from kunlun.data.batches import Batch
-from kunlun.formats.gemm import matmul
+from kunlun.formats.gemm import MatMul
 from kunlun.models.base import RankingModel, register
 from kunlun.models.base_config import check_dropout, check_heads, check_positive
 
@@ -71,10 +71,11 @@ class PersonalizedFFN(nn.Module):
         self.generate = nn.Linear(summary_tokens * dim, dim * dim)
         nn.init.normal_(self.generate.weight, std=0.02 / dim**0.5)
         self.dim, self.tokens = dim, summary_tokens
+        self.matmul = MatMul()
 
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         w = self.generate(x_sum.flatten(1)).view(-1, self.dim, self.dim)
-        return (s + matmul(s, w)) * mask.unsqueeze(-1)
+        return (s + self.matmul(s, w)) * mask.unsqueeze(-1)
 
     def flops(self, length: int) -> int:
         return linear_flops(1, self.tokens * self.dim, self.dim * self.dim) + linear_flops(length, self.dim, self.dim)
@@ -110,10 +111,11 @@ class DHENInteraction(nn.Module):
         self.cross = CrossNetV2(self.nz * dim, cross_layers)
         self.combine = nn.Linear(self.pairs.shape[1] + self.nz * dim, n_tokens * dim)
         self.norm = nn.LayerNorm(dim)
+        self.matmul = MatMul()
 
     def forward(self, x: torch.Tensor, s_sum: torch.Tensor) -> torch.Tensor:
         z = torch.cat([x, s_sum], dim=1)
-        dots = matmul(z, z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
+        dots = self.matmul(z, z.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
         mixed = self.combine(torch.cat([dots, self.cross(z.flatten(1))], dim=1))
         return self.norm(x + mixed.view(-1, self.n, self.dim))
 

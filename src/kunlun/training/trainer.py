@@ -2,8 +2,9 @@
 optional bf16 autocast, checkpoints, resume, and a progress bar with examples/s and running loss.
 
 Determinism: the epoch-e shuffle comes from ``seed + e``, torch's RNG is seeded from ``seed`` and saved
-in checkpoints, so the same seed and config give the same metrics on the same machine, and a resumed
-run continues exactly where the interrupted one stopped.
+in checkpoints (so are the stochastic-rounding generators of low-precision emulation), so the same seed and
+config give the same metrics on the same machine, and a resumed run continues exactly where the interrupted
+one stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kunlun.config import Config, TrainConfig
 from kunlun.data.batches import Batch, Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
-from kunlun.formats.gemm import apply_precision
+from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
@@ -184,6 +185,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "torch_rng": torch.get_rng_state(),
+            "precision_rng": precision_state(self.model),  # stochastic rounding's generators
             "history": self.history,
         }
 
@@ -196,6 +198,7 @@ class Trainer:
         for sch, s in zip(self.schedulers, st["schedulers"]):
             sch.load_state_dict(s)
         torch.set_rng_state(st["torch_rng"])
+        load_precision_state(self.model, st.get("precision_rng", []))
         self.history = st["history"]
         self.log(f"resumed from {checkpoint} after epoch {self.state.epoch} (step {self.state.step})")
 
