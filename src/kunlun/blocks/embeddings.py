@@ -199,11 +199,6 @@ class Inputs(nn.Module):
         """name → the candidate item's token [B, D] in that sequence's token space."""
         return {n: e.candidate(self.tables, batch.cat) for n, e in self.events.items()}
 
-    def target_index(self, seq: str) -> int:
-        """Position among the non-sequence tokens of the candidate item (the field sharing the sequence's item vocabulary)."""
-        vocab = next(q.item_vocab for q in self.info.sequences if q.name == seq)
-        return self.info.cat_vocabs.index(vocab)
-
     def flops(self) -> int:
         f = self.features.flops() + sum(e.flops() for e in self.events.values())
         return f + (sum(e.candidate_flops() for e in self.events.values()) if self.candidates else 0)
