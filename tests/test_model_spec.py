@@ -6,15 +6,19 @@ once the dataset is prepared.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.nn import functional as F
 
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import TargetAttention
 from kunlun.blocks.summary import NonSequenceSummary
+from kunlun.config import set_dotted
 from kunlun.data.batches import Batcher, SequenceBatch
 from kunlun.data.registry import prepare_dataset
 from kunlun.models import build_model
@@ -308,3 +312,31 @@ def test_interformer_reads_time_gaps_through_rotary_attention_too(ml):
             out[rotary] = (model(batch), model(moved))
     assert not torch.allclose(*out[True])
     torch.testing.assert_close(*out[False])
+
+
+# ------------------------------------------------------------ 8. every ablation variant builds and trains
+
+QUALITY = Path(__file__).resolve().parents[1] / "src" / "kunlun" / "configs" / "quality.yaml"
+
+
+def test_ablation_has_a_variant_for_every_new_switch():
+    variants = yaml.safe_load(QUALITY.read_text())["ablation"]["variants"]
+    flat = {o for overrides in variants.values() for o in overrides}
+    for override in ["model.summary_gate=glu", "model.interaction_input=tokens", "model.compskip_min_layers=1"]:
+        assert override in flat
+
+
+@pytest.mark.parametrize("variant", sorted(yaml.safe_load(QUALITY.read_text())["ablation"]["variants"]))
+def test_every_ablation_variant_runs_a_training_step(ml, variant):
+    info, batch = ml
+    overrides = yaml.safe_load(QUALITY.read_text())["ablation"]["variants"][variant]
+    raw = {"model": {"name": "kunlun", **SMALL}}
+    for o in overrides:
+        set_dotted(raw, o)
+    torch.manual_seed(0)
+    model = build_model(raw["model"], info)
+    loss = F.binary_cross_entropy_with_logits(model(batch), batch.label.float())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
