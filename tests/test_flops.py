@@ -25,8 +25,8 @@ def counted_flops(model, batch):
         ({"name": "kunlun", "num_layers": 3, "seq_pooling": "pma", "personalized": False, "wukong_experts": 3,
           "rotary_time": False, "window": 0}, 12),
         ({"name": "kunlun", "num_layers": 4, "window": 100}, 20),  # window wider than L: dense path
-        ({"name": "kunlun", "num_layers": 1, "summary_gate": "glu", "interaction_input": "tokens"}, 10),
-        ({"name": "kunlun", "summary_gate": "none", "personalized": False, "interaction_input": "tokens",
+        ({"name": "kunlun", "num_layers": 1, "summary_gate": "glu", "interaction_input": "summary"}, 10),
+        ({"name": "kunlun", "summary_gate": "none", "personalized": False, "interaction_input": "summary",
           "compskip_min_layers": 1, "target_in_sequence": False}, 10),
         ({"name": "logistic_regression"}, 10),
     ],

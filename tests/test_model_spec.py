@@ -188,7 +188,7 @@ def test_wukong_experts_mix_x_sum_or_the_tokens(ml, source):
 
 def test_summary_input_needs_no_personalisation(ml):
     info, batch = ml
-    model = kunlun(info, personalized=False)
+    model = kunlun(info, personalized=False, interaction_input="summary")
     layer = model.layers[0]
     assert layer.summary is not None and layer.static_kv is not None  # K/V static, X_sum still feeds the experts
     assert torch.isfinite(model(batch)).all()
@@ -322,7 +322,7 @@ QUALITY = Path(__file__).resolve().parents[1] / "src" / "kunlun" / "configs" / "
 def test_ablation_has_a_variant_for_every_new_switch():
     variants = yaml.safe_load(QUALITY.read_text())["ablation"]["variants"]
     flat = {o for overrides in variants.values() for o in overrides}
-    for override in ["model.summary_gate=glu", "model.interaction_input=tokens", "model.compskip_min_layers=1"]:
+    for override in ["model.summary_gate=glu", "model.interaction_input=summary", "model.compskip_min_layers=1"]:
         assert override in flat
 
 
