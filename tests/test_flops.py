@@ -25,6 +25,9 @@ def counted_flops(model, batch):
         ({"name": "kunlun", "num_layers": 3, "seq_pooling": "pma", "personalized": False, "wukong_experts": 3,
           "rotary_time": False, "window": 0}, 12),
         ({"name": "kunlun", "num_layers": 4, "window": 100}, 20),  # window wider than L: dense path
+        ({"name": "kunlun", "num_layers": 1, "summary_gate": "glu", "interaction_input": "summary"}, 10),
+        ({"name": "kunlun", "summary_gate": "none", "personalized": False, "interaction_input": "summary",
+          "compskip_min_layers": 1, "target_in_sequence": False}, 10),
         ({"name": "logistic_regression"}, 10),
     ],
 )
@@ -36,7 +39,8 @@ def test_analytic_flops_equal_flop_counter(model_cfg, max_len):
     if model_cfg["name"] == "kunlun":
         parts = model.flops_by_component()
         assert {"self_attention", "gdpa_pffn", "seed_pooling", "interaction", "output"} <= set(parts)
-        assert ("nonseq_summary" in parts) == model.config.personalized
+        cfg = model.config
+        assert ("nonseq_summary" in parts) == (cfg.personalized or cfg.interaction_input == "summary")
         assert all(v > 0 for v in parts.values())
 
 

@@ -136,12 +136,12 @@ class MultiHeadAttention(nn.Module):
 
 class SequenceSelfAttention(nn.Module):
     """Pre-norm residual self-attention over a sequence: s + MHA(LN(s)). [B, L, D], mask [B, L],
-    optional rotary positions tau [B, L] → [B, L, D]."""
+    optional rotary positions tau [B, L] → [B, L, D]. ``rotary_base``: θ_i = base^(-2i/dh) of the rotary encoding."""
 
-    def __init__(self, dim: int, heads: int, window: int = 0):
+    def __init__(self, dim: int, heads: int, window: int = 0, rotary_base: float = 10.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, window=window)
+        self.attn = MultiHeadAttention(dim, heads, window=window, rotary_base=rotary_base)
 
     def forward(self, s: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(s)

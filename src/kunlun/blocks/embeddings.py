@@ -9,7 +9,7 @@ from torch import nn
 
 from kunlun.blocks.common import linear_flops
 from kunlun.data.batches import SequenceBatch
-from kunlun.data.prepare import PAD
+from kunlun.data.prepare import OOV, PAD
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,23 @@ class FeatureTokens(nn.Module):
 
 
 class EventTokens(nn.Module):
-    """Event tokens of one sequence: concat(item, event type, side embeddings) → Linear → + position
-    embedding + time-gap bucket embedding. SequenceBatch with L slots → [B, L, D].
+    """The history-token block shared by every sequence model (Kunlun, InterFormer, BST, DIN).
 
-    The time gap (seconds before the request) is bucketed on a log2-hours scale; a plain, cheap temporal
-    signal (the rotary encoding of log gaps is a separate block).
+    History token = Linear(concat(item, event type, side embeddings)) + learned position embedding
+    (``positions``; index counted from the newest slot) + time-gap bucket embedding (``time_buckets``;
+    the gap in seconds before the request, bucketed on a log2-hours scale). SequenceBatch with L slots →
+    [B, L, D], padding slots 0. The rotary encoding of log time gaps is a separate, attention-side use of
+    the same gap (``time_positions``).
+
+    ``candidate=True`` adds ``candidate``: the candidate item as a token of the *same* space — the same
+    projection of its own item and side features (read from the non-sequence fields that share their
+    vocabularies; a side feature with no such field takes its vocabulary's out-of-vocabulary row), a
+    learned "candidate" event-type vector in the event slot, and the time-gap bucket of gap 0. It gets no
+    position embedding (positions index the history; the event-type vector marks the candidate).
     """
 
-    def __init__(self, seq: SequenceInfo, emb_dim: int, dim: int, max_len: int, time_buckets: int, positions: bool):
+    def __init__(self, seq: SequenceInfo, emb_dim: int, dim: int, max_len: int, time_buckets: int, positions: bool,
+                 cat_vocabs: tuple[str, ...] = (), candidate: bool = False):
         super().__init__()
         self.seq = seq
         self.n_parts = 1 + (1 if seq.event_vocab else 0) + len(seq.side_vocabs)
@@ -108,6 +117,13 @@ class EventTokens(nn.Module):
         self.time = nn.Embedding(time_buckets, dim) if time_buckets else None
         self.max_len = max_len
         self.dim = dim
+        self.has_candidate = candidate
+        # where the candidate's item and side features sit among the non-sequence fields (None: no such field)
+        self.candidate_fields = tuple(cat_vocabs.index(v) if v in cat_vocabs else None
+                                      for v in (seq.item_vocab, *seq.side_vocabs))
+        self.candidate_event = None
+        if candidate and seq.event_vocab:
+            self.candidate_event = nn.Parameter(torch.randn(emb_dim) * 0.05)
 
     def forward(self, tables: nn.ModuleDict, s: SequenceBatch) -> torch.Tensor:
         parts = [tables[self.seq.item_vocab](s.item)]
@@ -118,40 +134,74 @@ class EventTokens(nn.Module):
         if self.position is not None:
             x = x + self.position[-x.shape[1] :]
         if self.time is not None:
-            bucket = torch.log2(1.0 + s.gap / 3600.0).floor().clamp(0, self.time_buckets - 1).long()
-            x = x + self.time(bucket)
+            x = x + self.time(time_bucket(s.gap, self.time_buckets))
         return x * s.mask.unsqueeze(-1)
+
+    def candidate(self, tables: nn.ModuleDict, cat: torch.Tensor) -> torch.Tensor:
+        """The candidate item's token. cat: [B, F] long (the non-sequence fields) → [B, D]."""
+        if not self.has_candidate:
+            raise RuntimeError("EventTokens built without candidate=True")
+
+        def field(index: int | None, vocab: str) -> torch.Tensor:
+            ids = cat[:, index] if index is not None else cat.new_full((cat.shape[0],), OOV)
+            return tables[vocab](ids)
+
+        parts = [field(self.candidate_fields[0], self.seq.item_vocab)]
+        if self.candidate_event is not None:
+            parts.append(self.candidate_event.expand(cat.shape[0], -1))
+        parts += [field(i, v) for i, v in zip(self.candidate_fields[1:], self.seq.side_vocabs)]
+        x = self.proj(torch.cat(parts, dim=-1))
+        return x + self.time.weight[0] if self.time is not None else x  # gap 0 → bucket 0
 
     def flops(self) -> int:
         return linear_flops(self.max_len, self.in_dim, self.dim)
+
+    def candidate_flops(self) -> int:
+        return linear_flops(1, self.in_dim, self.dim)
+
+
+def time_bucket(gap: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Time gap in seconds → bucket floor(log2(1 + hours)), clamped to [0, buckets − 1]."""
+    return torch.log2(1.0 + gap / 3600.0).floor().clamp(0, buckets - 1).long()
+
+
+def time_positions(gap: torch.Tensor, time_scale: float) -> torch.Tensor:
+    """Continuous rotary positions of events: τ = log(1 + Δt / time_scale). gap: [B, L] seconds → [B, L]."""
+    return torch.log1p(gap / time_scale)
 
 
 class Inputs(nn.Module):
     """Embeds a batch once for any model: non-sequence tokens and per-sequence event tokens.
 
     → x: [B, N, D]; seqs: name → (tokens [B, L, D], mask [B, L] bool, gap [B, L] seconds).
-    One embedding table per vocabulary, shared by fields and sequences that use it.
+    One embedding table per vocabulary, shared by fields and sequences that use it. With
+    ``candidates=True``, ``candidate_tokens`` gives each sequence's candidate token (see ``EventTokens``).
     """
 
-    def __init__(self, info: FeatureInfo, dim: int, positions: bool = False, time_buckets: int = 0):
+    def __init__(self, info: FeatureInfo, dim: int, positions: bool = False, time_buckets: int = 0,
+                 candidates: bool = False):
         super().__init__()
         self.info = info
         self.tables = embedding_tables(info, dim)
         self.features = FeatureTokens(info, dim)
-        self.events = nn.ModuleDict({q.name: EventTokens(q, dim, dim, info.max_len, time_buckets, positions) for q in info.sequences})
+        self.events = nn.ModuleDict({
+            q.name: EventTokens(q, dim, dim, info.max_len, time_buckets, positions, info.cat_vocabs, candidates)
+            for q in info.sequences
+        })
+        self.candidates = candidates
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
         x = self.features(self.tables, batch.cat, batch.num)
         seqs = {n: (self.events[n](self.tables, s), s.mask, s.gap) for n, s in batch.seqs.items() if n in self.events}
         return x, seqs
 
-    def target_index(self, seq: str) -> int:
-        """Position among the non-sequence tokens of the candidate item (the field sharing the sequence's item vocabulary)."""
-        vocab = next(q.item_vocab for q in self.info.sequences if q.name == seq)
-        return self.info.cat_vocabs.index(vocab)
+    def candidate_tokens(self, batch) -> dict[str, torch.Tensor]:
+        """name → the candidate item's token [B, D] in that sequence's token space."""
+        return {n: e.candidate(self.tables, batch.cat) for n, e in self.events.items()}
 
     def flops(self) -> int:
-        return self.features.flops() + sum(e.flops() for e in self.events.values())
+        f = self.features.flops() + sum(e.flops() for e in self.events.values())
+        return f + (sum(e.candidate_flops() for e in self.events.values()) if self.candidates else 0)
 
 
 def masked_mean(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

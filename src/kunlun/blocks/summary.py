@@ -2,9 +2,11 @@
 
 * ``NonSequenceSummary`` — personalised weight generation: the N non-sequence tokens are compressed to
   T tokens (LCE, a learned linear map over the token axis), passed through a token-wise MLP and gated,
-  X_sum = Z ⊙ σ(W_g·Z) with Z = MLP(LCE(X)). X_sum supplies K/V of the GDPA-PFFN, so each example's
-  sequence is transformed with weights derived from its own context. (The gate form is our choice;
-  ``gate=False`` removes it for ablation.)
+  X_sum = Gating(Z) with Z = MLP(LCE(X)). X_sum supplies K/V of the GDPA-PFFN, so each example's
+  sequence is transformed with weights derived from its own context.
+* ``SelfGate`` — the Gating of a summary, one of ``GATES``: ``interformer`` = σ(Z ⊙ MLP(Z)), InterFormer's
+  Cross-Arch gating (arXiv 2411.09852, section 4.4) that the Kunlun design note carries over;
+  ``glu`` = Z ⊙ σ(W·Z), a GLU-style self-gate (this project's earlier choice); ``none`` = Z.
 * ``SeedPooling`` (PMA) — sequence → S tokens: learned seeds attend over the sequence.
 * ``HierarchicalSeedPooling`` — PMA with many seeds, then ``SumKronLinear`` compresses the seed outputs
   to fewer tokens (Kunlun's replacement for InterFormer's PMA).
@@ -36,23 +38,52 @@ class LinearCompress(nn.Module):
         return 2 * self.n_out * self.n_in * dim
 
 
-class NonSequenceSummary(nn.Module):
-    """X: [B, N, D] → X_sum: [B, T, D]."""
+GATES = ("interformer", "glu", "none")
 
-    def __init__(self, n_tokens: int, out_tokens: int, dim: int, gate: bool = True):
+
+class SelfGate(nn.Module):
+    """Gating of summary tokens, z: [..., D] → [..., D] (forms: see the module docstring).
+
+    ``interformer``: σ(z ⊙ MLP(z)), MLP = D → D → D with GELU (the output is in (0, 1));
+    ``glu``: z ⊙ σ(W·z + b); ``none``: z.
+    """
+
+    def __init__(self, dim: int, form: str = "interformer"):
+        super().__init__()
+        if form not in GATES:
+            raise ValueError(f"unknown gate {form!r}; known: {', '.join(GATES)}")
+        self.form, self.dim = form, dim
+        self.mlp = MLP([dim, dim, dim], act="gelu") if form == "interformer" else None
+        self.linear = nn.Linear(dim, dim) if form == "glu" else None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            return torch.sigmoid(z * self.mlp(z))
+        if self.linear is not None:
+            return z * torch.sigmoid(self.linear(z))
+        return z
+
+    def flops(self, tokens: int) -> int:
+        if self.mlp is not None:
+            return self.mlp.flops(tokens)
+        return linear_flops(tokens, self.dim, self.dim) if self.linear is not None else 0
+
+
+class NonSequenceSummary(nn.Module):
+    """X: [B, N, D] → X_sum = Gating(MLP(LCE(X))): [B, T, D]. ``gate``: one of ``GATES``."""
+
+    def __init__(self, n_tokens: int, out_tokens: int, dim: int, gate: str = "interformer"):
         super().__init__()
         self.lce = LinearCompress(n_tokens, out_tokens)
         self.mlp = MLP([dim, 2 * dim, dim], act="gelu")
-        self.gate = nn.Linear(dim, dim) if gate else None
+        self.gate = SelfGate(dim, gate)
         self.dim, self.out_tokens = dim, out_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.mlp(self.lce(x))
-        return z * torch.sigmoid(self.gate(z)) if self.gate is not None else z
+        return self.gate(self.mlp(self.lce(x)))
 
     def flops(self) -> int:
-        f = self.lce.flops(self.dim) + self.mlp.flops(self.out_tokens)
-        return f + (linear_flops(self.out_tokens, self.dim, self.dim) if self.gate is not None else 0)
+        return self.lce.flops(self.dim) + self.mlp.flops(self.out_tokens) + self.gate.flops(self.out_tokens)
 
 
 class SumKronLinear(nn.Module):

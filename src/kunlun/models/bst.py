@@ -2,7 +2,12 @@
 Recommendation in Alibaba", DLP-KDD 2019, arXiv 1905.06874): the history plus the candidate item as
 the last position, with a time-based position embedding (pos = t_candidate − t_event, bucketed), go
 through a Transformer layer (multi-head self-attention and a LeakyReLU feed-forward, each with residual
-+ LayerNorm); the flattened outputs and the other embeddings feed an MLP with LeakyReLU."""
++ LayerNorm); the flattened outputs and the other embeddings feed an MLP with LeakyReLU.
+
+History and candidate tokens come from the block every sequence model shares (``EventTokens``): the
+same projection of item, event type and side features; the time-gap bucket is BST's position (the
+paper's only positional signal, so no learned position embedding); the candidate gets a "candidate"
+event type and gap 0."""
 
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ class BST(RankingModel):
         super().__init__()
         self.config, self.info = cfg, info
         d = cfg.d_model
-        self.inputs = Inputs(info, d, positions=False, time_buckets=cfg.time_buckets)
+        self.inputs = Inputs(info, d, positions=False, time_buckets=cfg.time_buckets, candidates=True)
         self.blocks = nn.ModuleDict(
             {q.name: nn.ModuleList(TransformerLayer(d, cfg.num_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.num_layers))
              for q in info.sequences}
@@ -73,10 +78,10 @@ class BST(RankingModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x, seqs = self.inputs(batch)
+        targets = self.inputs.candidate_tokens(batch)
         outs = [x.flatten(1)]
         for n, (s, m, _) in seqs.items():
-            target = x[:, self.inputs.target_index(n)].unsqueeze(1)  # the candidate, time gap 0
-            s = torch.cat([s, target], dim=1)
+            s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)  # the candidate, time gap 0
             m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
             for layer in self.blocks[n]:
                 s = layer(s, m) * m.unsqueeze(-1)

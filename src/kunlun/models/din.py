@@ -1,7 +1,13 @@
 """DIN (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018,
 arXiv 1706.06978): the history is pooled by target attention — each event weighted by an activation
 unit MLP of (event, candidate, difference, product), without softmax normalisation — and concatenated
-with the other embeddings into an MLP with Dice activations."""
+with the other embeddings into an MLP with Dice activations.
+
+As in the paper, the activation unit compares two embeddings of the same kind: each behaviour's token
+and the candidate's token come from one block (``EventTokens``) — the same projection of item and side
+features, the candidate with a "candidate" event type and time gap 0. History tokens carry the same
+inputs as in the other sequence models (time-gap bucket and position embeddings; ``time_buckets=0``
+and ``position_embedding=false`` give the paper's id-only inputs)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from kunlun.blocks.common import linear_flops
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import Dice, TargetAttention
 from kunlun.data.batches import Batch
+from kunlun.errors import KunlunError
 from kunlun.models.base import RankingModel, register
 from kunlun.models.base_config import check_dropout, check_positive
 
@@ -24,10 +31,14 @@ class DINConfig:
     attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
     hidden: list[int] = field(default_factory=lambda: [200, 80])
     dropout: float = 0.1
+    time_buckets: int = 16  # time-gap bucket embedding on history tokens; 0 = off
+    position_embedding: bool = True
 
     def validate(self) -> None:
         check_positive(self, "d_model", "attention_hidden", "hidden")
         check_dropout(self)
+        if self.time_buckets < 0:
+            raise KunlunError(f"config key model.time_buckets: expected >= 0, got {self.time_buckets}")
 
 
 @register("din", DINConfig)
@@ -40,7 +51,7 @@ class DIN(RankingModel):
         super().__init__()
         self.config, self.info = cfg, info
         d = cfg.d_model
-        self.inputs = Inputs(info, d)
+        self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets, candidates=True)
         self.attention = nn.ModuleDict({q.name: TargetAttention(d, cfg.attention_hidden) for q in info.sequences})
         dims = [(info.n_tokens + len(info.sequences)) * d, *cfg.hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -51,7 +62,8 @@ class DIN(RankingModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x, seqs = self.inputs(batch)
-        pooled = [self.attention[n](s, x[:, self.inputs.target_index(n)], m) for n, (s, m, _) in seqs.items()]
+        targets = self.inputs.candidate_tokens(batch)
+        pooled = [self.attention[n](s, targets[n], m) for n, (s, m, _) in seqs.items()]
         h = torch.cat([x.flatten(1), *pooled], dim=1)
         for layer, act in zip(self.layers, self.acts):
             h = self.drop(act(layer(h)))

@@ -4,18 +4,23 @@ Click-Through Rate Prediction", arXiv 2411.09852): Kunlun's predecessor.
 Per layer, three arches with bidirectional information flow:
   Cross Arch:       X_sum = Gating(MLP(LCE(X))) summarises the non-sequence side for the sequence;
                     S_sum = Gating([CLS tokens, PMA tokens, K most recent tokens]) summarises the
-                    sequence for the non-sequence side (self-gating z ⊙ σ(W·z) per token).
+                    sequence for the non-sequence side; Gating(Z) = σ(Z ⊙ MLP(Z)) per token, the
+                    paper's form (section 4.4; ``summary_gate=glu``: Z ⊙ σ(W·Z), ``none``).
   Interaction Arch: the non-sequence tokens interact with S_sum — a DHEN-style layer of DOT (all
                     pairwise inner products) and DCN (cross network) modules, projected back to the N
                     non-sequence tokens, with residual and LayerNorm.
   Sequence Arch:    PFFN then multi-head self-attention; PFFN(X_sum, S) = S·W(X_sum), a per-example
                     D×D matrix generated from X_sum (a batched per-sample matmul — the op Kunlun
-                    replaces with GDPA).
+                    replaces with GDPA). The paper applies rotary position embeddings; here, as in
+                    Kunlun, the rotary positions are log time gaps τ = log(1 + Δt / time_scale) (CLS
+                    tokens at τ = 0; ``rotary_time=false`` turns it off).
 Output: MLP over the last layer's non-sequence tokens and sequence summary.
 
-Shared with Kunlun: embeddings, the non-sequence summary (LCE + MLP + gate), PMA, self-attention.
-Choices of ours where the paper leaves room: token width ``d_model`` everywhere; CLS tokens are learned
-and prepended once at the input; PFFN has a residual connection.
+Shared with Kunlun: embeddings and history tokens (item, event type, side features, time-gap bucket,
+position; ``EventTokens``), the non-sequence summary (LCE + MLP + gate), PMA, self-attention with
+rotary time. Choices of ours where the paper leaves room: token width ``d_model`` everywhere; CLS
+tokens are learned and prepended once at the input (the paper prepends X_sum of the first layer);
+PFFN has a residual connection.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import MLP, linear_flops
-from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
 from kunlun.blocks.interaction import CrossNetV2
-from kunlun.blocks.summary import NonSequenceSummary, SeedPooling
+from kunlun.blocks.summary import GATES, NonSequenceSummary, SeedPooling, SelfGate
 from kunlun.data.batches import Batch
+from kunlun.errors import KunlunError
 from kunlun.formats.gemm import MatMul
 from kunlun.models.base import RankingModel, register
 from kunlun.models.base_config import check_dropout, check_heads, check_positive
@@ -49,13 +55,25 @@ class InterFormerConfig:
     output_hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
     position_embedding: bool = True
-    time_buckets: int = 16
+    time_buckets: int = 16  # time-gap bucket embedding on history tokens; 0 = off
+    rotary_time: bool = True  # rotary encoding of τ = log(1 + Δt / time_scale) in self-attention, as in Kunlun
+    time_scale: float = 3600.0  # seconds
+    rotary_base: float = 10.0
+    summary_gate: str = "interformer"  # Gating of X_sum and S_sum: interformer σ(Z ⊙ MLP(Z)) | glu | none
 
     def validate(self) -> None:
         check_positive(self, "d_model", "num_layers", "num_heads", "summary_tokens", "cls_tokens", "pma_tokens",
                        "recent_tokens", "cross_layers", "output_hidden")
         check_heads(self)
         check_dropout(self)
+        if self.time_buckets < 0:
+            raise KunlunError(f"config key model.time_buckets: expected >= 0, got {self.time_buckets}")
+        if self.rotary_time and (self.d_model // self.num_heads) % 2:
+            raise KunlunError("config key model.rotary_time: needs an even head width (d_model / num_heads)")
+        if not self.time_scale > 0 or not self.rotary_base > 1:
+            raise KunlunError("config keys model.time_scale must be > 0 and model.rotary_base > 1")
+        if self.summary_gate not in GATES:
+            raise KunlunError(f"config key model.summary_gate: expected one of {', '.join(GATES)}, got {self.summary_gate!r}")
 
     @property
     def seq_summary_tokens(self) -> int:
@@ -89,15 +107,14 @@ class SequenceSummary(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pma = SeedPooling(cfg.d_model, cfg.num_heads, cfg.pma_tokens)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_model)
+        self.gate = SelfGate(cfg.d_model, cfg.summary_gate)
 
     def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c, k = self.cfg.cls_tokens, self.cfg.recent_tokens
-        z = torch.cat([s[:, :c], self.pma(s, mask), s[:, -k:]], dim=1)
-        return z * torch.sigmoid(self.gate(z))
+        return self.gate(torch.cat([s[:, :c], self.pma(s, mask), s[:, -k:]], dim=1))
 
     def flops(self, length: int) -> int:
-        return self.pma.flops(length) + linear_flops(self.cfg.seq_summary_tokens, self.cfg.d_model, self.cfg.d_model)
+        return self.pma.flops(length) + self.gate.flops(self.cfg.seq_summary_tokens)
 
 
 class DHENInteraction(nn.Module):
@@ -137,26 +154,33 @@ class InterFormer(RankingModel):
         self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets)
         self.cls = nn.ParameterDict({q: nn.Parameter(torch.randn(cfg.cls_tokens, d) * 0.05) for q in names})
         t = len(names) * cfg.seq_summary_tokens
-        self.x_summary = nn.ModuleList(NonSequenceSummary(n, cfg.summary_tokens, d) for _ in range(cfg.num_layers))
+        self.x_summary = nn.ModuleList(NonSequenceSummary(n, cfg.summary_tokens, d, cfg.summary_gate) for _ in range(cfg.num_layers))
         self.s_summary = nn.ModuleList(
             nn.ModuleDict({q: SequenceSummary(cfg) for q in names}) for _ in range(cfg.num_layers + 1)
         )
         self.interaction = nn.ModuleList(DHENInteraction(n, t, d, cfg.cross_layers) for _ in range(cfg.num_layers))
         self.pffn = nn.ModuleList(nn.ModuleDict({q: PersonalizedFFN(cfg.summary_tokens, d) for q in names}) for _ in range(cfg.num_layers))
-        self.attn = nn.ModuleList(nn.ModuleDict({q: SequenceSelfAttention(d, cfg.num_heads) for q in names}) for _ in range(cfg.num_layers))
+        self.attn = nn.ModuleList(
+            nn.ModuleDict({q: SequenceSelfAttention(d, cfg.num_heads, rotary_base=cfg.rotary_base) for q in names})
+            for _ in range(cfg.num_layers)
+        )
         self.output = MLP([(n + t) * d, *cfg.output_hidden, 1], dropout=cfg.dropout)
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        cfg = self.config
         x, embedded = self.inputs(batch)
-        seqs = {}
-        for q, (s, m, _) in embedded.items():
+        seqs, taus = {}, {}
+        for q, (s, m, gap) in embedded.items():
             cls = self.cls[q].expand(s.shape[0], -1, -1)
-            seqs[q] = (torch.cat([cls, s], dim=1), torch.cat([torch.ones_like(m[:, : cls.shape[1]]), m], dim=1))
-        for i in range(self.config.num_layers):
+            c = cls.shape[1]
+            seqs[q] = (torch.cat([cls, s], dim=1), torch.cat([torch.ones_like(m[:, :c]), m], dim=1))
+            if cfg.rotary_time:  # CLS tokens sit at the request time, τ = 0
+                taus[q] = torch.cat([torch.zeros_like(gap[:, :c]), time_positions(gap, cfg.time_scale)], dim=1)
+        for i in range(cfg.num_layers):
             x_sum = self.x_summary[i](x)
             s_sum = torch.cat([self.s_summary[i][q](s, m) for q, (s, m) in seqs.items()], dim=1)
             x = self.interaction[i](x, s_sum)
-            seqs = {q: (self.attn[i][q](self.pffn[i][q](s, x_sum, m), m), m) for q, (s, m) in seqs.items()}
+            seqs = {q: (self.attn[i][q](self.pffn[i][q](s, x_sum, m), m, taus.get(q)), m) for q, (s, m) in seqs.items()}
         s_sum = torch.cat([self.s_summary[-1][q](s, m) for q, (s, m) in seqs.items()], dim=1)
         return self.output(torch.cat([x.flatten(1), s_sum.flatten(1)], dim=1)).squeeze(-1)
 
