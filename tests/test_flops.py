@@ -121,3 +121,43 @@ def test_event_level_personalisation_streams():
     # the saving is against giving every event type the full configuration
     uniform = build_model({"name": "kunlun", "num_layers": 3, "light_scale": 1.0}, info)
     assert model.flops_per_example() < 0.8 * uniform.flops_per_example()
+
+
+@pytest.mark.parametrize("model_cfg", [{"name": "din"}, {"name": "bst"}, {"name": "interformer"},
+                                       {"name": "kunlun", "event_split": False}, {"name": "kunlun", "event_split": False, "window": 0}])
+def test_useful_flops_are_what_an_unpadded_example_costs(model_cfg):
+    # useful FLOPs of an example with L real events = the FLOPs FlopCounterMode counts for the same example
+    # run without padding (a model built for exactly L slots; FLOPs depend on shapes, not weights)
+    p = prepare_dataset("ml-latest-small")
+    model = build_model(model_cfg, FeatureInfo.from_encoder(p.encoder(), 20))
+    idx = np.arange(3000)  # training rows in file order: users' early events have short histories
+    counts = model.token_counts(Batcher(p, "train", 20).batch(idx))
+    real = counts[next(k for k in counts if not k.startswith("stream:"))].numpy()
+    picks = [int(np.flatnonzero(real == L)[0]) for L in (2, 7, 13) if (real == L).any()]
+    assert len(picks) >= 2
+    for i in picks:
+        L = int(real[i])
+        unpadded = build_model(model_cfg, FeatureInfo.from_encoder(p.encoder(), L)).eval()
+        one = Batcher(p, "train", L).batch(idx[i : i + 1])
+        assert bool(one.seqs[next(iter(one.seqs))].mask.all())
+        assert counted_flops(unpadded, one) == model.flops_per_example({k: int(v[i]) for k, v in counts.items()})
+    # the mean over examples, grouped by distinct lengths, equals the plain per-example mean
+    batches = [Batcher(p, "train", 20).batch(idx[:1500]), Batcher(p, "train", 20).batch(idx[1500:])]
+    explicit = np.mean([model.flops_per_example({k: int(v[i]) for k, v in counts.items()}) for i in range(len(idx))])
+    assert model.useful_flops_per_example(batches) == pytest.approx(explicit, rel=1e-12)
+    assert model.useful_flops_per_example(batches) < model.flops_per_example()  # padding is not useful work
+
+
+def test_kunlun_stream_token_counts_match_the_forward_selection():
+    from kunlun.blocks.embeddings import select_events
+
+    p = prepare_dataset("ml-latest-small")
+    model = build_model({"name": "kunlun"}, FeatureInfo.from_encoder(p.encoder(), 30))
+    batch = Batcher(p, "valid", 30).batch(np.arange(300))
+    counts = model.token_counts(batch)
+    for st in model.streams:
+        sq = batch.seqs[st.source]
+        _, mask, _ = select_events(torch.zeros(*sq.mask.shape, 1), sq.mask, sq.event, st.event_code, st.length - 1)
+        torch.testing.assert_close(counts[f"stream:{st.name}"], mask.sum(1) + 1)
+    assert torch.equal(counts["events:" + model.streams[0].source], batch.seqs[model.streams[0].source].mask.sum(1))
+    assert model.useful_flops_per_example([batch]) < model.flops_per_example()

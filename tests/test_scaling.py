@@ -158,6 +158,8 @@ def test_sweep_runs_points_resumes_and_records_compute(tmp_path):
         final = json.loads(f.read_text())
         assert final["train_examples"] == 3 * (32 if "d_model4" in str(f) else 64)
         assert final["train_compute"] == 3 * final["flops_per_example"] * final["train_examples"]
+        assert final["useful_train_compute"] == 3 * final["useful_flops_per_example"] * final["train_examples"]
+        assert 0 < final["useful_flops_per_example"] < final["flops_per_example"]  # ml-latest-small histories are padded
     mtime = finals[0].stat().st_mtime
     r = run_cli("sweep", str(sweep), "--out", str(out))
     assert r.returncode == 0 and "2 skipped" in r.stderr and finals[0].stat().st_mtime == mtime
@@ -176,7 +178,11 @@ def test_a_run_is_placed_at_the_compute_that_produced_its_ne(tmp_path):
         "model": "kunlun", "dataset": "d", "seed": 0, "metrics": {"test": {"ne": 0.8}}, "flops_per_example": 1e6,
         "train_examples": 2000, "train_compute": 6e9, "train_compute_at_best": 3e9}))
     (pt,) = load_points([run])
-    assert pt.compute == 3e9 and pt.ne == 0.8
+    assert pt.compute == 3e9 and pt.ne == 0.8 and pt.compute_kind == "executed"  # an old record: no useful FLOPs
+    final = json.loads((run / "final.json").read_text())
+    (run / "final.json").write_text(json.dumps({**final, "useful_flops_per_example": 4e5, "useful_train_compute_at_best": 1.2e9}))
+    (pt,) = load_points([run])
+    assert pt.compute == 1.2e9 and pt.compute_kind == "useful" and pt.flops_per_example == 4e5
 
 
 def test_seed_noise_is_judged_where_it_was_measured():

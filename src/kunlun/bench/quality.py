@@ -79,7 +79,8 @@ def summarise(finals: list[dict]) -> dict[str, Any]:
     for m in METRICS:
         vals = np.array([f["metrics"][split][m] for f in finals], dtype=float)
         row[m] = stat_cell(vals)
-    row["flops_per_example"] = finals[0]["flops_per_example"]
+    row["flops_per_example"] = finals[0]["flops_per_example"]  # executed (every padded slot)
+    row["useful_flops_per_example"] = finals[0].get("useful_flops_per_example")  # each example's real tokens
     row["parameters"] = finals[0]["parameters"]["total"]
     row["train_examples_per_s"] = float(np.median([f["train_examples_per_s"] for f in finals]))
     row["code"] = [c for f in finals for c in f.get("code_versions") or [f.get("code")] if c]
@@ -123,6 +124,14 @@ def stat_cell(v: np.ndarray) -> dict[str, Any]:
     return {"mean": float(v.mean()), "std": sample_std(v), "values": v.tolist()}
 
 
+def mflops(r: dict) -> str:
+    """``useful / executed`` MFLOPs per example (one number when they are equal: no sequence padding)."""
+    useful, executed = r.get("useful_flops_per_example"), r["flops_per_example"]
+    if useful is None:
+        return f"? / {executed / 1e6:.3f}"
+    return f"{executed / 1e6:.3f}" if abs(useful - executed) < 0.5 else f"{useful / 1e6:.3f} / {executed / 1e6:.3f}"
+
+
 def fmt(cell: dict, digits: int = 4) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
@@ -131,14 +140,14 @@ def quality_markdown(results: dict) -> str:
     lines = []
     for dataset, table in results["results"].items():
         lines += [f"### {dataset}", "",
-                  "| model | split | AUC | gAUC | logloss | NE | MFLOPs/ex | params | train ex/s |",
+                  "| model | split | AUC | gAUC | logloss | NE | MFLOPs/ex useful / executed | params | train ex/s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for model, r in table.items():
             if "skipped" in r:
                 lines.append(f"| {model} | – | n/a ({r['skipped']}) | | | | | | |")
                 continue
             lines.append(f"| {model}{stale_mark(r)} | {r['split']} | {fmt(r['auc'])} | {fmt(r['gauc'])} | {fmt(r['logloss'])} | {fmt(r['ne'])} | "
-                         f"{r['flops_per_example'] / 1e6:.3f} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
+                         f"{mflops(r)} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
         lines.append("")
     env = results["environment"]
     lines.append(f"Mean ± sample std over seeds {results['spec']['seeds']}; {env['cpu']}, torch {env['torch']}. "
@@ -182,7 +191,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
         rows[name] = {
             "overrides": variants[name], "ne": r["ne"],
             "delta_ne_pct": {"mean": float(delta.mean()), "std": sample_std(delta)},
-            "flops_per_example": r["flops_per_example"],
+            "flops_per_example": r["flops_per_example"], "useful_flops_per_example": r["useful_flops_per_example"],
             "delta_flops_pct": 100 * (r["flops_per_example"] / full["flops_per_example"] - 1),
             "train_examples_per_s": r["train_examples_per_s"],
             "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
@@ -195,10 +204,10 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
 
 def ablation_markdown(r: dict) -> str:
     lines = [f"Kunlun ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}; ΔNE is paired by seed (negative = better).", "",
-             "| variant | NE | ΔNE % | MFLOPs/ex | ΔFLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
+             "| variant | NE | ΔNE % | MFLOPs/ex useful / executed | Δ executed FLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         lines.append(f"| {name}{stale_mark(row)} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "
-                     f"{row['flops_per_example'] / 1e6:.3f} | {row['delta_flops_pct']:+.1f} | {row['train_examples_per_s']:,.0f} | "
+                     f"{mflops(row)} | {row['delta_flops_pct']:+.1f} | {row['train_examples_per_s']:,.0f} | "
                      f"{row['delta_speed_pct']:+.1f} |")
     lines += ["", provenance(list(r["rows"].values()))]
     return "\n".join(lines) + "\n"

@@ -71,6 +71,7 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3) -> dict[str,
         log(f"bench {name}: GEMM peak, training and inference timing …")
         result[name] = _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps, repeats)
         result["flops_per_example"] = result[name].pop("flops_per_example")
+        result["useful_flops_per_example"] = result[name].pop("useful_flops_per_example")
     return result
 
 
@@ -79,7 +80,9 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
     t = cfg.train
     set_seed(t.seed)
     model = build(cfg, data).to(device)
-    flops = model.flops_per_example()
+    flops = model.flops_per_example()  # executed: every padded slot
+    with torch.no_grad():  # useful: each example's real tokens, over the batches being timed
+        useful = model.useful_flops_per_example(train_batches)
     opts = make_optimizers(model, t)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     bf16 = dtype is torch.bfloat16
@@ -119,13 +122,17 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
     train_eps = steps * t.batch_size / median_seconds(train_steps, steps)
     infer_steps = max(3, steps // 5)
     infer_eps = infer_steps * len(eval_batch) / median_seconds(infer, infer_steps)
+    # MFU counts useful FLOPs (the model's work on real tokens); HFU counts executed FLOPs (padding included)
     return {
         "flops_per_example": flops,
+        "useful_flops_per_example": useful,
         "gemm_flops_per_s": peak,
         "train_examples_per_s": train_eps,
-        "train_mfu": 3 * flops * train_eps / peak,
+        "train_mfu": 3 * useful * train_eps / peak,
+        "train_hfu": 3 * flops * train_eps / peak,
         "infer_examples_per_s": infer_eps,
-        "infer_mfu": flops * infer_eps / peak,
+        "infer_mfu": useful * infer_eps / peak,
+        "infer_hfu": flops * infer_eps / peak,
     }
 
 
@@ -135,11 +142,13 @@ def speed_table(r: dict[str, Any]) -> None:
     from kunlun.cli import out_console
 
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
-                      f"{r['flops_per_example'] / 1e6:.2f} MFLOPs/example forward")
-    for col in ("dtype", "GEMM GFLOP/s", "train ex/s", "train MFU", "infer ex/s", "infer MFU"):
+                      f"{r['useful_flops_per_example'] / 1e6:.2f} useful / {r['flops_per_example'] / 1e6:.2f} executed MFLOPs/example "
+                      "forward (MFU: useful FLOPs; HFU: executed, padding included)")
+    for col in ("dtype", "GEMM GFLOP/s", "train ex/s", "train MFU", "train HFU", "infer ex/s", "infer MFU", "infer HFU"):
         tab.add_column(col, justify="right")
     for name in DTYPES:
         m = r[name]
         tab.add_row(name, f"{m['gemm_flops_per_s'] / 1e9:.1f}", f"{m['train_examples_per_s']:.0f}", f"{100 * m['train_mfu']:.2f} %",
-                    f"{m['infer_examples_per_s']:.0f}", f"{100 * m['infer_mfu']:.2f} %")
+                    f"{100 * m['train_hfu']:.2f} %", f"{m['infer_examples_per_s']:.0f}", f"{100 * m['infer_mfu']:.2f} %",
+                    f"{100 * m['infer_hfu']:.2f} %")
     out_console().print(tab)

@@ -55,5 +55,7 @@ class MLP(nn.Module):
                 x = self.dropout(self.act(x))
         return x
 
-    def flops(self, tokens: int = 1) -> int:
-        return sum(linear_flops(tokens, a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))
+    def flops(self, tokens: int = 1, d_in: int | None = None) -> int:
+        """``d_in``: the input features that carry data (fewer than ``dims[0]`` when some are padding)."""
+        dims = [self.dims[0] if d_in is None else d_in, *self.dims[1:]]
+        return sum(linear_flops(tokens, a, b) for a, b in zip(dims[:-1], dims[1:]))

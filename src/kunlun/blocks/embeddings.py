@@ -153,8 +153,9 @@ class EventTokens(nn.Module):
         x = self.proj(torch.cat(parts, dim=-1))
         return x + self.time.weight[0] if self.time is not None else x  # gap 0 → bucket 0
 
-    def flops(self) -> int:
-        return linear_flops(self.max_len, self.in_dim, self.dim)
+    def flops(self, length: int | None = None) -> int:
+        """Projection FLOPs over ``length`` events (default every padded slot, ``max_len``)."""
+        return linear_flops(self.max_len if length is None else length, self.in_dim, self.dim)
 
     def candidate_flops(self) -> int:
         return linear_flops(1, self.in_dim, self.dim)
@@ -199,8 +200,9 @@ class Inputs(nn.Module):
         """name → the candidate item's token [B, D] in that sequence's token space."""
         return {n: e.candidate(self.tables, batch.cat) for n, e in self.events.items()}
 
-    def flops(self) -> int:
-        f = self.features.flops() + sum(e.flops() for e in self.events.values())
+    def flops(self, lengths: dict[str, int] | None = None) -> int:
+        """``lengths``: real events per sequence (default: every padded slot)."""
+        f = self.features.flops() + sum(e.flops((lengths or {}).get(n)) for n, e in self.events.items())
         return f + (sum(e.candidate_flops() for e in self.events.values()) if self.candidates else 0)
 
 

@@ -15,7 +15,11 @@ from kunlun.errors import KunlunError
 
 
 class RankingModel(nn.Module):
-    """A model maps a Batch to logits [B] and reports its forward FLOPs per example by component."""
+    """A model maps a Batch to logits [B] and reports its forward FLOPs per example by component.
+
+    FLOPs come in two kinds. *Executed* FLOPs (``lengths=None``) count every padded sequence slot, as the
+    dense kernels compute them; *useful* FLOPs count only the real tokens of each example
+    (``token_counts``), i.e. what a jagged kernel would compute. They differ only for sequence models."""
 
     config: Any
     info: FeatureInfo
@@ -24,11 +28,41 @@ class RankingModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def flops_by_component(self) -> dict[str, int]:  # pragma: no cover - abstract
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:  # pragma: no cover - abstract
+        """Forward FLOPs of one example by component. ``lengths``: real tokens per key of ``token_counts``
+        (useful FLOPs of an example with those lengths); None: every padded slot (executed FLOPs)."""
         raise NotImplementedError
 
-    def flops_per_example(self) -> int:
-        return sum(self.flops_by_component().values())
+    def flops_per_example(self, lengths: dict[str, int] | None = None) -> int:
+        return sum(self.flops_by_component(lengths).values())
+
+    def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Real (unpadded) tokens per example, by the keys ``flops_by_component`` reads: here the real
+        events of each behaviour sequence. {} for a model whose FLOPs do not depend on sequence lengths."""
+        return {}
+
+    def useful_flops_per_example(self, batches) -> float:
+        """Mean useful forward FLOPs per example over ``batches`` (an iterable of Batch): the analytic count
+        evaluated at each example's own sequence lengths (grouped by distinct lengths, so it costs one
+        evaluation per distinct combination, not per example)."""
+        import numpy as np
+
+        counts: dict[tuple, int] = {}
+        keys: list[str] = []
+        n = 0
+        for batch in batches:
+            tc = self.token_counts(batch)
+            keys = sorted(tc)
+            n += len(batch)
+            if not keys:  # no sequence-length term: useful = executed
+                break
+            rows, freq = np.unique(np.stack([tc[k].cpu().numpy() for k in keys], axis=1), axis=0, return_counts=True)
+            for row, c in zip(map(tuple, rows.tolist()), freq.tolist()):
+                counts[row] = counts.get(row, 0) + c
+        if not counts:
+            return float(self.flops_per_example())
+        total = sum(c * self.flops_per_example(dict(zip(keys, row))) for row, c in counts.items())
+        return total / max(n, 1)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)]

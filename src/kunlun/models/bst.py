@@ -88,8 +88,13 @@ class BST(RankingModel):
             outs.append(s.flatten(1))
         return self.mlp(torch.cat(outs, dim=1)).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
-        length = self.info.max_len + 1
-        return {"tokens": self.inputs.flops(),
-                "transformer": sum(layer.flops(length) for layers in self.blocks.values() for layer in layers),
-                "mlp": self.mlp.flops()}
+    def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {n: s.mask.sum(1) for n, s in batch.seqs.items() if n in self.blocks}
+
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
+        real = lambda n: (self.info.max_len if lengths is None else lengths[n]) + 1  # noqa: E731  (+ the candidate)
+        # the MLP reads every (flattened) sequence slot; only the real ones carry data
+        width = (self.info.n_tokens + sum(real(n) for n in self.blocks)) * self.config.d_model
+        return {"tokens": self.inputs.flops(lengths),
+                "transformer": sum(layer.flops(real(n)) for n, layers in self.blocks.items() for layer in layers),
+                "mlp": self.mlp.flops(d_in=width)}

@@ -49,6 +49,6 @@ class DCNv2(RankingModel):
         x0 = pooled_tokens(self.inputs, batch).flatten(1)
         return self.head(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:  # no sequence-length term
         return {"tokens": self.inputs.flops(), "cross": self.cross.flops(), "deep": self.deep.flops(),
                 "head": linear_flops(1, self.width + self.config.hidden[-1], 1)}

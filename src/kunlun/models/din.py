@@ -69,7 +69,10 @@ class DIN(RankingModel):
             h = self.drop(act(layer(h)))
         return self.out(h).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
-        length = self.info.max_len
-        return {"tokens": self.inputs.flops(), "target_attention": sum(a.flops(length) for a in self.attention.values()),
+    def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {n: s.mask.sum(1) for n, s in batch.seqs.items() if n in self.attention}
+
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
+        real = lambda n: self.info.max_len if lengths is None else lengths[n]  # noqa: E731
+        return {"tokens": self.inputs.flops(lengths), "target_attention": sum(a.flops(real(n)) for n, a in self.attention.items()),
                 "mlp": sum(linear_flops(1, a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))}

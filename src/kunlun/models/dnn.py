@@ -46,5 +46,5 @@ class DNN(RankingModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.mlp(pooled_tokens(self.inputs, batch).flatten(1)).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:  # no sequence-length term
         return {"tokens": self.inputs.flops(), "mlp": self.mlp.flops()}

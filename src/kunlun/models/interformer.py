@@ -184,15 +184,18 @@ class InterFormer(RankingModel):
         s_sum = torch.cat([self.s_summary[-1][q](s, m) for q, (s, m) in seqs.items()], dim=1)
         return self.output(torch.cat([x.flatten(1), s_sum.flatten(1)], dim=1)).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
-        length = self.info.max_len + self.config.cls_tokens
+    def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {n: s.mask.sum(1) for n, s in batch.seqs.items() if n in self.cls}
+
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
+        real = lambda q: (self.info.max_len if lengths is None else lengths[q]) + self.config.cls_tokens  # noqa: E731
         layers = range(self.config.num_layers)
         return {
-            "tokens": self.inputs.flops(),
+            "tokens": self.inputs.flops(lengths),
             "nonseq_summary": sum(m.flops() for m in self.x_summary),
-            "seq_summary": sum(m.flops(length) for d in self.s_summary for m in d.values()),
+            "seq_summary": sum(m.flops(real(q)) for d in self.s_summary for q, m in d.items()),
             "interaction": sum(m.flops() for m in self.interaction),
-            "pffn": sum(m.flops(length) for i in layers for m in self.pffn[i].values()),
-            "self_attention": sum(m.flops(length) for i in layers for m in self.attn[i].values()),
+            "pffn": sum(m.flops(real(q)) for i in layers for q, m in self.pffn[i].items()),
+            "self_attention": sum(m.flops(real(q)) for i in layers for q, m in self.attn[i].items()),
             "output": self.output.flops(),
         }

@@ -226,14 +226,16 @@ class StreamBlocks(nn.Module):
         z = self.pool(s, mask)
         return self.widen(z) if self.widen is not None else z
 
-    def flops(self) -> dict[str, int]:
+    def flops(self, length: int | None = None) -> dict[str, int]:
+        """FLOPs over ``length`` tokens of this stream (default: every padded slot)."""
         st, out = self.st, {}
+        length = st.length if length is None else length
         if self.pffn is not None:
-            out["gdpa_pffn"] = self.pffn.flops(st.length, self.cfg.summary_tokens)
+            out["gdpa_pffn"] = self.pffn.flops(length, self.cfg.summary_tokens)
         if self.attn is not None:
-            out["self_attention"] = self.attn.attn.flops(st.length, st.length)
+            out["self_attention"] = self.attn.attn.flops(length, length)
         if self.pool is not None:
-            out["seed_pooling"] = self.pool.flops(st.length) + (linear_flops(st.tokens, st.dim, self.cfg.d_model) if self.widen else 0)
+            out["seed_pooling"] = self.pool.flops(length) + (linear_flops(st.tokens, st.dim, self.cfg.d_model) if self.widen else 0)
         return out
 
 
@@ -279,12 +281,13 @@ class KunlunLayer(nn.Module):
                 new_sums[name] = block.summarise(new_seqs[name][0], new_seqs[name][1])
         return x, new_seqs, new_sums
 
-    def flops(self) -> dict[str, int]:
+    def flops(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
+        """``lengths``: real tokens per stream name (default: every padded slot)."""
         out = {"interaction": self.interaction.flops()}
         if self.summary is not None:
             out["nonseq_summary"] = self.summary.flops()
-        for block in self.blocks.values():
-            for k, v in block.flops().items():
+        for name, block in self.blocks.items():
+            for k, v in block.flops((lengths or {}).get(name)).items():
                 out[k] = out.get(k, 0) + v
         return out
 
@@ -331,11 +334,27 @@ class Kunlun(RankingModel):
         flat = torch.cat([x.flatten(1), *(summaries[st.name].flatten(1) for st in self.streams)], dim=1)
         return self.output(flat).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
+    def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``events:<sequence>``: real history events; ``stream:<name>``: real tokens of each stream (its
+        selected events, capped at the stream's length, plus the candidate slot)."""
+        target = int(self.config.target_in_sequence)
+        out = {f"events:{n}": s.mask.sum(1) for n, s in batch.seqs.items() if n in self.inputs.events}
+        for st in self.streams:
+            sq = batch.seqs[st.source]
+            if st.event_code is None:
+                out[f"stream:{st.name}"] = sq.mask.sum(1) + target
+            else:
+                out[f"stream:{st.name}"] = (sq.mask & (sq.event == st.event_code)).sum(1).clamp(max=st.length - target) + target
+        return out
+
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
         d = self.config.d_model
-        total = {"tokens": self.inputs.flops() + sum(linear_flops(st.length, d, st.dim) for st in self.streams if st.dim != d)}
+        events = None if lengths is None else {k.split(":", 1)[1]: v for k, v in lengths.items() if k.startswith("events:")}
+        streams = {} if lengths is None else {k.split(":", 1)[1]: v for k, v in lengths.items() if k.startswith("stream:")}
+        total = {"tokens": self.inputs.flops(events)
+                 + sum(linear_flops(streams.get(st.name, st.length), d, st.dim) for st in self.streams if st.dim != d)}
         for layer in self.layers:
-            for k, v in layer.flops().items():
+            for k, v in layer.flops(streams).items():
                 total[k] = total.get(k, 0) + v
         total["output"] = self.output.flops()
         return total

@@ -40,5 +40,5 @@ class LogisticRegression(RankingModel):
             logit = logit + self.dense(batch.num).squeeze(-1)
         return logit
 
-    def flops_by_component(self) -> dict[str, int]:
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:  # no sequence-length term
         return {"linear": 2 * self.info.n_numeric}

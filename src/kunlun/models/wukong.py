@@ -57,5 +57,5 @@ class Wukong(RankingModel):
             x = layer(x)
         return self.mlp(x.flatten(1)).squeeze(-1)
 
-    def flops_by_component(self) -> dict[str, int]:
+    def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:  # no sequence-length term
         return {"tokens": self.inputs.flops(), "interaction": sum(m.flops() for m in self.layers), "mlp": self.mlp.flops()}

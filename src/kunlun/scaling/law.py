@@ -18,8 +18,8 @@ from kunlun.errors import KunlunError
 from kunlun.scaling.forms import DELTA, FORMS, Fit, fit_form
 from kunlun.scaling.points import Point, provenance
 
-CONVENTION = ("C = 3 × forward FLOPs/example × training examples processed up to the best-on-validation checkpoint "
-              "(2 FLOPs per multiply-add; embedding lookups 0 FLOPs); L = NE at that checkpoint")
+CONVENTION = ("C = 3 × useful (unpadded) forward FLOPs/example × training examples processed up to the best-on-validation "
+              "checkpoint (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); L = NE at that checkpoint")
 
 
 def seed_groups(compute: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
@@ -159,7 +159,8 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
         "seed_sigma_by_compute": groups, "c_ref": c_ref, "provenance": provenance(points),
         "fit_window": [float(fc.min()), float(fc.max())],
         "runs": [{"compute": p.compute, "ne": p.ne, "seed": p.seed, "layers": p.layers, "flops_per_example": p.flops_per_example,
-                  "held_out": bool(h), "source": p.source, "code": p.code} for p, h in zip(points, held)],
+                  "held_out": bool(h), "source": p.source, "code": p.code, "compute_kind": p.compute_kind}
+                 for p, h in zip(points, held)],
         "forms": {},
     }
     for name in forms:

@@ -1,10 +1,13 @@
 """Scaling points: one (compute, NE) per training run, from run directories, sweep folders or a CSV table.
 
 Conventions (also in the README): L = NE on the test split (valid where the dataset has no test split) at
-the best-on-validation checkpoint, and C = the training compute that produced that checkpoint: 3 × forward
-FLOPs/example × training examples processed *up to that checkpoint* (``train_compute_at_best``; every
-matmul, attention, interaction and MLP FLOP at 2 FLOPs per multiply-add; embedding lookups 0 FLOPs).
-Training on past the best checkpoint spends compute that did not produce the NE, so it is not counted.
+the best-on-validation checkpoint, and C = the training compute that produced that checkpoint: 3 × useful
+forward FLOPs/example × training examples processed *up to that checkpoint* (``useful_train_compute_at_best``;
+every matmul, attention, interaction and MLP FLOP over each example's real, unpadded tokens, at 2 FLOPs per
+multiply-add; embedding lookups 0 FLOPs). Training on past the best checkpoint spends compute that did not
+produce the NE, so it is not counted; padding is not work the model does on data, so it is not counted
+either (how much padding a run executes is a batching choice). Runs recorded before useful FLOPs existed
+fall back to executed FLOPs, and the point says so (``compute_kind``).
 A CSV needs columns ``compute`` and ``ne``; ``family``, ``seed``, ``layers``, ``dataset``, ``metric``,
 ``flops_per_example`` and ``code`` are optional.
 """
@@ -33,6 +36,7 @@ class Point:
     metric: str = ""
     flops_per_example: float | None = None
     source: str = ""
+    compute_kind: str = "useful"  # useful | executed (older run records) | csv
     code: str = ""  # the code version that trained the run (kunlun.runs.version_label); "" from a CSV without it
 
 
@@ -40,7 +44,8 @@ def _from_run(final_path: Path) -> Point:
     final = read_json(final_path)
     if final is None:
         raise KunlunError(f"{final_path}: unreadable run record")
-    if "train_compute_at_best" not in final:
+    kind = "useful" if "useful_train_compute_at_best" in final else "executed"
+    if f"{'useful_' if kind == 'useful' else ''}train_compute_at_best" not in final:
         raise KunlunError(f"{final_path}: no train_compute_at_best (the run predates compute tracking); retrain it or give a CSV")
     split = "test" if "test" in final.get("metrics", {}) else "valid"
     layers = None
@@ -48,9 +53,10 @@ def _from_run(final_path: Path) -> Point:
     if cfg_path.is_file():
         layers = (yaml.safe_load(cfg_path.read_text()) or {}).get("model", {}).get("num_layers")
     codes = run_code(final_path.parent, final)
-    return Point(compute=float(final["train_compute_at_best"]), ne=float(final["metrics"][split]["ne"]), family=final.get("model", ""),
+    prefix = "useful_" if kind == "useful" else ""
+    return Point(compute=float(final[f"{prefix}train_compute_at_best"]), ne=float(final["metrics"][split]["ne"]), family=final.get("model", ""),
                  seed=final.get("seed"), layers=layers, dataset=final.get("dataset", ""), metric=f"{split} NE",
-                 flops_per_example=final.get("flops_per_example"), source=str(final_path.parent),
+                 flops_per_example=final.get(f"{prefix}flops_per_example"), source=str(final_path.parent), compute_kind=kind,
                  code=" + ".join(version_label(c) for c in codes) if codes else version_label(None))
 
 
@@ -79,7 +85,7 @@ def _from_csv(path: Path) -> list[Point]:
                 code=(row.get("code") or "").strip(),
                 flops_per_example=_number(row["flops_per_example"], path, line, "flops_per_example")
                 if row.get("flops_per_example") not in (None, "") else None,
-                source=f"{path}:{line}"))
+                source=f"{path}:{line}", compute_kind="csv"))
     return pts
 
 
@@ -108,8 +114,8 @@ def check_points(pts: list[Point]) -> None:
             v = getattr(p, name)
             if not (math.isfinite(v) and v > 0):
                 raise KunlunError(f"{p.source}: {name} = {v!r}; expected a positive finite number")
-    for attr, what in (("dataset", "datasets"), ("metric", "metrics")):
-        values = sorted({getattr(p, attr) for p in pts if getattr(p, attr)})
+    for attr, what in (("dataset", "datasets"), ("metric", "metrics"), ("compute_kind", "FLOP conventions (useful / executed)")):
+        values = sorted({getattr(p, attr) for p in pts if getattr(p, attr) and getattr(p, attr) != "csv"})
         if len(values) > 1:
             raise KunlunError(f"runs from different {what} are mixed together ({', '.join(values)}); fit each separately")
 

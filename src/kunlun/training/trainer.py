@@ -166,6 +166,9 @@ class Trainer:
             torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule))
             for o in self.optimizers
         ]
+        # useful FLOPs/example: the real (unpadded) tokens of the training split, not every padded slot
+        with torch.no_grad():
+            self.useful_flops = self.model.useful_flops_per_example(self.train_batches.iterate(t.eval_batch_size))
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
         if "valid" not in data.splits:
@@ -305,12 +308,17 @@ class Trainer:
             "epochs_run": self.state.epoch,
             "steps": self.state.step,
             "train_ctr": self.data.train_ctr,
+            # FLOPs (README "FLOPs"): executed = every padded sequence slot, as the dense kernels compute them;
+            # useful = only each example's real tokens (mean over the training split). Training compute C =
+            # forward FLOPs/example × 3 (forward + backward) × training examples processed (in all, and up to the
+            # best checkpoint); embedding lookups count 0 FLOPs.
             "flops_per_example": self.model.flops_per_example(),
-            # Training compute C (docs: README "FLOP convention"): forward FLOPs/example × 3 (forward + backward)
-            # × training examples processed; embedding lookups count 0 FLOPs.
+            "useful_flops_per_example": self.useful_flops,
             "train_examples": self.state.train_examples,
             "train_compute": TRAIN_FLOPS_FACTOR * self.model.flops_per_example() * self.state.train_examples,
             "train_compute_at_best": TRAIN_FLOPS_FACTOR * self.model.flops_per_example() * self.state.best_examples,
+            "useful_train_compute": TRAIN_FLOPS_FACTOR * self.useful_flops * self.state.train_examples,
+            "useful_train_compute_at_best": TRAIN_FLOPS_FACTOR * self.useful_flops * self.state.best_examples,
             "flops_by_component": self.model.flops_by_component(),
             "parameters": self.model.num_parameters(),
             "wall_time_s": wall,
