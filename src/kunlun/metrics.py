@@ -14,6 +14,13 @@ import numpy as np
 EPS = 1e-7
 
 
+def report_split(splits) -> str:
+    """The split a result is reported on: ``test`` when the dataset has one, else ``valid`` (then the
+    number is optimistic: early stopping chose the checkpoint on that same split). ``splits``: split names,
+    or a metrics-by-split mapping."""
+    return "test" if "test" in splits else "valid"
+
+
 def binary_entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 

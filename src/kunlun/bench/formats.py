@@ -21,6 +21,7 @@ from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.formats.gemm import PRECISIONS
 from kunlun.formats.quantize import quantize
+from kunlun.metrics import report_split
 from kunlun.runs import environment
 from kunlun.training.checkpoint import load_weights
 from kunlun.training.trainer import build, log
@@ -83,7 +84,7 @@ def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_st
     vs = variants(spec)
     for dataset in spec["datasets"]:
         data = prepare_dataset(dataset, data_dir, log=log)
-        split = "test" if "test" in data.splits else "valid"
+        split = report_split(data.splits)
         finals = {}
         for name, (_, overrides) in vs.items():
             finals[name] = [run_point(dataset, data, spec["model"], list(spec.get("overrides") or []) + overrides, s,

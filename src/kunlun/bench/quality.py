@@ -23,6 +23,7 @@ import numpy as np
 from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
+from kunlun.metrics import report_split
 from kunlun.models.base import MODELS
 from kunlun.runs import environment, provenance_line, reuse_state, run_code
 from kunlun.training.checkpoint import atomic_write_text
@@ -74,7 +75,7 @@ def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, r
 
 
 def summarise(finals: list[dict]) -> dict[str, Any]:
-    split = "test" if "test" in finals[0]["metrics"] else "valid"
+    split = report_split(finals[0]["metrics"])
     row: dict[str, Any] = {"split": split, "seeds": len(finals)}
     for m in METRICS:
         vals = np.array([f["metrics"][split][m] for f in finals], dtype=float)
@@ -180,7 +181,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
     for name, overrides in variants.items():
         finals[name] = [run_point(dataset, data, "kunlun", base + list(overrides), s, out / "runs" / dataset / f"kunlun-{name}" / f"seed{s}",
                                   data_dir, threads, reuse_stale) for s in spec["seeds"]]
-    split = "test" if "test" in finals["full"][0]["metrics"] else "valid"
+    split = report_split(finals["full"][0]["metrics"])
     full_ne = np.array([f["metrics"][split]["ne"] for f in finals["full"]])
     full = summarise(finals["full"])
     rows = {}

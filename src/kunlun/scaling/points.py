@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from kunlun.errors import KunlunError
+from kunlun.metrics import report_split
 from kunlun.runs import read_json, run_code, version_label
 
 
@@ -47,7 +48,7 @@ def _from_run(final_path: Path) -> Point:
     kind = "useful" if "useful_train_compute_at_best" in final else "executed"
     if f"{'useful_' if kind == 'useful' else ''}train_compute_at_best" not in final:
         raise KunlunError(f"{final_path}: no train_compute_at_best (the run predates compute tracking); retrain it or give a CSV")
-    split = "test" if "test" in final.get("metrics", {}) else "valid"
+    split = report_split(final.get("metrics", {}))
     layers = None
     cfg_path = final_path.parent / "config.yaml"
     if cfg_path.is_file():
