@@ -161,3 +161,16 @@ def test_kunlun_stream_token_counts_match_the_forward_selection():
         torch.testing.assert_close(counts[f"stream:{st.name}"], mask.sum(1) + 1)
     assert torch.equal(counts["events:" + model.streams[0].source], batch.seqs[model.streams[0].source].mask.sum(1))
     assert model.useful_flops_per_example([batch]) < model.flops_per_example()
+
+
+def test_useful_flops_of_a_large_split_come_from_a_sample(monkeypatch):
+    from kunlun.training import trainer
+
+    p = prepare_dataset("ml-latest-small")
+    model = build_model({"name": "kunlun"}, FeatureInfo.from_encoder(p.encoder(), 50))
+    batcher = Batcher(p, "valid", 50)
+    exact = model.useful_flops_per_example(batcher.iterate(2048))
+    assert trainer.useful_flops(model, batcher, 2048) == exact  # small split: every row
+    monkeypatch.setattr(trainer, "USEFUL_FLOPS_SAMPLE", 2000)
+    sampled = trainer.useful_flops(model, batcher, 512)
+    assert sampled != exact and sampled == pytest.approx(exact, rel=0.03)

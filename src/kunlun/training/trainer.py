@@ -146,6 +146,20 @@ def build_from_info(cfg: Config, info: FeatureInfo) -> RankingModel:
     return model
 
 
+USEFUL_FLOPS_SAMPLE = 100_000  # rows: exact below this, a fixed random sample above (a full pass over 100M rows is not worth it)
+
+
+@torch.no_grad()
+def useful_flops(model: RankingModel, batcher: Batcher, batch_size: int) -> float:
+    """Mean useful (unpadded) forward FLOPs per example over ``batcher``'s split: every row when the split
+    has at most ``USEFUL_FLOPS_SAMPLE``, else a sample of that many rows drawn with a fixed seed."""
+    n = len(batcher)
+    if n <= USEFUL_FLOPS_SAMPLE:
+        return model.useful_flops_per_example(batcher.iterate(batch_size))
+    rows = np.sort(np.random.default_rng(0).choice(n, USEFUL_FLOPS_SAMPLE, replace=False))
+    return model.useful_flops_per_example(batcher.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+
+
 class Trainer:
     """Trains ``cfg.model`` on ``data``, writing the run record into ``run_dir``."""
 
@@ -166,9 +180,7 @@ class Trainer:
             torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule))
             for o in self.optimizers
         ]
-        # useful FLOPs/example: the real (unpadded) tokens of the training split, not every padded slot
-        with torch.no_grad():
-            self.useful_flops = self.model.useful_flops_per_example(self.train_batches.iterate(t.eval_batch_size))
+        self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
         if "valid" not in data.splits:
