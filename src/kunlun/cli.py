@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from kunlun.console import log, out_console
 from kunlun.errors import KunlunError
 
 SPLIT_ORDER = ("train", "valid", "test", "file")
@@ -31,14 +32,6 @@ def emit_json(obj: Any) -> None:
         return x
 
     click.echo(json.dumps(clean(obj)))
-
-
-def out_console():
-    """Console for tables on stdout; when piped, wide enough that nothing is truncated."""
-    from rich.console import Console
-
-    con = Console()
-    return con if con.is_terminal else Console(width=200)
 
 
 def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None:
@@ -85,7 +78,7 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     from kunlun.data.registry import prepare_dataset
     from kunlun.models import model_config
     from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir
-    from kunlun.training.trainer import Trainer, log
+    from kunlun.training.trainer import Trainer
 
     extra = list(overrides)
     if resume:
@@ -157,7 +150,7 @@ def load_trained(path: Path):
 def eval_cmd(run, file, split, data_dir, as_json):
     """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits."""
     from kunlun.data.registry import load_raw, prepare_file
-    from kunlun.training.trainer import evaluate, log
+    from kunlun.training.trainer import evaluate
 
     cfg, encoder, model = load_trained(run)
     ddir = data_dir or cfg.data.data_dir
@@ -193,7 +186,6 @@ def predict(run, file, out, data_dir):
 
     from kunlun.data.batches import Batcher
     from kunlun.data.registry import prepare_file
-    from kunlun.training.trainer import log
     from kunlun.training.trainer import predict as predict_rows
 
     cfg, encoder, model = load_trained(run)
@@ -256,7 +248,6 @@ def info(dataset, data_dir, as_json):
     from rich.table import Table
 
     from kunlun.data.registry import prepare_dataset
-    from kunlun.training.trainer import log
 
     summary = dataset_summary(prepare_dataset(dataset, data_dir, log=log))
     if as_json:
@@ -281,7 +272,6 @@ def info(dataset, data_dir, as_json):
 def prepare(dataset, data_dir):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import prepare_dataset
-    from kunlun.training.trainer import log
 
     p = prepare_dataset(dataset, data_dir, use_cache=False, log=log)
     prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
@@ -453,8 +443,8 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from kunlun.console import stderr
     from kunlun.scaling.sweep import job_state, jobs, load_sweep, pending, run_sweep, validate
-    from kunlun.training.trainer import log, stderr
 
     spec = load_sweep(sweep_file)
     out = out or Path("sweeps") / spec.name
@@ -500,7 +490,6 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
     from kunlun.scaling.law import compare as compare_families
     from kunlun.scaling.points import families, load_points
     from kunlun.scaling.report import write_report
-    from kunlun.training.trainer import log
 
     if not 0 < level < 1:
         raise KunlunError(f"--level: expected a number between 0 and 1, got {level}")

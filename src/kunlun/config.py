@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 
 from kunlun.errors import KunlunError
-from kunlun.formats.gemm import PrecisionConfig
 
 
 @dataclass
@@ -72,6 +71,38 @@ class TrainConfig:
             )
         if self.schedule not in ("cosine", "linear", "constant"):
             raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
+
+
+# Low-precision number formats emulated by ``kunlun.formats`` (quantize → dequantize), and the values
+# of precision.format (fp32: no emulation). The names live here, with the config that selects them.
+FORMATS = ("mxfp4", "nvfp4", "hif4", "hif8", "fp8_e4m3", "fp8_e5m2", "bf16")
+PRECISIONS = ("fp32", *FORMATS)
+
+
+@dataclass
+class PrecisionConfig:
+    """Emulated low-precision GEMMs (see ``kunlun.formats.gemm``)."""
+
+    format: str = "fp32"  # fp32 (no emulation) | bf16 | fp8_e4m3 | fp8_e5m2 | hif8 | mxfp4 | nvfp4 | hif4
+    weights: bool = True  # quantize weight operands
+    activations: bool = True  # quantize activation operands
+    gradients: bool = True  # quantize output-gradient operands in the backward GEMMs
+    rht: bool = False  # blockwise random Hadamard transform of both operands of every Linear GEMM
+    stochastic_rounding: bool = False  # gradients rounded ⌊v + U⌋ (4-bit formats and hif8)
+    scale_rule: str = "floor"  # mxfp4: floor | ceil | even
+    tensor_scale: bool = True  # nvfp4: FP32 per-tensor scale
+    keep_high_precision: list[str] = field(default_factory=lambda: ["first", "last"])  # 'first', 'last' or module-name prefixes
+
+    def validate(self) -> None:
+        if self.format not in PRECISIONS:
+            raise KunlunError(f"config key precision.format: expected one of {', '.join(PRECISIONS)}, got {self.format!r}")
+        if self.scale_rule not in ("floor", "ceil", "even"):
+            raise KunlunError(f"config key precision.scale_rule: expected floor, ceil or even, got {self.scale_rule!r}")
+        if self.stochastic_rounding and self.format not in ("mxfp4", "nvfp4", "hif4", "hif8"):
+            raise KunlunError(f"config key precision.stochastic_rounding: implemented for mxfp4, nvfp4, hif4 and hif8, not {self.format}")
+
+    def options(self) -> dict:
+        return {"mxfp4": {"scale_rule": self.scale_rule}, "nvfp4": {"tensor_scale": self.tensor_scale}}.get(self.format, {})
 
 
 @dataclass

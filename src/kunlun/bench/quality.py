@@ -23,10 +23,10 @@ import numpy as np
 from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_write_text
 from kunlun.metrics import report_split
-from kunlun.models.base import MODELS
+from kunlun.models import MODELS
 from kunlun.runs import environment, provenance_line, reuse_state, run_code
-from kunlun.training.checkpoint import atomic_write_text
 from kunlun.training.trainer import Trainer, log
 
 METRICS = ("auc", "gauc", "logloss", "ne")

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from kunlun.config import Config
+from kunlun.console import log, out_console
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.runs import environment
-from kunlun.training.trainer import autocast, build, default_device, log, make_optimizers, set_seed, to_device
+from kunlun.training.trainer import autocast, build, default_device, make_optimizers, set_seed, to_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -138,8 +139,6 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
 
 def speed_table(r: dict[str, Any]) -> None:
     from rich.table import Table
-
-    from kunlun.cli import out_console
 
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
                       f"{r['useful_flops_per_example'] / 1e6:.2f} useful / {r['flops_per_example'] / 1e6:.2f} executed MFLOPs/example "

@@ -41,9 +41,9 @@ from typing import Any
 
 from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_write_text
 from kunlun.models import model_config
 from kunlun.runs import code_version, read_json, reuse_state
-from kunlun.training.checkpoint import atomic_write_text
 
 
 @dataclass

@@ -20,26 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config, TrainConfig
+from kunlun.console import log, stderr
 from kunlun.data.batches import Batch, Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_write_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
-from kunlun.training.checkpoint import atomic_write_text, load_trainer_state, load_weights, save_checkpoint
+from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint
 
-stderr = Console(stderr=True)
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
-
-
-def log(msg: str) -> None:
-    stderr.print(msg, highlight=False, markup=False)
 
 
 def default_device() -> torch.device:
