@@ -80,16 +80,12 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir
     from kunlun.training.trainer import Trainer
 
-    extra = list(overrides)
     if resume:
         if not (resume / "config.yaml").is_file():
             raise KunlunError(f"{resume}: not a run directory (no config.yaml) to resume")
         config_path = resume / "config.yaml"
-    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir), ("train.seed", seed), ("train.epochs", epochs),
-                       ("precision.format", precision)):
-        if value is not None:
-            extra.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(config_path, extra, model=model)
+    cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
+                      precision=precision)
     model_config(cfg.model)  # validate model keys before touching data
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=not no_cache, log=log)
     if resume:
@@ -335,11 +331,7 @@ def speed(config_path=None, dataset=None, data_dir=None, steps=30, repeats=3, as
     from kunlun.bench.speed import run_speed_bench, speed_table
     from kunlun.config import load_config
 
-    extra = list(overrides)
-    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir)):
-        if value is not None:
-            extra.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(config_path, extra)
+    cfg = load_config(config_path, list(overrides), dataset=dataset, data_dir=data_dir)
     result = run_speed_bench(cfg, steps=steps, repeats=repeats)
     emit_json(result) if as_json else speed_table(result)
 

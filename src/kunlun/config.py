@@ -9,6 +9,7 @@ a ``KunlunError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,17 +141,30 @@ class Config:
 DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None) -> Config:
-    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides.
+# keyword settings of load_config → the config key each one sets
+SETTINGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "seed": "train.seed", "epochs": "train.epochs",
+            "threads": "train.threads", "precision": "precision.format"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None,
+                **settings: Any) -> Config:
+    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides: the one way
+    every entry point (``kunlun train``, ``bench speed``, the quality / formats benchmarks, sweeps) builds a config.
 
     ``model`` switches the model: if it differs from the file's, the file's model keys (which belong to
-    the other model) are dropped and the new model starts from its own defaults.
+    the other model) are dropped and the new model starts from its own defaults. ``settings`` (``dataset``,
+    ``data_dir``, ``seed``, ``epochs``, ``threads``, ``precision``; None = not set) are applied after
+    ``overrides``, so they win, as command-line flags win over positional overrides.
     """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"load_config: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
     raw = read_yaml(path)
     if model is not None and (raw.get("model") or {}).get("name", "kunlun") != model:
         raw["model"] = {"name": model}
-    for item in overrides or []:
+    extra = [f"{SETTINGS[k]}={json.dumps(v)}" for k, v in settings.items() if v is not None]
+    for item in [*(overrides or []), *extra]:
         set_dotted(raw, item)
     return Config.from_dict(raw, source=str(path))
 

@@ -56,12 +56,8 @@ def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, r
               reuse_stale: bool = False) -> dict:
     """Train one (dataset, model, seed) point unless a finished run of the same config and code is there;
     return its final.json, with ``"stale": True`` when it is a kept run of other code (``reuse_stale``)."""
-    extra = [f"data.dataset={dataset}", f"train.seed={seed}", *overrides]
-    if data_dir:
-        extra.append(f"data.data_dir={json.dumps(str(data_dir))}")
-    if threads:
-        extra.append(f"train.threads={threads}")
-    cfg = load_config(None, extra, model=model)
+    cfg = load_config(None, overrides, model=model, dataset=dataset, seed=seed, data_dir=str(data_dir) if data_dir else None,
+                      threads=threads or None)
     state, final = reuse_state(run_dir, cfg.to_dict())
     if state == "fresh" or (state == "stale" and reuse_stale):
         return {**final, "stale": state == "stale", "code_versions": run_code(run_dir, final)}

@@ -9,7 +9,7 @@ multiplier, each with a bootstrap interval.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -57,17 +57,23 @@ def _resample(rng: np.random.Generator, compute: np.ndarray) -> np.ndarray:
     return np.arange(n)
 
 
+def refits(form: str, compute: np.ndarray, ne: np.ndarray, c_ref: float, n: int, rng: np.random.Generator) -> Iterator[Fit | None]:
+    """The bootstrap loop: ``n`` quick refits of ``form`` on runs resampled with replacement (None where a fit fails)."""
+    for _ in range(n):
+        idx = _resample(rng, compute)
+        try:
+            yield fit_form(form, compute[idx], ne[idx], c_ref=c_ref, thorough=False)
+        except ValueError:
+            yield None
+
+
 def bootstrap(form: str, compute: np.ndarray, ne: np.ndarray, c_ref: float, query: np.ndarray, n_boot: int,
               rng: np.random.Generator) -> np.ndarray:
     """ln-NE predictions at ``query`` from ``n_boot`` refits on runs resampled with replacement: [n_boot, q]."""
     out = np.full((n_boot, len(query)), np.nan)
-    for b in range(n_boot):
-        idx = _resample(rng, compute)
-        try:
-            fit = fit_form(form, compute[idx], ne[idx], c_ref=c_ref, thorough=False)
-        except ValueError:
-            continue
-        out[b] = fit.log_predict(query)
+    for b, fit in enumerate(refits(form, compute, ne, c_ref, n_boot, rng)):
+        if fit is not None:
+            out[b] = fit.log_predict(query)
     return out
 
 
@@ -211,14 +217,7 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
 
 
 def _param_intervals(name: str, fc, fy, c_ref, rng, n: int, level: float) -> dict[str, list[float]]:
-    thetas = []
-    for _ in range(n):
-        idx = _resample(rng, fc)
-        try:
-            thetas.append(fit_form(name, fc[idx], fy[idx], c_ref=c_ref, thorough=False).theta)
-        except ValueError:
-            continue
-    t = np.array(thetas)
+    t = np.array([fit.theta for fit in refits(name, fc, fy, c_ref, n, rng) if fit is not None])
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     return {p: [float(np.percentile(t[:, i], lo)), float(np.percentile(t[:, i], hi))] for i, p in enumerate(FORMS[name].params)}
 

@@ -124,9 +124,8 @@ def jobs(spec: SweepSpec, out: Path) -> list[Job]:
 
 def job_config(spec: SweepSpec, job: Job, threads: int = 0) -> dict[str, Any]:
     """The resolved config the job's ``kunlun train`` process runs with (``data.data_dir`` aside)."""
-    cfg = load_config(Path(spec.config) if spec.config else None,
-                      [f"data.dataset={json.dumps(spec.dataset)}", f"train.seed={job.seed}", *job.overrides,
-                       f"train.threads={threads}"], model=spec.model)
+    cfg = load_config(Path(spec.config) if spec.config else None, job.overrides, model=spec.model, dataset=spec.dataset,
+                      seed=job.seed, threads=threads)
     model_config(cfg.model)
     return cfg.to_dict()
 
