@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.config import Config, TrainConfig
+from kunlun.config import Config
 from kunlun.console import log, stderr
-from kunlun.data.batches import Batch, Batcher
+from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
@@ -34,66 +34,20 @@ from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
 from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint
+from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
+    NonFiniteLoss,
+    TrainModel,
+    TrainStep,
+    autocast,
+    default_device,
+    lr_factor,
+    make_optimizers,
+    make_schedulers,
+    set_seed,
+    to_device,
+)
 
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
-            for k, s in batch.seqs.items()}
-    return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def set_seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables.
-
-    Embedding regularisation: ``embedding_l2`` adds λ·E to every row's gradient each step (the optimizer's
-    coupled L2 term, i.e. a λ/2·‖E‖² penalty on the whole table, as FuxiCTR's ``embedding_regularizer``
-    used for the BARS baselines); ``embedding_weight_decay`` is decoupled decay (AdamW) for ``adam``.
-    """
-    opts: list[torch.optim.Optimizer] = []
-    dense = [p for p in model.dense_parameters() if p.requires_grad]
-    if dense:
-        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
-    emb = model.embedding_parameters()
-    if emb:
-        wd, l2 = t.embedding_weight_decay, t.embedding_l2
-        if t.embedding_optimizer == "adam":
-            if wd and l2:
-                raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
-                                  "with train.embedding_optimizer=adam")
-            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd
-                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2))
-        else:
-            cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
-            opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))
-    return opts
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -158,10 +112,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
-        self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule))
-            for o in self.optimizers
-        ]
+        self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
+        self.train_step = TrainStep(TrainModel(self.model, t.bf16), self.optimizers, self.schedulers, t.grad_clip)
         # useful FLOPs/example: the real (unpadded) tokens of the training split, not every padded slot
         with torch.no_grad():
             self.useful_flops = self.model.useful_flops_per_example(self.train_batches.iterate(t.eval_batch_size))
@@ -203,10 +155,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_epoch(self, epoch: int) -> float:
-        t, model = self.cfg.train, self.model
-        model.train()
+        t = self.cfg.train
+        self.model.train()
         rng = np.random.default_rng(t.seed + epoch)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
         total_loss, n_seen = 0.0, 0
         steps = min(self.steps_per_epoch, self.total_steps - self.state.step)
         columns = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -218,22 +169,13 @@ class Trainer:
                 if i >= steps:
                     break
                 batch = to_device(batch, self.device)
-                with autocast(self.device, t.bf16):
-                    logits = model(batch)
-                loss = loss_fn(logits.float(), batch.label)
-                if not torch.isfinite(loss):
+                try:
+                    loss, _ = self.train_step(batch)
+                except NonFiniteLoss:
                     raise KunlunError(
                         f"non-finite training loss at step {self.state.step + 1} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
-                    )
-                for o in self.optimizers:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                for o, s in zip(self.optimizers, self.schedulers):
-                    o.step()
-                    s.step()
+                    ) from None
                 self.state.step += 1
                 total_loss += loss.item() * len(batch)
                 n_seen += len(batch)
