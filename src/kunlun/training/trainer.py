@@ -66,6 +66,9 @@ def predict(model: RankingModel, batcher: Batcher, batch_size: int, bf16: bool =
 
 
 def evaluate(model: RankingModel, data: Prepared, split: str, max_len: int, batch_size: int, bf16: bool = False) -> dict[str, float]:
+    """Metrics of ``split``. The split's predictions go to the accumulator in one update, so NE, logloss and
+    calibration are bit-identical to the numbers of earlier runs (per-batch updates would change the order of the
+    float64 sums, hence the last bits; AUC and gAUC would not change)."""
     probs, labels, groups = predict(model, Batcher(data, split, max_len), batch_size, bf16)
     acc = MetricAccumulator(data.train_ctr)
     acc.update(labels, probs, groups)
