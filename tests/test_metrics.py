@@ -90,7 +90,7 @@ def test_auc_and_gauc_exact_whatever_the_batching_and_merge_order(seed):
     cuts = np.sort(rng.choice(np.arange(1, len(y)), 11, replace=False))
     batches = np.split(perm, cuts)
     ranks = [MetricAccumulator(train_ctr=0.4) for _ in range(3)]
-    for i, b in enumerate(batches):
+    for b in batches:
         ranks[rng.integers(0, 3)].update(y[b], p[b], g[b])
     merged = MetricAccumulator.from_state(ranks[2].state()).merge(ranks[0]).merge(MetricAccumulator.from_state(ranks[1].state()))
     m = merged.compute()

@@ -32,7 +32,24 @@ from kunlun.training.trainer import Trainer, log
 METRICS = ("auc", "gauc", "logloss", "ne")
 
 
-def load_spec(path: Path | None) -> dict[str, Any]:
+def load_spec(path: Path | None, seeds: list[int] | None = None, datasets: list[str] | None = None,
+              models: list[str] | None = None) -> dict[str, Any]:
+    """The quality / ablation spec (default: packaged ``configs/quality.yaml``), with ``seeds``, ``datasets`` or a
+    subset of its ``models`` in place of the file's when given."""
+    spec = _read_spec(path)
+    if seeds:
+        spec["seeds"] = list(seeds)
+    if datasets:
+        spec["datasets"] = list(datasets)
+    if models:
+        unknown = [m for m in models if m not in spec["models"]]
+        if unknown:
+            raise KunlunError(f"--models: {unknown[0]!r} is not in the spec; known: {', '.join(spec['models'])}")
+        spec["models"] = {m: spec["models"][m] for m in models}
+    return spec
+
+
+def _read_spec(path: Path | None) -> dict[str, Any]:
     path = path or DEFAULT_CONFIG_DIR / "quality.yaml"
     spec = read_yaml(Path(path))
     for key in ("datasets", "seeds", "models"):
