@@ -259,12 +259,14 @@ def test_train_step_owns_loss_clipping_and_schedule(tmp_path):
 
 
 def test_python_api_trains_and_scores_a_run_like_the_cli(tmp_path):
+    from kunlun.models import recorded_config
     from kunlun.training.runner import evaluate_run, load_trained, train_run
 
     final = train_run(tiny(), tmp_path / "r", progress=False, logger=lambda m: None)
     assert final["run_dir"] == str(tmp_path / "r")
     assert evaluate_run(tmp_path / "r") == final["metrics"]  # re-encoded with the run's vocabularies: same numbers
     cfg, _, model = load_trained(tmp_path / "r")
-    assert cfg.to_dict() == tiny().to_dict() and model.num_parameters() == final["parameters"]
+    assert cfg.to_dict() == recorded_config(tiny()) and model.num_parameters() == final["parameters"]
+    assert cfg.model["time_scale"] == 3600.0  # the record spells out the model's defaults
     with pytest.raises(KunlunError, match="not empty"):
         train_run(tiny(), tmp_path / "r", progress=False, logger=lambda m: None)

@@ -1,4 +1,7 @@
-"""Run configuration: typed dataclasses, YAML files and ``section.key=value`` overrides.
+"""Run configuration: typed frozen dataclasses, YAML files and ``section.key=value`` overrides.
+
+Every default has one home: the dataclass field (here, and each model's config dataclass for the ``model``
+section). The packaged ``configs/kunlun.yaml`` names the model and repeats no default.
 
 A config has three sections. ``data`` and ``train`` are fixed dataclasses; ``model`` holds ``name`` plus
 the keys of that model's own config dataclass (validated when the model is built, see
@@ -21,7 +24,7 @@ import yaml
 from kunlun.errors import KunlunError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "ml-latest-small"  # a registered name, or a path to a schema YAML (generic adapter)
     data_dir: str | None = None  # None: $KUNLUN_DATA, else the user data directory
@@ -32,12 +35,12 @@ class DataConfig:
             raise KunlunError(f"config key data.max_seq_len: expected a positive integer, got {self.max_seq_len}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 256
     eval_batch_size: int = 2048
-    epochs: int = 20
+    epochs: int = 10
     max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
     lr: float = 1e-3  # dense parameters (AdamW)
     weight_decay: float = 1e-5
@@ -80,7 +83,7 @@ FORMATS = ("mxfp4", "nvfp4", "hif4", "hif8", "fp8_e4m3", "fp8_e5m2", "bf16")
 PRECISIONS = ("fp32", *FORMATS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecisionConfig:
     """Emulated low-precision GEMMs (see ``kunlun.formats.gemm``)."""
 
@@ -106,7 +109,7 @@ class PrecisionConfig:
         return {"mxfp4": {"scale_rule": self.scale_rule}, "nvfp4": {"tensor_scale": self.tensor_scale}}.get(self.format, {})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -7,10 +7,11 @@ models import ``kunlun.models.base`` to register themselves; nothing imports bac
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.config import dataclass_from_dict
+from kunlun.config import Config, dataclass_from_dict
 from kunlun.errors import KunlunError
 from kunlun.models import bst, dcnv2, din, dnn, interformer, kunlun, logistic, wukong  # noqa: F401  (register the models)
 from kunlun.models.base import MODELS, RankingModel
@@ -36,3 +37,13 @@ def build_model(model: dict[str, Any], info: FeatureInfo) -> RankingModel:
             "choose a non-sequence model (kunlun, dnn, dcnv2, wukong, logistic_regression)"
         )
     return entry.cls(cfg, info)
+
+
+def resolved_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` section with every default of the model's config spelled out (validated)."""
+    return {"name": model["name"], **dataclasses.asdict(model_config(model))}
+
+
+def recorded_config(cfg: Config) -> dict[str, Any]:
+    """What a run records as its config: every section in full, the model's defaults included."""
+    return {**cfg.to_dict(), "model": resolved_model(cfg.model)}
