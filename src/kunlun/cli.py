@@ -311,19 +311,16 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kunlun.console import stderr
-    from kunlun.scaling.sweep import job_state, jobs, load_sweep, pending, run_sweep, validate
+    from kunlun.scaling.sweep import check_parallel, default_out, jobs, load_sweep, pending, plan, run_sweep
 
     spec = load_sweep(sweep_file)
-    out = out or Path("sweeps") / spec.name
-    if parallel is not None and parallel < 1:
-        raise KunlunError(f"--parallel: expected >= 1, got {parallel}")
-    all_jobs = jobs(spec, out)
+    out = out or default_out(spec)
+    check_parallel(parallel)
     if dry_run:
-        validate(spec, all_jobs)
-        for j in all_jobs:
-            state = job_state(spec, j, spec.threads if threads is None else threads)
+        for j, state in plan(spec, out, threads):
             click.echo(f"{j.label}\tseed {j.seed}\t{state}\t{' '.join(j.overrides)}")
         return
+    all_jobs = jobs(spec, out)
     todo = len(pending(spec, all_jobs, spec.threads if threads is None else threads, reuse_stale))
     log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}")
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
