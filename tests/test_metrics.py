@@ -58,3 +58,54 @@ def test_ne_uses_training_ctr_not_evaluation_ctr():
     m.update(y, p)
     assert m.compute()["ne"] == pytest.approx(log_loss(y, p) / math.log(2), rel=1e-12)
     assert binary_entropy(0.5) == pytest.approx(math.log(2))
+
+
+def grouped_case(seed, n=3000):
+    y, p = random_case(seed, n)
+    g = np.random.default_rng(seed + 100).integers(0, 50, n)
+    return y, p, g
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_update_is_bit_identical_to_the_reference_functions(seed):
+    y, p, g = grouped_case(seed)
+    acc = MetricAccumulator(train_ctr=0.4)
+    acc.update(y, p, g)
+    m = acc.compute()
+    assert m["logloss"] == logloss(y, p) and m["ne"] == logloss(y, p) / binary_entropy(0.4)
+    assert m["auc"] == auc(y, p) and m["gauc"] == gauc(y, p, g)
+    assert m["calibration"] == p.mean() / y.mean() and m["ctr"] == y.mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_and_gauc_exact_whatever_the_batching_and_merge_order(seed):
+    """Batches of random sizes, in a shuffled order, spread over several 'ranks' merged in another order: AUC and
+    gAUC equal the one-pass values exactly (and sklearn's to rounding); the float sums agree to rounding."""
+    y, p, g = grouped_case(seed)
+    one = MetricAccumulator(train_ctr=0.4)
+    one.update(y, p, g)
+    expected = one.compute()
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    cuts = np.sort(rng.choice(np.arange(1, len(y)), 11, replace=False))
+    batches = np.split(perm, cuts)
+    ranks = [MetricAccumulator(train_ctr=0.4) for _ in range(3)]
+    for b in batches:
+        ranks[rng.integers(0, 3)].update(y[b], p[b], g[b])
+    merged = MetricAccumulator.from_state(ranks[2].state()).merge(ranks[0]).merge(MetricAccumulator.from_state(ranks[1].state()))
+    m = merged.compute()
+    assert m["auc"] == expected["auc"] and m["gauc"] == expected["gauc"]
+    assert m["examples"] == expected["examples"] and m["ctr"] == expected["ctr"]
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    for k in ("ne", "logloss", "calibration"):
+        assert m[k] == pytest.approx(expected[k], rel=1e-12)
+    # the AUC state is the count table of distinct (group, score) pairs, not the predictions
+    assert len(merged.score) == len(np.unique(np.stack([g, p]), axis=1).T) < len(y)
+
+
+def test_updates_must_all_have_groups_or_none():
+    acc = MetricAccumulator(train_ctr=0.5)
+    acc.update([1, 0], [0.6, 0.4])
+    assert math.isnan(acc.compute()["gauc"])
+    with pytest.raises(ValueError, match="groups"):
+        acc.update([1, 0], [0.6, 0.4], [1, 1])

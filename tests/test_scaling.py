@@ -163,6 +163,10 @@ def test_sweep_runs_points_resumes_and_records_compute(tmp_path):
     mtime = finals[0].stat().st_mtime
     r = run_cli("sweep", str(sweep), "--out", str(out))
     assert r.returncode == 0 and "2 skipped" in r.stderr and finals[0].stat().st_mtime == mtime
+    from kunlun.scaling.sweep import load_sweep, plan
+
+    # what --dry-run lists: the recorded configs (model defaults spelled out) match the points' configs
+    assert [state for _, state in plan(load_sweep(sweep), out)] == ["fresh", "fresh"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(sweep.read_text().replace("model.d_model", "model.d_modle"))
     r = run_cli("sweep", str(bad), "--out", str(tmp_path / "bad"))

@@ -222,3 +222,51 @@ def test_single_value_for_a_list_key_and_bad_element_type():
     assert mc.gdpa_activation == ["relu"] and mc.output_hidden == [48]
     with pytest.raises(KunlunError, match=r"model.output_hidden\[1\]: expected an integer"):
         model_config(tiny("model.output_hidden=[8, wide]").model)
+
+
+def test_train_step_owns_loss_clipping_and_schedule(tmp_path):
+    """TrainModel returns (loss, logits); TrainStep clips, steps every optimizer and advances every schedule; a
+    non-finite loss raises before any parameter changes."""
+    from kunlun.data.batches import Batcher
+    from kunlun.training.step import NonFiniteLoss, TrainModel, TrainStep, make_optimizers, make_schedulers
+
+    cfg = tiny("train.warmup_steps=4", "train.grad_clip=0.000001")
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
+    batch = Batcher(data, "train", cfg.data.max_seq_len).batch(torch.arange(64).numpy())
+    loss, logits = TrainModel(t.model)(batch)
+    assert loss.shape == () and logits.shape == (64,)
+    assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label))
+
+    opts = make_optimizers(t.model, cfg.train)
+    step = TrainStep(TrainModel(t.model), opts, make_schedulers(opts, cfg.train, 100), cfg.train.grad_clip)
+    lr0 = [o.param_groups[0]["lr"] for o in opts]
+    step(batch)
+    assert [o.param_groups[0]["lr"] for o in opts] == [2 * lr for lr in lr0]  # warm-up: step 1 of 4 → 2 of 4
+    grads = [p.grad for p in t.model.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 1e-6 * 1.01
+
+    before = [p.detach().clone() for p in t.model.parameters()]
+    class NanLoss(TrainModel):
+        def forward(self, batch):
+            loss, logits = super().forward(batch)
+            return loss * float("nan"), logits
+
+    nan_model = NanLoss(t.model)
+    with pytest.raises(NonFiniteLoss):
+        TrainStep(nan_model, opts, [], 0.0)(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_python_api_trains_and_scores_a_run_like_the_cli(tmp_path):
+    from kunlun.models import recorded_config
+    from kunlun.training.runner import evaluate_run, load_trained, train_run
+
+    final = train_run(tiny(), tmp_path / "r", progress=False, logger=lambda m: None)
+    assert final["run_dir"] == str(tmp_path / "r")
+    assert evaluate_run(tmp_path / "r") == final["metrics"]  # re-encoded with the run's vocabularies: same numbers
+    cfg, _, model = load_trained(tmp_path / "r")
+    assert cfg.to_dict() == recorded_config(tiny()) and model.num_parameters() == final["parameters"]
+    assert cfg.model["time_scale"] == 3600.0  # the record spells out the model's defaults
+    with pytest.raises(KunlunError, match="not empty"):
+        train_run(tiny(), tmp_path / "r", progress=False, logger=lambda m: None)

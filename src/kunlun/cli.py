@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from kunlun.console import log, out_console
 from kunlun.errors import KunlunError
-
-SPLIT_ORDER = ("train", "valid", "test", "file")
 
 
 def emit_json(obj: Any) -> None:
@@ -31,14 +29,6 @@ def emit_json(obj: Any) -> None:
         return x
 
     click.echo(json.dumps(clean(obj)))
-
-
-def out_console():
-    """Console for tables on stdout; when piped, wide enough that nothing is truncated."""
-    from rich.console import Console
-
-    con = Console()
-    return con if con.is_terminal else Console(width=200)
 
 
 def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None:
@@ -82,45 +72,13 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     OVERRIDES are config keys, e.g.  model.d_model=64  train.lr=3e-4  data.max_seq_len=100
     """
     from kunlun.config import load_config
-    from kunlun.data.registry import prepare_dataset
-    from kunlun.models import model_config
-    from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir
-    from kunlun.training.trainer import Trainer, log
+    from kunlun.training.runner import resume_config_path, train_run
 
-    extra = list(overrides)
     if resume:
-        if not (resume / "config.yaml").is_file():
-            raise KunlunError(f"{resume}: not a run directory (no config.yaml) to resume")
-        config_path = resume / "config.yaml"
-    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir), ("train.seed", seed), ("train.epochs", epochs),
-                       ("precision.format", precision)):
-        if value is not None:
-            extra.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(config_path, extra, model=model)
-    model_config(cfg.model)  # validate model keys before touching data
-    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=not no_cache, log=log)
-    if resume:
-        target = resume
-    else:
-        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model["name"], cfg.data.dataset)
-        if target.exists() and any(target.iterdir()):
-            raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
-    trainer = Trainer(cfg, data, target, progress=not quiet)
-    created = not resume and not target.exists()
-    if resume:
-        trainer.resume(target / "checkpoints" / "last")
-    else:
-        trainer.start_record()
-    log(f"run {target}: {cfg.model['name']} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} MFLOPs/example, "
-        f"{trainer.model.num_parameters()['total']:,} parameters")
-    try:
-        final = trainer.fit()
-    except BaseException:
-        # nothing worth keeping yet (no checkpoint): remove the half-made run directory
-        if created and not (target / "checkpoints" / "last").exists():
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    log(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
+        config_path = resume_config_path(resume)
+    cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
+                      precision=precision)
+    final = train_run(cfg, resume or run_dir, resume=bool(resume), use_cache=not no_cache, progress=not quiet)
     if as_json:
         emit_json(final["metrics"])
     else:
@@ -128,25 +86,6 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
 
 
 # ---------------------------------------------------------------------------------------- eval / predict
-
-def load_trained(path: Path):
-    """A run or checkpoint → (config, encoder, model with weights)."""
-    from kunlun.blocks.embeddings import FeatureInfo
-    from kunlun.config import load_config
-    from kunlun.data.prepare import Encoder
-    from kunlun.runs import resolve_run
-    from kunlun.training.checkpoint import load_weights
-    from kunlun.training.trainer import build_from_info
-
-    run, ckpt = resolve_run(path)
-    cfg = load_config(ckpt / "config.yaml")
-    if not (run / "encoder" / "encoder.json").is_file():
-        raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
-    encoder = Encoder.load(run / "encoder")
-    model = build_from_info(cfg, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
-    load_weights(ckpt, model)
-    return cfg, encoder, model
-
 
 @cli.command(name="eval")
 @click.argument("run", type=click.Path(path_type=Path))
@@ -156,27 +95,14 @@ def load_trained(path: Path):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the file's metrics, or metrics by split).")
 def eval_cmd(run, file, split, data_dir, as_json):
     """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits."""
-    from kunlun.data.registry import load_raw, prepare_file
-    from kunlun.training.trainer import evaluate, log
+    from kunlun.training.runner import evaluate_file, evaluate_run
 
-    cfg, encoder, model = load_trained(run)
-    ddir = data_dir or cfg.data.data_dir
     if file:
-        data = prepare_file(cfg.data.dataset, ddir, file, encoder)
-        m = evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
+        m = evaluate_file(run, file, data_dir)
         log(f"scored {m['examples']} rows of {file}")
         emit_json(m) if as_json else print_metrics({file.name: m})
         return
-    raw = load_raw(cfg.data.dataset, ddir)
-    if raw.schema != encoder.schema:
-        raise KunlunError(f"dataset {cfg.data.dataset!r} no longer matches the schema the model was trained on")
-    data = encoder.prepare(raw, cfg.data.dataset)  # encoded with the run's own vocabularies
-    splits = list(split) or [s for s in ("valid", "test") if s in data.splits]
-    for s in splits:
-        if s not in data.splits:
-            raise KunlunError(f"--split {s}: dataset {data.name!r} has splits {sorted(data.splits)}")
-    # scored exactly as training scored them (a bf16-trained run is evaluated under bf16 autocast)
-    metrics = {s: evaluate(model, data, s, cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16) for s in splits}
+    metrics = evaluate_run(run, split, data_dir)
     emit_json(metrics) if as_json else print_metrics(metrics)
 
 
@@ -187,29 +113,10 @@ def eval_cmd(run, file, split, data_dir, as_json):
 @click.option("--data-dir", help="Where side files of the dataset live, if needed.")
 def predict(run, file, out, data_dir):
     """Write click probabilities for every row of FILE, in the file's row order (the label column is optional)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
+    from kunlun.training.runner import predict_file
 
-    from kunlun.data.batches import Batcher
-    from kunlun.data.registry import prepare_file
-    from kunlun.training.trainer import log
-    from kunlun.training.trainer import predict as predict_rows
-
-    cfg, encoder, model = load_trained(run)
-    data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
-    batcher = Batcher(data, "file", cfg.data.max_seq_len)
-    probs, labels, _ = predict_rows(model, batcher, cfg.train.eval_batch_size, cfg.train.bf16)
-    order = np.argsort(data.splits["file"].row, kind="stable")
-    columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
-    if data.has_labels:
-        columns["label"] = labels[order]
-    table = pa.table(columns)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pacsv.write_csv(table, tmp)
-    tmp.replace(out)
-    log(f"wrote {len(probs)} predictions to {out}")
+    n = predict_file(run, file, out, data_dir)
+    log(f"wrote {n} predictions to {out}")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -225,29 +132,6 @@ def _data_options(f):
     return f
 
 
-def dataset_summary(p) -> dict[str, Any]:
-    import numpy as np
-
-    s = p.schema
-    out: dict[str, Any] = {
-        "name": p.name,
-        "label": s.label,
-        "train_ctr": p.train_ctr,
-        "categorical": {c: {"vocab": v, "size": len(p.vocabs[v])} for c, v in s.categorical},
-        "numeric": list(s.numeric),
-        "sequences": [q.name for q in s.sequences],
-        "splits": {},
-    }
-    for name in sorted(p.splits, key=lambda k: SPLIT_ORDER.index(k) if k in SPLIT_ORDER else 9):
-        sp = p.splits[name]
-        row: dict[str, Any] = {"rows": len(sp), "ctr": float(sp.label.mean()), "groups": int(len(np.unique(sp.group)))}
-        for q in s.sequences:
-            lengths = sp.seq_end[q.name] - sp.seq_start[q.name]
-            row[f"{q.name}_length"] = {"mean": float(lengths.mean()), "median": float(np.median(lengths)), "max": int(lengths.max())}
-        out["splits"][name] = row
-    return out
-
-
 @data.command()
 @_data_options
 @click.option("--json", "as_json", is_flag=True)
@@ -255,8 +139,7 @@ def info(dataset, data_dir, as_json):
     """Rows, CTR, fields, vocabularies and history lengths per split."""
     from rich.table import Table
 
-    from kunlun.data.registry import prepare_dataset
-    from kunlun.training.trainer import log
+    from kunlun.data.registry import dataset_summary, prepare_dataset
 
     summary = dataset_summary(prepare_dataset(dataset, data_dir, log=log))
     if as_json:
@@ -281,7 +164,6 @@ def info(dataset, data_dir, as_json):
 def prepare(dataset, data_dir):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import prepare_dataset
-    from kunlun.training.trainer import log
 
     p = prepare_dataset(dataset, data_dir, use_cache=False, log=log)
     prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
@@ -345,11 +227,7 @@ def speed(config_path=None, dataset=None, data_dir=None, steps=30, repeats=3, as
     from kunlun.bench.speed import run_speed_bench, speed_table
     from kunlun.config import load_config
 
-    extra = list(overrides)
-    for key, value in (("data.dataset", dataset), ("data.data_dir", data_dir)):
-        if value is not None:
-            extra.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(config_path, extra)
+    cfg = load_config(config_path, list(overrides), dataset=dataset, data_dir=data_dir)
     result = run_speed_bench(cfg, steps=steps, repeats=repeats)
     emit_json(result) if as_json else speed_table(result)
 
@@ -367,21 +245,9 @@ def _bench_options(f):
     return f
 
 
-def _spec(spec_path, seeds, datasets=None, models=None):
-    from kunlun.bench.quality import load_spec
-
-    spec = load_spec(spec_path)
-    if seeds:
-        spec["seeds"] = [int(x) for x in seeds.split(",")]
-    if datasets:
-        spec["datasets"] = datasets.split(",")
-    if models:
-        keep = models.split(",")
-        unknown = [m for m in keep if m not in spec["models"]]
-        if unknown:
-            raise KunlunError(f"--models: {unknown[0]!r} is not in the spec; known: {', '.join(spec['models'])}")
-        spec["models"] = {m: spec["models"][m] for m in keep}
-    return spec
+def _list(text: str | None, convert=str) -> list | None:
+    """A comma-separated option → list (None when not given)."""
+    return [convert(x) for x in text.split(",")] if text else None
 
 
 @bench.command()
@@ -392,9 +258,9 @@ def _spec(spec_path, seeds, datasets=None, models=None):
 @click.option("--pin", type=click.Path(path_type=Path), help="Write this run's mean NE (tolerance max(3σ, 0.005)) as pins.")
 def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, models, check, pin):
     """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
-    from kunlun.bench.quality import check_expected, pin_expected, quality_markdown, run_quality
+    from kunlun.bench.quality import check_expected, load_spec, pin_expected, quality_markdown, run_quality
 
-    results = run_quality(_spec(spec, seeds, datasets, models), out, data_dir, threads, reuse_stale)
+    results = run_quality(load_spec(spec, _list(seeds, int), _list(datasets), _list(models)), out, data_dir, threads, reuse_stale)
     if pin:
         pin_expected(results, pin)
     emit_json(results["results"]) if as_json else click.echo(quality_markdown(results))
@@ -410,9 +276,9 @@ def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets,
 @_bench_options
 def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json):
     """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model."""
-    from kunlun.bench.quality import ablation_markdown, run_ablation
+    from kunlun.bench.quality import ablation_markdown, load_spec, run_ablation
 
-    result = run_ablation(_spec(spec, seeds), out, data_dir, threads, reuse_stale)
+    result = run_ablation(load_spec(spec, _list(seeds, int)), out, data_dir, threads, reuse_stale)
     emit_json(result) if as_json else click.echo(ablation_markdown(result))
 
 
@@ -423,18 +289,9 @@ def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json):
 @click.option("--no-variants", is_flag=True, help="Skip the RHT / stochastic-rounding recipe variants.")
 def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, formats_, no_variants):
     """Train in every number format × seed × dataset: relative NE vs BF16, recipes, tensor quantization errors."""
-    from kunlun.bench.formats import check_formats, formats_markdown, load_formats_spec, run_formats
+    from kunlun.bench.formats import formats_markdown, load_formats_spec, run_formats
 
-    s = load_formats_spec(spec)
-    if seeds:
-        s["seeds"] = [int(x) for x in seeds.split(",")]
-    if datasets:
-        s["datasets"] = datasets.split(",")
-    if formats_:
-        s["formats"] = formats_.split(",")
-        check_formats(s, "--formats")
-    if no_variants:
-        s["variants"] = {}
+    s = load_formats_spec(spec, _list(seeds, int), _list(datasets), _list(formats_), variants=not no_variants)
     results = run_formats(s, out, data_dir, threads, reuse_stale)
     emit_json(results["results"]) if as_json else click.echo(formats_markdown(results))
 
@@ -453,20 +310,17 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kunlun.scaling.sweep import job_state, jobs, load_sweep, pending, run_sweep, validate
-    from kunlun.training.trainer import log, stderr
+    from kunlun.console import stderr
+    from kunlun.scaling.sweep import check_parallel, default_out, jobs, load_sweep, pending, plan, run_sweep
 
     spec = load_sweep(sweep_file)
-    out = out or Path("sweeps") / spec.name
-    if parallel is not None and parallel < 1:
-        raise KunlunError(f"--parallel: expected >= 1, got {parallel}")
-    all_jobs = jobs(spec, out)
+    out = out or default_out(spec)
+    check_parallel(parallel)
     if dry_run:
-        validate(spec, all_jobs)
-        for j in all_jobs:
-            state = job_state(spec, j, spec.threads if threads is None else threads)
+        for j, state in plan(spec, out, threads):
             click.echo(f"{j.label}\tseed {j.seed}\t{state}\t{' '.join(j.overrides)}")
         return
+    all_jobs = jobs(spec, out)
     todo = len(pending(spec, all_jobs, spec.threads if threads is None else threads, reuse_stale))
     log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}")
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
@@ -496,48 +350,21 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
     import os
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: threads only slow down thousands of tiny fits
-    from kunlun.scaling.law import analyse
-    from kunlun.scaling.law import compare as compare_families
-    from kunlun.scaling.points import families, load_points
+    from kunlun.scaling.law import compare_inputs, fit_inputs
     from kunlun.scaling.report import write_report
-    from kunlun.training.trainer import log
 
-    if not 0 < level < 1:
-        raise KunlunError(f"--level: expected a number between 0 and 1, got {level}")
     if compare:
-        groups = []
-        pts = families(load_points(list(inputs))) if inputs else {}
-        for name in compare:
-            if name in pts:
-                groups.append(pts[name])
-            elif Path(name).exists():
-                groups.append(load_points([Path(name)]))
-            else:
-                known = ", ".join(sorted(pts)) or "none loaded"
-                raise KunlunError(f"--compare: {name!r} is neither a family among the inputs ({known}) nor a path")
-        from kunlun.scaling.points import check_points
-
-        check_points(groups[0] + groups[1])
-        results = [analyse(g, holdout, n_boot, level, tolerance, seed, progress=log) for g in groups]
-        comparison = compare_families(groups[0], groups[1], n_boot, level, seed)
+        both = compare_inputs(list(inputs), *compare, holdout, n_boot, level, tolerance, seed, progress=log)
         if report_dir:
-            write_report(results[0], report_dir, comparison, results[1])
+            write_report(both["a"], report_dir, both["comparison"], both["b"])
         if as_json:
-            emit_json({"a": results[0], "b": results[1], "comparison": comparison})
+            emit_json(both)
         else:
-            for r in results:
-                print_fit(r)
-            print_comparison(comparison)
+            print_fit(both["a"])
+            print_fit(both["b"])
+            print_comparison(both["comparison"])
         return
-    if not inputs:
-        raise KunlunError("give run directories, a sweep folder or a CSV file to fit")
-    pts = load_points(list(inputs))
-    fams = families(pts)
-    if family:
-        if family not in fams:
-            raise KunlunError(f"--family: {family!r} not among the runs ({', '.join(sorted(fams))})")
-        pts = fams[family]
-    result = analyse(pts, holdout, n_boot, level, tolerance, seed, progress=log)
+    result = fit_inputs(list(inputs), family, holdout, n_boot, level, tolerance, seed, progress=log)
     if report_dir:
         for f in write_report(result, report_dir):
             log(f"wrote {f}")

@@ -1,4 +1,7 @@
-"""Run configuration: typed dataclasses, YAML files and ``section.key=value`` overrides.
+"""Run configuration: typed frozen dataclasses, YAML files and ``section.key=value`` overrides.
+
+Every default has one home: the dataclass field (here, and each model's config dataclass for the ``model``
+section). The packaged ``configs/kunlun.yaml`` names the model and repeats no default.
 
 A config has three sections. ``data`` and ``train`` are fixed dataclasses; ``model`` holds ``name`` plus
 the keys of that model's own config dataclass (validated when the model is built, see
@@ -9,6 +12,7 @@ a ``KunlunError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,10 +22,9 @@ from typing import Any
 import yaml
 
 from kunlun.errors import KunlunError
-from kunlun.formats.gemm import PrecisionConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "ml-latest-small"  # a registered name, or a path to a schema YAML (generic adapter)
     data_dir: str | None = None  # None: $KUNLUN_DATA, else the user data directory
@@ -32,12 +35,12 @@ class DataConfig:
             raise KunlunError(f"config key data.max_seq_len: expected a positive integer, got {self.max_seq_len}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 256
     eval_batch_size: int = 2048
-    epochs: int = 20
+    epochs: int = 10
     max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
     lr: float = 1e-3  # dense parameters (AdamW)
     weight_decay: float = 1e-5
@@ -74,7 +77,39 @@ class TrainConfig:
             raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
 
 
-@dataclass
+# Low-precision number formats emulated by ``kunlun.formats`` (quantize → dequantize), and the values
+# of precision.format (fp32: no emulation). The names live here, with the config that selects them.
+FORMATS = ("mxfp4", "nvfp4", "hif4", "hif8", "fp8_e4m3", "fp8_e5m2", "bf16")
+PRECISIONS = ("fp32", *FORMATS)
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Emulated low-precision GEMMs (see ``kunlun.formats.gemm``)."""
+
+    format: str = "fp32"  # fp32 (no emulation) | bf16 | fp8_e4m3 | fp8_e5m2 | hif8 | mxfp4 | nvfp4 | hif4
+    weights: bool = True  # quantize weight operands
+    activations: bool = True  # quantize activation operands
+    gradients: bool = True  # quantize output-gradient operands in the backward GEMMs
+    rht: bool = False  # blockwise random Hadamard transform of both operands of every Linear GEMM
+    stochastic_rounding: bool = False  # gradients rounded ⌊v + U⌋ (4-bit formats and hif8)
+    scale_rule: str = "floor"  # mxfp4: floor | ceil | even
+    tensor_scale: bool = True  # nvfp4: FP32 per-tensor scale
+    keep_high_precision: list[str] = field(default_factory=lambda: ["first", "last"])  # 'first', 'last' or module-name prefixes
+
+    def validate(self) -> None:
+        if self.format not in PRECISIONS:
+            raise KunlunError(f"config key precision.format: expected one of {', '.join(PRECISIONS)}, got {self.format!r}")
+        if self.scale_rule not in ("floor", "ceil", "even"):
+            raise KunlunError(f"config key precision.scale_rule: expected floor, ceil or even, got {self.scale_rule!r}")
+        if self.stochastic_rounding and self.format not in ("mxfp4", "nvfp4", "hif4", "hif8"):
+            raise KunlunError(f"config key precision.stochastic_rounding: implemented for mxfp4, nvfp4, hif4 and hif8, not {self.format}")
+
+    def options(self) -> dict:
+        return {"mxfp4": {"scale_rule": self.scale_rule}, "nvfp4": {"tensor_scale": self.tensor_scale}}.get(self.format, {})
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -109,17 +144,30 @@ class Config:
 DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None) -> Config:
-    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides.
+# keyword settings of load_config → the config key each one sets
+SETTINGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "seed": "train.seed", "epochs": "train.epochs",
+            "threads": "train.threads", "precision": "precision.format"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None,
+                **settings: Any) -> Config:
+    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides: the one way
+    every entry point (``kunlun train``, ``bench speed``, the quality / formats benchmarks, sweeps) builds a config.
 
     ``model`` switches the model: if it differs from the file's, the file's model keys (which belong to
-    the other model) are dropped and the new model starts from its own defaults.
+    the other model) are dropped and the new model starts from its own defaults. ``settings`` (``dataset``,
+    ``data_dir``, ``seed``, ``epochs``, ``threads``, ``precision``; None = not set) are applied after
+    ``overrides``, so they win, as command-line flags win over positional overrides.
     """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"load_config: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
     raw = read_yaml(path)
     if model is not None and (raw.get("model") or {}).get("name", "kunlun") != model:
         raw["model"] = {"name": model}
-    for item in overrides or []:
+    extra = [f"{SETTINGS[k]}={json.dumps(v)}" for k, v in settings.items() if v is not None]
+    for item in [*(overrides or []), *extra]:
         set_dotted(raw, item)
     return Config.from_dict(raw, source=str(path))
 

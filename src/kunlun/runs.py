@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from kunlun.errors import KunlunError
+from kunlun.models import resolved_model
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -181,6 +182,14 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     finished run to stand for a requested one."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
     out.get("data", {}).pop("data_dir", None)
+    model = out.get("model")
+    if isinstance(model, dict) and "name" in model:
+        # the model section with every default filled in: a run recorded with the defaults spelled out (as the packaged
+        # config once did) and one recorded without them answer the same question
+        try:
+            out["model"] = resolved_model(model)
+        except KunlunError:
+            pass  # not a valid model section (any more): compared as written
     return out
 
 

@@ -27,13 +27,26 @@ from kunlun.training.checkpoint import load_weights
 from kunlun.training.trainer import build, log
 
 
-def load_formats_spec(path: Path | None) -> dict[str, Any]:
+def load_formats_spec(path: Path | None, seeds: list[int] | None = None, datasets: list[str] | None = None,
+                      formats: list[str] | None = None, variants: bool = True) -> dict[str, Any]:
+    """The formats benchmark spec (default: packaged ``configs/formats.yaml``), with ``seeds``, ``datasets`` or
+    ``formats`` in place of the file's when given; ``variants=False`` drops the recipe variants."""
     path = Path(path or DEFAULT_CONFIG_DIR / "formats.yaml")
     spec = read_yaml(path)
     for key in ("datasets", "seeds", "model", "formats"):
         if key not in spec:
             raise KunlunError(f"{path}: missing key {key!r}")
-    return check_formats(spec, str(path))
+    check_formats(spec, str(path))
+    if seeds:
+        spec["seeds"] = list(seeds)
+    if datasets:
+        spec["datasets"] = list(datasets)
+    if formats:
+        spec["formats"] = list(formats)
+        check_formats(spec, "--formats")
+    if not variants:
+        spec["variants"] = {}
+    return spec
 
 
 def check_formats(spec: dict, where: str) -> dict:

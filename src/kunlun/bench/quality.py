@@ -23,16 +23,33 @@ import numpy as np
 from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_write_text
 from kunlun.metrics import report_split
-from kunlun.models.base import MODELS
+from kunlun.models import MODELS
 from kunlun.runs import environment, provenance_line, reuse_state, run_code
-from kunlun.training.checkpoint import atomic_write_text
 from kunlun.training.trainer import Trainer, log
 
 METRICS = ("auc", "gauc", "logloss", "ne")
 
 
-def load_spec(path: Path | None) -> dict[str, Any]:
+def load_spec(path: Path | None, seeds: list[int] | None = None, datasets: list[str] | None = None,
+              models: list[str] | None = None) -> dict[str, Any]:
+    """The quality / ablation spec (default: packaged ``configs/quality.yaml``), with ``seeds``, ``datasets`` or a
+    subset of its ``models`` in place of the file's when given."""
+    spec = _read_spec(path)
+    if seeds:
+        spec["seeds"] = list(seeds)
+    if datasets:
+        spec["datasets"] = list(datasets)
+    if models:
+        unknown = [m for m in models if m not in spec["models"]]
+        if unknown:
+            raise KunlunError(f"--models: {unknown[0]!r} is not in the spec; known: {', '.join(spec['models'])}")
+        spec["models"] = {m: spec["models"][m] for m in models}
+    return spec
+
+
+def _read_spec(path: Path | None) -> dict[str, Any]:
     path = path or DEFAULT_CONFIG_DIR / "quality.yaml"
     spec = read_yaml(Path(path))
     for key in ("datasets", "seeds", "models"):
@@ -56,12 +73,8 @@ def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, r
               reuse_stale: bool = False) -> dict:
     """Train one (dataset, model, seed) point unless a finished run of the same config and code is there;
     return its final.json, with ``"stale": True`` when it is a kept run of other code (``reuse_stale``)."""
-    extra = [f"data.dataset={dataset}", f"train.seed={seed}", *overrides]
-    if data_dir:
-        extra.append(f"data.data_dir={json.dumps(str(data_dir))}")
-    if threads:
-        extra.append(f"train.threads={threads}")
-    cfg = load_config(None, extra, model=model)
+    cfg = load_config(None, overrides, model=model, dataset=dataset, seed=seed, data_dir=str(data_dir) if data_dir else None,
+                      threads=threads or None)
     state, final = reuse_state(run_dir, cfg.to_dict())
     if state == "fresh" or (state == "stale" and reuse_stale):
         return {**final, "stale": state == "stale", "code_versions": run_code(run_dir, final)}

@@ -4,7 +4,8 @@ MFU = achieved model FLOPs/s ÷ the dense GEMM FLOP/s this machine reaches at th
 in the same process with a large square matmul (so it is relative to what this machine really does,
 not a datasheet). Model FLOPs follow the convention in ``kunlun.blocks.common``: forward = analytic
 matmul FLOPs per example; training = 3 × forward (backward ≈ 2 × forward). Timings are medians of
-``repeats`` runs; shared machines are noisy, so compare ratios measured in one run.
+``repeats`` runs; shared machines are noisy, so compare ratios measured in one run. A timed training step
+is the trainer's own (``kunlun.training.step.TrainStep``: loss, clipping, optimizers and their schedules).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 
 from kunlun.config import Config
+from kunlun.console import log, out_console
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.runs import environment
-from kunlun.training.trainer import autocast, build, default_device, log, make_optimizers, set_seed, to_device
+from kunlun.training.step import TrainModel, TrainStep, autocast, default_device, make_optimizers, make_schedulers, set_seed, to_device
+from kunlun.training.trainer import build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -83,22 +86,15 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
     flops = model.flops_per_example()  # executed: every padded slot
     with torch.no_grad():  # useful: each example's real tokens, over the batches being timed
         useful = model.useful_flops_per_example(train_batches)
-    opts = make_optimizers(model, t)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     bf16 = dtype is torch.bfloat16
+    # the trainer's own step (loss, non-finite check, clipping, optimizers and schedules), over the steps timed here
+    opts = make_optimizers(model, t)
+    step = TrainStep(TrainModel(model, bf16), opts, make_schedulers(opts, t, (repeats + 1) * steps), t.grad_clip)
 
     def train_steps(k: int) -> None:
         model.train()
         for i in range(k):
-            b = train_batches[i % len(train_batches)]
-            with autocast(device, bf16):
-                logits = model(b)
-            loss = loss_fn(logits.float(), b.label)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
+            step(train_batches[i % len(train_batches)])
         _sync(device)
 
     @torch.no_grad()
@@ -138,8 +134,6 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
 
 def speed_table(r: dict[str, Any]) -> None:
     from rich.table import Table
-
-    from kunlun.cli import out_console
 
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
                       f"{r['useful_flops_per_example'] / 1e6:.2f} useful / {r['flops_per_example'] / 1e6:.2f} executed MFLOPs/example "

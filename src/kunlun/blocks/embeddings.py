@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from kunlun.blocks.common import linear_flops
+
+# Downward, with the data flow: blocks read the batch types and the PAD/OOV ids of the data layer they
+# embed; the data layer never imports a block (tests/test_imports.py).
 from kunlun.data.batches import SequenceBatch
 from kunlun.data.prepare import OOV, PAD
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import pyarrow.feather as feather
 
 from kunlun.data.schema import RawData, RawSplit, Schema
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_dir
 
 PAD, OOV = 0, 1
 CACHE_VERSION = 2  # bump when the cache layout changes
@@ -260,9 +258,8 @@ def cache_key(name: str, files: list[Path], options: dict) -> str:
 
 def save_prepared(p: Prepared, directory: Path) -> None:
     """Write atomically: build in a temporary sibling directory, then rename into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         p.encoder().save(tmp)
         (tmp / "dataset.json").write_text(json.dumps({"name": p.name, "splits": sorted(p.splits)}))
         for split_name, s in p.splits.items():
@@ -276,12 +273,8 @@ def save_prepared(p: Prepared, directory: Path) -> None:
             cols = {"item": e.item, "event": e.event, "time": e.time}
             cols.update({f"side{i}": e.side[:, i] for i in range(e.side.shape[1])})
             feather.write_feather(pa.table(cols), tmp / f"events.{seq_name}.arrow", compression="uncompressed")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(directory, write)
 
 
 def load_prepared(directory: Path) -> Prepared:

@@ -6,7 +6,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import platformdirs
 
 from kunlun.data import movielens, tabular
@@ -116,3 +118,28 @@ def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder:
     if raw.schema != encoder.schema:
         raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
     return encoder.prepare(raw, Path(file).name)
+
+
+SPLIT_ORDER = ("train", "valid", "test", "file")
+
+
+def dataset_summary(p: Prepared) -> dict[str, Any]:
+    """Rows, CTR, groups and history lengths per split; fields and vocabulary sizes (``kunlun data info``)."""
+    s = p.schema
+    out: dict[str, Any] = {
+        "name": p.name,
+        "label": s.label,
+        "train_ctr": p.train_ctr,
+        "categorical": {c: {"vocab": v, "size": len(p.vocabs[v])} for c, v in s.categorical},
+        "numeric": list(s.numeric),
+        "sequences": [q.name for q in s.sequences],
+        "splits": {},
+    }
+    for name in sorted(p.splits, key=lambda k: SPLIT_ORDER.index(k) if k in SPLIT_ORDER else 9):
+        sp = p.splits[name]
+        row: dict[str, Any] = {"rows": len(sp), "ctr": float(sp.label.mean()), "groups": int(len(np.unique(sp.group)))}
+        for q in s.sequences:
+            lengths = sp.seq_end[q.name] - sp.seq_start[q.name]
+            row[f"{q.name}_length"] = {"mean": float(lengths.mean()), "median": float(np.median(lengths)), "max": int(lengths.max())}
+        out["splits"][name] = row
+    return out

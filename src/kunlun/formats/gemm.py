@@ -22,41 +22,11 @@ process-global, so models of different precisions coexist, and any submodule run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from kunlun.formats.quantize import BLOCK, FORMATS, quantize, random_hadamard, rotate
-
-PRECISIONS = ("fp32", *FORMATS)
-
-
-@dataclass
-class PrecisionConfig:
-    format: str = "fp32"  # fp32 (no emulation) | bf16 | fp8_e4m3 | fp8_e5m2 | hif8 | mxfp4 | nvfp4 | hif4
-    weights: bool = True  # quantize weight operands
-    activations: bool = True  # quantize activation operands
-    gradients: bool = True  # quantize output-gradient operands in the backward GEMMs
-    rht: bool = False  # blockwise random Hadamard transform of both operands of every Linear GEMM
-    stochastic_rounding: bool = False  # gradients rounded ⌊v + U⌋ (4-bit formats and hif8)
-    scale_rule: str = "floor"  # mxfp4: floor | ceil | even
-    tensor_scale: bool = True  # nvfp4: FP32 per-tensor scale
-    keep_high_precision: list[str] = field(default_factory=lambda: ["first", "last"])  # 'first', 'last' or module-name prefixes
-
-    def validate(self) -> None:
-        from kunlun.errors import KunlunError
-
-        if self.format not in PRECISIONS:
-            raise KunlunError(f"config key precision.format: expected one of {', '.join(PRECISIONS)}, got {self.format!r}")
-        if self.scale_rule not in ("floor", "ceil", "even"):
-            raise KunlunError(f"config key precision.scale_rule: expected floor, ceil or even, got {self.scale_rule!r}")
-        if self.stochastic_rounding and self.format not in ("mxfp4", "nvfp4", "hif4", "hif8"):
-            raise KunlunError(f"config key precision.stochastic_rounding: implemented for mxfp4, nvfp4, hif4 and hif8, not {self.format}")
-
-    def options(self) -> dict:
-        return {"mxfp4": {"scale_rule": self.scale_rule}, "nvfp4": {"tensor_scale": self.tensor_scale}}.get(self.format, {})
-
+from kunlun.config import PRECISIONS, PrecisionConfig  # noqa: F401  (PRECISIONS re-exported for the formats bench)
+from kunlun.formats.quantize import BLOCK, quantize, random_hadamard, rotate
 
 SR_SEED_OFFSET = 2**32  # stochastic rounding draws from a stream of its own, apart from the RHT signs (seeded with seed)
 

@@ -1,6 +1,6 @@
-"""Models built from the same blocks and registry; importing this package registers them."""
+"""Models built from the same blocks; ``kunlun.models.registry`` builds one from a config."""
 
-from kunlun.models import bst, dcnv2, din, dnn, interformer, kunlun, logistic, wukong  # noqa: F401
-from kunlun.models.base import MODELS, RankingModel, build_model, model_config
+from kunlun.models.base import RankingModel
+from kunlun.models.registry import MODELS, build_model, model_config, recorded_config, resolved_model
 
-__all__ = ["MODELS", "RankingModel", "build_model", "model_config"]
+__all__ = ["MODELS", "RankingModel", "build_model", "model_config", "recorded_config", "resolved_model"]

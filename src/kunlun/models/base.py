@@ -1,4 +1,7 @@
-"""What every ranking model provides, and the registry that builds one from a config."""
+"""What every ranking model provides, and the table (``MODELS``) each model module registers itself in.
+
+Building a model from a config is ``kunlun.models.registry``, which imports every model module first.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.config import dataclass_from_dict
 from kunlun.data.batches import Batch
-from kunlun.errors import KunlunError
 
 
 class RankingModel(nn.Module):
@@ -92,27 +93,3 @@ def register(name: str, config_cls: type):
         return cls
 
     return wrap
-
-
-def model_config(model: dict[str, Any]) -> Any:
-    """Validate a ``model`` config section against the named model's config dataclass."""
-    import kunlun.models  # noqa: F401  (registers the models)
-
-    name = model.get("name")
-    if name not in MODELS:
-        raise KunlunError(f"config key model.name: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    cfg = dataclass_from_dict(MODELS[name].config_cls, {k: v for k, v in model.items() if k != "name"}, "model")
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def build_model(model: dict[str, Any], info: FeatureInfo) -> RankingModel:
-    cfg = model_config(model)
-    entry = MODELS[model["name"]]
-    if entry.cls.requires_sequence and not info.sequences:
-        raise KunlunError(
-            f"config key model.name: {model['name']} models a behaviour sequence and this dataset has none; "
-            "choose a non-sequence model (kunlun, dnn, dcnv2, wukong, logistic_regression)"
-        )
-    return entry.cls(cfg, info)

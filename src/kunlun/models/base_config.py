@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kunlun.blocks.summary import GATES
 from kunlun.errors import KunlunError
 
 
@@ -22,3 +23,9 @@ def check_heads(cfg, dim_key: str = "d_model", heads_key: str = "num_heads") -> 
 def check_dropout(cfg) -> None:
     if not 0 <= cfg.dropout < 1:
         raise KunlunError(f"config key model.dropout: expected 0 <= dropout < 1, got {cfg.dropout}")
+
+
+def check_summary_gate(cfg) -> None:
+    """``summary_gate``, shared by Kunlun and InterFormer: one of the gates of ``kunlun.blocks.summary``."""
+    if cfg.summary_gate not in GATES:
+        raise KunlunError(f"config key model.summary_gate: expected one of {', '.join(GATES)}, got {cfg.summary_gate!r}")

@@ -34,12 +34,12 @@ from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import MLP, linear_flops
 from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
 from kunlun.blocks.interaction import CrossNetV2
-from kunlun.blocks.summary import GATES, NonSequenceSummary, SeedPooling, SelfGate
+from kunlun.blocks.summary import NonSequenceSummary, SeedPooling, SelfGate
 from kunlun.data.batches import Batch
 from kunlun.errors import KunlunError
 from kunlun.formats.gemm import MatMul
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_heads, check_positive
+from kunlun.models.base_config import check_dropout, check_heads, check_positive, check_summary_gate
 
 
 @dataclass
@@ -72,8 +72,7 @@ class InterFormerConfig:
             raise KunlunError("config key model.rotary_time: needs an even head width (d_model / num_heads)")
         if not self.time_scale > 0 or not self.rotary_base > 1:
             raise KunlunError("config keys model.time_scale must be > 0 and model.rotary_base > 1")
-        if self.summary_gate not in GATES:
-            raise KunlunError(f"config key model.summary_gate: expected one of {', '.join(GATES)}, got {self.summary_gate!r}")
+        check_summary_gate(self)
 
     @property
     def seq_summary_tokens(self) -> int:

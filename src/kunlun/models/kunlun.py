@@ -56,11 +56,12 @@ from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import ACTIVATIONS, MLP, linear_flops
 from kunlun.blocks.embeddings import FeatureInfo, Inputs, select_events, time_positions
 from kunlun.blocks.pffn import GDPAPFFN
-from kunlun.blocks.summary import GATES, HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
+from kunlun.blocks.summary import HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
 from kunlun.blocks.wukong import MixtureOfWukongExperts
 from kunlun.data.batches import Batch
 from kunlun.errors import KunlunError
 from kunlun.models.base import RankingModel, register
+from kunlun.models.base_config import check_summary_gate
 
 
 @dataclass
@@ -125,8 +126,7 @@ class KunlunConfig:
             raise KunlunError(f"config key model.light_scale: expected 0 < light_scale <= 1, got {self.light_scale}")
         if self.seq_pooling not in ("hsp", "pma"):
             raise KunlunError(f"config key model.seq_pooling: expected hsp or pma, got {self.seq_pooling!r}")
-        if self.summary_gate not in GATES:
-            raise KunlunError(f"config key model.summary_gate: expected one of {', '.join(GATES)}, got {self.summary_gate!r}")
+        check_summary_gate(self)
         if self.interaction_input not in ("summary", "tokens"):
             raise KunlunError(
                 f"config key model.interaction_input: expected summary or tokens, got {self.interaction_input!r}"

@@ -23,11 +23,15 @@ DELTA = 1e-3
 _TINY = 1e-300
 
 
+def huber_terms(r: np.ndarray, delta: float = DELTA) -> np.ndarray:
+    """Huber_δ of each residual: r²/2 within ±δ, linear beyond."""
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
 def huber(r: np.ndarray, delta: float = DELTA) -> tuple[float, np.ndarray]:
     """Σ Huber_δ(r) and its derivative with respect to each r."""
-    a = np.abs(r)
-    loss = np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-    return float(loss.sum()), np.clip(r, -delta, delta)
+    return float(huber_terms(r, delta).sum()), np.clip(r, -delta, delta)
 
 
 class Form:
@@ -115,9 +119,7 @@ class SaturatingPowerLaw(Form):
         g = np.arange(len(self.alpha_grid))
         e, a = cand_e[pick, g], cand_a[pick, g]
         pred = np.log(np.maximum(e[:, None] + a[:, None] * b, _TINY))
-        r = pred - y
-        ar = np.abs(r)
-        loss = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum(1)
+        loss = huber_terms(pred - y, delta).sum(1)
         k = int(loss.argmin())
         return np.array([np.log(max(e[k], 1e-12)), np.log(max(a[k], 1e-12)), self.alpha_grid[k]])
 

@@ -9,14 +9,15 @@ multiplier, each with a bootstrap interval.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kunlun.errors import KunlunError
 from kunlun.scaling.forms import DELTA, FORMS, Fit, fit_form
-from kunlun.scaling.points import Point, provenance
+from kunlun.scaling.points import Point, check_points, families, load_points, provenance
 
 CONVENTION = ("C = 3 × useful (unpadded) forward FLOPs/example × training examples processed up to the best-on-validation "
               "checkpoint (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); L = NE at that checkpoint")
@@ -57,17 +58,23 @@ def _resample(rng: np.random.Generator, compute: np.ndarray) -> np.ndarray:
     return np.arange(n)
 
 
+def refits(form: str, compute: np.ndarray, ne: np.ndarray, c_ref: float, n: int, rng: np.random.Generator) -> Iterator[Fit | None]:
+    """The bootstrap loop: ``n`` quick refits of ``form`` on runs resampled with replacement (None where a fit fails)."""
+    for _ in range(n):
+        idx = _resample(rng, compute)
+        try:
+            yield fit_form(form, compute[idx], ne[idx], c_ref=c_ref, thorough=False)
+        except ValueError:
+            yield None
+
+
 def bootstrap(form: str, compute: np.ndarray, ne: np.ndarray, c_ref: float, query: np.ndarray, n_boot: int,
               rng: np.random.Generator) -> np.ndarray:
     """ln-NE predictions at ``query`` from ``n_boot`` refits on runs resampled with replacement: [n_boot, q]."""
     out = np.full((n_boot, len(query)), np.nan)
-    for b in range(n_boot):
-        idx = _resample(rng, compute)
-        try:
-            fit = fit_form(form, compute[idx], ne[idx], c_ref=c_ref, thorough=False)
-        except ValueError:
-            continue
-        out[b] = fit.log_predict(query)
+    for b, fit in enumerate(refits(form, compute, ne, c_ref, n_boot, rng)):
+        if fit is not None:
+            out[b] = fit.log_predict(query)
     return out
 
 
@@ -211,14 +218,7 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
 
 
 def _param_intervals(name: str, fc, fy, c_ref, rng, n: int, level: float) -> dict[str, list[float]]:
-    thetas = []
-    for _ in range(n):
-        idx = _resample(rng, fc)
-        try:
-            thetas.append(fit_form(name, fc[idx], fy[idx], c_ref=c_ref, thorough=False).theta)
-        except ValueError:
-            continue
-    t = np.array(thetas)
+    t = np.array([fit.theta for fit in refits(name, fc, fy, c_ref, n, rng) if fit is not None])
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     return {p: [float(np.percentile(t[:, i], lo)), float(np.percentile(t[:, i], hi))] for i, p in enumerate(FORMS[name].params)}
 
@@ -290,3 +290,45 @@ def compare(a: list[Point], b: list[Point], n_boot: int = 1000, level: float = 0
            for i, (n, v) in enumerate(zip(names, point))}
     return {"a": a[0].family or "A", "b": b[0].family or "B", "form": "M0", "at_compute": c_mid, "overlap": bool(overlap),
             "bootstrap": n_boot, "level": level, **out}
+
+
+# ------------------------------------------------------------------------------------------ inputs → results
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise KunlunError(f"--level: expected a number between 0 and 1, got {level}")
+
+
+def fit_inputs(inputs: list[Path], family: str | None = None, holdout: int = 2, n_boot: int = 1000, level: float = 0.9,
+               tolerance: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``analyse`` the runs of ``inputs`` (run directories, sweep folders, CSV tables), or only ``family``'s."""
+    _check_level(level)
+    if not inputs:
+        raise KunlunError("give run directories, a sweep folder or a CSV file to fit")
+    pts = load_points(list(inputs))
+    if family:
+        fams = families(pts)
+        if family not in fams:
+            raise KunlunError(f"--family: {family!r} not among the runs ({', '.join(sorted(fams))})")
+        pts = fams[family]
+    return analyse(pts, holdout, n_boot, level, tolerance, seed, progress=progress)
+
+
+def compare_inputs(inputs: list[Path], a: str, b: str, holdout: int = 2, n_boot: int = 1000, level: float = 0.9,
+                   tolerance: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Two families, each a family name among the runs of ``inputs`` or a path of its own: ``analyse`` of each and
+    their ``compare``. Returns {"a": result, "b": result, "comparison": ...}."""
+    _check_level(level)
+    groups = []
+    pts = families(load_points(list(inputs))) if inputs else {}
+    for name in (a, b):
+        if name in pts:
+            groups.append(pts[name])
+        elif Path(name).exists():
+            groups.append(load_points([Path(name)]))
+        else:
+            known = ", ".join(sorted(pts)) or "none loaded"
+            raise KunlunError(f"--compare: {name!r} is neither a family among the inputs ({known}) nor a path")
+    check_points(groups[0] + groups[1])
+    results = [analyse(g, holdout, n_boot, level, tolerance, seed, progress=progress) for g in groups]
+    return {"a": results[0], "b": results[1], "comparison": compare(groups[0], groups[1], n_boot, level, seed)}

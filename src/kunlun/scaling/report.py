@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from kunlun.training.checkpoint import atomic_write_text
+from kunlun.files import atomic_write_text
 
 COLORS = {"M0": "tab:blue", "M1": "tab:orange", "M2": "tab:green"}
 

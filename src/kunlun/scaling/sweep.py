@@ -41,9 +41,9 @@ from typing import Any
 
 from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_write_text
 from kunlun.models import model_config
 from kunlun.runs import code_version, read_json, reuse_state
-from kunlun.training.checkpoint import atomic_write_text
 
 
 @dataclass
@@ -124,9 +124,8 @@ def jobs(spec: SweepSpec, out: Path) -> list[Job]:
 
 def job_config(spec: SweepSpec, job: Job, threads: int = 0) -> dict[str, Any]:
     """The resolved config the job's ``kunlun train`` process runs with (``data.data_dir`` aside)."""
-    cfg = load_config(Path(spec.config) if spec.config else None,
-                      [f"data.dataset={json.dumps(spec.dataset)}", f"train.seed={job.seed}", *job.overrides,
-                       f"train.threads={threads}"], model=spec.model)
+    cfg = load_config(Path(spec.config) if spec.config else None, job.overrides, model=spec.model, dataset=spec.dataset,
+                      seed=job.seed, threads=threads)
     model_config(cfg.model)
     return cfg.to_dict()
 
@@ -167,10 +166,30 @@ def command(spec: SweepSpec, job: Job, data_dir: str | None, threads: int) -> li
     return [*cmd, *job.overrides, f"train.threads={threads}"]
 
 
+def default_out(spec: SweepSpec) -> Path:
+    """Where a sweep writes when no folder is given: ``sweeps/<name>``."""
+    return Path("sweeps") / spec.name
+
+
+def check_parallel(parallel: int | None) -> None:
+    if parallel is not None and parallel < 1:
+        raise KunlunError(f"--parallel: expected >= 1, got {parallel}")
+
+
+def plan(spec: SweepSpec, out: Path, threads: int | None = None) -> list[tuple[Job, str]]:
+    """Every job with its state (``fresh`` / ``stale`` / ``config differs`` / ``missing``), after checking that every
+    point's config loads — what ``kunlun sweep --dry-run`` lists; nothing is trained or written."""
+    all_jobs = jobs(spec, out)
+    validate(spec, all_jobs)
+    t = spec.threads if threads is None else threads
+    return [(j, job_state(spec, j, t)) for j in all_jobs]
+
+
 def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel: int | None = None, threads: int | None = None,
               on_done: Callable[[Job, str], None] | None = None, reuse_stale: bool = False) -> dict[str, Any]:
     """Run every (point, seed) not yet complete with the current code and config; return {"done", "skipped",
     "failed"} lists of run dirs."""
+    check_parallel(parallel)
     all_jobs = jobs(spec, out)
     validate(spec, all_jobs)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,6 @@ leaves a half-written checkpoint where a good one was.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from kunlun.errors import KunlunError
-
-
-def atomic_dir(target: Path, write) -> None:
-    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
-    try:
-        write(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from kunlun.files import atomic_dir
 
 
 def save_checkpoint(target: Path, model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None) -> None:

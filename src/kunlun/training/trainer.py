@@ -13,91 +13,41 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.config import Config, TrainConfig
-from kunlun.data.batches import Batch, Batcher
+from kunlun.config import Config
+from kunlun.console import log, stderr
+from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
+from kunlun.files import atomic_write_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
-from kunlun.models import RankingModel, build_model
+from kunlun.models import RankingModel, build_model, recorded_config
 from kunlun.runs import code_version, environment
-from kunlun.training.checkpoint import atomic_write_text, load_trainer_state, load_weights, save_checkpoint
+from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint
+from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
+    NonFiniteLoss,
+    TrainModel,
+    TrainStep,
+    autocast,
+    default_device,
+    lr_factor,
+    make_optimizers,
+    make_schedulers,
+    set_seed,
+    to_device,
+)
 
-stderr = Console(stderr=True)
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
-
-
-def log(msg: str) -> None:
-    stderr.print(msg, highlight=False, markup=False)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
-            for k, s in batch.seqs.items()}
-    return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def set_seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables.
-
-    Embedding regularisation: ``embedding_l2`` adds λ·E to every row's gradient each step (the optimizer's
-    coupled L2 term, i.e. a λ/2·‖E‖² penalty on the whole table, as FuxiCTR's ``embedding_regularizer``
-    used for the BARS baselines); ``embedding_weight_decay`` is decoupled decay (AdamW) for ``adam``.
-    """
-    opts: list[torch.optim.Optimizer] = []
-    dense = [p for p in model.dense_parameters() if p.requires_grad]
-    if dense:
-        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
-    emb = model.embedding_parameters()
-    if emb:
-        wd, l2 = t.embedding_weight_decay, t.embedding_l2
-        if t.embedding_optimizer == "adam":
-            if wd and l2:
-                raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
-                                  "with train.embedding_optimizer=adam")
-            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd
-                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2))
-        else:
-            cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
-            opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))
-    return opts
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -116,6 +66,9 @@ def predict(model: RankingModel, batcher: Batcher, batch_size: int, bf16: bool =
 
 
 def evaluate(model: RankingModel, data: Prepared, split: str, max_len: int, batch_size: int, bf16: bool = False) -> dict[str, float]:
+    """Metrics of ``split``. The split's predictions go to the accumulator in one update, so NE, logloss and
+    calibration are bit-identical to the numbers of earlier runs (per-batch updates would change the order of the
+    float64 sums, hence the last bits; AUC and gAUC would not change)."""
     probs, labels, groups = predict(model, Batcher(data, split, max_len), batch_size, bf16)
     acc = MetricAccumulator(data.train_ctr)
     acc.update(labels, probs, groups)
@@ -176,10 +129,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
-        self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule))
-            for o in self.optimizers
-        ]
+        self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
+        self.train_step = TrainStep(TrainModel(self.model, t.bf16), self.optimizers, self.schedulers, t.grad_clip)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
@@ -190,7 +141,7 @@ class Trainer:
     def start_record(self) -> None:
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        (d / "config.yaml").write_text(yaml.safe_dump(recorded_config(self.cfg), sort_keys=False))
         (d / "environment.json").write_text(json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
         self.data.encoder().save(d / "encoder")
 
@@ -219,10 +170,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_epoch(self, epoch: int) -> float:
-        t, model = self.cfg.train, self.model
-        model.train()
+        t = self.cfg.train
+        self.model.train()
         rng = np.random.default_rng(t.seed + epoch)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
         total_loss, n_seen = 0.0, 0
         steps = min(self.steps_per_epoch, self.total_steps - self.state.step)
         columns = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -234,22 +184,13 @@ class Trainer:
                 if i >= steps:
                     break
                 batch = to_device(batch, self.device)
-                with autocast(self.device, t.bf16):
-                    logits = model(batch)
-                loss = loss_fn(logits.float(), batch.label)
-                if not torch.isfinite(loss):
+                try:
+                    loss, _ = self.train_step(batch)
+                except NonFiniteLoss:
                     raise KunlunError(
                         f"non-finite training loss at step {self.state.step + 1} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
-                    )
-                for o in self.optimizers:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                for o, s in zip(self.optimizers, self.schedulers):
-                    o.step()
-                    s.step()
+                    ) from None
                 self.state.step += 1
                 total_loss += loss.item() * len(batch)
                 n_seen += len(batch)
@@ -283,7 +224,7 @@ class Trainer:
             if improved:
                 self.state.best_ne, self.state.best_epoch, self.state.bad_epochs = valid["ne"], epoch + 1, 0
                 self.state.best_examples = self.state.train_examples
-                save_checkpoint(ckpt_dir / "best", self.model, cfg.to_dict())
+                save_checkpoint(ckpt_dir / "best", self.model, recorded_config(cfg))
             else:
                 self.state.bad_epochs += 1
             record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss, "valid": valid,
@@ -291,7 +232,7 @@ class Trainer:
             self.history.append(record)
             with open(self.run_dir / "epochs.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_dir / "last", self.model, cfg.to_dict(), self.checkpoint_state())
+            save_checkpoint(ckpt_dir / "last", self.model, recorded_config(cfg), self.checkpoint_state())
             self.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
                      + ("  (best)" if improved else ""))
             if self.state.bad_epochs >= t.patience > 0:

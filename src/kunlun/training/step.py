@@ -1,0 +1,135 @@
+"""The training step, written once: the trainer and the speed benchmark both run it.
+
+``TrainModel`` wraps a ranking model and owns the loss: a batch goes in, ``(loss, logits)`` comes out
+(TorchRec's ``DLRMTrain`` habit), so multi-task heads or distillation change the wrapper, not the loop.
+``TrainStep`` is one optimizer step on it: forward, a non-finite-loss check, backward, gradient clipping,
+then every optimizer and its learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from kunlun.config import TrainConfig
+from kunlun.data.batches import Batch
+from kunlun.errors import KunlunError
+from kunlun.models import RankingModel
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
+            for k, s in batch.seqs.items()}
+    return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables.
+
+    Embedding regularisation: ``embedding_l2`` adds λ·E to every row's gradient each step (the optimizer's
+    coupled L2 term, i.e. a λ/2·‖E‖² penalty on the whole table, as FuxiCTR's ``embedding_regularizer``
+    used for the BARS baselines); ``embedding_weight_decay`` is decoupled decay (AdamW) for ``adam``.
+    """
+    opts: list[torch.optim.Optimizer] = []
+    dense = [p for p in model.dense_parameters() if p.requires_grad]
+    if dense:
+        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
+    emb = model.embedding_parameters()
+    if emb:
+        wd, l2 = t.embedding_weight_decay, t.embedding_l2
+        if t.embedding_optimizer == "adam":
+            if wd and l2:
+                raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
+                                  "with train.embedding_optimizer=adam")
+            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd
+                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2))
+        else:
+            cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
+            opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))
+    return opts
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_schedulers(optimizers: list[torch.optim.Optimizer], t: TrainConfig, total_steps: int) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """Warm-up then ``t.schedule`` over ``total_steps``, one scheduler per optimizer."""
+    return [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.warmup_steps, total_steps, t.schedule))
+            for o in optimizers]
+
+
+class TrainModel(nn.Module):
+    """A ranking model with its training loss: Batch → (loss [], logits [B]).
+
+    The model runs under bf16 autocast when ``bf16``; the loss (binary cross-entropy on the logits, mean over
+    the batch) is computed in float32 outside it.
+
+    Example::
+
+        train_model = TrainModel(model)
+        loss, logits = train_model(batch)
+    """
+
+    def __init__(self, model: RankingModel, bf16: bool = False):
+        super().__init__()
+        self.model, self.bf16 = model, bf16
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(batch.label.device, self.bf16):
+            logits = self.model(batch)
+        return self.loss_fn(logits.float(), batch.label), logits
+
+
+class NonFiniteLoss(KunlunError):
+    """The loss of a step was NaN or infinite; no parameter was changed."""
+
+
+class TrainStep:
+    """One optimizer step of ``train_model``: zero grads, forward, backward, clip to ``grad_clip`` (0: no clipping),
+    then each optimizer steps and so does its scheduler. Raises ``NonFiniteLoss`` before any update."""
+
+    def __init__(self, train_model: TrainModel, optimizers: list[torch.optim.Optimizer],
+                 schedulers: list[torch.optim.lr_scheduler.LRScheduler], grad_clip: float = 0.0):
+        self.train_model, self.optimizers, self.schedulers, self.grad_clip = train_model, optimizers, schedulers, grad_clip
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = self.train_model(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite training loss {loss.item()}")
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.grad_clip)
+        for o, s in zip(self.optimizers, self.schedulers):
+            o.step()
+            s.step()
+        return loss, logits

@@ -1,0 +1,99 @@
+"""The import graph runs one way, down the data flow: no cycle, no import of a higher layer.
+
+LAYERS is the order documented in ``src/kunlun/__init__.py``. Every import counts, also those inside
+functions: an import deferred to run time still ties the two modules together.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import kunlun
+
+PACKAGE = Path(kunlun.__file__).parent
+
+# lowest first; a module may import from its own layer and the layers below
+LAYERS = [
+    ["kunlun", "kunlun.errors", "kunlun.files", "kunlun.console", "kunlun.config", "kunlun._version"],
+    ["kunlun.data"],
+    ["kunlun.formats"],
+    ["kunlun.blocks"],
+    ["kunlun.models"],
+    ["kunlun.metrics"],
+    ["kunlun.runs", "kunlun.training"],
+    ["kunlun.scaling", "kunlun.bench"],
+    ["kunlun.cli", "kunlun.__main__"],
+]
+
+
+def module_name(path: Path) -> str:
+    parts = ("kunlun", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    best, best_len = None, -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best_len and (p != "kunlun" or module == "kunlun"):
+                best, best_len = i, len(p)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and to the docstring of src/kunlun/__init__.py)"
+    return best
+
+
+def imports() -> dict[str, set[str]]:
+    """module → the kunlun modules it imports. ``from kunlun.x import y`` is kunlun.x.y when that is a module,
+    else kunlun.x; a module that is not in the source tree (the build-time ``_version``) is left out."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                for a in node.names:
+                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                    if target in modules:
+                        found.add(target)
+        graph[name] = found - {name}
+    return graph
+
+
+def test_every_module_is_in_a_layer():
+    for name in imports():
+        layer(name)
+
+
+def test_no_import_goes_up_a_layer():
+    upward = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+              for a, deps in imports().items() for b in deps if layer(b) > layer(a)]
+    assert not upward, "imports against the data flow:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycle():
+    graph = imports()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                raise AssertionError("import cycle: " + " → ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
