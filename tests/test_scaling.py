@@ -226,3 +226,15 @@ def test_compare_reports_resamples_without_a_multiplier():
     res = compare(a, flat, n_boot=200)
     dropped = res["compute_multiplier"]["dropped_fraction"]
     assert 0.05 < dropped < 0.95 and res["slope_ratio"]["dropped_fraction"] == dropped
+
+
+def test_seeds_of_one_sweep_point_form_one_noise_group_at_different_computes():
+    from kunlun.scaling.law import seed_groups
+
+    C = np.array([1e9, 1e9, 2e11, 4e11, 4e11])  # point b's seeds stopped at different best checkpoints
+    ne = np.array([0.90, 0.92, 0.80, 0.81, 0.83])
+    groups = seed_groups(C, ne, ["a", "a", "b", "b", "b"])
+    assert [g["dof"] for g in groups] == [1, 2]
+    assert groups[1]["sigma"] == pytest.approx(np.std([0.80, 0.81, 0.83], ddof=1))
+    assert groups[1]["compute"] == pytest.approx(np.exp(np.log([2e11, 4e11, 4e11]).mean()))
+    assert [g["dof"] for g in seed_groups(C, ne)] == [1, 1]  # without point labels: equal compute only

@@ -23,15 +23,22 @@ CONVENTION = ("C = 3 × useful (unpadded) forward FLOPs/example × training exam
               "checkpoint (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); L = NE at that checkpoint")
 
 
-def seed_groups(compute: np.ndarray, values: np.ndarray) -> list[dict[str, float]]:
-    """Seed noise where it was measured: for every compute with ≥ 2 runs (which differ only by seed), the
-    sample standard deviation of ``values`` there and its degrees of freedom."""
+def seed_groups(compute: np.ndarray, values: np.ndarray, keys: list[str] | None = None) -> list[dict[str, float]]:
+    """Seed noise where it was measured: for every group of ≥ 2 runs that differ only by seed, the sample
+    standard deviation of ``values`` there, its degrees of freedom, and where it sits (the geometric mean
+    of the group's computes). Groups: ``keys`` (the runs' sweep point) where given, else equal compute.
+    With C taken at the best checkpoint, the seeds of one point stop at different computes, so grouping
+    by compute alone would miss them."""
+    keys = [k or f"compute={c!r}" for k, c in zip(keys or [""] * len(compute), compute)]
     out = []
-    for c in np.unique(compute):
-        v = values[compute == c]
+    for key in dict.fromkeys(keys):
+        idx = np.array([k == key for k in keys])
+        v = values[idx]
         if len(v) > 1:
-            out.append({"compute": float(c), "sigma": float(v.std(ddof=1)), "dof": len(v) - 1})
-    return out
+            c = compute[idx]
+            where = float(c[0]) if np.all(c == c[0]) else float(np.exp(np.log(c).mean()))
+            out.append({"compute": where, "sigma": float(v.std(ddof=1)), "dof": len(v) - 1})
+    return sorted(out, key=lambda g: g["compute"])
 
 
 def sigma_at(query: np.ndarray, groups: list[dict[str, float]]) -> np.ndarray:
@@ -155,7 +162,8 @@ def analyse(points: list[Point], holdout: int = 2, n_boot: int = 1000, level: fl
     usable = [f for f in forms if len(fc) >= len(FORMS[f].params)]
     if not usable:
         raise KunlunError(f"{len(fc)} run(s) to fit: fewer points than parameters of every form ({', '.join(forms)})")
-    groups, groups_log = seed_groups(compute, ne), seed_groups(compute, np.log(ne))
+    keys = [p.point for p in points]
+    groups, groups_log = seed_groups(compute, ne, keys), seed_groups(compute, np.log(ne), keys)
     rng = np.random.default_rng(seed)
     c_ref = float(fc.min())
     curve_c = np.logspace(np.log10(compute.min()), np.log10(compute.max()), 60)

@@ -9,7 +9,7 @@ produce the NE, so it is not counted; padding is not work the model does on data
 either (how much padding a run executes is a batching choice). Runs recorded before useful FLOPs existed
 fall back to executed FLOPs, and the point says so (``compute_kind``).
 A CSV needs columns ``compute`` and ``ne``; ``family``, ``seed``, ``layers``, ``dataset``, ``metric``,
-``flops_per_example`` and ``code`` are optional.
+``flops_per_example``, ``code`` and ``point`` (runs sharing it differ only by seed) are optional.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class Point:
     source: str = ""
     compute_kind: str = "useful"  # useful | executed (older run records) | csv
     code: str = ""  # the code version that trained the run (kunlun.runs.version_label); "" from a CSV without it
+    # runs that differ only by seed share a point: a sweep point's folder, a CSV's ``point`` column. With C at the
+    # best checkpoint, seeds of one point can land at different computes, so seed noise is grouped by this.
+    point: str = ""
 
 
 def _from_run(final_path: Path) -> Point:
@@ -58,6 +61,7 @@ def _from_run(final_path: Path) -> Point:
     return Point(compute=float(final[f"{prefix}train_compute_at_best"]), ne=float(final["metrics"][split]["ne"]), family=final.get("model", ""),
                  seed=final.get("seed"), layers=layers, dataset=final.get("dataset", ""), metric=f"{split} NE",
                  flops_per_example=final.get(f"{prefix}flops_per_example"), source=str(final_path.parent), compute_kind=kind,
+                 point=str(final_path.parent.parent) if final_path.parent.name.startswith("seed") else "",
                  code=" + ".join(version_label(c) for c in codes) if codes else version_label(None))
 
 
@@ -83,7 +87,7 @@ def _from_csv(path: Path) -> list[Point]:
                 seed=_number(row["seed"], path, line, "seed", int) if row.get("seed") not in (None, "") else None,
                 layers=_number(row["layers"], path, line, "layers", int) if row.get("layers") not in (None, "") else None,
                 dataset=(row.get("dataset") or "").strip(), metric=(row.get("metric") or "").strip(),
-                code=(row.get("code") or "").strip(),
+                code=(row.get("code") or "").strip(), point=(row.get("point") or "").strip(),
                 flops_per_example=_number(row["flops_per_example"], path, line, "flops_per_example")
                 if row.get("flops_per_example") not in (None, "") else None,
                 source=f"{path}:{line}", compute_kind="csv"))
