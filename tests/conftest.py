@@ -24,6 +24,28 @@ TINY_MODEL = [
 ]
 
 
+def assert_last_good_checkpoint_kept(ckpt: Path, after_epoch_1: dict[str, str], message: str) -> None:
+    """A stop on a non-finite loss named ``ckpt`` and left it byte-identical to after epoch 1: the same files,
+    none added (no half-written temporary directory)."""
+    assert f"The last good checkpoint is in {ckpt}" in message
+    assert {"best/model.safetensors", "last/model.safetensors", "last/trainer_state.pt"} <= set(after_epoch_1)
+    assert checkpoint_files(ckpt) == after_epoch_1
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
+
+
+def interrupt_in_epoch(trainer, epoch: int = 1) -> None:
+    """Make ``trainer.fit()`` raise KeyboardInterrupt as epoch ``epoch`` (0-based) starts — a kill at that
+    boundary, after the previous epoch's checkpoints were written."""
+    real = trainer.train_epoch
+
+    def train_epoch(e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return real(e)
+
+    trainer.train_epoch = train_epoch
+
+
 def checkpoint_files(ckpt_dir: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under ``ckpt_dir``: equal dicts mean byte-identical checkpoints."""
     return {str(p.relative_to(ckpt_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}

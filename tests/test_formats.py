@@ -368,7 +368,7 @@ def test_train_with_precision_and_reload(tmp_path):
 def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
     import itertools
 
-    from conftest import TINY_MODEL, checkpoint_files
+    from conftest import TINY_MODEL, assert_last_good_checkpoint_kept, checkpoint_files
     from kunlun.config import load_config
     from kunlun.data.registry import prepare_dataset
     from kunlun.errors import KunlunError
@@ -402,10 +402,7 @@ def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
     t.train_epoch = second_epoch_overflows
     with pytest.raises(KunlunError, match=r"non-finite training loss at step 7 \(epoch 2\)") as e:
         t.fit()
-    assert f"The last good checkpoint is in {ckpt}" in str(e.value)
-    assert {"best/model.safetensors", "last/model.safetensors", "last/trainer_state.pt"} <= set(after_epoch_1)
-    assert checkpoint_files(ckpt) == after_epoch_1  # byte-identical after two more steps and the overflow; no temp dir
-    assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
+    assert_last_good_checkpoint_kept(ckpt, after_epoch_1, str(e.value))
     last = load_file(str(ckpt / "last" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in last.values())
     resumed = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
@@ -490,7 +487,7 @@ def _head(data, n: int, n_eval: int):
 
 def test_stochastic_rounding_run_resumes_exactly(tmp_path):
     # 2 epochs straight == the same run killed after epoch 1, then resumed: the rounding noise continues exactly
-    from conftest import TINY_MODEL
+    from conftest import TINY_MODEL, interrupt_in_epoch
     from kunlun.config import load_config
     from kunlun.data.registry import prepare_dataset
     from kunlun.training.checkpoint import load_trainer_state
@@ -506,14 +503,7 @@ def test_stochastic_rounding_run_resumes_exactly(tmp_path):
     straight_final = straight.fit()
     killed = trainer("killed")
     killed.start_record()
-    epoch = killed.train_epoch
-
-    def killed_in_second_epoch(e):
-        if e == 1:
-            raise KeyboardInterrupt
-        return epoch(e)
-
-    killed.train_epoch = killed_in_second_epoch
+    interrupt_in_epoch(killed, 1)
     with pytest.raises(KeyboardInterrupt):
         killed.fit()
     last = tmp_path / "killed" / "checkpoints" / "last"

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_MODEL, checkpoint_files
+from conftest import TINY_MODEL, assert_last_good_checkpoint_kept, checkpoint_files, interrupt_in_epoch
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
@@ -66,14 +66,7 @@ def test_resume_continues_exactly(tmp_path, straight):
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
     t.start_record()
-    real_epoch = t.train_epoch
-
-    def killed_in_second_epoch(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(epoch)
-
-    t.train_epoch = killed_in_second_epoch
+    interrupt_in_epoch(t, 1)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     t2 = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
@@ -141,10 +134,7 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, m
     t.train_epoch = second_epoch_goes_non_finite
     with pytest.raises(KunlunError, match=rf"non-finite training loss at step {t.steps_per_epoch + 4} \(epoch 2\)") as e:
         t.fit()
-    assert f"The last good checkpoint is in {ckpt}" in str(e.value)
-    assert {"best/model.safetensors", "last/model.safetensors", "last/trainer_state.pt"} <= set(after_epoch_1)
-    assert checkpoint_files(ckpt) == after_epoch_1  # byte-identical, and no file added (a half-written temp dir)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
+    assert_last_good_checkpoint_kept(ckpt, after_epoch_1, str(e.value))
     from kunlun.training.checkpoint import load_file
 
     last = load_file(str(ckpt / "last" / "model.safetensors"))
