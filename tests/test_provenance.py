@@ -112,3 +112,19 @@ def test_sweep_skips_only_fresh_points(tmp_path, monkeypatch, state):
     else:
         assert sweep.pending(spec, [job], 1) == []
         assert sweep.pending(spec, [job], 2) == [job]  # another thread count is another config
+
+
+def test_an_installed_copy_inside_another_checkout_is_not_that_checkouts_code(tmp_path):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / ".venv").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text(".venv/\n")
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    pkg = repo / ".venv" / "kunlun"
+    shutil.copytree(runs.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__", "embedded"))
+    assert runs._git_version(pkg) is None  # falls back to the build stamp
+    subprocess.run(["git", "-C", str(repo), "add", "-f", ".venv/kunlun"], check=True)
+    assert runs._git_version(pkg)["commit"]  # tracked there: that checkout's code

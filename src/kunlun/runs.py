@@ -85,8 +85,11 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 def _git_version(root: Path) -> dict[str, Any] | None:
     """Commit and dirty flag when the package runs from a git checkout (editable install or source tree)."""
-    top = _git(["rev-parse", "--show-toplevel"], root)
-    commit = _git(["rev-parse", "HEAD"], root) if top else None
+    # the package's own files must be tracked there: an installed copy inside some other checkout (a venv in
+    # a clone, say) is not that checkout's code
+    if _git(["ls-files", "--error-unmatch", "__init__.py"], root) is None:
+        return None
+    commit = _git(["rev-parse", "HEAD"], root)
     if not commit:
         return None
     status = _git(["status", "--porcelain", "--untracked-files=normal", "--", "."], root)
