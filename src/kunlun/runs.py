@@ -21,11 +21,13 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from kunlun.errors import KunlunError
 from kunlun.models import resolved_model
@@ -211,8 +213,6 @@ def reuse_state(run_dir: Path, config: dict[str, Any]) -> tuple[str, dict[str, A
     Returns (state, final.json): ``missing`` (no finished run), ``config differs`` (it answers another
     question), ``stale`` (same config, other or unknown code), ``fresh`` (same config, same source hash).
     """
-    import yaml
-
     final = read_json(run_dir / "final.json")
     if final is None:
         return "missing", None
@@ -231,9 +231,7 @@ def reuse_state(run_dir: Path, config: dict[str, Any]) -> tuple[str, dict[str, A
 
 def provenance_line(codes: list[dict[str, Any]], stale: int = 0) -> str:
     """One line for a table or report: which code versions its runs came from, with counts."""
-    counts: dict[str, int] = {}
-    for c in codes:
-        counts[version_label(c)] = counts.get(version_label(c), 0) + 1
+    counts = Counter(version_label(c) for c in codes)
     now = version_label(code_version())
     parts = [f"{label} × {n}" + (" (current)" if label == now else "") for label, n in counts.items()]
     line = f"Built from {sum(counts.values())} run(s) of code {'; '.join(parts) or 'unknown'}."

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kunlun.bench.quality import fmt, provenance, run_point, stale_mark, stat_cell, write_tables
+from kunlun.bench.quality import fmt, provenance, provenance_fields, run_point, stale_mark, stat_cell, write_tables
 from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
@@ -111,8 +111,7 @@ def run_formats(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_st
             rows[name] = {"format": vs[name][0], "overrides": vs[name][1], "ne": stat_cell(ne),
                           "rel_ne_pct": stat_cell(rel),
                           "train_examples_per_s": float(np.median([f["train_examples_per_s"] for f in fs])),
-                          "code": [c for f in fs for c in f.get("code_versions") or [f.get("code")] if c],
-                          "stale_seeds": [f["seed"] for f in fs if f.get("stale")]}
+                          **provenance_fields(fs)}
         errors = tensor_errors(out / "runs" / dataset / "bf16" / f"seed{spec['seeds'][0]}", data, spec.get("overrides"), spec["formats"])
         results["results"][dataset] = {"split": split, "rows": rows, "tensor_errors": errors, "hif4_vs": head_to_head(rows, "hif4")}
         write_formats(results, out)

@@ -84,7 +84,7 @@ def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, r
         shutil.rmtree(run_dir)
     log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] training …")
     final = Trainer(cfg, data, run_dir, progress=False, logger=lambda m: None).fit()
-    return {**final, "stale": False}
+    return {**final, "stale": False}  # a fresh final.json lists its code_versions itself
 
 
 def summarise(finals: list[dict]) -> dict[str, Any]:
@@ -97,9 +97,13 @@ def summarise(finals: list[dict]) -> dict[str, Any]:
     row["useful_flops_per_example"] = finals[0].get("useful_flops_per_example")  # each example's real tokens
     row["parameters"] = finals[0]["parameters"]["total"]
     row["train_examples_per_s"] = float(np.median([f["train_examples_per_s"] for f in finals]))
-    row["code"] = [c for f in finals for c in f.get("code_versions") or [f.get("code")] if c]
-    row["stale_seeds"] = [f["seed"] for f in finals if f.get("stale")]
+    row.update(provenance_fields(finals))
     return row
+
+
+def provenance_fields(finals: list[dict]) -> dict[str, Any]:
+    """A table row's ``code`` (every code version behind its runs) and ``stale_seeds`` (runs kept from other code)."""
+    return {"code": [c for f in finals for c in f["code_versions"]], "stale_seeds": [f["seed"] for f in finals if f["stale"]]}
 
 
 def provenance(rows: list[dict[str, Any]]) -> str:

@@ -43,7 +43,7 @@ from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.models import model_config
-from kunlun.runs import code_version, read_json, reuse_state
+from kunlun.runs import code_version, read_json, reuse_state, run_code
 
 
 @dataclass
@@ -146,9 +146,9 @@ def job_state(spec: SweepSpec, job: Job, threads: int) -> str:
 
 def resumable(job: Job) -> bool:
     """An interrupted run started by the code running now (a run is never continued by other code)."""
-    env = read_json(job.run_dir / "environment.json") or {}
+    codes = run_code(job.run_dir)
     return ((job.run_dir / "checkpoints" / "last" / "model.safetensors").is_file() and (job.run_dir / "config.yaml").is_file()
-            and (env.get("code") or {}).get("source_sha256") == code_version()["source_sha256"])
+            and bool(codes) and all(c.get("source_sha256") == code_version()["source_sha256"] for c in codes))
 
 
 def command(spec: SweepSpec, job: Job, data_dir: str | None, threads: int) -> list[str]:
