@@ -1,7 +1,8 @@
 """Writing files so that a crash never leaves a half-written one where a good one was.
 
 The lowest layer with ``errors`` and ``config``: data caches, checkpoints, run records, sweep
-manifests, scaling reports and benchmark tables all write through these two helpers.
+manifests, scaling reports and benchmark tables all write through these helpers. A write that fails
+(a full disk, say) removes its temporary file and leaves the previous version in place.
 """
 
 from __future__ import annotations
@@ -13,27 +14,63 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside directory ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_dir)`` on a temporary sibling of ``target``, then swap it into ``target``."""
+    """Call ``write(tmp_dir)`` on a temporary sibling of ``target``, then swap it into ``target``.
+
+    The swap is two renames (``target`` → ``.<name>.old``, then the new one → ``target``); a process killed
+    between them leaves the previous version as ``.<name>.old``, which ``recover_dir`` puts back."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     try:
         write(tmp)
-        old = target.with_name(f".{target.name}.old")
+        old = _old(target)
         if target.exists():
+            if old.exists():  # left by an earlier swap that completed but was killed before removing it
+                shutil.rmtree(old)
             os.replace(target, old)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def recover_dir(target: Path) -> None:
+    """Undo what a process killed inside ``atomic_dir(target, …)`` left: put the previous version back when the
+    swap stopped between its renames, and remove temporary directories. Only for a caller that knows no other
+    process writes ``target`` (it holds the run directory's lock)."""
+    old = _old(target)
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    if target.parent.is_dir():
+        for tmp in target.parent.glob(f".{target.name}.tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary sibling, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
