@@ -1,38 +1,142 @@
-"""Checkpoints: model weights in safetensors + the resolved config, trainer state for resuming.
+"""Checkpoints: model weights in safetensors + the resolved config, trainer state for resuming, and a manifest
+of their checksums.
 
-A checkpoint is a directory, written to a temporary sibling and renamed into place, so a crash never
-leaves a half-written checkpoint where a good one was.
+A checkpoint is a directory::
+
+    model.safetensors    the weights
+    config.yaml          the resolved config that built the model
+    trainer_state.pt     (``last`` only) optimizer, scheduler and RNG states, position in the run: tensors and
+                         plain values only, read back with ``torch.load(weights_only=True)`` (never unpickled)
+    manifest.json        size and SHA-256 of each file above, written last
+
+It is written to a temporary sibling (each file fsynced) and renamed into place, so a crash never leaves a
+half-written checkpoint where a good one was; a write that fails (a full disk) removes the temporary directory.
+Every load checks the file against the manifest first, so a truncated or bit-flipped file is a one-line error
+naming it, never garbage weights. A checkpoint without a manifest was written before checksums existed and is
+read unverified.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file  # noqa: F401  (re-exported: tests read raw weights with it)
+from safetensors.torch import save as save_safetensors
 
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_dir
 
+MANIFEST = "manifest.json"
+FORMAT = "kunlun-checkpoint/1"
 
-def save_checkpoint(target: Path, model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None) -> None:
+
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # a full disk may only show here (delayed allocation), before the rename commits it
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def checkpoint_bytes(model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The files of a checkpoint (name → bytes), manifest aside."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    files = {"model.safetensors": save_safetensors(tensors), "config.yaml": yaml.safe_dump(config, sort_keys=False).encode()}
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        files["trainer_state.pt"] = buf.getvalue()
+    return files
+
+
+def save_checkpoint(target: Path, model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None,
+                    info: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint ``target`` (replacing the one there only once the new one is complete). ``info`` (plain
+    values, e.g. epoch and step) goes into the manifest. An OSError (full disk, no permission) is a KunlunError naming
+    ``target``; the previous checkpoint stays as it was and no temporary file is left."""
+    files = checkpoint_bytes(model, config, state)
+
     def write(d: Path) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(d / "model.safetensors"))
-        (d / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        if state is not None:
-            torch.save(state, d / "trainer_state.pt")
+        listed = {name: _write_file(d / name, data) for name, data in files.items()}
+        manifest = {"format": FORMAT, **(info or {}), "files": listed}
+        _write_file(d / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the checkpoint is complete
 
-    atomic_dir(target, write)
+    try:
+        atomic_dir(target, write)
+    except OSError as exc:
+        kept = "the previous checkpoint there is unchanged" if target.is_dir() else "there was no previous checkpoint"
+        raise KunlunError(f"{target}: could not write the checkpoint: {exc.strerror or exc} "
+                          f"({errno.errorcode.get(exc.errno, exc.errno)}); {kept} and no partial file was left") from None
+
+
+def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's manifest, or None for a checkpoint written before manifests existed."""
+    path = checkpoint / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+        files = manifest["files"]
+        if not all(isinstance(e["bytes"], int) and isinstance(e["sha256"], str) for e in files.values()):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise KunlunError(f"{path}: corrupt checkpoint manifest (not the JSON list of checksums written with the checkpoint)") from None
+    return manifest
+
+
+def read_verified(checkpoint: Path, name: str, manifest: dict[str, Any] | None = None) -> bytes:
+    """The bytes of ``checkpoint/name`` after checking their size and SHA-256 against the manifest."""
+    path = checkpoint / name
+    manifest = read_manifest(checkpoint) if manifest is None else manifest
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KunlunError(f"{path}: missing from the checkpoint") from None
+    except OSError as exc:
+        raise KunlunError(f"{path}: cannot read the checkpoint file ({exc.strerror})") from None
+    if manifest is None:
+        return data  # written before checksums
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise KunlunError(f"{path}: not listed in the checkpoint's {MANIFEST}; not loaded")
+    if len(data) != entry["bytes"]:
+        raise KunlunError(f"{path}: truncated or corrupt checkpoint file ({len(data)} bytes, {entry['bytes']} were written)")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise KunlunError(f"{path}: corrupt checkpoint file (its SHA-256 differs from the one {MANIFEST} recorded when it was written)")
+    return data
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Check every file the manifest lists (for a checkpoint read by name, e.g. its config.yaml)."""
+    manifest = read_manifest(checkpoint)
+    for name in (manifest or {}).get("files", {}):
+        read_verified(checkpoint, name, manifest)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
     path = checkpoint / "model.safetensors"
-    if not path.is_file():
+    if not path.is_file() and not (checkpoint / MANIFEST).is_file():
         raise KunlunError(f"{checkpoint}: not a checkpoint (no model.safetensors)")
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    data = read_verified(checkpoint, "model.safetensors")
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error type (and others) for a damaged header
+        raise KunlunError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise KunlunError(f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -41,4 +145,11 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / "trainer_state.pt"
     if not path.is_file():
         raise KunlunError(f"{checkpoint}: no trainer_state.pt to resume from")
-    return torch.load(path, weights_only=False)
+    data = read_verified(checkpoint, "trainer_state.pt")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise KunlunError(f"{path}: holds objects other than tensors and plain values, so it is not loaded "
+                          f"(checkpoints are never unpickled): {_first_line(exc)}") from None
+    except Exception as exc:  # a damaged archive: RuntimeError, EOFError, zipfile errors …
+        raise KunlunError(f"{path}: not a readable trainer state ({_first_line(exc)})") from None
