@@ -54,13 +54,17 @@ class TrainConfig:
     patience: int = 2  # epochs without validation-NE improvement before stopping
     bf16: bool = False  # autocast matmuls to bfloat16
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # checkpoints/last is written at every epoch end and also inside an epoch, every N optimizer steps and/or every
+    # M minutes (0: off), so a killed run loses at most that much work; resume continues at the exact step
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
 
     def validate(self) -> None:
         positive = ["batch_size", "eval_batch_size", "epochs"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise KunlunError(f"config key train.{key}: expected a positive integer, got {getattr(self, key)}")
-        for key in ["max_steps", "warmup_steps", "patience", "threads"]:
+        for key in ["max_steps", "warmup_steps", "patience", "threads", "checkpoint_every_steps", "checkpoint_every_minutes"]:
             if getattr(self, key) < 0:
                 raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
         for key in ["lr", "embedding_lr"]:

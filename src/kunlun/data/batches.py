@@ -80,8 +80,9 @@ class Batcher:
             seqs=seqs,
         )
 
-    def iterate(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
-        """All rows once, shuffled by ``rng`` if given (deterministic for a seeded generator)."""
+    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0) -> Iterator[Batch]:
+        """All rows once, shuffled by ``rng`` if given (deterministic for a seeded generator), from batch ``start``
+        on (a run resumed inside an epoch skips the batches it trained on without building them)."""
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
-        for i in range(0, len(order), batch_size):
+        for i in range(start * batch_size, len(order), batch_size):
             yield self.batch(order[i : i + batch_size])

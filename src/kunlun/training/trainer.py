@@ -5,10 +5,18 @@ Determinism: the epoch-e shuffle comes from ``seed + e``, torch's RNG is seeded 
 in checkpoints (so are the stochastic-rounding generators of low-precision emulation), so the same seed and
 config give the same metrics on the same machine, and a resumed run continues exactly where the interrupted
 one stopped.
+
+Checkpoints: ``checkpoints/best`` when validation NE improves; ``checkpoints/last`` (with the trainer state) at
+every epoch end and, inside an epoch, every ``train.checkpoint_every_steps`` steps / ``checkpoint_every_minutes``
+minutes. A mid-epoch checkpoint records the position in the epoch and the epoch's running loss, so a resumed run
+skips the batches already trained on and ends with the metrics of an uninterrupted one, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import itertools
 import json
 import math
 import time
@@ -86,6 +94,11 @@ class TrainState:
     train_examples: int = 0
     best_examples: int = 0  # training examples seen when the best checkpoint was saved
     code_versions: list = field(default_factory=list)  # every code version that trained this run (resume may change it)
+    # inside epoch ``epoch`` (a mid-epoch checkpoint): steps done, Σ loss × batch size, examples, training seconds
+    epoch_step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_examples: int = 0
+    epoch_seconds: float = 0.0
 
 
 def build(cfg: Config, data: Prepared) -> RankingModel:
@@ -134,71 +147,122 @@ class Trainer:
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
+        self.recorded = recorded_config(cfg)  # what checkpoints record
+        self.last_saved = time.monotonic()
         if "valid" not in data.splits:
             raise KunlunError(f"dataset {data.name!r} has no validation split for early stopping")
 
     # ------------------------------------------------------------------ record
     def start_record(self) -> None:
+        """Write the run's config, environment and encoder, and no epoch records yet (a run started over from the
+        beginning drops those of its earlier, never checkpointed start)."""
         d = self.run_dir
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.yaml").write_text(yaml.safe_dump(recorded_config(self.cfg), sort_keys=False))
-        (d / "environment.json").write_text(json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
-        self.data.encoder().save(d / "encoder")
+        with writing(d):
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(d / "config.yaml", yaml.safe_dump(self.recorded, sort_keys=False))
+            atomic_write_text(d / "environment.json", json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
+            self.data.encoder().save(d / "encoder")
+            (d / "epochs.jsonl").unlink(missing_ok=True)
 
     def checkpoint_state(self) -> dict[str, Any]:
+        """Everything ``resume`` needs besides the weights: tensors and plain values only (loaded with weights_only)."""
         return {
-            "train_state": vars(self.state).copy(),
+            "train_state": _plain(vars(self.state)),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "precision_rng": precision_state(self.model),  # stochastic rounding's generators
-            "history": self.history,
+            "history": _plain(self.history),
         }
 
     def resume(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint`` (a ``last``): weights, optimizer, schedules, RNG states, position. The run's
+        ``epochs.jsonl`` is rewritten from the checkpoint's own record, so it lists each epoch once, as the
+        checkpoint knows it (a kill between the two writes leaves one line more)."""
         load_weights(checkpoint, self.model)
         st = load_trainer_state(checkpoint)
-        self.state = TrainState(**st["train_state"])
-        for o, s in zip(self.optimizers, st["optimizers"]):
-            o.load_state_dict(s)
-        for sch, s in zip(self.schedulers, st["schedulers"]):
-            sch.load_state_dict(s)
-        torch.set_rng_state(st["torch_rng"])
-        load_precision_state(self.model, st.get("precision_rng", []))
-        self.history = st["history"]
-        self.log(f"resumed from {checkpoint} after epoch {self.state.epoch} (step {self.state.step})")
+        try:
+            state = TrainState(**st["train_state"])
+            for o, s in zip(self.optimizers, st["optimizers"], strict=True):
+                o.load_state_dict(s)
+            for sch, s in zip(self.schedulers, st["schedulers"], strict=True):
+                sch.load_state_dict(s)
+            torch.set_rng_state(st["torch_rng"])
+            if st.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(st["cuda_rng"])
+            load_precision_state(self.model, st.get("precision_rng", []))
+            history = list(st["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise KunlunError(f"{checkpoint / 'trainer_state.pt'}: does not fit this run's model and optimizers "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        self.state, self.history = state, history
+        self.write_epochs()
+        where = (f"at step {state.epoch_step} of epoch {state.epoch + 1}" if state.epoch_step
+                 else f"after epoch {state.epoch}")
+        self.log(f"resumed from {checkpoint} {where} (step {state.step})")
+
+    def write_epochs(self) -> None:
+        path = self.run_dir / "epochs.jsonl"
+        with writing(path):
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def save_last(self) -> None:
+        s = self.state
+        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.recorded, self.checkpoint_state(),
+                        info={"epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step})
+        self.last_saved = time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        t = self.cfg.train
+        if t.checkpoint_every_steps and self.state.step % t.checkpoint_every_steps == 0:
+            return True
+        return bool(t.checkpoint_every_minutes) and time.monotonic() - self.last_saved >= 60 * t.checkpoint_every_minutes
+
+    def done(self) -> bool:
+        """Training is over: epochs or steps used up, or early-stopped, and no epoch is half done."""
+        t, s = self.cfg.train, self.state
+        return s.epoch_step == 0 and (s.epoch >= t.epochs or s.step >= self.total_steps or s.bad_epochs >= t.patience > 0)
 
     # ------------------------------------------------------------------ loop
     def train_epoch(self, epoch: int) -> float:
-        t = self.cfg.train
+        """Train epoch ``epoch`` (0-based) from where the state stands in it; returns its mean training loss."""
+        t, s = self.cfg.train, self.state
         self.model.train()
         rng = np.random.default_rng(t.seed + epoch)
-        total_loss, n_seen = 0.0, 0
-        steps = min(self.steps_per_epoch, self.total_steps - self.state.step)
+        steps = min(self.steps_per_epoch, self.total_steps - (s.step - s.epoch_step))  # this epoch's steps in all
+        start, n_seen = s.epoch_step, 0
         columns = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[speed]:>7.0f} ex/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
         with Progress(*columns, console=stderr, disable=not self.progress, transient=False) as bar:
-            task = bar.add_task("train", total=steps, epoch=epoch + 1, speed=0.0, loss=float("nan"))
-            t0 = time.perf_counter()
-            for i, batch in enumerate(self.train_batches.iterate(t.batch_size, rng)):
-                if i >= steps:
-                    break
+            task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0, loss=float("nan"))
+            t0 = mark = time.perf_counter()
+            for batch in itertools.islice(self.train_batches.iterate(t.batch_size, rng, start=start), max(steps - start, 0)):
                 batch = to_device(batch, self.device)
                 try:
                     loss, _ = self.train_step(batch)
                 except NonFiniteLoss:
                     raise KunlunError(
-                        f"non-finite training loss at step {self.state.step + 1} (epoch {epoch + 1}); stopped. "
+                        f"non-finite training loss at step {s.step + 1} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
                     ) from None
-                self.state.step += 1
-                total_loss += loss.item() * len(batch)
+                s.step += 1
+                s.epoch_step += 1
+                s.epoch_loss_sum += loss.item() * len(batch)
+                s.epoch_examples += len(batch)
+                s.train_examples += len(batch)
                 n_seen += len(batch)
-                elapsed = time.perf_counter() - t0
-                bar.update(task, advance=1, speed=n_seen / max(elapsed, 1e-9), loss=total_loss / n_seen)
-        self.state.train_seconds += time.perf_counter() - t0
-        self.state.train_examples += n_seen
-        return total_loss / max(n_seen, 1)
+                bar.update(task, advance=1, speed=n_seen / max(time.perf_counter() - t0, 1e-9), loss=s.epoch_loss_sum / s.epoch_examples)
+                if self.checkpoint_due():
+                    now = time.perf_counter()
+                    s.train_seconds += now - mark
+                    s.epoch_seconds += now - mark
+                    self.save_last()
+                    mark = time.perf_counter()  # checkpoint writing is not training time
+        now = time.perf_counter()
+        s.train_seconds += now - mark
+        s.epoch_seconds += now - mark
+        return s.epoch_loss_sum / max(s.epoch_examples, 1)
 
     def fit(self) -> dict[str, Any]:
         t, cfg = self.cfg.train, self.cfg
@@ -214,30 +278,30 @@ class Trainer:
         if not (self.run_dir / "config.yaml").is_file():
             self.start_record()
         wall0 = time.perf_counter()
-        while self.state.epoch < t.epochs and self.state.step < self.total_steps:
-            epoch = self.state.epoch
-            e0 = time.perf_counter()
+        self.last_saved = time.monotonic()
+        s = self.state
+        while not self.done():
+            epoch = s.epoch
             train_loss = self.train_epoch(epoch)
+            v0 = time.perf_counter()
             valid = evaluate(self.model, self.data, "valid", cfg.data.max_seq_len, t.eval_batch_size, t.bf16)
-            self.state.epoch += 1
-            improved = valid["ne"] < self.state.best_ne
+            seconds = s.epoch_seconds + time.perf_counter() - v0
+            s.epoch += 1
+            s.epoch_step, s.epoch_loss_sum, s.epoch_examples, s.epoch_seconds = 0, 0.0, 0, 0.0
+            improved = valid["ne"] < s.best_ne
             if improved:
-                self.state.best_ne, self.state.best_epoch, self.state.bad_epochs = valid["ne"], epoch + 1, 0
-                self.state.best_examples = self.state.train_examples
-                save_checkpoint(ckpt_dir / "best", self.model, recorded_config(cfg))
+                s.best_ne, s.best_epoch, s.bad_epochs = valid["ne"], epoch + 1, 0
+                s.best_examples = s.train_examples
+                save_checkpoint(ckpt_dir / "best", self.model, self.recorded, info={"epoch": s.epoch, "step": s.step})
             else:
-                self.state.bad_epochs += 1
-            record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss, "valid": valid,
-                      "seconds": time.perf_counter() - e0}
-            self.history.append(record)
-            with open(self.run_dir / "epochs.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_dir / "last", self.model, recorded_config(cfg), self.checkpoint_state())
+                s.bad_epochs += 1
+            self.history.append({"epoch": epoch + 1, "step": s.step, "train_loss": train_loss, "valid": valid, "seconds": seconds})
+            self.write_epochs()
+            self.save_last()
             self.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
                      + ("  (best)" if improved else ""))
-            if self.state.bad_epochs >= t.patience > 0:
+            if s.bad_epochs >= t.patience > 0:
                 self.log(f"early stop: no validation NE improvement for {t.patience} epoch(s)")
-                break
         return self.finish(time.perf_counter() - wall0)
 
     def finish(self, wall: float) -> dict[str, Any]:
@@ -278,5 +342,22 @@ class Trainer:
             "train_examples_per_s": self.state.train_examples / max(self.state.train_seconds, 1e-9),
             "eval_examples_per_s": eval_examples / max(eval_seconds, 1e-9),
         }
-        atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
+        with writing(self.run_dir / "final.json"):
+            atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
         return final
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as JSON would give it back: plain Python values only (no numpy scalars), so a checkpoint loads with
+    ``torch.load(weights_only=True)``; NaN and infinities survive."""
+    return json.loads(json.dumps(x))
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """An OSError while writing the run record (full disk, no permission) is one line naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise KunlunError(f"{exc.filename or path}: could not write: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)}); "
+                          f"no partial file was left and the run's checkpoints are unchanged") from None
