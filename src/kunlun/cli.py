@@ -60,7 +60,8 @@ def cli() -> None:
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Directory for this run (default runs/<time>-<model>-<dataset>).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--epochs", type=int, help="Maximum epochs.")
-@click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue an interrupted run directory.")
+@click.option("--resume", "resume", type=click.Path(path_type=Path),
+              help="Continue an interrupted run directory from its last checkpoint (same config; a finished run is left as it is).")
 @click.option("--precision", help="Emulated GEMM number format: fp32 (default), bf16, fp8_e4m3, fp8_e5m2, hif8, mxfp4, nvfp4, hif4.")
 @click.option("--no-cache", is_flag=True, help="Re-read the raw files instead of the prepared-data cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print final metrics by split as one JSON object.")
@@ -75,6 +76,10 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     from kunlun.training.runner import resume_config_path, train_run
 
     if resume:
+        if config_path:
+            raise KunlunError("--config: not used with --resume (a resumed run continues with its own config.yaml)")
+        if run_dir and run_dir.resolve() != resume.resolve():
+            raise KunlunError(f"--run-dir {run_dir}: not used with --resume {resume} (the run continues in its own directory)")
         config_path = resume_config_path(resume)
     cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
                       precision=precision)
@@ -411,6 +416,10 @@ def print_comparison(c: dict) -> None:
 
 
 def main() -> None:
+    from kunlun.processes import die_with_parent, exit_on_sigterm
+
+    exit_on_sigterm()  # a terminated run cleans up like an interrupted one
+    die_with_parent()  # a sweep's training process ends with its sweep
     try:
         cli.main(standalone_mode=False)
     except KunlunError as exc:

@@ -6,8 +6,10 @@
     <run>/encoder/           schema, vocabularies and numeric statistics (to score new files)
     <run>/epochs.jsonl       one JSON line per epoch: train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
-    <run>/checkpoints/best   weights with the best validation NE (safetensors + config)
-    <run>/checkpoints/last   weights + optimizer state of the last epoch (for --resume)
+    <run>/checkpoints/best   weights with the best validation NE (safetensors + config + manifest of checksums)
+    <run>/checkpoints/last   weights + optimizer and RNG state at the last epoch end or mid-epoch step (for --resume)
+    <run>/resumes.jsonl      one JSON line per resume: position, code, config keys changed (threads, data_dir, …)
+    <run>/.lock              flock'ed by the process training the run (kunlun.processes)
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ also holds its training compute C (``train_compute``). A finished point is skipp
 the code that trained it (source hash) match the current ones (``reuse_stale`` keeps finished points of
 other code too); an interrupted one is resumed when it was started by the current code; anything else
 there is restarted — so a killed sweep continues where it stopped, and never mixes code versions silently.
+Training processes die with the sweep (``kunlun.processes.die_with_parent``), and a point whose run directory
+is locked by a process still training it is reported as failed, never restarted beside that process.
 The same file runs unchanged on a GPU machine (the device is chosen per run).
 """
 
@@ -43,6 +45,7 @@ from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.models import model_config
+from kunlun.processes import child_env, lock_holder
 from kunlun.runs import code_version, read_json, reuse_state, run_code
 
 
@@ -218,8 +221,11 @@ def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, paralle
 
     def run_one(job: Job) -> tuple[Job, str]:
         log_path = out / "logs" / f"{job.label}-seed{job.seed}.log"
+        holder = lock_holder(job.run_dir)
+        if holder:  # e.g. a training process of an earlier sweep that outlived it: neither remove nor train beside it
+            return job, f"failed (run directory {job.run_dir} is in use by process {holder})"
         with open(log_path, "a") as log_file:
-            proc = subprocess.run(command(spec, job, data_dir, threads), stdout=log_file, stderr=subprocess.STDOUT)
+            proc = subprocess.run(command(spec, job, data_dir, threads), stdout=log_file, stderr=subprocess.STDOUT, env=child_env())
         ok = proc.returncode == 0 and read_json(job.run_dir / "final.json") is not None
         return job, "done" if ok else f"failed (exit {proc.returncode}; see {log_path})"
 

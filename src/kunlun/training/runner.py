@@ -12,7 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,15 @@ from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Encoder
 from kunlun.data.registry import load_raw, prepare_dataset, prepare_file
 from kunlun.errors import KunlunError
-from kunlun.files import atomic_write
-from kunlun.models import RankingModel, model_config
-from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir, resolve_run
-from kunlun.training.checkpoint import load_weights
-from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict
+from kunlun.files import atomic_write, atomic_write_text, recover_dir
+from kunlun.models import RankingModel, model_config, recorded_config
+from kunlun.processes import is_empty_run_dir, lock_run_dir
+from kunlun.runs import DEFAULT_RUNS_DIR, code_version, new_run_dir, read_json, resolve_run
+from kunlun.training.checkpoint import load_weights, verify_checkpoint
+from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
+
+# config keys a resumed run may change: where the data is and how the process runs, not what it computes
+RESUME_FREE_KEYS = ("data.data_dir", "train.threads", "train.checkpoint_every_steps", "train.checkpoint_every_minutes")
 
 
 def resume_config_path(run_dir: Path) -> Path:
@@ -40,45 +47,122 @@ def resume_config_path(run_dir: Path) -> Path:
     return run_dir / "config.yaml"
 
 
+def check_unfinished(run_dir: Path) -> None:
+    """KunlunError unless ``run_dir`` is a run that has not finished (no final.json): resuming a finished run would
+    train past its end and overwrite its record."""
+    resume_config_path(run_dir)
+    if (run_dir / "final.json").exists():
+        final = read_json(run_dir / "final.json") or {}
+        what = (f"{final['epochs_run']} epoch(s), {final['steps']} steps, best epoch {final['best_epoch']}"
+                if {"epochs_run", "steps", "best_epoch"} <= set(final) else "final.json is there")
+        raise KunlunError(f"{run_dir}: the run is finished ({what}); nothing to resume and nothing was changed "
+                          f"(train more in a new run directory)")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(run_dir: Path, cfg: Config) -> dict[str, list[Any]]:
+    """{key: [recorded, new]} for every config key ``cfg`` sets differently from the run's config.yaml. A key
+    outside ``RESUME_FREE_KEYS`` is a KunlunError naming it: the checkpoint's optimizer state and schedule would
+    silently override it, and the record would claim it."""
+    old, new = _flat(recorded_config(load_config(resume_config_path(run_dir)))), _flat(recorded_config(cfg))
+    keys = sorted(set(old) | set(new), key=lambda k: (k != "model.name", k))  # another model: say that first
+    changed = {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+    for k, (was, now) in changed.items():
+        if k not in RESUME_FREE_KEYS:
+            raise KunlunError(f"resume {run_dir}: {k}={json.dumps(now)} would change the run, which was trained with "
+                              f"{k}={json.dumps(was)}; a resumed run keeps its config (only {', '.join(RESUME_FREE_KEYS)} "
+                              f"may change) — start a new run to change it")
+    return changed
+
+
 def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, use_cache: bool = True, progress: bool = True,
               logger: Callable[[str], None] = log) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (default ``runs/<time>-<model>-<dataset>``), or continue the interrupted run
-    there (``resume``, with the config from ``resume_config_path``); returns its final.json (plus ``run_dir``).
+    there (``resume``: ``cfg`` must be the run's config.yaml up to ``RESUME_FREE_KEYS``); returns its final.json
+    (plus ``run_dir``).
 
-    A new run refuses a non-empty directory; a run that fails before its first checkpoint leaves nothing behind.
+    The run directory is locked for the whole job (a second process gets "run directory X is in use by process N").
+    A new run refuses a non-empty directory; a new run that fails before its first checkpoint leaves nothing behind.
+    Resuming a finished run is refused and changes nothing; resuming a run stopped before its first checkpoint
+    starts it again from the beginning (the seed makes that the same run).
     """
     model_config(cfg.model)  # validate model keys before touching data
-    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
     if resume:
         if run_dir is None:
             raise KunlunError("resume: give the run directory to continue")
         target = run_dir
+        check_unfinished(target)  # before anything is written, the lock file included
+        changes = resume_changes(target, cfg)
     else:
         target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model["name"], cfg.data.dataset)
-        if target.exists() and any(target.iterdir()):
+        if not is_empty_run_dir(target):
             raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
-    trainer = Trainer(cfg, data, target, progress=progress, logger=logger)
-    created = not resume and not target.exists()
-    if resume:
-        trainer.resume(target / "checkpoints" / "last")
-    else:
-        trainer.start_record()
-    logger(f"run {target}: {cfg.model['name']} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} MFLOPs/example, "
-           f"{trainer.model.num_parameters()['total']:,} parameters")
-    try:
-        final = trainer.fit()
-    except BaseException:
-        # nothing worth keeping yet (no checkpoint): remove the half-made run directory
-        if created and not (target / "checkpoints" / "last").exists():
-            shutil.rmtree(target, ignore_errors=True)
-        raise
+    created = not target.exists()
+    with lock_run_dir(target):
+        try:
+            if resume:
+                check_unfinished(target)  # again under the lock: another process may have finished it meanwhile
+            elif not is_empty_run_dir(target):
+                raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
+            data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
+            trainer = Trainer(cfg, data, target, progress=progress, logger=logger)
+            if resume:
+                _resume(trainer, changes, logger)
+            else:
+                trainer.start_record()
+            logger(f"run {target}: {cfg.model['name']} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} "
+                   f"MFLOPs/example, {trainer.model.num_parameters()['total']:,} parameters")
+            final = trainer.fit()
+        except BaseException:
+            # nothing worth keeping yet (no checkpoint): remove the half-made run directory
+            if created and not (target / "checkpoints" / "last").exists():
+                shutil.rmtree(target, ignore_errors=True)
+            raise
     logger(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
     return {**final, "run_dir": str(target)}
+
+
+def _resume(trainer: Trainer, changes: dict[str, list[Any]], logger: Callable[[str], None]) -> None:
+    """Continue ``trainer``'s run directory from checkpoints/last (or from the beginning when it has none); called
+    with the run directory locked. Appends what was resumed, by which code, with which changed keys, to resumes.jsonl."""
+    run = trainer.run_dir
+    ckpts = run / "checkpoints"
+    for name in ("last", "best"):
+        recover_dir(ckpts / name)  # a process killed inside a checkpoint swap
+    if (ckpts / "last").is_dir():
+        recorded = ((read_json(run / "environment.json") or {}).get("data") or {}).get("sha256")
+        now = trainer.data.fingerprint()["sha256"]
+        if recorded and recorded != now:
+            raise KunlunError(f"resume {run}: dataset {trainer.data.name!r} is not the data this run was trained on "
+                              f"(fingerprint {now[:12]}, environment.json records {recorded[:12]}); start a new run")
+        trainer.resume(ckpts / "last")
+    else:
+        logger(f"{run}: stopped before its first checkpoint; starting it again from the beginning")
+        shutil.rmtree(ckpts, ignore_errors=True)  # a best checkpoint of the lost first epoch, if any
+        trainer.start_record()
+    for k, (was, now) in changes.items():
+        logger(f"resume: {k} {json.dumps(was)} → {json.dumps(now)} (does not change what the run computes)")
+    s = trainer.state
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step,
+                       "code": code_version()["label"], "changed": changes, "argv": sys.argv})
+    path = run / "resumes.jsonl"
+    with writing(path):
+        atomic_write_text(path, (path.read_text() if path.is_file() else "") + line + "\n")
 
 
 def load_trained(path: Path) -> tuple[Config, Encoder, RankingModel]:
     """A run or checkpoint → (config, encoder, model with weights)."""
     run, ckpt = resolve_run(path)
+    verify_checkpoint(ckpt)  # every file against its checksum, config.yaml included
     cfg = load_config(ckpt / "config.yaml")
     if not (run / "encoder" / "encoder.json").is_file():
         raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
