@@ -11,6 +11,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+import kunlun  # noqa: E402
+
+# subprocesses (`python -m kunlun …` from a temporary cwd) run the code under test, not whatever copy is installed
+_SRC = str(Path(kunlun.__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([_SRC, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SRC]])
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KUNLUN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -22,6 +28,31 @@ TINY_MODEL = [
     "model.summary_tokens=2", "model.fm_hidden=32", "model.output_hidden=[32]", "data.max_seq_len=8",
     "train.batch_size=512", "train.warmup_steps=5",
 ]
+
+
+def resume_cfg(*extra):
+    """The resume tests' run: 2 epochs of 40 steps, no early stop."""
+    from kunlun.config import load_config
+
+    return load_config(None, TINY_MODEL + ["train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048", *extra])
+
+
+_STRAIGHT = {}
+
+
+@pytest.fixture
+def straight(tmp_path_factory):
+    """The resume tests' reference: ``resume_cfg()`` uninterrupted, trained once per session. (run dir, final.json).
+    Function-scoped (with a session-wide result) so that it trains inside ``isolated_cache``."""
+    if not _STRAIGHT:
+        from kunlun.data.registry import prepare_dataset
+        from kunlun.training.trainer import Trainer
+
+        d = tmp_path_factory.mktemp("straight")
+        t = Trainer(resume_cfg(), prepare_dataset(resume_cfg().data.dataset), d, progress=False, logger=lambda m: None)
+        t.start_record()
+        _STRAIGHT.update(dir=d, final=t.fit())
+    return _STRAIGHT["dir"], _STRAIGHT["final"]
 
 
 def assert_last_good_checkpoint_kept(ckpt: Path, after_epoch_1: dict[str, str], message: str) -> None:
@@ -44,6 +75,19 @@ def interrupt_in_epoch(trainer, epoch: int = 1) -> None:
         return real(e)
 
     trainer.train_epoch = train_epoch
+
+
+def interrupt_at_step(trainer, step: int) -> None:
+    """Make ``trainer.fit()`` raise KeyboardInterrupt when ``step`` optimizer steps are done, before the next one —
+    a kill anywhere inside an epoch (the weights in memory have moved past the last checkpoint)."""
+    real = trainer.train_step
+
+    def train_step(batch):
+        if trainer.state.step == step:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    trainer.train_step = train_step
 
 
 def checkpoint_files(ckpt_dir: Path) -> dict[str, str]:

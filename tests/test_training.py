@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_MODEL, assert_last_good_checkpoint_kept, checkpoint_files, interrupt_in_epoch
+from conftest import TINY_MODEL, assert_last_good_checkpoint_kept, checkpoint_files, interrupt_at_step, interrupt_in_epoch, resume_cfg
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
@@ -44,22 +44,6 @@ def test_run_record_contents(tmp_path):
     assert final["train_examples_per_s"] > 0 and final["metrics"]["test"]["examples"] > 0
 
 
-def resume_cfg():
-    return tiny("train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048")
-
-
-_STRAIGHT = {}
-
-
-@pytest.fixture
-def straight(tmp_path_factory):
-    """The resume tests' reference: 2 epochs uninterrupted, trained once per session. (run dir, final.json)."""
-    if not _STRAIGHT:
-        d = tmp_path_factory.mktemp("straight")
-        _STRAIGHT.update(dir=d, final=run(resume_cfg(), d)[1])
-    return _STRAIGHT["dir"], _STRAIGHT["final"]
-
-
 def test_resume_continues_exactly(tmp_path, straight):
     # 2 epochs straight == the same run killed after epoch 1, then resumed
     cfg, (_, straight) = resume_cfg(), straight
@@ -83,16 +67,7 @@ def test_resume_after_an_interrupt_mid_epoch_continues_exactly(tmp_path, straigh
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
     t.start_record()
-    batches, epochs = t.train_batches.iterate, []
-
-    def killed_5_steps_into_second_epoch(batch_size, rng=None):
-        epochs.append(len(epochs))
-        for i, batch in enumerate(batches(batch_size, rng)):
-            if epochs[-1] == 1 and i == 5:
-                raise KeyboardInterrupt
-            yield batch
-
-    t.train_batches.iterate = killed_5_steps_into_second_epoch
+    interrupt_at_step(t, t.steps_per_epoch + 5)  # no mid-epoch checkpoint in between (every 10 minutes by default)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert t.state.step == t.steps_per_epoch + 5
