@@ -36,7 +36,7 @@ from kunlun.console import log, stderr
 from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
-from kunlun.files import atomic_write_text
+from kunlun.files import atomic_dir, atomic_write_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model, recorded_config
@@ -161,7 +161,7 @@ class Trainer:
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_text(d / "config.yaml", yaml.safe_dump(self.recorded, sort_keys=False))
             atomic_write_text(d / "environment.json", json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
-            self.data.encoder().save(d / "encoder")
+            atomic_dir(d / "encoder", self.data.encoder().save)
             (d / "epochs.jsonl").unlink(missing_ok=True)
 
     def checkpoint_state(self) -> dict[str, Any]:
