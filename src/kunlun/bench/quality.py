@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.metrics import report_split
 from kunlun.models import MODELS
+from kunlun.processes import clear_run_dir, is_empty_run_dir, lock_run_dir
 from kunlun.runs import environment, provenance_line, reuse_state, run_code
 from kunlun.training.trainer import Trainer, log
 
@@ -75,15 +75,16 @@ def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, r
     return its final.json, with ``"stale": True`` when it is a kept run of other code (``reuse_stale``)."""
     cfg = load_config(None, overrides, model=model, dataset=dataset, seed=seed, data_dir=str(data_dir) if data_dir else None,
                       threads=threads or None)
-    state, final = reuse_state(run_dir, cfg.to_dict())
-    if state == "fresh" or (state == "stale" and reuse_stale):
-        return {**final, "stale": state == "stale", "code_versions": run_code(run_dir, final)}
-    if run_dir.exists():
-        # interrupted, trained with another config, or by other code: start again (the seed makes it reproducible)
-        log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] {state if state != 'missing' else 'incomplete'}: retraining")
-        shutil.rmtree(run_dir)
-    log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] training …")
-    final = Trainer(cfg, data, run_dir, progress=False, logger=lambda m: None).fit()
+    with lock_run_dir(run_dir):  # another benchmark on the same folder gets "in use by process N", never a mixed record
+        state, final = reuse_state(run_dir, cfg.to_dict())
+        if state == "fresh" or (state == "stale" and reuse_stale):
+            return {**final, "stale": state == "stale", "code_versions": run_code(run_dir, final)}
+        if not is_empty_run_dir(run_dir):
+            # interrupted, trained with another config, or by other code: start again (the seed makes it reproducible)
+            log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] {state if state != 'missing' else 'incomplete'}: retraining")
+            clear_run_dir(run_dir)
+        log(f"[{dataset} / {run_dir.parent.name} / seed {seed}] training …")
+        final = Trainer(cfg, data, run_dir, progress=False, logger=lambda m: None).fit()
     return {**final, "stale": False}  # a fresh final.json lists its code_versions itself
 
 
