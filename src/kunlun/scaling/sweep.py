@@ -35,6 +35,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -219,21 +220,43 @@ def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, paralle
     todo = pending(spec, all_jobs, threads, reuse_stale)
     result: dict[str, list[str]] = {"done": [], "skipped": [str(j.run_dir) for j in all_jobs if j not in todo], "failed": []}
 
+    running: set[subprocess.Popen] = set()
+    guard = threading.Lock()
+    stopping = False
+
     def run_one(job: Job) -> tuple[Job, str]:
         log_path = out / "logs" / f"{job.label}-seed{job.seed}.log"
         holder = lock_holder(job.run_dir)
         if holder:  # e.g. a training process of an earlier sweep that outlived it: neither remove nor train beside it
             return job, f"failed (run directory {job.run_dir} is in use by process {holder})"
-        with open(log_path, "a") as log_file:
-            proc = subprocess.run(command(spec, job, data_dir, threads), stdout=log_file, stderr=subprocess.STDOUT, env=child_env())
-        ok = proc.returncode == 0 and read_json(job.run_dir / "final.json") is not None
-        return job, "done" if ok else f"failed (exit {proc.returncode}; see {log_path})"
+        with open(log_path, "a") as log_file, guard:
+            if stopping:
+                return job, "failed (the sweep was stopped)"
+            proc = subprocess.Popen(command(spec, job, data_dir, threads), stdout=log_file, stderr=subprocess.STDOUT, env=child_env())
+            running.add(proc)
+        try:
+            returncode = proc.wait()
+        finally:
+            with guard:
+                running.discard(proc)
+        ok = returncode == 0 and read_json(job.run_dir / "final.json") is not None
+        return job, "done" if ok else f"failed (exit {returncode}; see {log_path})"
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for fut in as_completed([pool.submit(run_one, j) for j in todo]):
-            job, status = fut.result()
-            result["done" if status == "done" else "failed"].append(str(job.run_dir))
-            if on_done:
-                on_done(job, status)
+        futures = [pool.submit(run_one, j) for j in todo]
+        try:
+            for fut in as_completed(futures):
+                job, status = fut.result()
+                result["done" if status == "done" else "failed"].append(str(job.run_dir))
+                if on_done:
+                    on_done(job, status)
+        except BaseException:  # Ctrl-C or SIGTERM: stop the training processes (each keeps its last checkpoint), then go
+            with guard:
+                stopping = True
+                for f in futures:
+                    f.cancel()
+                for proc in running:
+                    proc.terminate()
+            raise
     return result
 
