@@ -43,6 +43,8 @@ RESUME_FREE_KEYS = ("data.data_dir", "train.threads", "train.checkpoint_every_st
 def resume_config_path(run_dir: Path) -> Path:
     """The config an interrupted run continues with: its own ``config.yaml``."""
     if not (run_dir / "config.yaml").is_file():
+        if run_dir.is_dir() and is_empty_run_dir(run_dir):  # killed before it wrote anything
+            raise KunlunError(f"{run_dir}: no run was recorded here yet (no config.yaml); start it anew with --run-dir {run_dir}")
         raise KunlunError(f"{run_dir}: not a run directory (no config.yaml) to resume")
     return run_dir / "config.yaml"
 
