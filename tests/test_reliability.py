@@ -258,6 +258,10 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_from_the_beginn
     (run / "epochs.jsonl").write_text('{"epoch": 1, "stale": true}\n')  # a line of a first epoch whose checkpoint never came
     with pytest.raises(KunlunError, match="already exists and is not empty .use --resume"):
         train_run(cfg, run, progress=False, logger=quiet)
+    with lock_run_dir(tmp_path / "bare"):  # killed before it wrote its config: a new start is the way, and --resume says so
+        pass
+    with pytest.raises(KunlunError, match="no run was recorded here yet .no config.yaml.; start it anew with --run-dir"):
+        train_run(cfg, tmp_path / "bare", resume=True, progress=False, logger=quiet)
     logged = []
     final = train_run(cfg, run, resume=True, progress=False, logger=logged.append)
     assert any("stopped before its first checkpoint; starting it again from the beginning" in m for m in logged)
@@ -363,7 +367,9 @@ def test_a_restarted_sweep_does_not_train_beside_a_running_process(tmp_path):
         assert (job.run_dir / "config.yaml").read_text() == "its record\n"  # neither removed nor trained over
 
 
-def test_sweep_training_processes_die_with_the_sweep(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_sweep_training_processes_die_with_the_sweep(tmp_path, sig):
+    # kill -9: the kernel ends the child (PR_SET_PDEATHSIG); SIGTERM: the sweep stops its children itself and exits
     out = tmp_path / "out"
     sweep = subprocess.Popen([sys.executable, "-m", "kunlun", "sweep", str(sweep_file(tmp_path, 10**9)), "--out", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -375,8 +381,8 @@ def test_sweep_training_processes_die_with_the_sweep(tmp_path):
             time.sleep(0.2)
         child = int(lock.read_text())  # the training process, holding its run directory
         assert child != sweep.pid
-        sweep.send_signal(signal.SIGKILL)  # no chance to clean up after its children
-        sweep.wait()
+        sweep.send_signal(sig)
+        assert sweep.wait(timeout=30) == (-9 if sig == signal.SIGKILL else 143)
         deadline = time.monotonic() + 30
         while alive(child) and time.monotonic() < deadline:
             time.sleep(0.2)
