@@ -7,11 +7,19 @@ manifests, scaling reports and benchmark tables all write through these helpers.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def os_error_text(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)``; a short write (no errno) says what it wrote."""
+    if exc.errno is None:
+        return f"{exc} (a short write: is the disk full?)"
+    return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)})"
 
 
 def fsync_dir(path: Path) -> None:

@@ -18,7 +18,6 @@ read unverified.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -34,7 +33,7 @@ from safetensors.torch import load_file  # noqa: F401  (re-exported: tests read 
 from safetensors.torch import save as save_safetensors
 
 from kunlun.errors import KunlunError
-from kunlun.files import atomic_dir
+from kunlun.files import atomic_dir, os_error_text
 
 MANIFEST = "manifest.json"
 FORMAT = "kunlun-checkpoint/1"
@@ -75,8 +74,7 @@ def save_checkpoint(target: Path, model: torch.nn.Module, config: dict, state: d
         atomic_dir(target, write)
     except OSError as exc:
         kept = "the previous checkpoint there is unchanged" if target.is_dir() else "there was no previous checkpoint"
-        raise KunlunError(f"{target}: could not write the checkpoint: {exc.strerror or exc} "
-                          f"({errno.errorcode.get(exc.errno, exc.errno)}); {kept} and no partial file was left") from None
+        raise KunlunError(f"{target}: could not write the checkpoint: {os_error_text(exc)}; {kept} and no partial file was left") from None
 
 
 def read_manifest(checkpoint: Path) -> dict[str, Any] | None:

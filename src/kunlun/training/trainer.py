@@ -15,7 +15,6 @@ skips the batches already trained on and ends with the metrics of an uninterrupt
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import math
@@ -36,12 +35,12 @@ from kunlun.console import log, stderr
 from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
-from kunlun.files import atomic_dir, atomic_write_text
+from kunlun.files import atomic_dir, atomic_write_text, os_error_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model, recorded_config
 from kunlun.runs import code_version, environment
-from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint
+from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint, verify_checkpoint
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
     NonFiniteLoss,
     TrainModel,
@@ -179,7 +178,9 @@ class Trainer:
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (a ``last``): weights, optimizer, schedules, RNG states, position. The run's
         ``epochs.jsonl`` is rewritten from the checkpoint's own record, so it lists each epoch once, as the
-        checkpoint knows it (a kill between the two writes leaves one line more)."""
+        checkpoint knows it (a kill between the two writes leaves one line more). Every file of the checkpoint is
+        checked against its manifest first."""
+        verify_checkpoint(checkpoint)
         load_weights(checkpoint, self.model)
         st = load_trainer_state(checkpoint)
         try:
@@ -359,5 +360,5 @@ def writing(path: Path):
     try:
         yield
     except OSError as exc:
-        raise KunlunError(f"{exc.filename or path}: could not write: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)}); "
+        raise KunlunError(f"{exc.filename or path}: could not write: {os_error_text(exc)}; "
                           f"no partial file was left and the run's checkpoints are unchanged") from None
