@@ -223,7 +223,39 @@ def test_cli_resume_and_eval_of_damaged_checkpoints_exit_2_naming_the_file(stopp
     assert f"{copy / 'checkpoints' / 'last' / 'model.safetensors'}: corrupt checkpoint file" in r.stderr and not r.stdout
 
 
+def test_resume_checks_every_file_of_the_checkpoint(stopped_run, tmp_path):
+    # the checkpoint's config.yaml is not read to resume, but a damaged checkpoint is not trained on from
+    run, cfg = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    flip(copy / "checkpoints" / "last" / "config.yaml", 8)
+    with pytest.raises(KunlunError, match=f"{copy / 'checkpoints' / 'last' / 'config.yaml'}: corrupt checkpoint file"):
+        train_run(cfg, copy, resume=True, progress=False, logger=quiet)
+
+
 # ------------------------------------------------------------------------------------------ full disk
+
+
+def test_interrupted_checkpoint_swaps_are_undone(tmp_path):
+    from kunlun.files import atomic_dir, os_error_text, recover_dir
+
+    ckpts = tmp_path / "checkpoints"
+    atomic_dir(ckpts / "last", lambda d: (d / "f").write_text("1"))
+    # killed between the two renames of the next swap: only the previous version, as .last.old, and the new one's tmp
+    os.replace(ckpts / "last", ckpts / ".last.old")
+    (ckpts / ".last.tmpx").mkdir()
+    recover_dir(ckpts / "last")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last"] and (ckpts / "last" / "f").read_text() == "1"
+    # killed after the swap, before the old version was removed: the new one stays, the old goes
+    shutil.copytree(ckpts / "last", ckpts / ".last.old")
+    atomic_dir(ckpts / "last", lambda d: (d / "f").write_text("2"))  # a leftover .old does not stop the next swap
+    shutil.copytree(ckpts / "last", ckpts / ".last.old")
+    recover_dir(ckpts / "last")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last"] and (ckpts / "last" / "f").read_text() == "2"
+    assert os_error_text(OSError(28, "No space left on device")) == "No space left on device (ENOSPC)"
+    assert "short write" in os_error_text(OSError("610 requested and 496 written"))
+
+
 
 
 def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_good_checkpoint(stopped_run, tmp_path):
