@@ -298,6 +298,15 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_from_the_beginn
     final = train_run(cfg, run, resume=True, progress=False, logger=logged.append)
     assert any("stopped before its first checkpoint; starting it again from the beginning" in m for m in logged)
     assert final["steps"] == 3 and [r["epoch"] for r in records(run)] == [1] and "stale" not in records(run)[0]
+    # checkpoints/last gone but checkpoints/best from a later epoch: more than a lost first epoch, so it is not restarted
+    (run / "final.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "last")
+    manifest = json.loads((run / "checkpoints" / "best" / "manifest.json").read_text())
+    (run / "checkpoints" / "best" / "manifest.json").write_text(json.dumps({**manifest, "epoch": 3}))
+    before = all_files(run)
+    with pytest.raises(KunlunError, match="checkpoints/last is missing but checkpoints/best holds epoch 3; nothing was changed"):
+        train_run(cfg, run, resume=True, progress=False, logger=quiet)
+    assert {k: v for k, v in all_files(run).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path):

@@ -33,7 +33,7 @@ from kunlun.files import atomic_write, atomic_write_text, recover_dir
 from kunlun.models import RankingModel, model_config, recorded_config
 from kunlun.processes import is_empty_run_dir, lock_run_dir
 from kunlun.runs import DEFAULT_RUNS_DIR, code_version, new_run_dir, read_json, resolve_run
-from kunlun.training.checkpoint import load_weights, verify_checkpoint
+from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
 
 # config keys a resumed run may change: where the data is and how the process runs, not what it computes
@@ -148,8 +148,14 @@ def _resume(trainer: Trainer, changes: dict[str, list[Any]], logger: Callable[[s
                               f"(fingerprint {now[:12]}, environment.json records {recorded[:12]}); start a new run")
         trainer.resume(ckpts / "last")
     else:
+        best = ckpts / "best"
+        epoch = (read_manifest(best) or {}).get("epoch") if (best / MANIFEST).is_file() else None
+        if best.is_dir() and epoch != 1:  # more than a lost first epoch: not ours to throw away
+            raise KunlunError(f"resume {run}: checkpoints/last is missing but checkpoints/best holds "
+                              f"{f'epoch {epoch}' if epoch else 'weights of an unknown epoch'}; nothing was changed — "
+                              f"evaluate that checkpoint, or start a new run")
         logger(f"{run}: stopped before its first checkpoint; starting it again from the beginning")
-        shutil.rmtree(ckpts, ignore_errors=True)  # a best checkpoint of the lost first epoch, if any
+        shutil.rmtree(ckpts, ignore_errors=True)  # the best checkpoint of the lost first epoch, if any
         trainer.start_record()
     for k, (was, now) in changes.items():
         logger(f"resume: {k} {json.dumps(was)} → {json.dumps(now)} (does not change what the run computes)")
