@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -108,15 +109,15 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
         target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model["name"], cfg.data.dataset)
         if not is_empty_run_dir(target):
             raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
-    created = not target.exists()
+    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
+    trainer = Trainer(cfg, data, target, progress=progress, logger=logger)  # every config error before the first write
+    made = [p for p in (target, *target.parents) if not p.exists()]  # the directories this run creates
     with lock_run_dir(target):
         try:
             if resume:
                 check_unfinished(target)  # again under the lock: another process may have finished it meanwhile
             elif not is_empty_run_dir(target):
                 raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
-            data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
-            trainer = Trainer(cfg, data, target, progress=progress, logger=logger)
             if resume:
                 _resume(trainer, changes, logger)
             else:
@@ -125,9 +126,12 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
                    f"MFLOPs/example, {trainer.model.num_parameters()['total']:,} parameters")
             final = trainer.fit()
         except BaseException:
-            # nothing worth keeping yet (no checkpoint): remove the half-made run directory
-            if created and not (target / "checkpoints" / "last").exists():
+            # nothing worth keeping yet (no checkpoint): remove the half-made run directory (and runs/ if it made that)
+            if made and not (target / "checkpoints" / "last").exists():
                 shutil.rmtree(target, ignore_errors=True)
+                for parent in made[1:]:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
             raise
     logger(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
     return {**final, "run_dir": str(target)}
