@@ -141,11 +141,13 @@ def stopped_run(tmp_path_factory):
     """A run killed after step 2 of 3, with checkpoints/last at step 2 (and no best yet). (run dir, config)."""
     d = tmp_path_factory.mktemp("stopped") / "run"
     cfg = small("train.checkpoint_every_steps=1")
-    t = Trainer(cfg, prepare_dataset(cfg.data.dataset), d, progress=False, logger=quiet)
-    t.start_record()
-    interrupt_at_step(t, 2)
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    with pytest.MonkeyPatch.context() as mp:  # the session's cache (isolated_cache, function-scoped, is not active yet)
+        mp.setenv("KUNLUN_CACHE", str(tmp_path_factory.getbasetemp() / "kunlun-cache"))
+        t = Trainer(cfg, prepare_dataset(cfg.data.dataset), d, progress=False, logger=quiet)
+        t.start_record()
+        interrupt_at_step(t, 2)
+        with pytest.raises(KeyboardInterrupt):
+            t.fit()
     return d, cfg
 
 
@@ -267,6 +269,7 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_good_check
     last = copy / "checkpoints" / "last"
     assert (last / "model.safetensors").stat().st_size < 1 << 20 < (last / "trainer_state.pt").stat().st_size
     before = checkpoint_files(copy / "checkpoints")
+    prepare_dataset(cfg.data.dataset)  # the prepared-data cache exists: the limit hits the checkpoint, not the cache
     code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
             f"sys.argv = ['kunlun', 'train', '--resume', {str(copy)!r}, '--quiet']; runpy.run_module('kunlun', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
