@@ -1,19 +1,36 @@
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kunlun import ops
+from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.models import build_model
+from kunlun.ops.attention import band_pairs
 
 
 def counted_flops(model, batch):
-    with FlopCounterMode(display=False) as fc:
-        model(batch)
-    return fc.get_total_flops()
+    """torch's FLOP counter over the reference ops, less the scores a sliding window masks out: the counter sees
+    every L × L score, the model's work (what ``flops`` counts) is the band's pairs."""
+    masked = []
+
+    def hook(module, args, out):
+        length = args[1].shape[1]
+        masked.append(2 * 2 * (length * length - band_pairs(length, module.window)) * module.dim * args[1].shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MultiHeadAttention) and m.window]
+    try:
+        with ops.using("reference"), FlopCounterMode(display=False) as fc:
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return fc.get_total_flops() - sum(masked)
 
 
 @pytest.mark.parametrize(

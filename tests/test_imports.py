@@ -18,6 +18,7 @@ LAYERS = [
     ["kunlun", "kunlun.errors", "kunlun.files", "kunlun.console", "kunlun.config", "kunlun._version"],
     ["kunlun.data"],
     ["kunlun.formats"],
+    ["kunlun.ops"],
     ["kunlun.blocks"],
     ["kunlun.models"],
     ["kunlun.metrics"],

@@ -35,6 +35,10 @@ class DataConfig:
             raise KunlunError(f"config key data.max_seq_len: expected a positive integer, got {self.max_seq_len}")
 
 
+# implementations of the hot operators (``kunlun.ops``): train.ops picks one; auto reads $KUNLUN_OPS
+OPS = ("auto", "fast", "reference")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -54,6 +58,7 @@ class TrainConfig:
     patience: int = 2  # epochs without validation-NE improvement before stopping
     bf16: bool = False  # autocast matmuls to bfloat16
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    ops: str = "auto"  # kunlun.ops implementation: fast | reference | auto ($KUNLUN_OPS, else fast)
 
     def validate(self) -> None:
         positive = ["batch_size", "eval_batch_size", "epochs"]
@@ -73,6 +78,8 @@ class TrainConfig:
             raise KunlunError(
                 f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"
             )
+        if self.ops not in OPS:
+            raise KunlunError(f"config key train.ops: expected one of {', '.join(OPS)}, got {self.ops!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
 

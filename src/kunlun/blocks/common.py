@@ -10,24 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "relu2": lambda x: F.relu(x).square(),
-    "leaky_relu": F.leaky_relu,
-    "hardswish": F.hardswish,
-    "identity": lambda x: x,
-}
-
-
-def activation(name: str):
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+from kunlun.ops.activations import ACTIVATIONS, activation  # noqa: F401  (re-exported for the blocks)
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> int:

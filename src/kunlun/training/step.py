@@ -51,8 +51,11 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
     """
     opts: list[torch.optim.Optimizer] = []
     dense = [p for p in model.dense_parameters() if p.requires_grad]
+    # fused Adam(W): one kernel over every tensor instead of ~10 small ops per tensor (a third of the step time
+    # of the default Kunlun on CPU went to the optimizer's per-tensor loop); same update up to float rounding
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()) else {}
     if dense:
-        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
+        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay, **fused))
     emb = model.embedding_parameters()
     if emb:
         wd, l2 = t.embedding_weight_decay, t.embedding_l2
@@ -60,8 +63,8 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
             if wd and l2:
                 raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
                                   "with train.embedding_optimizer=adam")
-            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd
-                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2))
+            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd, **fused) if wd
+                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2, **fused))
         else:
             cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
             opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))

@@ -22,6 +22,7 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kunlun import ops
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config
 from kunlun.console import log, stderr
@@ -93,7 +94,9 @@ def build(cfg: Config, data: Prepared) -> RankingModel:
 
 
 def build_from_info(cfg: Config, info: FeatureInfo) -> RankingModel:
-    """The model of ``cfg``, with its emulated low-precision GEMMs (none for fp32) — for training and for reloading."""
+    """The model of ``cfg``, with its emulated low-precision GEMMs (none for fp32) — for training and for reloading.
+    Selects the process's op implementations (``train.ops``) too."""
+    ops.use(cfg.train.ops)
     model = build_model(cfg.model, info)
     apply_precision(model, cfg.precision, cfg.train.seed)
     return model
