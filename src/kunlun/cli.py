@@ -216,19 +216,31 @@ def bench(ctx, as_json):
 
 @bench.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@click.option("--preset", type=click.Choice(["default", "d128", "production"]), default="default", show_default=True,
+              help="Model/batch size to time (overrides given after it win).")
 @click.option("--dataset", help="Dataset (default: the config's).")
 @click.option("--data-dir", help="Folder holding the dataset folders.")
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed training steps per dtype.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timing repeats; medians are reported.")
+@click.option("--no-trainer", is_flag=True, help="Skip the end-to-end timing through the trainer.")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path),
+              help="Instead of timing: trace 10 training steps into this Chrome-trace JSON and print the top operators.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("overrides", nargs=-1)
-def speed(config_path=None, dataset=None, data_dir=None, steps=30, repeats=3, as_json=False, overrides=()):
+def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps=30, repeats=3, no_trainer=False,
+          profile_path=None, as_json=False, overrides=()):
     """Training / inference examples/s and MFU (fp32 and bf16) against this machine's measured GEMM peak."""
-    from kunlun.bench.speed import run_speed_bench, speed_table
+    from kunlun.bench.speed import PRESETS, profile_training, run_speed_bench, speed_table
     from kunlun.config import load_config
 
-    cfg = load_config(config_path, list(overrides), dataset=dataset, data_dir=data_dir)
-    result = run_speed_bench(cfg, steps=steps, repeats=repeats)
+    cfg = load_config(config_path, [*PRESETS[preset], *overrides], dataset=dataset, data_dir=data_dir)
+    if profile_path is not None:
+        table = profile_training(cfg, profile_path)
+        click.echo(table)
+        click.echo(f"trace written to {profile_path}")
+        return
+    result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=not no_trainer)
+    result["preset"] = preset
     emit_json(result) if as_json else speed_table(result)
 
 
