@@ -120,6 +120,7 @@ def test_config_is_frozen_and_valid_for_good():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model = DNNConfig()  # type: ignore[misc]
     assert isinstance(cfg.model.output_hidden, tuple) and isinstance(cfg.model.gdpa_activation, tuple)
+    assert hash(cfg) == hash(load_config(None, ["model.d_model=16"]))  # no mutable value anywhere inside
     # a changed copy is checked as a loaded one is
     assert dataclasses.replace(cfg.model, d_model=32).d_model == 32
     with pytest.raises(KunlunError, match="config key model.num_heads: 2 heads do not divide model.d_model=5"):

@@ -104,7 +104,7 @@ class PrecisionConfig:
     stochastic_rounding: bool = False  # gradients rounded ⌊v + U⌋ (4-bit formats and hif8)
     scale_rule: str = "floor"  # mxfp4: floor | ceil | even
     tensor_scale: bool = True  # nvfp4: FP32 per-tensor scale
-    keep_high_precision: list[str] = field(default_factory=lambda: ["first", "last"])  # 'first', 'last' or module-name prefixes
+    keep_high_precision: tuple[str, ...] = ("first", "last")  # 'first', 'last' or module-name prefixes
 
     def __post_init__(self) -> None:
         self.validate()
