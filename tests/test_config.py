@@ -52,6 +52,20 @@ def test_an_impossible_model_key_fails_at_load_naming_it(model, override, needle
     assert needle in load_error(override, model=model)
 
 
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["train.grad_clip=-1"], "config key train.grad_clip: expected >= 0, got -1.0"),
+        (["train.embedding_l2=0.1", "train.embedding_weight_decay=0.1"],
+         "config keys train.embedding_weight_decay and train.embedding_l2: set one, not both"),
+        (["data.max_seq_len=0"], "config key data.max_seq_len: expected a positive integer"),
+        (["precision.stochastic_rounding=true"], "config key precision.stochastic_rounding: implemented for"),
+    ],
+)
+def test_an_impossible_key_of_another_section_fails_at_load_naming_it(override, needle):
+    assert needle in load_error(*override)
+
+
 def test_an_unknown_model_fails_at_load():
     assert "config key model.name: unknown model 'gpt'; known: bst, dcnv2, din" in load_error("model.name=gpt")
     assert "config key model.name: unknown model 3" in load_error("model.name=3")

@@ -75,13 +75,16 @@ class TrainConfig:
         for key in ["lr", "embedding_lr"]:
             if not getattr(self, key) > 0:
                 raise KunlunError(f"config key train.{key}: expected a positive learning rate, got {getattr(self, key)}")
-        if min(self.weight_decay, self.grad_clip, self.embedding_weight_decay, self.embedding_l2) < 0:
-            raise KunlunError("config keys train.weight_decay, train.embedding_weight_decay, train.embedding_l2 and "
-                              "train.grad_clip must be >= 0")
+        for key in ["weight_decay", "embedding_weight_decay", "embedding_l2", "grad_clip"]:
+            if getattr(self, key) < 0:
+                raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
         if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
             raise KunlunError(
                 f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"
             )
+        if self.embedding_optimizer == "adam" and self.embedding_weight_decay and self.embedding_l2:
+            raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
+                              "with train.embedding_optimizer=adam")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
 
