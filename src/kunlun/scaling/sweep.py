@@ -42,6 +42,7 @@ from typing import Any
 from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
+from kunlun.model_configs import DEFAULT_MODEL
 from kunlun.runs import code_version, read_json, reuse_state, run_code
 
 
@@ -54,7 +55,7 @@ class NoiseSpec:
 @dataclass
 class SweepSpec:
     name: str = "sweep"
-    model: str = "kunlun"
+    model: str = DEFAULT_MODEL
     dataset: str = "ml-latest-small"
     config: str | None = None
     data_dir: str | None = None
