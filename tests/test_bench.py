@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_MODEL
 from kunlun.bench.quality import check_expected, load_spec, pin_expected, run_ablation, run_quality
 from kunlun.blocks.embeddings import FeatureInfo
+from kunlun.config import model_from_dict
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.errors import KunlunError
 from kunlun.models import build_model
@@ -91,8 +92,8 @@ def test_sequence_model_on_a_context_only_dataset_is_a_config_error():
     info = FeatureInfo(tuple(FRAPPE_FIELDS), {f: 10 for f in FRAPPE_FIELDS}, 0, (), 1)
     for name in ("din", "bst", "interformer"):
         with pytest.raises(KunlunError, match=f"config key model.name: {name} models a behaviour sequence"):
-            build_model({"name": name}, info)
-    build_model({"name": "dcnv2"}, info)  # non-sequence models are fine
+            build_model(model_from_dict({"name": name}), info)
+    build_model(model_from_dict({"name": "dcnv2"}), info)  # non-sequence models are fine
 
 
 def test_spec_with_unknown_model(tmp_path):

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kunlun import ops
 from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.embeddings import FeatureInfo
+from kunlun.config import model_from_dict
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.data.tabular import FRAPPE_FIELDS
@@ -50,7 +51,7 @@ def counted_flops(model, batch):
 )
 def test_analytic_flops_equal_flop_counter(model_cfg, max_len):
     p = prepare_dataset("ml-latest-small")
-    model = build_model(model_cfg, FeatureInfo.from_encoder(p.encoder(), max_len))
+    model = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), max_len))
     batch = Batcher(p, "valid", max_len).batch(np.arange(37))
     assert counted_flops(model, batch) == 37 * model.flops_per_example()
     if model_cfg["name"] == "kunlun":
@@ -65,7 +66,7 @@ def test_flops_of_non_sequence_path():
     # a Frappe-like schema: context fields only; Kunlun runs stacked Wukong layers
     vocab_sizes = {f: 10 for f in FRAPPE_FIELDS}
     info = FeatureInfo(tuple(FRAPPE_FIELDS), vocab_sizes, 0, (), 1)
-    model = build_model({"name": "kunlun"}, info)
+    model = build_model(model_from_dict({"name": "kunlun"}), info)
     batch_cat = torch.randint(0, 10, (9, len(FRAPPE_FIELDS)))
     from kunlun.data.batches import Batch
 
@@ -80,7 +81,7 @@ def test_every_registered_model_counts_its_flops_exactly(name):
 
     assert name in MODELS
     p = prepare_dataset("ml-latest-small")
-    model = build_model({"name": name}, FeatureInfo.from_encoder(p.encoder(), 9))
+    model = build_model(model_from_dict({"name": name}), FeatureInfo.from_encoder(p.encoder(), 9))
     model.eval()  # BatchNorm (Dice) in eval mode: the count must not depend on it anyway
     batch = Batcher(p, "valid", 9).batch(np.arange(11))
     assert counted_flops(model, batch) == 11 * model.flops_per_example()
@@ -114,7 +115,7 @@ sequences:
   - {name: buys, item: buys, item_vocab: item, time: buy_t}
 """)
     p = prepare_dataset(str(tmp_path / "s.yaml"))
-    model = build_model({"name": name}, FeatureInfo.from_encoder(p.encoder(), 4))
+    model = build_model(model_from_dict({"name": name}), FeatureInfo.from_encoder(p.encoder(), 4))
     model.eval()
     batch = Batcher(p, "train", 4).batch(np.arange(40))
     assert set(batch.seqs) == {"clicks", "buys"}
@@ -126,17 +127,17 @@ def test_event_level_personalisation_streams():
     p = prepare_dataset("ml-latest-small")
     info = FeatureInfo.from_encoder(p.encoder(), 20)
     assert info.sequences[0].event_names == ("liked", "not_liked")
-    model = build_model({"name": "kunlun", "num_layers": 3}, info)
+    model = build_model(model_from_dict({"name": "kunlun", "num_layers": 3}), info)
     by_name = {st.name: st for st in model.streams}
     assert set(by_name) == {"history_liked", "history_not_liked"}
     full, light = by_name["history_liked"], by_name["history_not_liked"]
     assert (full.dim, full.heads, full.length, full.layers) == (32, 2, 20 + 1, 3)  # + the candidate slot
     assert (light.dim, light.heads, light.length, light.layers) == (16, 1, 10 + 1, 2)
     assert light.event_code == 3 and full.event_code == 2
-    whole = build_model({"name": "kunlun", "num_layers": 3, "event_split": False}, info)
+    whole = build_model(model_from_dict({"name": "kunlun", "num_layers": 3, "event_split": False}), info)
     assert [st.name for st in whole.streams] == ["history"]
     # the saving is against giving every event type the full configuration
-    uniform = build_model({"name": "kunlun", "num_layers": 3, "light_scale": 1.0}, info)
+    uniform = build_model(model_from_dict({"name": "kunlun", "num_layers": 3, "light_scale": 1.0}), info)
     assert model.flops_per_example() < 0.8 * uniform.flops_per_example()
 
 
@@ -146,7 +147,7 @@ def test_useful_flops_are_what_an_unpadded_example_costs(model_cfg):
     # useful FLOPs of an example with L real events = the FLOPs FlopCounterMode counts for the same example
     # run without padding (a model built for exactly L slots; FLOPs depend on shapes, not weights)
     p = prepare_dataset("ml-latest-small")
-    model = build_model(model_cfg, FeatureInfo.from_encoder(p.encoder(), 20))
+    model = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), 20))
     idx = np.arange(3000)  # training rows in file order: users' early events have short histories
     counts = model.token_counts(Batcher(p, "train", 20).batch(idx))
     real = counts[next(k for k in counts if not k.startswith("stream:"))].numpy()
@@ -154,7 +155,7 @@ def test_useful_flops_are_what_an_unpadded_example_costs(model_cfg):
     assert len(picks) >= 2
     for i in picks:
         L = int(real[i])
-        unpadded = build_model(model_cfg, FeatureInfo.from_encoder(p.encoder(), L)).eval()
+        unpadded = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), L)).eval()
         one = Batcher(p, "train", L).batch(idx[i : i + 1])
         assert bool(one.seqs[next(iter(one.seqs))].mask.all())
         assert counted_flops(unpadded, one) == model.flops_per_example({k: int(v[i]) for k, v in counts.items()})
@@ -169,7 +170,7 @@ def test_kunlun_stream_token_counts_match_the_forward_selection():
     from kunlun.blocks.embeddings import select_events
 
     p = prepare_dataset("ml-latest-small")
-    model = build_model({"name": "kunlun"}, FeatureInfo.from_encoder(p.encoder(), 30))
+    model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 30))
     batch = Batcher(p, "valid", 30).batch(np.arange(300))
     counts = model.token_counts(batch)
     for st in model.streams:
@@ -184,7 +185,7 @@ def test_useful_flops_of_a_large_split_come_from_a_sample(monkeypatch):
     from kunlun.training import trainer
 
     p = prepare_dataset("ml-latest-small")
-    model = build_model({"name": "kunlun"}, FeatureInfo.from_encoder(p.encoder(), 50))
+    model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 50))
     batcher = Batcher(p, "valid", 50)
     exact = model.useful_flops_per_example(batcher.iterate(2048))
     assert trainer.useful_flops(model, batcher, 2048) == exact  # small split: every row

@@ -3,7 +3,8 @@
 Layers, lowest first; a module imports only from its own layer or the ones below it (enforced by
 ``tests/test_imports.py``, which holds the same list):
 
-1. ``errors``, ``files``, ``console``, ``config`` — used by every layer, importing none of ours but each other
+1. ``errors``, ``files``, ``console``, ``config``, ``model_configs`` — used by every layer, importing none of ours but
+   each other (``config`` reads the ``model`` section into the config classes of ``model_configs``)
 2. ``data`` — adapters, vocabularies and the prepared cache, then ``data.batches``
 3. ``formats`` — low-precision ops: quantize → dequantize and the emulated GEMMs blocks run on
 4. ``ops`` — hot operators (attention, GDPA, …), each a plain reference and a fast path behind one switch

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import yaml
 
+from kunlun.config import model_from_dict, model_to_dict
 from kunlun.errors import KunlunError
-from kunlun.models import resolved_model
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -192,7 +192,7 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         # the model section with every default filled in: a run recorded with the defaults spelled out (as the packaged
         # config once did) and one recorded without them answer the same question
         try:
-            out["model"] = resolved_model(model)
+            out["model"] = model_to_dict(model_from_dict(model))
         except KunlunError:
             pass  # not a valid model section (any more): compared as written
     return out

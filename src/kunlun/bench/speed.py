@@ -116,7 +116,7 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
     train_batches = [to_device(batcher.batch(rng.choice(len(batcher), t.batch_size, replace=False)), device) for _ in range(4)]
     eval_batch = to_device(batcher.batch(rng.choice(len(batcher), min(t.eval_batch_size, len(batcher)), replace=False)), device)
     result: dict[str, Any] = {
-        "model": cfg.model["name"],
+        "model": cfg.model.name,
         "dataset": data.name,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else environment()["cpu"],
         "threads": torch.get_num_threads(),

@@ -47,94 +47,20 @@ get their own blocks and concatenate their summaries.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
-from kunlun.blocks.common import ACTIVATIONS, MLP, linear_flops
+from kunlun.blocks.common import MLP, linear_flops
 from kunlun.blocks.embeddings import FeatureInfo, Inputs, select_events, time_positions
 from kunlun.blocks.pffn import GDPAPFFN
 from kunlun.blocks.summary import HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
 from kunlun.blocks.wukong import MixtureOfWukongExperts
 from kunlun.data.batches import Batch
-from kunlun.errors import KunlunError
+from kunlun.model_configs import KunlunConfig
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_summary_gate
-
-
-@dataclass
-class KunlunConfig:
-    d_model: int = 32  # token width everywhere (embeddings too)
-    num_layers: int = 2
-    num_heads: int = 2
-    summary_tokens: int = 4  # non-sequence summary tokens = K/V rows of the GDPA-PFFN
-    gdpa_activation: list[str] = field(default_factory=lambda: ["silu", "gelu"])  # per head, or one for all
-    personalized: bool = True  # K/V from the example's own summary; False: static learned K/V tokens
-    summary_gate: str = "interformer"  # X_sum gating: interformer σ(Z ⊙ MLP(Z)) | glu Z ⊙ σ(W·Z) | none
-    seq_pooling: str = "hsp"  # hsp (seed pooling + SumKronLinear) | pma (seed pooling only)
-    num_seeds: int = 8  # HSP stage 1 seeds
-    seq_summary_tokens: int = 4  # summary tokens per sequence (HSP stage 2 output, or PMA seeds)
-    kron_rank: int = 2
-    window: int = 16  # sliding-window self-attention half-width; 0 = full attention
-    rotary_time: bool = True  # rotary encoding of τ = log(1 + Δt / time_scale) in self-attention
-    time_scale: float = 3600.0  # seconds
-    rotary_base: float = 10.0
-    compskip: bool = True
-    compskip_min_layers: int = 2  # streams shallower than this run the whole block in each layer (no skipping)
-    wukong_experts: int = 2
-    interaction_input: str = "tokens"  # Wukong experts mix tokens: [X, seq summaries] | summary: [X_sum, seq summaries]
-    fm_rank: int = 8  # Wukong FMB low-rank projection
-    fm_hidden: int = 128
-    output_hidden: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.0
-    position_embedding: bool = True
-    time_buckets: int = 16  # log2-hour time-gap buckets added to event tokens; 0 = off
-    event_split: bool = True  # event-level personalisation: one stream per event type
-    primary_events: list[str] = field(default_factory=lambda: ["liked"])  # full-size streams
-    light_scale: float = 0.5  # size of the other event streams relative to the full configuration
-    target_in_sequence: bool = True  # append the candidate item as the newest token of every stream
-
-    def validate(self) -> None:
-        for key in ["d_model", "num_layers", "num_heads", "summary_tokens", "num_seeds", "seq_summary_tokens",
-                    "kron_rank", "fm_rank", "fm_hidden", "wukong_experts", "compskip_min_layers"]:
-            if getattr(self, key) < 1:
-                raise KunlunError(f"config key model.{key}: expected a positive integer, got {getattr(self, key)}")
-        if self.d_model % self.num_heads:
-            raise KunlunError(
-                f"config key model.num_heads: {self.num_heads} heads do not divide model.d_model={self.d_model}"
-            )
-        if self.rotary_time and (self.d_model // self.num_heads) % 2:
-            raise KunlunError("config key model.rotary_time: needs an even head width (d_model / num_heads)")
-        if self.window < 0 or self.time_buckets < 0:
-            raise KunlunError("config keys model.window and model.time_buckets must be >= 0")
-        if not self.time_scale > 0 or not self.rotary_base > 1:
-            raise KunlunError("config keys model.time_scale must be > 0 and model.rotary_base > 1")
-        if any(h < 1 for h in self.output_hidden):
-            raise KunlunError(f"config key model.output_hidden: sizes must be positive, got {self.output_hidden}")
-        if not 0 <= self.dropout < 1:
-            raise KunlunError(f"config key model.dropout: expected 0 <= dropout < 1, got {self.dropout}")
-        if len(self.gdpa_activation) not in (1, self.num_heads):
-            raise KunlunError(
-                f"config key model.gdpa_activation: give 1 activation or one per head ({self.num_heads}), got {len(self.gdpa_activation)}"
-            )
-        for a in self.gdpa_activation:
-            if a not in ACTIVATIONS:
-                raise KunlunError(f"config key model.gdpa_activation: unknown {a!r}; known: {', '.join(ACTIVATIONS)}")
-        if not 0 < self.light_scale <= 1:
-            raise KunlunError(f"config key model.light_scale: expected 0 < light_scale <= 1, got {self.light_scale}")
-        if self.seq_pooling not in ("hsp", "pma"):
-            raise KunlunError(f"config key model.seq_pooling: expected hsp or pma, got {self.seq_pooling!r}")
-        check_summary_gate(self)
-        if self.interaction_input not in ("summary", "tokens"):
-            raise KunlunError(
-                f"config key model.interaction_input: expected summary or tokens, got {self.interaction_input!r}"
-            )
-
-    @property
-    def activations(self) -> str | list[str]:
-        return self.gdpa_activation[0] if len(self.gdpa_activation) == 1 else list(self.gdpa_activation)
 
 
 @dataclass(frozen=True)
@@ -292,7 +218,7 @@ class KunlunLayer(nn.Module):
         return out
 
 
-@register("kunlun", KunlunConfig)
+@register(KunlunConfig)
 class Kunlun(RankingModel):
     """Batch → logits [B]. See the module docstring for the architecture."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch.nn import functional as F
 
+# each name of kunlun.model_configs.ACTIVATION_NAMES (the names a config may give) with its function
+# (tests/test_config.py checks they agree)
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,

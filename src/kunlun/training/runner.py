@@ -27,7 +27,7 @@ from kunlun.data.prepare import Encoder
 from kunlun.data.registry import load_raw, prepare_dataset, prepare_file
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write
-from kunlun.models import RankingModel, model_config
+from kunlun.models import RankingModel
 from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir, resolve_run
 from kunlun.training.checkpoint import load_weights
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict
@@ -47,14 +47,13 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
 
     A new run refuses a non-empty directory; a run that fails before its first checkpoint leaves nothing behind.
     """
-    model_config(cfg.model)  # validate model keys before touching data
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
     if resume:
         if run_dir is None:
             raise KunlunError("resume: give the run directory to continue")
         target = run_dir
     else:
-        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model["name"], cfg.data.dataset)
+        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model.name, cfg.data.dataset)
         if target.exists() and any(target.iterdir()):
             raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
     trainer = Trainer(cfg, data, target, progress=progress, logger=logger)
@@ -63,7 +62,7 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
         trainer.resume(target / "checkpoints" / "last")
     else:
         trainer.start_record()
-    logger(f"run {target}: {cfg.model['name']} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} MFLOPs/example, "
+    logger(f"run {target}: {cfg.model.name} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} MFLOPs/example, "
            f"{trainer.model.num_parameters()['total']:,} parameters")
     try:
         final = trainer.fit()

@@ -59,10 +59,7 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
     emb = model.embedding_parameters()
     if emb:
         wd, l2 = t.embedding_weight_decay, t.embedding_l2
-        if t.embedding_optimizer == "adam":
-            if wd and l2:
-                raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
-                                  "with train.embedding_optimizer=adam")
+        if t.embedding_optimizer == "adam":  # with one of wd and l2 at most (TrainConfig checks)
             opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd, **fused) if wd
                         else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2, **fused))
         else:

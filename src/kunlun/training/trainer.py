@@ -32,7 +32,7 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
-from kunlun.models import RankingModel, build_model, recorded_config
+from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
 from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
@@ -144,7 +144,7 @@ class Trainer:
     def start_record(self) -> None:
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.yaml").write_text(yaml.safe_dump(recorded_config(self.cfg), sort_keys=False))
+        (d / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         (d / "environment.json").write_text(json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
         self.data.encoder().save(d / "encoder")
 
@@ -227,7 +227,7 @@ class Trainer:
             if improved:
                 self.state.best_ne, self.state.best_epoch, self.state.bad_epochs = valid["ne"], epoch + 1, 0
                 self.state.best_examples = self.state.train_examples
-                save_checkpoint(ckpt_dir / "best", self.model, recorded_config(cfg))
+                save_checkpoint(ckpt_dir / "best", self.model, cfg.to_dict())
             else:
                 self.state.bad_epochs += 1
             record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss, "valid": valid,
@@ -235,7 +235,7 @@ class Trainer:
             self.history.append(record)
             with open(self.run_dir / "epochs.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_dir / "last", self.model, recorded_config(cfg), self.checkpoint_state())
+            save_checkpoint(ckpt_dir / "last", self.model, cfg.to_dict(), self.checkpoint_state())
             self.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
                      + ("  (best)" if improved else ""))
             if self.state.bad_epochs >= t.patience > 0:
@@ -256,7 +256,7 @@ class Trainer:
         final = {
             "code": code_version(),
             "code_versions": self.state.code_versions,
-            "model": cfg.model["name"],
+            "model": cfg.model.name,
             "dataset": self.data.name,
             "seed": cfg.train.seed,
             "metrics": metrics,
