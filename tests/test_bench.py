@@ -116,3 +116,23 @@ def test_dataset_overrides_come_first_and_must_name_a_benchmarked_dataset(tmp_pa
     p.write_text("datasets: [ml-100k]\nseeds: [0]\nmodels: {dnn: []}\ndataset_overrides: {frapee_x1: [train.epochs=2]}\n")
     with pytest.raises(KunlunError, match="dataset_overrides names 'frapee_x1'"):
         load_spec(p)
+
+
+def test_speed_bench_reports_loader_step_and_trainer_rates(tmp_path):
+    from kunlun.bench.speed import PRESETS, profile_training, run_speed_bench
+    from kunlun.config import load_config
+
+    cfg = load_config(None, ["model.d_model=8", "model.num_heads=2", "model.fm_hidden=16", "train.batch_size=64",
+                             "train.eval_batch_size=128", "train.threads=1"])
+    r = run_speed_bench(cfg, steps=2, repeats=1)
+    assert r["loader_examples_per_s"] > 0 and r["useful_flops_per_example"] < r["flops_per_example"]
+    for dtype in ("fp32", "bf16"):
+        m = r[dtype]
+        assert m["train_examples_per_s"] > 0 and m["trainer_examples_per_s"] > 0 and m["infer_examples_per_s"] > 0
+        assert 0 < m["train_mfu"] < m["train_hfu"]  # useful FLOPs exclude padding
+        assert "train_mfu_datasheet" not in m  # a CPU has no datasheet row
+    assert set(PRESETS) == {"default", "d128", "production"}
+    for preset in PRESETS.values():  # every preset is a valid config
+        load_config(None, preset)
+    table = profile_training(cfg, tmp_path / "trace.json", steps=2)
+    assert "aten::" in table and (tmp_path / "trace.json").stat().st_size > 0

@@ -120,21 +120,19 @@ def test_mixture_of_wukong_experts_partitions_tokens():
     assert not torch.allclose(y2[:, 3:], y[:, 3:])
 
 
-def test_select_events_keeps_the_most_recent_of_one_type_left_padded():
-    from kunlun.blocks.embeddings import select_events
+
+
+def test_rms_norm_runs_in_float32_for_low_precision_inputs():
+    from kunlun.blocks.common import RMSNorm
 
     torch.manual_seed(0)
-    b, length, d = 6, 9, 3
-    tokens = torch.randn(b, length, d)
-    mask = torch.rand(b, length) > 0.2
-    event = torch.randint(2, 4, (b, length))
-    gap = torch.rand(b, length)
-    out, out_mask, out_gap = select_events(tokens, mask, event, code=3, length=4, extra=gap)
-    for r in range(b):
-        pos = [i for i in range(length) if mask[r, i] and event[r, i] == 3][-4:]
-        k = len(pos)
-        assert out_mask[r].tolist() == [False] * (4 - k) + [True] * k
-        if k:
-            torch.testing.assert_close(out[r, 4 - k :], tokens[r, pos])
-            torch.testing.assert_close(out_gap[r, 4 - k :], gap[r, pos])
-        assert (out[r, : 4 - k] == 0).all()
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 8) * 30
+    ref = torch.nn.RMSNorm(8)
+    ref.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), ref(x))  # float32: exactly nn.RMSNorm
+    y = norm(x.bfloat16())
+    assert y.dtype is torch.bfloat16
+    torch.testing.assert_close(y, ref(x.bfloat16().float()).bfloat16(), rtol=0, atol=0)  # float32 math, one rounding

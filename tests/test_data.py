@@ -95,6 +95,30 @@ def test_batches_keep_most_recent_events_left_padded():
         assert (s.gap[r, 5 - k :] >= 0).all()
 
 
+def test_event_windows_hold_each_types_own_most_recent_events():
+    """Per event type, the window is that type's own max_len most recent events before the request (explicit
+    loops over the event table), left-padded, with their item, side features and time gaps."""
+    p = prepare_dataset("ml-latest-small")
+    split, ev = p.splits["test"], p.events["history"]
+    rows = np.arange(0, len(split), 37)
+    batch = Batcher(p, "test", max_len=6, event_windows=True).batch(rows)
+    assert set(batch.windows["history"]) == {2, 3}  # liked, not_liked
+    longer_than_merged = 0
+    for code, w in batch.windows["history"].items():
+        for i, r in enumerate(rows):
+            lo, hi = split.seq_start["history"][r], split.seq_end["history"][r]
+            pos = [j for j in range(lo, hi) if ev.event[j] == code][-6:]
+            k = len(pos)
+            assert w.mask[i].tolist() == [False] * (6 - k) + [True] * k
+            assert w.item[i, 6 - k :].tolist() == ev.item[pos].tolist()
+            assert (w.event[i, 6 - k :] == code).all() and (w.item[i, : 6 - k] == PAD).all()
+            assert w.side[i, 6 - k :].tolist() == ev.side[pos].tolist()
+            np.testing.assert_allclose(w.gap[i, 6 - k :].numpy(), (split.time[r] - ev.time[pos]).astype(np.float32))
+            longer_than_merged += k > int((batch.seqs["history"].event[i] == code).sum())
+    assert longer_than_merged  # the merged window of 6 would have held fewer of them
+    assert not Batcher(p, "test", max_len=6).batch(rows).windows  # only when asked for
+
+
 @needs_shared
 def test_ml100k_and_frappe_load():
     p = prepare_dataset("ml-100k", SHARED_DATA)

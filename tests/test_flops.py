@@ -52,7 +52,7 @@ def counted_flops(model, batch):
 def test_analytic_flops_equal_flop_counter(model_cfg, max_len):
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), max_len))
-    batch = Batcher(p, "valid", max_len).batch(np.arange(37))
+    batch = Batcher(p, "valid", max_len, event_windows=True).batch(np.arange(37))
     assert counted_flops(model, batch) == 37 * model.flops_per_example()
     if model_cfg["name"] == "kunlun":
         parts = model.flops_by_component()
@@ -83,7 +83,7 @@ def test_every_registered_model_counts_its_flops_exactly(name):
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict({"name": name}), FeatureInfo.from_encoder(p.encoder(), 9))
     model.eval()  # BatchNorm (Dice) in eval mode: the count must not depend on it anyway
-    batch = Batcher(p, "valid", 9).batch(np.arange(11))
+    batch = Batcher(p, "valid", 9, event_windows=True).batch(np.arange(11))
     assert counted_flops(model, batch) == 11 * model.flops_per_example()
     assert model(batch).shape == (11,)
 
@@ -117,7 +117,7 @@ sequences:
     p = prepare_dataset(str(tmp_path / "s.yaml"))
     model = build_model(model_from_dict({"name": name}), FeatureInfo.from_encoder(p.encoder(), 4))
     model.eval()
-    batch = Batcher(p, "train", 4).batch(np.arange(40))
+    batch = Batcher(p, "train", 4, event_windows=True).batch(np.arange(40))
     assert set(batch.seqs) == {"clicks", "buys"}
     assert counted_flops(model, batch) == 40 * model.flops_per_example()
     assert torch.isfinite(model(batch)).all()
@@ -149,35 +149,33 @@ def test_useful_flops_are_what_an_unpadded_example_costs(model_cfg):
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), 20))
     idx = np.arange(3000)  # training rows in file order: users' early events have short histories
-    counts = model.token_counts(Batcher(p, "train", 20).batch(idx))
-    real = counts[next(k for k in counts if not k.startswith("stream:"))].numpy()
+    counts = model.token_counts(Batcher(p, "train", 20, event_windows=True).batch(idx))
+    real = next(iter(Batcher(p, "train", 20).batch(idx).seqs.values())).mask.sum(1).numpy()
     picks = [int(np.flatnonzero(real == L)[0]) for L in (2, 7, 13) if (real == L).any()]
     assert len(picks) >= 2
     for i in picks:
         L = int(real[i])
         unpadded = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), L)).eval()
-        one = Batcher(p, "train", L).batch(idx[i : i + 1])
+        one = Batcher(p, "train", L, event_windows=True).batch(idx[i : i + 1])
         assert bool(one.seqs[next(iter(one.seqs))].mask.all())
         assert counted_flops(unpadded, one) == model.flops_per_example({k: int(v[i]) for k, v in counts.items()})
     # the mean over examples, grouped by distinct lengths, equals the plain per-example mean
-    batches = [Batcher(p, "train", 20).batch(idx[:1500]), Batcher(p, "train", 20).batch(idx[1500:])]
+    batches = [Batcher(p, "train", 20, event_windows=True).batch(idx[:1500]), Batcher(p, "train", 20, event_windows=True).batch(idx[1500:])]
     explicit = np.mean([model.flops_per_example({k: int(v[i]) for k, v in counts.items()}) for i in range(len(idx))])
     assert model.useful_flops_per_example(batches) == pytest.approx(explicit, rel=1e-12)
     assert model.useful_flops_per_example(batches) < model.flops_per_example()  # padding is not useful work
 
 
-def test_kunlun_stream_token_counts_match_the_forward_selection():
-    from kunlun.blocks.embeddings import select_events
-
+def test_kunlun_stream_token_counts_are_the_streams_real_events():
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 30))
-    batch = Batcher(p, "valid", 30).batch(np.arange(300))
+    batch = Batcher(p, "valid", 30, event_windows=True).batch(np.arange(300))
     counts = model.token_counts(batch)
     for st in model.streams:
-        sq = batch.seqs[st.source]
-        _, mask, _ = select_events(torch.zeros(*sq.mask.shape, 1), sq.mask, sq.event, st.event_code, st.length - 1)
-        torch.testing.assert_close(counts[f"stream:{st.name}"], mask.sum(1) + 1)
-    assert torch.equal(counts["events:" + model.streams[0].source], batch.seqs[model.streams[0].source].mask.sum(1))
+        window = batch.windows[st.source][st.event_code]
+        torch.testing.assert_close(counts[f"stream:{st.name}"], window.mask[:, -(st.length - 1):].sum(1) + 1)
+    light = next(st for st in model.streams if st.length < 31)  # a light stream holds fewer of its events
+    assert (counts[f"stream:{light.name}"] < batch.windows[light.source][light.event_code].mask.sum(1) + 1).any()
     assert model.useful_flops_per_example([batch]) < model.flops_per_example()
 
 
@@ -186,7 +184,7 @@ def test_useful_flops_of_a_large_split_come_from_a_sample(monkeypatch):
 
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 50))
-    batcher = Batcher(p, "valid", 50)
+    batcher = Batcher(p, "valid", 50, event_windows=True)
     exact = model.useful_flops_per_example(batcher.iterate(2048))
     assert trainer.useful_flops(model, batcher, 2048) == exact  # small split: every row
     monkeypatch.setattr(trainer, "USEFUL_FLOPS_SAMPLE", 2000)

@@ -31,7 +31,7 @@ SMALL = {"d_model": 16, "num_seeds": 4, "seq_summary_tokens": 2, "summary_tokens
 def ml():
     p = prepare_dataset("ml-latest-small")
     info = FeatureInfo.from_encoder(p.encoder(), 12)
-    batch = Batcher(p, "valid", 12).batch(np.arange(24))
+    batch = Batcher(p, "valid", 12, event_windows=True).batch(np.arange(24))
     return info, batch
 
 
@@ -291,8 +291,11 @@ def test_sequence_models_share_the_history_token_inputs(ml, name, positions):
     assert ev.n_parts == 3  # item, event type, genre
     assert ev.time is not None and ev.time_buckets == 16  # the time-gap feature
     assert (ev.position is not None) == positions  # BST: time-gap buckets are its positions (its paper)
-    later = SequenceBatch(**{**vars(batch.seqs["history"]), "gap": batch.seqs["history"].gap * 7 + 3600})
-    moved = type(batch)(batch.label, batch.cat, batch.num, batch.group, {"history": later})
+    def later(s: SequenceBatch) -> SequenceBatch:
+        return SequenceBatch(**{**vars(s), "gap": s.gap * 7 + 3600})
+
+    moved = type(batch)(batch.label, batch.cat, batch.num, batch.group, {"history": later(batch.seqs["history"])},
+                        {n: {c: later(w) for c, w in ws.items()} for n, ws in batch.windows.items()})
     with torch.no_grad():
         assert not torch.allclose(model(batch), model(moved))
 

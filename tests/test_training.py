@@ -218,7 +218,7 @@ def test_train_step_owns_loss_clipping_and_schedule(tmp_path):
     cfg = tiny("train.warmup_steps=4", "train.grad_clip=0.000001")
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
-    batch = Batcher(data, "train", cfg.data.max_seq_len).batch(torch.arange(64).numpy())
+    batch = Batcher(data, "train", cfg.data.max_seq_len, event_windows=True).batch(torch.arange(64).numpy())
     loss, logits = TrainModel(t.model)(batch)
     assert loss.shape == () and logits.shape == (64,)
     assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label))

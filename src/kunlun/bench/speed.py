@@ -36,9 +36,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 PRESETS: dict[str, list[str]] = {
     "default": [],
-    "d128": ["model.d_model=128", "model.num_heads=4"],
-    "production": ["model.d_model=256", "model.num_layers=4", "model.num_heads=4", "data.max_seq_len=512",
-                   "train.batch_size=1024"],
+    "d128": ["model.d_model=128", "model.num_heads=4", "model.gdpa_activation=[silu,gelu,silu,gelu]"],
+    "production": ["model.d_model=256", "model.num_layers=4", "model.num_heads=4",
+                   "model.gdpa_activation=[silu,gelu,silu,gelu]", "data.max_seq_len=512", "train.batch_size=1024"],
 }
 
 # dense (no sparsity) peak FLOP/s per dtype from the vendors' datasheets, by a substring of the device name;
@@ -111,7 +111,7 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
         torch.set_num_threads(t.threads)
     device = default_device()
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
-    batcher = Batcher(data, "train", cfg.data.max_seq_len)
+    batcher = Batcher(data, "train", cfg.data.max_seq_len, build(cfg, data).event_windows)
     rng = np.random.default_rng(0)
     train_batches = [to_device(batcher.batch(rng.choice(len(batcher), t.batch_size, replace=False)), device) for _ in range(4)]
     eval_batch = to_device(batcher.batch(rng.choice(len(batcher), min(t.eval_batch_size, len(batcher)), replace=False)), device)
@@ -160,9 +160,9 @@ def profile_training(cfg: Config, out: Any, steps: int = 10) -> str:
         torch.set_num_threads(t.threads)
     device = default_device()
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
-    batcher = Batcher(data, "train", cfg.data.max_seq_len)
     set_seed(t.seed)
     model = build(cfg, data).to(device)
+    batcher = Batcher(data, "train", cfg.data.max_seq_len, model.event_windows)
     opts = make_optimizers(model, t)
     step = TrainStep(TrainModel(model, t.bf16), opts, make_schedulers(opts, t, steps + 3), t.grad_clip)
     batches = batcher.iterate(t.batch_size, np.random.default_rng(0))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.attention import merge_heads, split_heads
-from kunlun.blocks.common import linear_flops
+from kunlun.blocks.common import RMSNorm, linear_flops
 from kunlun.formats.gemm import MatMul
 from kunlun.ops.attention import gdpa
 
@@ -34,7 +34,7 @@ class GDPAPFFN(nn.Module):
         self.norm_q = nn.LayerNorm(dim)
         self.k = nn.Linear(self.kv_dim, dim)
         self.v = nn.Linear(self.kv_dim, dim)
-        self.norm_out = nn.RMSNorm(dim)
+        self.norm_out = RMSNorm(dim)
         self.matmul = MatMul()
 
     def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

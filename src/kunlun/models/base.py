@@ -26,6 +26,7 @@ class RankingModel(nn.Module):
     config: ModelConfig
     info: FeatureInfo
     requires_sequence = False  # DIN, BST, InterFormer: nothing to do without a behaviour sequence
+    event_windows = False  # True: batches must carry per-event-type windows (Batcher(event_windows=True))
 
     def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -28,7 +28,9 @@ Datasets without sequences run the non-sequence path only (stacked Wukong expert
 Event-level personalisation: a sequence with event types is split into one stream per type; types in
 ``primary_events`` keep the full configuration, the others get a light one (``light_scale`` × width,
 heads, summary tokens, seeds, window, length and depth), so cheap events cost less. Light streams are
-projected to their own width and their summaries back to ``d_model`` for the interaction.
+projected to their own width and their summaries back to ``d_model`` for the interaction. Each stream reads
+its event type's own window of most recent events, built by the data layer (``Batcher(event_windows=True)``;
+``event_windows`` says a model needs them), not a slice of the merged window, which would be mostly padding.
 
 Every component is on by default and switchable in the config (an ablation is a config change):
 ``window`` (0 = full attention), ``rotary_time`` (and ``rotary_base``, ``time_scale``),
@@ -54,11 +56,12 @@ from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import MLP, linear_flops
-from kunlun.blocks.embeddings import FeatureInfo, Inputs, select_events, time_positions
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
 from kunlun.blocks.pffn import GDPAPFFN
 from kunlun.blocks.summary import HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
 from kunlun.blocks.wukong import MixtureOfWukongExperts
-from kunlun.data.batches import Batch
+from kunlun.data.batches import Batch, SequenceBatch
+from kunlun.errors import KunlunError
 from kunlun.model_configs import KunlunConfig
 from kunlun.models.base import RankingModel, register
 
@@ -230,6 +233,7 @@ class Kunlun(RankingModel):
         self.streams = make_streams(cfg, info)
         if cfg.target_in_sequence:
             self.streams = [replace(st, length=st.length + 1) for st in self.streams]
+        self.event_windows = any(st.event_code is not None for st in self.streams)  # batches need per-type windows
         self.narrow = nn.ModuleDict({st.name: nn.Linear(d, st.dim) for st in self.streams if st.dim != d})
         n = info.n_tokens
         experts = min(cfg.wukong_experts, n)
@@ -237,16 +241,33 @@ class Kunlun(RankingModel):
         out_in = (n + sum(st.tokens for st in self.streams)) * d
         self.output = MLP([out_in, *cfg.output_hidden, 1], act="relu", dropout=cfg.dropout)
 
+    def stream_input(self, batch: Batch, st: Stream) -> SequenceBatch:
+        """The events stream ``st`` reads: its sequence's merged window, or its event type's own window (built
+        by the data layer, ``Batcher(event_windows=True)``) cut to the stream's length (candidate slot excluded)."""
+        if st.event_code is None:
+            return batch.seqs[st.source]
+        if st.source not in batch.windows:
+            raise KunlunError(f"Kunlun splits {st.source!r} into event-type streams and this batch has no per-type "
+                              "windows: build batches with Batcher(..., event_windows=model.event_windows)")
+        keep = st.length - int(self.config.target_in_sequence)
+        w = batch.windows[st.source].get(st.event_code)
+        if w is None:  # a type with no event anywhere in the data: an empty stream
+            b = len(batch)
+            side = batch.seqs[st.source].side.shape[-1]
+            zeros = batch.cat.new_zeros((b, keep))
+            return SequenceBatch(zeros, zeros, batch.cat.new_zeros((b, keep, side)), batch.num.new_zeros((b, keep)),
+                                 zeros.bool())
+        return SequenceBatch(w.item[:, -keep:], w.event[:, -keep:], w.side[:, -keep:], w.gap[:, -keep:], w.mask[:, -keep:])
+
     def forward(self, batch: Batch) -> torch.Tensor:
         cfg = self.config
-        x, embedded = self.inputs(batch)
-        candidates = self.inputs.candidate_tokens(batch) if cfg.target_in_sequence else {}
+        inputs = self.inputs
+        x = inputs.features(inputs.tables, batch.cat, batch.num)
+        candidates = inputs.candidate_tokens(batch) if cfg.target_in_sequence else {}
         seqs = {}
         for st in self.streams:
-            s, mask, gap = embedded[st.source]
-            if st.event_code is not None:
-                keep = st.length - 1 if cfg.target_in_sequence else st.length  # length counts the candidate slot
-                s, mask, gap = select_events(s, mask, batch.seqs[st.source].event, st.event_code, keep, gap)
+            sb = self.stream_input(batch, st)
+            s, mask, gap = inputs.events[st.source](inputs.tables, sb), sb.mask, sb.gap
             if cfg.target_in_sequence:  # the candidate, at time gap 0, so attention and pooling are target-aware
                 s = torch.cat([s, candidates[st.source].unsqueeze(1)], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -261,24 +282,22 @@ class Kunlun(RankingModel):
         return self.output(flat).squeeze(-1)
 
     def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``events:<sequence>``: real history events; ``stream:<name>``: real tokens of each stream (its
-        selected events, capped at the stream's length, plus the candidate slot)."""
+        """``stream:<name>``: real tokens of each stream (its events, plus the candidate slot)."""
         target = int(self.config.target_in_sequence)
-        out = {f"events:{n}": s.mask.sum(1) for n, s in batch.seqs.items() if n in self.inputs.events}
-        for st in self.streams:
-            sq = batch.seqs[st.source]
-            if st.event_code is None:
-                out[f"stream:{st.name}"] = sq.mask.sum(1) + target
-            else:
-                out[f"stream:{st.name}"] = (sq.mask & (sq.event == st.event_code)).sum(1).clamp(max=st.length - target) + target
-        return out
+        return {f"stream:{st.name}": self.stream_input(batch, st).mask.sum(1) + target for st in self.streams}
 
     def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
+        """``lengths``: real tokens per ``stream:<name>`` (useful FLOPs); None: every slot (executed)."""
         d = self.config.d_model
-        events = None if lengths is None else {k.split(":", 1)[1]: v for k, v in lengths.items() if k.startswith("events:")}
+        target = int(self.config.target_in_sequence)
         streams = {} if lengths is None else {k.split(":", 1)[1]: v for k, v in lengths.items() if k.startswith("stream:")}
-        total = {"tokens": self.inputs.flops(events)
-                 + sum(linear_flops(streams.get(st.name, st.length), d, st.dim) for st in self.streams if st.dim != d)}
+        inputs = self.inputs
+        tokens = inputs.features.flops()  # every stream's events through its sequence's history-token block
+        tokens += sum(inputs.events[st.source].flops(streams.get(st.name, st.length) - target) for st in self.streams)
+        if target:
+            tokens += sum(e.candidate_flops() for e in inputs.events.values())
+        tokens += sum(linear_flops(streams.get(st.name, st.length), d, st.dim) for st in self.streams if st.dim != d)
+        total = {"tokens": tokens}
         for layer in self.layers:
             for k, v in layer.flops(streams).items():
                 total[k] = total.get(k, 0) + v

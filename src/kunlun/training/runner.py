@@ -117,7 +117,7 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None)
 
     cfg, encoder, model = load_trained(path)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
-    probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len), cfg.train.eval_batch_size, cfg.train.bf16)
+    probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
     if data.has_labels:

@@ -9,7 +9,6 @@ then every optimizer and its learning-rate schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,11 +25,7 @@ def default_device() -> torch.device:
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
-            for k, s in batch.seqs.items()}
-    return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
+    return batch.to(device)
 
 
 def autocast(device: torch.device, bf16: bool):

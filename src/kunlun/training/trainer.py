@@ -70,7 +70,7 @@ def evaluate(model: RankingModel, data: Prepared, split: str, max_len: int, batc
     """Metrics of ``split``. The split's predictions go to the accumulator in one update, so NE, logloss and
     calibration are bit-identical to the numbers of earlier runs (per-batch updates would change the order of the
     float64 sums, hence the last bits; AUC and gAUC would not change)."""
-    probs, labels, groups = predict(model, Batcher(data, split, max_len), batch_size, bf16)
+    probs, labels, groups = predict(model, Batcher(data, split, max_len, model.event_windows), batch_size, bf16)
     acc = MetricAccumulator(data.train_ctr)
     acc.update(labels, probs, groups)
     return acc.compute()
@@ -128,7 +128,7 @@ class Trainer:
         self.device = default_device()
         self.model = build(cfg, data).to(self.device)
         self.optimizers = make_optimizers(self.model, t)
-        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len)
+        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
