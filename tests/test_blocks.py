@@ -136,3 +136,23 @@ def test_rms_norm_runs_in_float32_for_low_precision_inputs():
     y = norm(x.bfloat16())
     assert y.dtype is torch.bfloat16
     torch.testing.assert_close(y, ref(x.bfloat16().float()).bfloat16(), rtol=0, atol=0)  # float32 math, one rounding
+
+
+def test_select_events_keeps_the_most_recent_of_one_type_left_padded():
+    from kunlun.blocks.embeddings import select_events
+
+    torch.manual_seed(0)
+    b, length, d = 6, 9, 3
+    tokens = torch.randn(b, length, d)
+    mask = torch.rand(b, length) > 0.2
+    event = torch.randint(2, 4, (b, length))
+    gap = torch.rand(b, length)
+    out, out_mask, out_gap = select_events(tokens, mask, event, code=3, length=4, extra=gap)
+    for r in range(b):
+        pos = [i for i in range(length) if mask[r, i] and event[r, i] == 3][-4:]
+        k = len(pos)
+        assert out_mask[r].tolist() == [False] * (4 - k) + [True] * k
+        if k:
+            torch.testing.assert_close(out[r, 4 - k :], tokens[r, pos])
+            torch.testing.assert_close(out_gap[r, 4 - k :], gap[r, pos])
+        assert (out[r, : 4 - k] == 0).all()

@@ -46,6 +46,7 @@ def counted_flops(model, batch):
         ({"name": "kunlun", "num_layers": 1, "summary_gate": "glu", "interaction_input": "summary"}, 10),
         ({"name": "kunlun", "summary_gate": "none", "personalized": False, "interaction_input": "summary",
           "compskip_min_layers": 1, "target_in_sequence": False}, 10),
+        ({"name": "kunlun", "stream_window": "own", "num_layers": 3}, 14),
         ({"name": "logistic_regression"}, 10),
     ],
 )
@@ -166,9 +167,25 @@ def test_useful_flops_are_what_an_unpadded_example_costs(model_cfg):
     assert model.useful_flops_per_example(batches) < model.flops_per_example()  # padding is not useful work
 
 
-def test_kunlun_stream_token_counts_are_the_streams_real_events():
+def test_kunlun_stream_token_counts_match_the_forward_selection():
+    from kunlun.blocks.embeddings import select_events
+
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 30))
+    batch = Batcher(p, "valid", 30, event_windows=True).batch(np.arange(300))
+    counts = model.token_counts(batch)
+    for st in model.streams:
+        sq = batch.seqs[st.source]
+        _, mask, _ = select_events(torch.zeros(*sq.mask.shape, 1), sq.mask, sq.event, st.event_code, st.length - 1)
+        torch.testing.assert_close(counts[f"stream:{st.name}"], mask.sum(1) + 1)
+    assert torch.equal(counts["events:" + model.streams[0].source], batch.seqs[model.streams[0].source].mask.sum(1))
+    assert model.useful_flops_per_example([batch]) < model.flops_per_example()
+
+
+def test_kunlun_own_window_token_counts_are_the_streams_real_events():
+    p = prepare_dataset("ml-latest-small")
+    model = build_model(model_from_dict({"name": "kunlun", "stream_window": "own"}), FeatureInfo.from_encoder(p.encoder(), 30))
+    assert model.event_windows
     batch = Batcher(p, "valid", 30, event_windows=True).batch(np.arange(300))
     counts = model.token_counts(batch)
     for st in model.streams:

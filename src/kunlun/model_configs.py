@@ -239,6 +239,9 @@ class KunlunConfig(ModelConfig):
     position_embedding: bool = True
     time_buckets: int = 16  # log2-hour time-gap buckets added to event tokens; 0 = off
     event_split: bool = True  # event-level personalisation: one stream per event type
+    # what an event-type stream holds: merged = that type's events among the sequence's max_seq_len most recent
+    # events; own = that type's own max_seq_len most recent events (the data layer's per-type windows)
+    stream_window: str = "merged"
     primary_events: tuple[str, ...] = ("liked",)  # full-size streams
     light_scale: float = 0.5  # size of the other event streams relative to the full configuration
     target_in_sequence: bool = True  # append the candidate item as the newest token of every stream
@@ -261,6 +264,7 @@ class KunlunConfig(ModelConfig):
         check_choice(self, "seq_pooling", ("hsp", "pma"))
         check_choice(self, "summary_gate", GATES)
         check_choice(self, "interaction_input", ("tokens", "summary"))
+        check_choice(self, "stream_window", ("merged", "own"))
 
 
 # model.name → its config class; every model of kunlun.models registers the class of the same name

@@ -213,3 +213,24 @@ def masked_mean(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the real tokens. s: [B, L, D], mask: [B, L] → [B, D] (0 for an empty sequence)."""
     m = mask.unsqueeze(-1).to(s.dtype)
     return (s * m).sum(1) / m.sum(1).clamp(min=1.0)
+def select_events(tokens: torch.Tensor, mask: torch.Tensor, event: torch.Tensor, code: int, length: int,
+                  extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``length`` most recent events of type ``code``, compacted and left-padded (newest last).
+
+    tokens: [B, L, D], mask/event/extra: [B, L] → tokens [B, length, D], mask [B, length], extra [B, length].
+    A gather, so gradients flow to the selected tokens only.
+    """
+    b, seq_len, d = tokens.shape
+    sel = mask & (event == code)
+    rank = sel.flip(1).cumsum(1).flip(1)  # 1 = the most recent selected event
+    keep = sel & (rank <= length)
+    slot = torch.where(keep, length - rank, torch.full_like(rank, length))  # slot `length` is a discard bin
+    src = torch.full((b, length + 1), seq_len, dtype=torch.long, device=tokens.device)
+    src.scatter_(1, slot, torch.arange(seq_len, device=tokens.device).expand(b, seq_len))
+    src = src[:, :length]  # index seq_len points at the zero row appended below
+    padded = torch.cat([tokens, tokens.new_zeros(b, 1, d)], dim=1)
+    out = torch.gather(padded, 1, src.unsqueeze(-1).expand(-1, -1, d))
+    out_extra = None
+    if extra is not None:
+        out_extra = torch.gather(torch.cat([extra, extra.new_zeros(b, 1)], dim=1), 1, src)
+    return out, src < seq_len, out_extra
