@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from conftest import SHARED_DATA, needs_shared
 from kunlun.data.batches import Batcher
@@ -259,3 +260,30 @@ def test_schema_cache_key_covers_every_named_file(tmp_path):
     (tmp_path / "test.parquet").unlink()
     with pytest.raises(KunlunError, match="test: .*test.parquet"):
         prepare_dataset(str(schema))
+
+
+def test_prefetcher_yields_the_same_batches_in_order_and_raises_producer_errors():
+    from kunlun.data.batches import Prefetcher
+
+    p = prepare_dataset("ml-latest-small")
+    b = Batcher(p, "valid", 8)
+    plain = list(b.iterate(500, np.random.default_rng(3)))
+    fetched = list(Prefetcher(b.iterate(500, np.random.default_rng(3)), depth=3))
+    assert len(fetched) == len(plain) > 3
+    for x, y in zip(fetched, plain):
+        assert torch.equal(x.label, y.label) and torch.equal(x.seqs["history"].item, y.seqs["history"].item)
+
+    def broken():
+        yield plain[0]
+        raise ValueError("bad row 7")
+
+    it = iter(Prefetcher(broken()))
+    assert torch.equal(next(it).label, plain[0].label)
+    with pytest.raises(ValueError, match="bad row 7"):
+        next(it)
+    early = Prefetcher(b.iterate(100), depth=1)
+    for _ in zip(range(2), early):
+        pass
+    early.close()
+    early.thread.join(timeout=5)
+    assert not early.thread.is_alive()  # leaving the loop early stops the producer
