@@ -181,14 +181,13 @@ class Encoder:
             num = np.zeros((n, 0), dtype=np.float32)
         group = split.columns.get(s.group) if s.group else None
         group = np.unique(_normalise(group), return_inverse=True)[1] if group is not None else np.arange(n)
-        time = split.columns.get("time")
         return Split(
             label=split.columns[s.label].astype(np.float32),
             cat=cat.astype(np.int64),
             num=num.astype(np.float32),
             group=group.astype(np.int64),
-            time=(time if time is not None else np.zeros(n)).astype(np.int64),
-            row=split.columns.get("row", np.arange(n)).astype(np.int64),
+            time=(split.time if split.time is not None else np.zeros(n)).astype(np.int64),
+            row=(split.row if split.row is not None else np.arange(n)).astype(np.int64),
             seq_start={k: v.astype(np.int64) for k, v in split.seq_start.items()},
             seq_end={k: v.astype(np.int64) for k, v in split.seq_end.items()},
         )
