@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,14 +228,45 @@ class Encoder:
         (directory / "encoder.json").write_text(json.dumps(meta, indent=1))
         np.save(directory / "num_stats.npy", np.stack([self.num_mean, self.num_std]) if len(self.num_mean) else np.zeros((2, 0)))
         for k, v in self.vocabs.items():
-            np.save(directory / f"vocab.{k}.npy", v.keys, allow_pickle=False)
+            np.save(directory / vocab_file(k), v.keys, allow_pickle=False)
 
     @classmethod
     def load(cls, directory: Path) -> Encoder:
-        meta = json.loads((directory / "encoder.json").read_text())
-        stats = np.load(directory / "num_stats.npy")
-        vocabs = {k: Vocab(np.load(directory / f"vocab.{k}.npy", allow_pickle=False)) for k in meta["vocabs"]}
-        return cls(Schema.from_dict(meta["schema"]), vocabs, stats[0].astype(np.float32), stats[1].astype(np.float32), meta["train_ctr"])
+        """Read what ``save`` wrote; a missing, truncated or altered file is a KunlunError naming it."""
+        path = directory / "encoder.json"
+        try:
+            meta = json.loads(path.read_text())
+            schema = Schema.from_dict(meta["schema"])
+            names, ctr = [str(k) for k in meta["vocabs"]], float(meta["train_ctr"])
+            path = directory / "num_stats.npy"
+            stats = np.load(path, allow_pickle=False)
+            if stats.ndim != 2 or stats.shape != (2, len(schema.numeric)):
+                raise ValueError(f"shape {stats.shape}, expected (2, {len(schema.numeric)})")
+            vocabs = {}
+            for k in names:
+                path = directory / vocab_file(k)
+                vocabs[k] = Vocab(np.load(path, allow_pickle=False))
+            path = directory / "encoder.json"
+            missing = [v for v in schema.vocab_names if v not in vocabs]
+            if missing:
+                raise ValueError(f"no vocabulary {missing[0]!r}")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, EOFError) as exc:
+            raise KunlunError(f"{path}: unreadable ({_reason(exc)}); the encoder was damaged or written by other code") from None
+        return cls(schema, vocabs, stats[0].astype(np.float32), stats[1].astype(np.float32), ctr)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def vocab_file(name: str) -> str:
+    """The file of vocabulary ``name``: the name itself when it is safe in a file name, else a hash of it."""
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name):
+        return f"vocab.{name}.npy"
+    return f"vocab.{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}.npy"
 
 
 def _events_used(start: np.ndarray, end: np.ndarray, n_events: int) -> np.ndarray:
