@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from kunlun.config import UniqueKeyLoader, yaml_problem
 from kunlun.data.io import id_column, numeric_column, optional_label, read_table, show
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.errors import KunlunError
@@ -75,34 +76,11 @@ SEQUENCE_KEYS = ("name", "item", "item_vocab", "event", "time", "separator")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # split and sequence names: they name cache files
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """A YAML error as one phrase with its line and column."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
 def read_schema_yaml(path: Path) -> Any:
     if not path.is_file():
         raise KunlunError(f"{path}: schema file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise KunlunError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
