@@ -119,6 +119,10 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
         frac = pos / user_count
         assign = np.where(frac < SPLIT_FRACTIONS[0], 0, np.where(frac < SPLIT_FRACTIONS[1], 1, 2))
         names = ["train", "valid", "test"]
+        empty = [name for k, name in enumerate(names) if not (assign == k).any()]
+        if empty:
+            raise KunlunError(f"{source}: the {empty[0]} split is empty: users need more ratings for an 80/10/10 split "
+                              f"(the most any user has is {int(user_count.max())})")
     else:
         assign = np.zeros(n, dtype=np.int64)
         names = ["file"]

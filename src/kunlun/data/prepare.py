@@ -163,7 +163,8 @@ class Encoder:
         if schema.numeric:
             num = np.stack([train.columns[c].astype(np.float64) for c in schema.numeric], axis=1)
             mean, std = num.mean(axis=0), num.std(axis=0)
-            std = np.where(std > 0, std, 1.0)
+            # a spread float32 cannot hold (a column of 1e-88s) is no spread: dividing by it would give NaN
+            std = np.where(std.astype(np.float32) > 0, std, 1.0)
         else:
             mean = std = np.zeros(0)
         ctr = float(np.mean(train.columns[schema.label]))
@@ -178,6 +179,11 @@ class Encoder:
         if s.numeric:
             num = np.stack([split.columns[c].astype(np.float32) for c in s.numeric], axis=1)
             num = (num - self.num_mean) / self.num_std
+            bad = ~np.isfinite(num)
+            if bad.any():
+                row, col = (int(i[0]) for i in np.nonzero(bad))
+                raise KunlunError(f"numeric column {s.numeric[col]!r}: value {split.columns[s.numeric[col]][row]:g} (example {row + 1}) "
+                                  "is too large for float32 features once standardised")
         else:
             num = np.zeros((n, 0), dtype=np.float32)
         group = split.columns.get(s.group) if s.group else None

@@ -207,8 +207,9 @@ class SchemaFile:
                 raise self._fail(f"{where}: key 'name' must be letters, digits, _ or -, got {name!r}")
             if any(q.name == name for q in out):
                 raise self._fail(f"{where}: sequence name {name!r} is used twice")
+            key = f"sequences[{i}]"  # for keys: sequences[0].item
             where = f"sequence {name!r}"
-            vocab = self._column(s["item_vocab"], f"{where} item_vocab")
+            vocab = self._column(s["item_vocab"], f"{key}.item_vocab")
             if vocab not in vocabs:
                 raise self._fail(f"{where}: item_vocab {vocab!r} is not the vocabulary of any categorical column; "
                                  f"vocabularies: {vocabs}")
@@ -217,11 +218,11 @@ class SchemaFile:
                                  "it is reserved for this sequence's event types")
             separator = s.get("separator", "|")
             if not isinstance(separator, str) or not separator:
-                raise self._fail(f"{where}: key 'separator' must be a non-empty string, got {separator!r}")
+                raise self._fail(f"key '{key}.separator' must be a non-empty string, got {separator!r}")
             out.append(SequenceColumns(
-                name, self._column(s["item"], f"{where} item"), vocab,
-                self._column(s["event"], f"{where} event") if s.get("event") is not None else None,
-                self._column(s["time"], f"{where} time") if s.get("time") is not None else None,
+                name, self._column(s["item"], f"{key}.item"), vocab,
+                self._column(s["event"], f"{key}.event") if s.get("event") is not None else None,
+                self._column(s["time"], f"{key}.time") if s.get("time") is not None else None,
                 separator,
             ))
         return out
@@ -262,7 +263,7 @@ class SchemaFile:
             label, has_labels = optional_label(t, self.label, path, labels)
             cols = {self.label: label}
             cols.update({c: id_column(t, c, path) for c, _ in self.categorical})
-            cols.update({c: numeric_column(t, c, path) for c in self.numeric})
+            cols.update({c: numeric_column(t, c, path, float32=True) for c in self.numeric})
             if self.group and self.group not in cols:
                 cols[self.group] = id_column(t, self.group, path)
             split = RawSplit(columns=cols, time=numeric_column(t, self.time, path, integer=True) if self.time else None)
