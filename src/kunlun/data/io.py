@@ -61,6 +61,7 @@ def read_table(
             table = pq.read_table(path)
         else:
             table = _read_csv(path, names, delimiter, encoding, text)
+        table.column_names  # noqa: B018 (decodes the header: a name that is not UTF-8 fails here)
     except UnicodeDecodeError as exc:  # the header row (column names) is decoded by Python
         raise KunlunError(f"{path}: the header row is not valid {encoding} text (byte {exc.start})") from None
     except (pa.ArrowException, OSError) as exc:
@@ -97,7 +98,7 @@ def _read_csv(path: Path, names, delimiter: str, encoding: str, text) -> pa.Tabl
                               convert_options=convert)
     except pa.ArrowInvalid as exc:
         if "Empty CSV file" in str(exc):
-            raise KunlunError(f"{path}: the first line is empty; expected {'the header row' if names is None else 'a row'}") from None
+            raise KunlunError(f"{path}: the file holds only empty lines") from None
         if "CSV parse error" not in str(exc):
             raise
     # a malformed row: read again on one thread, whose message has the row's line number
