@@ -22,7 +22,7 @@ from conftest import TINY_MODEL
 from kunlun.errors import KunlunError
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (optional test dependency)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -247,6 +247,35 @@ def test_generated_schema_datasets_load_or_fail_in_one_line(case):
         loads_or_one_line_error(lambda: prepare_all(folder / "schema.yaml"))
 
 
+def _found(train: bytes | dict, body: dict):
+    """A dataset like those the fuzzing found problems with: train = valid = ``train`` (CSV bytes or Parquet columns)."""
+    import pyarrow as pa
+
+    name = "train.csv" if isinstance(train, bytes) else "train.parquet"
+    content = train if isinstance(train, bytes) else pa.table(train)
+    return ({name: content, "valid" + name[5:]: content}, {"files": {"train": name, "valid": "valid" + name[5:]}, "label": "y", **body})
+
+
+@pytest.mark.parametrize("case,error", [
+    (_found(b"y,u,i\n0,0,\n1,0,\n", {"categorical": ["u"], "sequences": [{"name": "s", "item": "i", "item_vocab": "u"}]}), None),
+    (_found(b"y,u,p\n0,0,0.0\n1,0,1e-88\n", {"categorical": ["u"], "numeric": ["p"]}), None),
+    (_found({"y": [0, 1], "u": [1, 2], "h": [["a", None], []]}, {"categorical": ["u"], "sequences": [{"name": "s", "item": "h", "item_vocab": "u"}]}),
+     "column 'h' has a missing value inside its list at data row 1"),
+    (_found({"y": [0, 1], "u": [1, 2], "h": [1, 2]}, {"categorical": ["u"], "sequences": [{"name": "s", "item": "h", "item_vocab": "u"}]}),
+     "column 'h' must be a list (Parquet) or a separated string (CSV), found int64"),
+    (_found({"y": [0, 1], "u": [[1], [2]]}, {"categorical": ["u"]}), "column 'u' must hold one id per row"),
+], ids=["no-events-anywhere", "spread-zero-in-float32", "null-inside-a-list", "scalar-as-a-list", "list-as-a-categorical"])
+def test_what_the_fuzzing_found(case, error):
+    """Inputs the generators once hit: the valid ones load, the others name the problem."""
+    files, spec = case
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        write_files(folder, files)
+        (folder / "schema.yaml").write_text(yaml.safe_dump(spec))
+        message = loads_or_one_line_error(lambda: prepare_all(folder / "schema.yaml"))
+        assert (message is None) if error is None else (error in (message or "")), message
+
+
 yaml_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True), st.sampled_from(["y", "u", "", "train.csv", "a/b"]),
               st.dates()),
@@ -258,12 +287,13 @@ yaml_values = st.recursive(
 
 @settings(FUZZ, max_examples=150)
 @given(st.one_of(
-    st.dictionaries(st.sampled_from(["name", "files", "label", "group", "time", "categorical", "numeric", "sequences", "other"]), yaml_values,
-                    max_size=8),
+    st.dictionaries(st.one_of(st.sampled_from(["name", "files", "label", "group", "time", "categorical", "numeric", "sequences", "other"]),
+                              st.integers(0, 2), st.booleans()), yaml_values, max_size=8),
     yaml_values,
     st.binary(max_size=40),
     st.text(max_size=40),
 ))
+@example({1: "a", "other": 2})  # keys that are not text, and do not sort with text
 def test_arbitrary_schema_documents_load_or_fail_in_one_line(document):
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)

@@ -68,8 +68,6 @@ def read_table(
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise KunlunError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         raise KunlunError(f"{path}: cannot be parsed as {'Parquet' if parquet else 'CSV'} ({_first_line(exc)})") from None
-    if table.num_columns == 0:
-        raise KunlunError(f"{path}: file has no columns")
     wanted = list(dict.fromkeys([*(required if required is not None else table.column_names), *optional, *text]))
     counts = Counter(table.column_names)
     for c in wanted:
