@@ -139,13 +139,14 @@ def test_columns_named_row_and_time_are_ordinary_features(tmp_path):
         ("label: y\ncategorical: [u]\nsequences:\n  - {name: h, item: p, item_vocab: u, separator: ''}\n",
          ["s.yaml", "key 'sequences[0].separator' must be a non-empty string"]),
         ("label: y\ncategorical: {u: ../../x}\nsequences: [{name: ../h, item: p, item_vocab: ../../x}]\n",
-         ["s.yaml", "sequences[0]: key 'name' must be letters, digits, _ or -"]),
+         ["s.yaml", "sequences[0]: key 'name' must be a name without '.', '/' or '\\'"]),
+        ("label: y\ncategorical: [u]\nsequences: [{name: items, item: p, item_vocab: u}]\n", ["s.yaml", "sequence name 'items' is taken"]),
         ("label: y\ncategorical: [u]\nnumeric: [p\n", ["s.yaml", "not valid YAML", "line"]),
         ("label: 1\ncategorical: [u]\n", ["s.yaml", "key 'label' must be a column name", "quote"]),
         ("label: y\ncategorical: [u]\ncolour: red\n", ["s.yaml", "unknown key 'colour'"]),
     ],
     ids=["label-list", "categorical-int", "numeric-string", "feature-twice", "label-as-feature", "key-twice", "unknown-item-vocab",
-         "empty-separator", "unsafe-names", "bad-yaml", "label-number", "unknown-key"],
+         "empty-separator", "unsafe-names", "reserved-sequence-name", "bad-yaml", "label-number", "unknown-key"],
 )
 def test_schema_mistakes_are_one_line_naming_the_key_when_the_schema_is_read(tmp_path, monkeypatch, capsys, body, needles):
     monkeypatch.chdir(tmp_path)

@@ -28,7 +28,8 @@ from hypothesis import strategies as st  # noqa: E402
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
-NAMES = ["y", "u", "i", "p", "h", "e", "t", "ts", "row", "time", "a b", "é", "x/y"]  # "row" and "time" once clashed with internal names
+# "row" and "time" once clashed with internal names; "a.b", "type" and "items" are names PyTorch refuses for modules
+NAMES = ["y", "u", "i", "p", "h", "e", "t", "ts", "row", "time", "a b", "é", "x/y", "a.b", "type", "items"]
 KINDS = ["label", "id", "text_id", "float", "time", "items", "times", "junk"]  # and, for MovieLens, "user" and "rating"
 JUNK = [b"", b"nan", b"inf", b"-", b"yes", b"1.5", b"-3", b"x y", b"\xff", b"a\xc3", b"\xe9t\xe9", b'"q,u"', b'"open', b'a"b',
         b'"two\nlines"', b"1|2", b"a||b", b"|", b"1e3", b"99999999999999999999", b"\xc2\xb2", b"\xd9\xa3"]
@@ -139,7 +140,7 @@ def dataset(draw):
         spec["categorical"] = cats
         vocabs = cats
     else:
-        spec["categorical"] = {c: draw(st.sampled_from([c, "v1", "a/b", "ü v"])) for c in cats}
+        spec["categorical"] = {c: draw(st.sampled_from([c, "v1", "a/b", "ü v", "train"])) for c in cats}
         vocabs = list(spec["categorical"].values())
     if of["float"] or of["label"][1:]:
         spec["numeric"] = of["float"] + of["label"][1:]
@@ -177,7 +178,7 @@ def dataset(draw):
         elif mistake == "dup_header":
             columns = columns + [(draw(st.sampled_from([c for c, _ in columns] + [""])), "junk")]
         elif mistake == "seq_key" and sequences:
-            sequences[0][draw(st.sampled_from(["separator", "event", "time", "name", "extra"]))] = draw(st.sampled_from(JUNK_VALUES + [";"]))
+            sequences[0][draw(st.sampled_from(["separator", "event", "time", "name", "extra"]))] = draw(st.sampled_from(JUNK_VALUES + [";", "items"]))
     files = {}
     for split in ("train", "valid"):
         suffix = draw(st.sampled_from([".csv", ".csv", ".parquet"]))
@@ -264,7 +265,9 @@ def _found(train: bytes | dict, body: dict):
     (_found({"y": [0, 1], "u": [1, 2], "h": [1, 2]}, {"categorical": ["u"], "sequences": [{"name": "s", "item": "h", "item_vocab": "u"}]}),
      "column 'h' must be a list (Parquet) or a separated string (CSV), found int64"),
     (_found({"y": [0, 1], "u": [[1], [2]]}, {"categorical": ["u"]}), "column 'u' must hold one id per row"),
-], ids=["no-events-anywhere", "spread-zero-in-float32", "null-inside-a-list", "scalar-as-a-list", "list-as-a-categorical"])
+    (_found(b"y,a.b,type\n0,x,1\n1,y,2\n", {"categorical": {"a.b": "a.b", "type": "items"}}), None),
+], ids=["no-events-anywhere", "spread-zero-in-float32", "null-inside-a-list", "scalar-as-a-list", "list-as-a-categorical",
+        "vocabularies-torch-refuses-as-module-names"])
 def test_what_the_fuzzing_found(case, error):
     """Inputs the generators once hit: the valid ones load, the others name the problem."""
     files, spec = case

@@ -73,7 +73,8 @@ def load_frappe(folder: Path, file: Path | None = None, labels: bool = True) -> 
 
 SCHEMA_KEYS = ("name", "files", "label", "group", "time", "categorical", "numeric", "sequences")
 SEQUENCE_KEYS = ("name", "item", "item_vocab", "event", "time", "separator")
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # split and sequence names: they name cache files
+# split and sequence names: they name cache files, and sequence names name model modules (which refuse a '.')
+SAFE_NAME = re.compile(r"[^./\\\x00]+")
 
 
 def read_schema_yaml(path: Path) -> Any:
@@ -158,7 +159,7 @@ class SchemaFile:
         out = {}
         for split, f in files.items():
             if not isinstance(split, str) or not SAFE_NAME.fullmatch(split):
-                raise self._fail(f"key 'files': split name {split!r} must be letters, digits, _ or -")
+                raise self._fail(f"key 'files': split name {split!r} must be a name without '.', '/' or '\\'")
             if not isinstance(f, str) or not f.strip():
                 raise self._fail(f"key 'files.{split}' must be a file path, got {f!r}")
             out[split] = self.path.parent / f
@@ -204,7 +205,10 @@ class SchemaFile:
                     raise self._fail(f"{where}: a sequence is missing key {key!r}")
             name = s["name"]
             if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-                raise self._fail(f"{where}: key 'name' must be letters, digits, _ or -, got {name!r}")
+                raise self._fail(f"{where}: key 'name' must be a name without '.', '/' or '\\', got {name!r}")
+            if _reserved_by_torch(name):
+                raise self._fail(f"{where}: sequence name {name!r} is taken: the models name a module after each sequence, "
+                                 f"and PyTorch modules have an attribute {name!r}; choose another name")
             if any(q.name == name for q in out):
                 raise self._fail(f"{where}: sequence name {name!r} is used twice")
             key = f"sequences[{i}]"  # for keys: sequences[0].item
@@ -289,6 +293,13 @@ class SchemaFile:
             name: {k: _concat(v) for k, v in ev.items() if v} for name, ev in events.items()
         }
         return RawData(self.schema, splits, raw_events, source=str(self.path), has_labels=has_labels)
+
+
+def _reserved_by_torch(name: str) -> bool:
+    """Whether PyTorch refuses ``name`` as a module name in a ModuleDict ('items', 'train', 'type', ...)."""
+    from torch import nn  # only for schemas with sequences, which train a torch model anyway
+
+    return hasattr(nn.ModuleDict(), name)
 
 
 def _kind(value: Any) -> str:
