@@ -220,19 +220,30 @@ def run(tmp_path_factory):
     return d / "run", write(d / "score.csv", "y,u,p\n" + rows)
 
 
-def test_a_damaged_encoder_is_one_line_naming_the_file(run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("damage", ["truncated encoder.json", "encoder.json of another shape", "a vocabulary missing",
+                                    "truncated weights"])
+def test_a_damaged_run_directory_is_one_line_naming_the_file(run, tmp_path, monkeypatch, capsys, damage):
     import shutil
 
     run_dir, file = run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     encoder = copy / "encoder" / "encoder.json"
-    encoder.write_text(encoder.read_text()[:50])
+    if damage == "truncated encoder.json":
+        damaged = encoder
+        encoder.write_text(encoder.read_text()[:50])
+    elif damage == "encoder.json of another shape":
+        damaged = encoder
+        encoder.write_text(json.dumps({"schema": {}, "vocabs": [], "train_ctr": 0.5}))
+    elif damage == "a vocabulary missing":
+        damaged = copy / "encoder" / "vocab.u.npy"
+        damaged.unlink()
+    else:
+        damaged = copy / "checkpoints" / "best" / "model.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[:100])
     for args in (["predict", copy, "--file", file, "--out", tmp_path / "p.csv"], ["eval", copy, "--file", file]):
-        assert_user_error(kunlun(args, monkeypatch, capsys), str(encoder), "unreadable")
+        assert_user_error(kunlun(args, monkeypatch, capsys), f"{damaged}: unreadable")
     assert not (tmp_path / "p.csv").exists()
-    encoder.write_text(json.dumps({"schema": {}, "vocabs": [], "train_ctr": 0.5}))
-    assert_user_error(kunlun(["eval", copy, "--file", file], monkeypatch, capsys), str(encoder), "unreadable")
 
 
 def _out_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config, load_config
@@ -83,7 +84,12 @@ def load_trained(path: Path) -> tuple[Config, Encoder, RankingModel]:
         raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
     encoder = Encoder.load(run / "encoder")
     model = build_from_info(cfg, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
-    load_weights(ckpt, model)
+    try:
+        load_weights(ckpt, model)
+    except (SafetensorError, RuntimeError, OSError) as exc:  # truncated, or tensors of other shapes than the config's
+        lines = str(exc).strip().splitlines()
+        raise KunlunError(f"{ckpt / 'model.safetensors'}: unreadable ({lines[0] if lines else type(exc).__name__}); "
+                          "the checkpoint was damaged or does not belong to this run's config") from None
     return cfg, encoder, model
 
 
