@@ -23,8 +23,8 @@ def test_split_is_per_user_chronological_80_10_10(ml_raw):
     assert 0.78 < n["train"] / total < 0.82 and 0.08 < n["valid"] / total < 0.12
     # for every user, all train events are no later than any valid event, valid no later than test
     for a, b in (("train", "valid"), ("valid", "test")):
-        ua, ta = s[a].columns["user"], s[a].columns["time"]
-        ub, tb = s[b].columns["user"], s[b].columns["time"]
+        ua, ta = s[a].columns["user"], s[a].time
+        ub, tb = s[b].columns["user"], s[b].time
         last_a = {u: t for u, t in zip(ua[np.argsort(ta)], np.sort(ta))}
         first_b = {}
         for u, t in zip(ub, tb):
@@ -38,10 +38,10 @@ def test_history_is_the_users_strictly_earlier_events(ml_raw):
         rng = np.random.default_rng(0)
         for i in rng.choice(len(split), 300, replace=False):
             lo, hi = split.seq_start["history"][i], split.seq_end["history"][i]
-            assert np.all(ev["time"][lo:hi] < split.columns["time"][i])
+            assert np.all(ev["time"][lo:hi] < split.time[i])
             # complete: the event right after the history is not earlier than the impression
             if hi < len(ev["time"]):
-                assert ev["time"][hi] >= split.columns["time"][i] or hi == lo
+                assert ev["time"][hi] >= split.time[i] or hi == lo
     # the label of each event equals its event type
     assert set(np.unique(ev["event"])) == {"liked", "not_liked"}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -422,12 +423,40 @@ def print_comparison(c: dict) -> None:
         con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]{dropped}", highlight=False)
 
 
+def fail(message: str) -> None:
+    """A user error: one line on stderr (whatever the message holds), exit status 2."""
+    click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
+    sys.exit(2)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an exception the user caused and can fix, or None for a bug (traceback).
+
+    Readers raise KunlunError with the file, column and row; the rest is a backstop for what no reader
+    anticipated: a file that cannot be read or written (OSError names it), text that is not UTF-8, YAML
+    that does not parse."""
+    import yaml
+
+    from kunlun.files import os_reason
+
+    if isinstance(exc, KunlunError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{names}: {os_reason(exc)}" if names else os_reason(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not valid {exc.encoding} text (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML ({(str(exc).strip().splitlines() or ['?'])[0]})"
+    return None
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except KunlunError as exc:
-        click.echo(f"kunlun: error: {exc}", err=True)
-        sys.exit(2)
+    except BrokenPipeError:  # stdout closed early (kunlun runs --json | head): not worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("kunlun: interrupted", err=True)
         sys.exit(130)
@@ -439,3 +468,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            raise
+        fail(message)

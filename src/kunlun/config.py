@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,13 +217,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return Config.from_dict(raw, source=str(path))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one phrase with its line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise KunlunError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise KunlunError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise KunlunError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise KunlunError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -244,7 +270,9 @@ def set_dotted(raw: dict[str, Any], item: str) -> None:
         value = text
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (``train:`` alone in a YAML file)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise KunlunError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
@@ -287,8 +315,15 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise KunlunError(f"config key {key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 and 1e6 as text: any float syntax is a number here
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KunlunError(f"config key {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise KunlunError(f"config key {key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

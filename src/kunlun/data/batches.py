@@ -79,7 +79,7 @@ class Batcher:
 
     def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool = False):
         self.split: Split = data.splits[split]
-        self.events: dict[str, Events] = data.events
+        self.events: dict[str, Events] = {k: _with_a_row(e) for k, e in data.events.items()}
         self.max_len = max_len
         self.event_windows = event_windows
         # per sequence and event type c ≥ 2 (after PAD, OOV): positions of its events in the event table, and
@@ -139,6 +139,15 @@ class Batcher:
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
         for i in range(0, len(order), batch_size):
             yield self.batch(order[i : i + batch_size])
+
+
+def _with_a_row(e: Events) -> Events:
+    """An empty event table (no history anywhere) as one padding event: every mask is False, but the lookups
+    ``ev.item[safe]`` need a row 0 to read."""
+    if len(e.item):
+        return e
+    return Events(item=np.zeros(1, np.int64), event=np.zeros(1, np.int64), side=np.zeros((1, e.side.shape[1]), np.int64),
+                  time=np.zeros(1, np.int64))
 
 
 class Prefetcher:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from kunlun.data.io import numeric_column, read_table, require_file
+from kunlun.data.io import id_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.errors import KunlunError
 
@@ -90,8 +90,6 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
         "year": year,
         "hour": (ts // 3600) % 24,
         "weekday": (ts // 86400) % 7,
-        "time": ts,
-        "row": order,
         "log_history": np.log1p(hist_len).astype(np.float64),
         "log_gap_hours": np.log1p(gap_hours),
     }
@@ -121,6 +119,10 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
         frac = pos / user_count
         assign = np.where(frac < SPLIT_FRACTIONS[0], 0, np.where(frac < SPLIT_FRACTIONS[1], 1, 2))
         names = ["train", "valid", "test"]
+        empty = [name for k, name in enumerate(names) if not (assign == k).any()]
+        if empty:
+            raise KunlunError(f"{source}: the {empty[0]} split is empty: users need more ratings for an 80/10/10 split "
+                              f"(the most any user has is {int(user_count.max())})")
     else:
         assign = np.zeros(n, dtype=np.int64)
         names = ["file"]
@@ -131,6 +133,8 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
             columns={c: v[m] for c, v in columns.items()},
             seq_start={"history": user_start[m]},
             seq_end={"history": hist_end[m]},
+            time=ts[m],
+            row=order[m],
         )
     return RawData(schema=schema, splits=splits, events=events, source=source)
 
@@ -216,8 +220,8 @@ def read_100k_users(path: Path) -> UserTable:
         user=numeric_column(t, "user", path, integer=True),
         columns={
             "age_bucket": age_bucket.astype(np.int64),
-            "gender": np.asarray(t.column("gender").to_numpy(zero_copy_only=False)).astype(str),
-            "occupation": np.asarray(t.column("occupation").to_numpy(zero_copy_only=False)).astype(str),
+            "gender": id_column(t, "gender", path).astype(str),
+            "occupation": id_column(t, "occupation", path).astype(str),
         },
         numeric={"age": age},
     )

@@ -99,7 +99,7 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
             if log:
                 log(f"using cached {name} from {target}")
             return prepared
-        except (OSError, KeyError, ValueError) as exc:  # unreadable cache: rebuild it, don't fail the run
+        except (OSError, KeyError, ValueError, KunlunError) as exc:  # unreadable cache: rebuild it, don't fail the run
             if log:
                 log(f"cache {target} unreadable ({exc}); rebuilding")
     if log:

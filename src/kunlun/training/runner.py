@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config, load_config
@@ -26,7 +27,7 @@ from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Encoder
 from kunlun.data.registry import load_raw, prepare_dataset, prepare_file
 from kunlun.errors import KunlunError
-from kunlun.files import atomic_write
+from kunlun.files import atomic_write, check_output_file, os_reason
 from kunlun.models import RankingModel
 from kunlun.runs import DEFAULT_RUNS_DIR, new_run_dir, resolve_run
 from kunlun.training.checkpoint import load_weights
@@ -83,7 +84,12 @@ def load_trained(path: Path) -> tuple[Config, Encoder, RankingModel]:
         raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
     encoder = Encoder.load(run / "encoder")
     model = build_from_info(cfg, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
-    load_weights(ckpt, model)
+    try:
+        load_weights(ckpt, model)
+    except (SafetensorError, RuntimeError, OSError) as exc:  # truncated, or tensors of other shapes than the config's
+        lines = str(exc).strip().splitlines()
+        raise KunlunError(f"{ckpt / 'model.safetensors'}: unreadable ({lines[0] if lines else type(exc).__name__}); "
+                          "the checkpoint was damaged or does not belong to this run's config") from None
     return cfg, encoder, model
 
 
@@ -111,10 +117,14 @@ def evaluate_file(path: Path, file: Path, data_dir: str | None = None) -> dict[s
 
 def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None) -> int:
     """Write ``out`` (CSV: row, probability, and label when the file has one) for every row of ``file``, in the
-    file's row order; returns the number of rows."""
+    file's row order; returns the number of rows. ``out`` is checked before any work, and written atomically:
+    a failure leaves whatever was at ``out`` before, and no temporary file."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    check_output_file(out)
+    if Path(file).is_file() and out.exists() and out.samefile(file):
+        raise KunlunError(f"--out {out}: is the input file; write the predictions elsewhere")
     cfg, encoder, model = load_trained(path)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
     probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
@@ -122,5 +132,8 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None)
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
     if data.has_labels:
         columns["label"] = labels[order]
-    atomic_write(out, lambda tmp: pacsv.write_csv(pa.table(columns), tmp))
+    try:
+        atomic_write(out, lambda tmp: pacsv.write_csv(pa.table(columns), tmp))
+    except OSError as exc:  # e.g. a folder that refuses new files, a full disk
+        raise KunlunError(f"--out {out}: cannot be written ({os_reason(exc)})") from None
     return len(probs)
