@@ -25,6 +25,7 @@ class DatasetSpec:
     files: tuple[str, ...]  # every file the adapter reads (the prepared-data cache key covers exactly these)
     load: Callable[..., RawData]  # (folder, optional single file to score, labels=required?) -> raw
     description: str
+    title: str = ""  # how tables and reports name it, when not simply the name (e.g. a subset of a known dataset)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -35,6 +36,17 @@ DATASETS: dict[str, DatasetSpec] = {
     "ml-100k": DatasetSpec(
         "ml-100k", ("u.data", "u.item", "u.user"), movielens.load_100k,
         "MovieLens 100K, CTR (rating >= 4) with histories and user/item features",
+    ),
+    "ml-1m": DatasetSpec(
+        "ml-1m", movielens.ML1M_FILES, movielens.load_1m,
+        "MovieLens 1M (official '::' files), CTR (rating >= 4) with histories, user and movie features",
+        "ML-1M",
+    ),
+    # the same adapter on the first 487,650 lines of the official ratings.dat: quote it as a subset, never as ML-1M
+    "ml-1m-first-half": DatasetSpec(
+        "ml-1m-first-half", movielens.ML1M_FILES, movielens.load_1m,
+        "ML-1M users 1-2999 only (official layout), CTR (rating >= 4) with histories, user and movie features",
+        "ML-1M users 1–2999",
     ),
     "frappe_x1": DatasetSpec(
         "frappe_x1", tuple(tabular.FRAPPE_SPLITS.values()), tabular.load_frappe,
