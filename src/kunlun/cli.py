@@ -165,7 +165,7 @@ def prepare(dataset, data_dir):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import prepare_dataset
 
-    p = prepare_dataset(dataset, data_dir, use_cache=False, log=log)
+    p = prepare_dataset(dataset, data_dir, rebuild=True, log=log)
     prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
     log(f"prepared {p.name}: " + ", ".join(f"{k} {len(v)} rows" for k, v in p.splits.items()))
 

@@ -92,8 +92,11 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
     return DATASETS[dataset].load(dataset_folder(dataset, data_dir), file, labels)
 
 
-def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, log=None) -> Prepared:
-    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache."""
+def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, rebuild: bool = False,
+                    log=None) -> Prepared:
+    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache.
+
+    ``use_cache=False`` neither reads nor writes the cache; ``rebuild`` ignores a cached copy but writes a new one."""
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
         missing = [f"{split}: {f}" for split, f in sf.files.items() if not f.is_file()]
@@ -105,7 +108,7 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
         files, name = [folder / f for f in DATASETS[dataset].files], dataset
     key = cache_key(name, files, {"split": list(movielens.SPLIT_FRACTIONS)})
     target = cache_root() / f"{name}-{key}"
-    if use_cache and (target / "dataset.json").is_file():
+    if use_cache and not rebuild and (target / "dataset.json").is_file():
         try:
             prepared = load_prepared(target)
             if log:
