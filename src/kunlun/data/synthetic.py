@@ -503,6 +503,18 @@ def default_chunk_users(world: World) -> int:
     return max(16, int(2**18 / world.events_per_user))
 
 
+def check_request(out: Path, examples: int, chunk_users: int | None, shard_rows: int) -> None:
+    """The user errors ``generate`` refuses, checked before any work (or progress bar) starts."""
+    if examples < 1:
+        raise KunlunError(f"--examples must be at least 1, got {examples}")
+    if shard_rows < 1:
+        raise KunlunError(f"--shard-rows must be at least 1, got {shard_rows}")
+    if chunk_users is not None and chunk_users < 1:
+        raise KunlunError(f"--chunk-users must be at least 1, got {chunk_users}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KunlunError(f"{out}: already exists and is not an empty directory; choose a new --out")
+
+
 def generate(out: Path, examples: int, seed: int = 0, world: World | None = None, *, chunk_users: int | None = None,
              shard_rows: int = 1_000_000, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Write ``examples`` impressions of the world ``world`` (default ``World()``) with ``seed`` into ``out``
@@ -511,15 +523,8 @@ def generate(out: Path, examples: int, seed: int = 0, world: World | None = None
     of the output; ``shard_rows`` is the number of rows per Parquet file."""
     world = world or World()
     out = Path(out)
-    if examples < 1:
-        raise KunlunError(f"--examples must be at least 1, got {examples}")
-    if shard_rows < 1:
-        raise KunlunError(f"--shard-rows must be at least 1, got {shard_rows}")
+    check_request(out, examples, chunk_users, shard_rows)
     chunk = chunk_users or default_chunk_users(world)
-    if chunk < 1:
-        raise KunlunError(f"--chunk-users must be at least 1, got {chunk}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KunlunError(f"{out}: already exists and is not an empty directory; choose a new --out")
     items = _make_items(world, seed)
     started = time.perf_counter()
     manifest: dict[str, Any] = {}
