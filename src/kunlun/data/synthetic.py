@@ -230,12 +230,12 @@ def _make_items(world: World, seed: int) -> _Items:
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot product [n, K]·[n, K] → [n] (or [n, 1, K]·[1, C, K] → [n, C]) as a fixed sequence of
-    element-wise operations: the same bits for a row whatever the array's size (BLAS and SIMD reductions may
-    change summation order with the shape)."""
+    """Dot products over the last axis ([n, K]·[n, K] → [n]; [n, 1, K]·[1, C, K] → [n, C]) as a fixed sequence of
+    element-wise operations: the same bits for a row whatever the array's size (BLAS and numpy's reductions may
+    change the summation order with the shape, and so the last bit)."""
     out = a[..., 0] * b[..., 0]
     for j in range(1, a.shape[-1]):
-        out = out + a[..., j] * b[..., j]
+        out += a[..., j] * b[..., j]
     return out
 
 
