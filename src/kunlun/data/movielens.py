@@ -304,8 +304,8 @@ def read_1m_users(path: Path) -> UserTable:
         user=int_field(t, "user", path),
         columns={
             "gender": text("gender"),
-            "age_bucket": int_field(t, "age", path),
-            "occupation": int_field(t, "occupation", path),
+            "age_bucket": int_field(t, "age", path).astype(str),  # as text: the lookup then formats 6,040 codes, not every rating
+            "occupation": int_field(t, "occupation", path).astype(str),
             "zip3": np.asarray(zip3.to_numpy(zero_copy_only=False)).astype(str),
         },
         numeric={},
