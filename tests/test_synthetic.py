@@ -186,10 +186,10 @@ def test_refuses_to_overwrite_and_parses_counts(world):
 
 def test_a_tiny_synthetic_world_trains_end_to_end(tmp_path):
     from kunlun.config import load_config
-    from kunlun.training.runner import evaluate_run, train_run
+    from kunlun.training.runner import evaluate_file, evaluate_run, train_run
 
     out = tmp_path / "tiny"
-    S.generate(out, 10_000, seed=0, world=SMALL)
+    S.generate(out, 10_000, seed=0, world=SMALL, shard_rows=4000)
     cfg = load_config(None, [*TINY_MODEL, "train.epochs=1"], dataset=str(out))
     final = train_run(cfg, tmp_path / "run", progress=False, logger=lambda m: None)
     bayes = json.loads((out / "bayes.json").read_text())
@@ -197,3 +197,5 @@ def test_a_tiny_synthetic_world_trains_end_to_end(tmp_path):
     assert test["examples"] == bayes["splits"]["test"]["rows"]
     assert test["ne"] > bayes["splits"]["test"]["ne"] - 3 * bayes["splits"]["test"]["ne_std"]
     assert evaluate_run(tmp_path / "run", ["test"])["test"]["ne"] == pytest.approx(test["ne"])
+    # one shard scored as a file: every row, histories from the file itself
+    assert evaluate_file(tmp_path / "run", out / "part-00000.parquet")["examples"] == 4000

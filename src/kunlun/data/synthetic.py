@@ -61,7 +61,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +140,6 @@ class World:
         d = asdict(self)
         d["device_bias"] = list(self.device_bias)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> World:
-        known = {f.name for f in fields(cls)}
-        d = {k: (tuple(v) if k == "device_bias" else v) for k, v in d.items() if k in known}
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- counter-based randomness
