@@ -68,7 +68,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from scipy.special import ndtri
 
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.errors import KunlunError
@@ -238,6 +237,8 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _user_static(world: World, seed: int, users: np.ndarray) -> dict[str, np.ndarray]:
     """Per-user draws that do not change over time: number of impressions (before the size cut), start time,
     main device, initial long-term interest [n, K]."""
+    from scipy.special import ndtri  # here, not at the top: every dataset's import path passes through this module
+
     key = _derive(_derive(np.full(len(users), seed, dtype=np.uint64), 1), users)
     streams = _Streams({"static": 4, "taste": world.dim})
     u = streams.uniform(key, "static")
@@ -265,6 +266,8 @@ def _simulate(world: World, seed: int, items: _Items, first_user: int, count: np
 
     Users advance together, one impression per step; every random number is a hash of (seed, user, step), so a
     user's timeline does not depend on the other users simulated with it."""
+    from scipy.special import ndtri
+
     active_users = np.flatnonzero(count > 0)
     users = first_user + active_users
     static = _user_static(world, seed, users)
