@@ -13,8 +13,8 @@ so ``bayes.json`` can state the NE of predicting ``p_true`` on every split. ``ku
 - *Popularity skew*: non-personal impressions draw items from a Zipf law over items (exponent
   ``popularity_exponent``); popular items are slightly better on average (popularity is ranked on noisy quality).
 - *Event types with different signal*: every impression is a ``skip`` (no click), a ``click`` or a ``like`` (a
-  click that was also liked). Clicks depend on quality, context, short-term interest and affinity; a like depends
-  mostly on affinity, so a like says more about a user's lasting taste than a click, and a skip says the opposite.
+  click that was also liked). Clicks depend on quality, context, short-term interest, repeats and affinity; a like
+  depends on affinity alone, so a like says more about a user's lasting taste than a click, and a skip the opposite.
 - *Sequential dynamics*: long-term interest drifts between sessions (an Ornstein-Uhlenbeck walk with time
   constant ``drift_days``; it also sets the categories a user browses in a session); a short-term interest (the
   recent items, weighted like > click > skip (negative), decaying with ``short_term_minutes``) lifts items similar
@@ -43,7 +43,8 @@ so no model beats it in expectation; a finite split can, by chance, by about ``n
 **Determinism.** Every random number is a hash of ``(seed, user, event index, purpose)`` (SplitMix64's finaliser),
 and items come from a generator seeded with ``seed``: a user's timeline is the same however users are grouped
 into chunks, and per-element float64 arithmetic (no BLAS, no reductions whose order depends on the array size)
-keeps it so to the last bit. Same seed → byte-identical shards, for any ``chunk_users``; ``shard_rows`` only
+keeps it so to the last bit. Same seed → byte-identical shards, for any ``chunk_users`` (with the same numpy and
+pyarrow versions: numpy's generators and Parquet's encoder may change between versions); ``shard_rows`` only
 decides where files break. Memory is bounded by the chunk (``chunk_users`` users at a time, about
 ``chunk_users × events_per_user`` rows) and the item table, never by ``examples``.
 
