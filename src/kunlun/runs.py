@@ -37,7 +37,8 @@ DEFAULT_RUNS_DIR = Path("runs")
 
 def new_run_dir(root: Path, model: str, dataset: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{model}-{Path(dataset).stem if dataset.endswith(('.yaml', '.yml')) else dataset}"
+    # a schema file or a folder (synthetic data) is named by its last part: the run stays one directory below root
+    base = f"{stamp}-{model}-{Path(dataset).stem if dataset.endswith(('.yaml', '.yml')) else Path(dataset).name}"
     path, i = root / base, 1
     while path.exists():
         path, i = root / f"{base}-{i}", i + 1
