@@ -64,7 +64,7 @@ def test_official_layout_is_read_with_user_and_movie_features(tmp_path):
     train = raw.splits["train"].columns
     assert [len(s) for s in raw.splits.values()] == [16, 2, 2]  # 8 / 1 / 1 of each user's 10 ratings
     first = np.flatnonzero(train["user"] == 2)[0]
-    assert train["time"][first] == 500 and train["label"][first] == 1.0  # rating 4 → positive
+    assert raw.splits["train"].time[first] == 500 and train["label"][first] == 1.0  # rating 4 → positive
     # user features: gender, age bucket, occupation, first three digits of the zip code (a zip+4 too)
     cat = dict(raw.schema.categorical)
     assert {"gender", "age_bucket", "occupation", "zip3"} <= set(cat)
@@ -80,7 +80,7 @@ def test_official_layout_is_read_with_user_and_movie_features(tmp_path):
     # history = strictly earlier ratings with their event type; user 2's two ratings at t=600 do not see each other
     ev = raw.events["history"]
     s = raw.splits["train"]
-    at600 = np.flatnonzero((train["user"] == 2) & (train["time"] == 600))
+    at600 = np.flatnonzero((train["user"] == 2) & (raw.splits["train"].time == 600))
     assert len(at600) == 2
     for i in at600:
         lo, hi = s.seq_start["history"][i], s.seq_end["history"][i]

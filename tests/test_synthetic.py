@@ -103,22 +103,22 @@ def test_histories_are_each_users_earlier_impressions_with_event_types(world):
     # the event table is every impression in file order: "row" indexes it
     user_of = np.zeros(len(ev["item"]), dtype=np.int64)
     for split in raw.splits.values():
-        user_of[split.columns["row"]] = split.columns["user"]
-        assert np.array_equal(ev["item"][split.columns["row"]], split.columns["item"])
+        user_of[split.row] = split.columns["user"]
+        assert np.array_equal(ev["item"][split.row], split.columns["item"])
     for split in raw.splits.values():
         c = split.columns
         for i in np.random.default_rng(0).choice(len(split), 200, replace=False):
             lo, hi = split.seq_start["history"][i], split.seq_end["history"][i]
-            assert hi == c["row"][i]  # everything before the impression …
+            assert hi == split.row[i]  # everything before the impression …
             assert np.all(user_of[lo:hi] == c["user"][i]) and (lo == 0 or user_of[lo - 1] != c["user"][i])  # … of this user
-            assert np.all(ev["time"][lo:hi] < c["time"][i])
+            assert np.all(ev["time"][lo:hi] < split.time[i])
             label_of_past = np.isin(ev["event"][lo:hi], ["click", "like"])
             assert np.array_equal(label_of_past, np.isin(np.arange(lo, hi), np.flatnonzero(np.isin(ev["event"], ["click", "like"]))))
     # per-user chronological split: a user's train impressions all come before their valid ones, valid before test
     s = raw.splits
     for a, b in (("train", "valid"), ("valid", "test")):
-        last = {u: t for u, t in zip(s[a].columns["user"], s[a].columns["time"])}
-        assert all(t > last.get(u, -1) for u, t in zip(s[b].columns["user"], s[b].columns["time"]))
+        last = {u: t for u, t in zip(s[a].columns["user"], s[a].time)}
+        assert all(t > last.get(u, -1) for u, t in zip(s[b].columns["user"], s[b].time))
 
 
 def test_memory_does_not_grow_with_the_number_of_examples(tmp_path):

@@ -628,7 +628,7 @@ def load_synthetic(folder: Path, file: Path | None = None, labels: bool = True) 
         "label": label, "user": user, "item": col["item"].astype(np.int64), "category": col["category"].astype(np.int64),
         "segment": col["segment"].astype(np.int64), "device": col["device"].astype(np.int64),
         "position": col["position"].astype(np.int64), "hour": (ts // 3600) % 24, "weekday": (ts // 86400) % 7,
-        "time": ts, "row": idx, "log_history": np.log1p(hist_len).astype(np.float64),
+        "log_history": np.log1p(hist_len).astype(np.float64),
         "log_gap_hours": np.log1p((ts - prev) / 3600.0),
     }
     events = {"history": {"item": columns["item"], "event": np.asarray(EVENTS)[col["event"]], "category": columns["category"],
@@ -639,5 +639,5 @@ def load_synthetic(folder: Path, file: Path | None = None, labels: bool = True) 
     for k, name in enumerate(names):
         m = assign == k
         splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()},
-                                seq_start={"history": user_start[m]}, seq_end={"history": idx[m]})
+                                seq_start={"history": user_start[m]}, seq_end={"history": idx[m]}, time=ts[m], row=idx[m])
     return RawData(schema=SCHEMA, splits=splits, events=events, source=str(paths[0] if file else folder))
