@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_MODEL
 from kunlun.bench.quality import check_expected, load_spec, pin_expected, run_ablation, run_quality
 from kunlun.blocks.embeddings import FeatureInfo
+from kunlun.config import model_from_dict
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.errors import KunlunError
 from kunlun.models import build_model
@@ -91,8 +92,8 @@ def test_sequence_model_on_a_context_only_dataset_is_a_config_error():
     info = FeatureInfo(tuple(FRAPPE_FIELDS), {f: 10 for f in FRAPPE_FIELDS}, 0, (), 1)
     for name in ("din", "bst", "interformer"):
         with pytest.raises(KunlunError, match=f"config key model.name: {name} models a behaviour sequence"):
-            build_model({"name": name}, info)
-    build_model({"name": "dcnv2"}, info)  # non-sequence models are fine
+            build_model(model_from_dict({"name": name}), info)
+    build_model(model_from_dict({"name": "dcnv2"}), info)  # non-sequence models are fine
 
 
 def test_spec_with_unknown_model(tmp_path):
@@ -115,3 +116,23 @@ def test_dataset_overrides_come_first_and_must_name_a_benchmarked_dataset(tmp_pa
     p.write_text("datasets: [ml-100k]\nseeds: [0]\nmodels: {dnn: []}\ndataset_overrides: {frapee_x1: [train.epochs=2]}\n")
     with pytest.raises(KunlunError, match="dataset_overrides names 'frapee_x1'"):
         load_spec(p)
+
+
+def test_speed_bench_reports_loader_step_and_trainer_rates(tmp_path):
+    from kunlun.bench.speed import PRESETS, profile_training, run_speed_bench
+    from kunlun.config import load_config
+
+    cfg = load_config(None, ["model.d_model=8", "model.num_heads=2", "model.fm_hidden=16", "train.batch_size=64",
+                             "train.eval_batch_size=128", "train.threads=1"])
+    r = run_speed_bench(cfg, steps=2, repeats=1)
+    assert r["loader_examples_per_s"] > 0 and r["useful_flops_per_example"] < r["flops_per_example"]
+    for dtype in ("fp32", "bf16"):
+        m = r[dtype]
+        assert m["train_examples_per_s"] > 0 and m["trainer_examples_per_s"] > 0 and m["infer_examples_per_s"] > 0
+        assert 0 < m["train_mfu"] < m["train_hfu"]  # useful FLOPs exclude padding
+        assert "train_mfu_datasheet" not in m  # a CPU has no datasheet row
+    assert set(PRESETS) == {"default", "d128", "production"}
+    for preset in PRESETS.values():  # every preset is a valid config
+        load_config(None, preset)
+    table = profile_training(cfg, tmp_path / "trace.json", steps=2)
+    assert "aten::" in table and (tmp_path / "trace.json").stat().st_size > 0

@@ -1,8 +1,9 @@
 import torch
 
-from kunlun.blocks.attention import MultiHeadAttention, gdpa, window_mask
+from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.summary import SumKronLinear
 from kunlun.blocks.wukong import WukongLayer
+from kunlun.ops.attention import gdpa
 
 
 def test_gdpa_matches_explicit_loops():
@@ -32,12 +33,6 @@ def test_attention_ignores_padding_and_empty_rows_are_zero():
     torch.testing.assert_close(attn(x2, x2, mask)[0, :2], out[0, :2])
     # a query that sees no key gets only the output bias
     torch.testing.assert_close(out[1], attn.o.bias.expand(4, 8))
-
-
-def test_window_mask():
-    m = window_mask(5, 1)
-    assert m.sum().item() == 5 + 2 * 4
-    assert m[0, 1] and not m[0, 2]
 
 
 def test_sum_kron_linear_is_sum_of_kronecker_terms():
@@ -89,21 +84,6 @@ def test_wukong_fm_block_is_pairwise_interactions():
     assert WukongLayer(7, 2, 3, 4, 3, 8)(torch.randn(2, 7, 4)).shape == (2, 5, 4)
 
 
-def test_banded_sliding_window_matches_dense_masked_attention():
-    torch.manual_seed(0)
-    banded = MultiHeadAttention(8, 2, window=3)
-    x = torch.randn(4, 20, 8)
-    mask = torch.rand(4, 20) > 0.3
-    mask[0] = False  # an empty history
-    tau = torch.rand(4, 20) * 5
-    assert banded.banded(20, 20)
-    out = banded(x, x, mask, tau)
-    dense = MultiHeadAttention(8, 2, window=3)
-    dense.load_state_dict(banded.state_dict())
-    dense.banded = lambda lq, lk: False  # force the dense path: full scores masked by window_mask
-    torch.testing.assert_close(out, dense(x, x, mask, tau), rtol=1e-5, atol=1e-6)
-
-
 def test_rotary_scores_depend_only_on_time_differences():
     from kunlun.blocks.attention import rotary
 
@@ -138,6 +118,24 @@ def test_mixture_of_wukong_experts_partitions_tokens():
     y2 = moe(x2)
     torch.testing.assert_close(y2[:, :3], y[:, :3])
     assert not torch.allclose(y2[:, 3:], y[:, 3:])
+
+
+
+
+def test_rms_norm_runs_in_float32_for_low_precision_inputs():
+    from kunlun.blocks.common import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 8) * 30
+    ref = torch.nn.RMSNorm(8)
+    ref.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), ref(x))  # float32: exactly nn.RMSNorm
+    y = norm(x.bfloat16())
+    assert y.dtype is torch.bfloat16
+    torch.testing.assert_close(y, ref(x.bfloat16().float()).bfloat16(), rtol=0, atol=0)  # float32 math, one rounding
 
 
 def test_select_events_keeps_the_most_recent_of_one_type_left_padded():

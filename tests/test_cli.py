@@ -112,6 +112,7 @@ def test_frappe_train_and_eval_of_a_held_out_file(tmp_path):
         (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
         (["train", "--dataset", "ml-100k", "--data-dir", "/no/such"], "/no/such: data directory not found"),
         (["train", "model.num_heads=5"], "model.num_heads: 5 heads do not divide"),
+        (["train", "--dataset", "ml-100k", "--data-dir", "/no/such", "model.nope=1"], "config key model.nope is not known"),
         (["train", "--model", "bogus"], "unknown model 'bogus'"),
         (["train", "model.d_model"], "expected KEY=VALUE"),
         (["eval", "/no/run"], "/no/run: run or checkpoint not found"),

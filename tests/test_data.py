@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from conftest import SHARED_DATA, needs_shared
 from kunlun.data.batches import Batcher
@@ -22,8 +23,8 @@ def test_split_is_per_user_chronological_80_10_10(ml_raw):
     assert 0.78 < n["train"] / total < 0.82 and 0.08 < n["valid"] / total < 0.12
     # for every user, all train events are no later than any valid event, valid no later than test
     for a, b in (("train", "valid"), ("valid", "test")):
-        ua, ta = s[a].columns["user"], s[a].columns["time"]
-        ub, tb = s[b].columns["user"], s[b].columns["time"]
+        ua, ta = s[a].columns["user"], s[a].time
+        ub, tb = s[b].columns["user"], s[b].time
         last_a = {u: t for u, t in zip(ua[np.argsort(ta)], np.sort(ta))}
         first_b = {}
         for u, t in zip(ub, tb):
@@ -37,10 +38,10 @@ def test_history_is_the_users_strictly_earlier_events(ml_raw):
         rng = np.random.default_rng(0)
         for i in rng.choice(len(split), 300, replace=False):
             lo, hi = split.seq_start["history"][i], split.seq_end["history"][i]
-            assert np.all(ev["time"][lo:hi] < split.columns["time"][i])
+            assert np.all(ev["time"][lo:hi] < split.time[i])
             # complete: the event right after the history is not earlier than the impression
             if hi < len(ev["time"]):
-                assert ev["time"][hi] >= split.columns["time"][i] or hi == lo
+                assert ev["time"][hi] >= split.time[i] or hi == lo
     # the label of each event equals its event type
     assert set(np.unique(ev["event"])) == {"liked", "not_liked"}
 
@@ -93,6 +94,30 @@ def test_batches_keep_most_recent_events_left_padded():
         assert not s.mask[r, : 5 - k].any() and s.mask[r, 5 - k :].all()
         assert (s.item[r, : 5 - k] == PAD).all()
         assert (s.gap[r, 5 - k :] >= 0).all()
+
+
+def test_event_windows_hold_each_types_own_most_recent_events():
+    """Per event type, the window is that type's own max_len most recent events before the request (explicit
+    loops over the event table), left-padded, with their item, side features and time gaps."""
+    p = prepare_dataset("ml-latest-small")
+    split, ev = p.splits["test"], p.events["history"]
+    rows = np.arange(0, len(split), 37)
+    batch = Batcher(p, "test", max_len=6, event_windows=True).batch(rows)
+    assert set(batch.windows["history"]) == {2, 3}  # liked, not_liked
+    longer_than_merged = 0
+    for code, w in batch.windows["history"].items():
+        for i, r in enumerate(rows):
+            lo, hi = split.seq_start["history"][r], split.seq_end["history"][r]
+            pos = [j for j in range(lo, hi) if ev.event[j] == code][-6:]
+            k = len(pos)
+            assert w.mask[i].tolist() == [False] * (6 - k) + [True] * k
+            assert w.item[i, 6 - k :].tolist() == ev.item[pos].tolist()
+            assert (w.event[i, 6 - k :] == code).all() and (w.item[i, : 6 - k] == PAD).all()
+            assert w.side[i, 6 - k :].tolist() == ev.side[pos].tolist()
+            np.testing.assert_allclose(w.gap[i, 6 - k :].numpy(), (split.time[r] - ev.time[pos]).astype(np.float32))
+            longer_than_merged += k > int((batch.seqs["history"].event[i] == code).sum())
+    assert longer_than_merged  # the merged window of 6 would have held fewer of them
+    assert not Batcher(p, "test", max_len=6).batch(rows).windows  # only when asked for
 
 
 @needs_shared
@@ -235,3 +260,30 @@ def test_schema_cache_key_covers_every_named_file(tmp_path):
     (tmp_path / "test.parquet").unlink()
     with pytest.raises(KunlunError, match="test: .*test.parquet"):
         prepare_dataset(str(schema))
+
+
+def test_prefetcher_yields_the_same_batches_in_order_and_raises_producer_errors():
+    from kunlun.data.batches import Prefetcher
+
+    p = prepare_dataset("ml-latest-small")
+    b = Batcher(p, "valid", 8)
+    plain = list(b.iterate(500, np.random.default_rng(3)))
+    fetched = list(Prefetcher(b.iterate(500, np.random.default_rng(3)), depth=3))
+    assert len(fetched) == len(plain) > 3
+    for x, y in zip(fetched, plain):
+        assert torch.equal(x.label, y.label) and torch.equal(x.seqs["history"].item, y.seqs["history"].item)
+
+    def broken():
+        yield plain[0]
+        raise ValueError("bad row 7")
+
+    it = iter(Prefetcher(broken()))
+    assert torch.equal(next(it).label, plain[0].label)
+    with pytest.raises(ValueError, match="bad row 7"):
+        next(it)
+    early = Prefetcher(b.iterate(100), depth=1)
+    for _ in zip(range(2), early):
+        pass
+    early.close()
+    early.thread.join(timeout=5)
+    assert not early.thread.is_alive()  # leaving the loop early stops the producer

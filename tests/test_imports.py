@@ -15,9 +15,11 @@ PACKAGE = Path(kunlun.__file__).parent
 
 # lowest first; a module may import from its own layer and the layers below
 LAYERS = [
-    ["kunlun", "kunlun.errors", "kunlun.files", "kunlun.processes", "kunlun.console", "kunlun.config", "kunlun._version"],
+    ["kunlun", "kunlun.errors", "kunlun.files", "kunlun.processes", "kunlun.console", "kunlun.config",
+     "kunlun.model_configs", "kunlun._version"],
     ["kunlun.data"],
     ["kunlun.formats"],
+    ["kunlun.ops"],
     ["kunlun.blocks"],
     ["kunlun.models"],
     ["kunlun.metrics"],

@@ -18,7 +18,7 @@ from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import TargetAttention
 from kunlun.blocks.summary import NonSequenceSummary
-from kunlun.config import set_dotted
+from kunlun.config import model_from_dict, set_dotted
 from kunlun.data.batches import Batcher, SequenceBatch
 from kunlun.data.registry import prepare_dataset
 from kunlun.models import build_model
@@ -31,13 +31,13 @@ SMALL = {"d_model": 16, "num_seeds": 4, "seq_summary_tokens": 2, "summary_tokens
 def ml():
     p = prepare_dataset("ml-latest-small")
     info = FeatureInfo.from_encoder(p.encoder(), 12)
-    batch = Batcher(p, "valid", 12).batch(np.arange(24))
+    batch = Batcher(p, "valid", 12, event_windows=True).batch(np.arange(24))
     return info, batch
 
 
 def kunlun(info, **cfg):
     torch.manual_seed(0)
-    return build_model({"name": "kunlun", **SMALL, **cfg}, info)
+    return build_model(model_from_dict({"name": "kunlun", **SMALL, **cfg}), info)
 
 
 def capture(modules, pre: bool = False):
@@ -57,8 +57,8 @@ def capture(modules, pre: bool = False):
 def test_rotary_base_reaches_self_attention_and_changes_its_output(ml, name):
     info, batch = ml
     torch.manual_seed(0)
-    a = build_model({"name": name, "rotary_base": 10.0}, info)
-    b = build_model({"name": name, "rotary_base": 1000.0}, info)
+    a = build_model(model_from_dict({"name": name, "rotary_base": 10.0}), info)
+    b = build_model(model_from_dict({"name": name, "rotary_base": 1000.0}), info)
     b.load_state_dict(a.state_dict())
     attn = {m: [x for x in m.modules() if isinstance(x, SequenceSelfAttention)] for m in (a, b)}
     assert attn[a] and all(x.attn.rotary_base == 10.0 for x in attn[a])
@@ -153,7 +153,7 @@ def test_summary_gate_default_is_the_design_note_form_and_switchable(ml):
     assert kunlun(info).layers[0].summary.gate.form == "interformer"
     assert kunlun(info, summary_gate="glu").layers[0].summary.gate.form == "glu"
     torch.manual_seed(0)
-    inter = build_model({"name": "interformer"}, info)
+    inter = build_model(model_from_dict({"name": "interformer"}), info)
     gates = [m.gate.form for m in inter.x_summary] + [m.gate.form for d in inter.s_summary for m in d.values()]
     assert set(gates) == {"interformer"}
     with pytest.raises(Exception, match="model.summary_gate"):
@@ -250,7 +250,7 @@ def test_kunlun_appends_the_projected_candidate_to_every_stream(ml):
 def test_din_compares_history_and_candidate_tokens_of_one_space(ml):
     info, batch = ml
     torch.manual_seed(0)
-    model = build_model({"name": "din"}, info)
+    model = build_model(model_from_dict({"name": "din"}), info)
     model.eval()
     att = [m for m in model.modules() if isinstance(m, TargetAttention)]
     calls, handles = capture(att)
@@ -268,7 +268,7 @@ def test_din_compares_history_and_candidate_tokens_of_one_space(ml):
 def test_bst_appends_the_projected_candidate(ml):
     info, batch = ml
     torch.manual_seed(0)
-    model = build_model({"name": "bst"}, info)
+    model = build_model(model_from_dict({"name": "bst"}), info)
     model.eval()
     calls, handles = capture([model.blocks["history"][0]])
     with torch.no_grad():
@@ -285,14 +285,17 @@ def test_bst_appends_the_projected_candidate(ml):
 def test_sequence_models_share_the_history_token_inputs(ml, name, positions):
     info, batch = ml
     torch.manual_seed(0)
-    model = build_model({"name": name}, info)
+    model = build_model(model_from_dict({"name": name}), info)
     model.eval()
     ev = model.inputs.events["history"]
     assert ev.n_parts == 3  # item, event type, genre
     assert ev.time is not None and ev.time_buckets == 16  # the time-gap feature
     assert (ev.position is not None) == positions  # BST: time-gap buckets are its positions (its paper)
-    later = SequenceBatch(**{**vars(batch.seqs["history"]), "gap": batch.seqs["history"].gap * 7 + 3600})
-    moved = type(batch)(batch.label, batch.cat, batch.num, batch.group, {"history": later})
+    def later(s: SequenceBatch) -> SequenceBatch:
+        return SequenceBatch(**{**vars(s), "gap": s.gap * 7 + 3600})
+
+    moved = type(batch)(batch.label, batch.cat, batch.num, batch.group, {"history": later(batch.seqs["history"])},
+                        {n: {c: later(w) for c, w in ws.items()} for n, ws in batch.windows.items()})
     with torch.no_grad():
         assert not torch.allclose(model(batch), model(moved))
 
@@ -306,7 +309,7 @@ def test_interformer_reads_time_gaps_through_rotary_attention_too(ml):
     out = {}
     for rotary in (True, False):
         torch.manual_seed(0)
-        model = build_model({"name": "interformer", "time_buckets": 0, "rotary_time": rotary}, info)
+        model = build_model(model_from_dict({"name": "interformer", "time_buckets": 0, "rotary_time": rotary}), info)
         model.eval()
         with torch.no_grad():
             out[rotary] = (model(batch), model(moved))
@@ -334,7 +337,7 @@ def test_every_ablation_variant_runs_a_training_step(ml, variant):
     for o in overrides:
         set_dotted(raw, o)
     torch.manual_seed(0)
-    model = build_model(raw["model"], info)
+    model = build_model(model_from_dict(raw["model"]), info)
     loss = F.binary_cross_entropy_with_logits(model(batch), batch.label.float())
     loss.backward()
     assert torch.isfinite(loss)

@@ -22,7 +22,6 @@ from conftest import TINY_MODEL, checkpoint_files, interrupt_at_step, resume_cfg
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
-from kunlun.models import recorded_config
 from kunlun.processes import lock_holder, lock_run_dir
 from kunlun.training.checkpoint import load_trainer_state, load_weights, verify_checkpoint
 from kunlun.training.runner import train_run
@@ -331,7 +330,7 @@ def test_resume_rejects_overrides_that_would_change_the_run(tmp_path):
     cfg = small()
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(recorded_config(cfg), sort_keys=False))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     before = all_files(run)
     with pytest.raises(KunlunError, match=r"train.lr=0.01 would change the run, which was trained with train.lr=0.001"):
         train_run(small("train.lr=0.01"), run, resume=True, progress=False, logger=quiet)

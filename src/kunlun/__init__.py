@@ -3,18 +3,19 @@
 Layers, lowest first; a module imports only from its own layer or the ones below it (enforced by
 ``tests/test_imports.py``, which holds the same list):
 
-1. ``errors``, ``files``, ``processes``, ``console``, ``config`` — used by every layer, importing none of ours but each
-   other
+1. ``errors``, ``files``, ``processes``, ``console``, ``config``, ``model_configs`` — used by every layer, importing
+   none of ours but each other (``config`` reads the ``model`` section into the config classes of ``model_configs``)
 2. ``data`` — adapters, vocabularies and the prepared cache, then ``data.batches``
 3. ``formats`` — low-precision ops: quantize → dequantize and the emulated GEMMs blocks run on
-4. ``blocks`` — embeddings, attention, summaries, interaction and Wukong layers
-5. ``models`` — Kunlun and the baselines, built from blocks; ``models.registry`` builds one from a config
-6. ``metrics`` — NE, logloss, AUC, gAUC, calibration as mergeable sums (numpy only; below training, whose loop
+4. ``ops`` — hot operators (attention, GDPA, …), each a plain reference and a fast path behind one switch
+5. ``blocks`` — embeddings, attention, summaries, interaction and Wukong layers
+6. ``models`` — Kunlun and the baselines, built from blocks; ``models.registry`` builds one from a config
+7. ``metrics`` — NE, logloss, AUC, gAUC, calibration as mergeable sums (numpy only; below training, whose loop
    early-stops on validation NE)
-7. ``runs``, ``training`` — run records; the step (``training.step``), the loop, which early-stops on validation
+8. ``runs``, ``training`` — run records; the step (``training.step``), the loop, which early-stops on validation
    metrics, and whole jobs on a run directory (``training.runner``: train, resume, evaluate, predict)
-8. ``scaling``, ``bench`` — sweeps and scaling laws; speed, quality, ablation and format benchmarks
-9. ``cli`` (and ``__main__``) — a thin layer of commands over the library
+9. ``scaling``, ``bench`` — sweeps and scaling laws; speed, quality, ablation and format benchmarks
+10. ``cli`` (and ``__main__``) — a thin layer of commands over the library
 """
 
 from kunlun.errors import KunlunError

@@ -1,4 +1,4 @@
-"""``kunlun`` command line: train, eval, predict, data info|prepare, runs, bench, sweep, fit.
+"""``kunlun`` command line: train, eval, predict, data info|prepare|synth, runs, bench, sweep, fit.
 
 Numbers go to stdout (a table, or one JSON object with ``--json``); progress and logs go to stderr.
 User errors print one line and exit with status 2; nothing half-written is left behind.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ def cli() -> None:
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
 @click.option("--model", help="Model name, e.g. kunlun, logistic_regression.")
-@click.option("--dataset", help="ml-latest-small (default, embedded), ml-100k, frappe_x1, or a schema .yaml.")
+@click.option("--dataset", help="ml-latest-small (default, embedded), ml-100k, ml-1m, ml-1m-first-half, frappe_x1, a schema .yaml, "
+                                "or a folder from `kunlun data synth`.")
 @click.option("--data-dir", help="Folder holding the dataset folders (default $KUNLUN_DATA or the user data dir).")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Directory for this run (default runs/<time>-<model>-<dataset>).")
 @click.option("--seed", type=int, help="Random seed.")
@@ -138,30 +140,112 @@ def _data_options(f):
 
 
 @data.command()
+@click.argument("dataset_arg", metavar="[DATASET]", required=False)
 @_data_options
 @click.option("--json", "as_json", is_flag=True)
-def info(dataset, data_dir, as_json):
-    """Rows, CTR, fields, vocabularies and history lengths per split."""
+def info(dataset_arg, dataset, data_dir, as_json):
+    """Rows, CTR, vocabularies and history lengths (in all and per event type) per split; Bayes NE of synthetic data.
+
+    DATASET (or --dataset): a registered name, a schema .yaml, or a folder written by `kunlun data synth`.
+    """
     from rich.table import Table
 
-    from kunlun.data.registry import dataset_summary, prepare_dataset
+    from kunlun.data.registry import dataset_info
 
-    summary = dataset_summary(prepare_dataset(dataset, data_dir, log=log))
+    summary = dataset_info(dataset_arg or dataset, data_dir, log=log)
     if as_json:
         emit_json(summary)
         return
     con = out_console()
-    con.print(f"[bold]{summary['name']}[/]  label={summary['label']}  train CTR={summary['train_ctr']:.4f}")
-    t = Table("split", "rows", "CTR", "groups", *[f"{q} length (mean/median/max)" for q in summary["sequences"]])
+    title = f" ({summary['title']})" if summary.get("title") else ""
+    con.print(f"[bold]{summary['name']}[/]{title}  label={summary['label']}  train CTR={summary['train_ctr']:.4f}")
+    stats = lambda d: f"{d['min']} / {d['median']:g} / {d['p90']:g} / {d['max']}"
+    t = Table("split", "rows", "CTR", "groups", *[f"{q} length (min/median/p90/max)" for q in summary["sequences"]])
     for name, r in summary["splits"].items():
-        seq_cols = [f"{r[f'{q}_length']['mean']:.1f} / {r[f'{q}_length']['median']:.0f} / {r[f'{q}_length']['max']}" for q in summary["sequences"]]
-        t.add_row(name, str(r["rows"]), f"{r['ctr']:.4f}", str(r["groups"]), *seq_cols)
+        t.add_row(name, f"{r['rows']:,}", f"{r['ctr']:.4f}", f"{r['groups']:,}", *[stats(r[f"{q}_length"]) for q in summary["sequences"]])
     con.print(t)
+    for q in summary["sequences"]:
+        if summary["event_types"].get(q):
+            e = Table("split", *[f"{q}: {name}" for name in summary["event_types"][q].values()],
+                      title=f"events of each type in the {q} (min/median/p90/max)")
+            for name, r in summary["splits"].items():
+                e.add_row(name, *[stats(v) for v in r[f"{q}_by_event"].values()])
+            con.print(e)
     f = Table("categorical field", "vocabulary", "size (incl. pad, OOV)")
     for c, v in summary["categorical"].items():
-        f.add_row(c, v["vocab"], str(v["size"]))
+        f.add_row(c, v["vocab"], f"{v['size']:,}")
     con.print(f)
     con.print(f"numeric fields: {', '.join(summary['numeric']) or '(none)'}")
+    if summary.get("bayes"):
+        print_bayes(summary["bayes"])
+
+
+def print_bayes(bayes: dict) -> None:
+    from rich.table import Table
+
+    b = Table("split", "rows", "CTR", "Bayes NE", "± (s.e.)", "Bayes NE (own CTR)", "Bayes logloss",
+              title="NE of the true click probability (no model beats it in expectation)")
+    for name, r in bayes["splits"].items():
+        b.add_row(name, f"{r['rows']:,}", f"{r['ctr']:.4f}", f"{r['ne']:.4f}", f"{r['ne_std']:.4f}", f"{r['ne_own_ctr']:.4f}",
+                  f"{r['logloss']:.4f}")
+    out_console().print(b)
+
+
+def _count(ctx, param, value):
+    from kunlun.data.synthetic import parse_count
+
+    return None if value is None else parse_count(value)
+
+
+@data.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create (must not exist, or be empty).")
+@click.option("--examples", required=True, callback=_count, help="Impressions to write: 250000, 250k, 1M, 1e8 …")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same parameters → byte-identical files.")
+@click.option("--items", type=int, default=20_000, show_default=True, help="Items in the world.")
+@click.option("--categories", type=int, default=32, show_default=True, help="Item categories.")
+@click.option("--dim", type=int, default=16, show_default=True, help="Latent dimension of users and items.")
+@click.option("--events-per-user", type=float, default=50.0, show_default=True, help="Mean impressions per user (log-normal).")
+@click.option("--chunk-users", type=int, help="Users simulated at once: memory grows with it, the data never change "
+                                               "(default: about 262k impressions' worth).")
+@click.option("--shard-rows", default="1M", show_default=True, callback=_count, help="Rows per Parquet file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the Bayes NE as one JSON object.")
+def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_users, shard_rows, quiet, as_json):
+    """Write a synthetic world with a known click probability (Parquet shards, synth.json, bayes.json).
+
+    Train on it with `kunlun train --dataset OUT`; `kunlun data info OUT` shows its Bayes NE per split.
+    What it models and what it does not: the docstring of kunlun.data.synthetic.
+    """
+    import time
+
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kunlun.console import stderr
+    from kunlun.data.synthetic import World, check_request, generate, read_bayes
+
+    world = World(items=items, categories=categories, dim=dim, events_per_user=events_per_user)
+    check_request(out, examples, chunk_users, shard_rows)
+    columns = [TextColumn("synth"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, disable=quiet) as bar:
+        task = bar.add_task("synth", total=examples, rate="")
+        started, shown = time.perf_counter(), [0.0, 0]
+
+        def progress(rows: int, total: int) -> None:
+            shown[1] += rows
+            now = time.perf_counter()
+            if now - shown[0] > 0.2 or shown[1] >= total:  # rich redraws ~10 times a second; don't flood it
+                bar.update(task, completed=shown[1], rate=f"{shown[1] / max(now - started, 1e-9):,.0f} rows/s")
+                shown[0] = now
+
+        manifest = generate(out, examples, seed, world, chunk_users=chunk_users, shard_rows=shard_rows, progress=progress)
+    bayes = read_bayes(out)
+    log(f"wrote {manifest['examples']:,} impressions of {manifest['users']:,} users to {out} in {len(manifest['shards'])} "
+        f"shard(s), {manifest['seconds']:.1f}s ({manifest['examples'] / manifest['seconds']:,.0f} rows/s)")
+    if as_json:
+        emit_json({"manifest": manifest, "bayes": bayes})
+    else:
+        print_bayes(bayes)
 
 
 @data.command()
@@ -170,7 +254,7 @@ def prepare(dataset, data_dir):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import prepare_dataset
 
-    p = prepare_dataset(dataset, data_dir, use_cache=False, log=log)
+    p = prepare_dataset(dataset, data_dir, rebuild=True, log=log)
     prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
     log(f"prepared {p.name}: " + ", ".join(f"{k} {len(v)} rows" for k, v in p.splits.items()))
 
@@ -221,19 +305,31 @@ def bench(ctx, as_json):
 
 @bench.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@click.option("--preset", type=click.Choice(["default", "d128", "production"]), default="default", show_default=True,
+              help="Model/batch size to time (overrides given after it win).")
 @click.option("--dataset", help="Dataset (default: the config's).")
 @click.option("--data-dir", help="Folder holding the dataset folders.")
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed training steps per dtype.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timing repeats; medians are reported.")
+@click.option("--no-trainer", is_flag=True, help="Skip the end-to-end timing through the trainer.")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path),
+              help="Instead of timing: trace 10 training steps into this Chrome-trace JSON and print the top operators.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("overrides", nargs=-1)
-def speed(config_path=None, dataset=None, data_dir=None, steps=30, repeats=3, as_json=False, overrides=()):
+def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps=30, repeats=3, no_trainer=False,
+          profile_path=None, as_json=False, overrides=()):
     """Training / inference examples/s and MFU (fp32 and bf16) against this machine's measured GEMM peak."""
-    from kunlun.bench.speed import run_speed_bench, speed_table
+    from kunlun.bench.speed import PRESETS, profile_training, run_speed_bench, speed_table
     from kunlun.config import load_config
 
-    cfg = load_config(config_path, list(overrides), dataset=dataset, data_dir=data_dir)
-    result = run_speed_bench(cfg, steps=steps, repeats=repeats)
+    cfg = load_config(config_path, [*PRESETS[preset], *overrides], dataset=dataset, data_dir=data_dir)
+    if profile_path is not None:
+        table = profile_training(cfg, profile_path)
+        click.echo(table)
+        click.echo(f"trace written to {profile_path}")
+        return
+    result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=not no_trainer)
+    result["preset"] = preset
     emit_json(result) if as_json else speed_table(result)
 
 
@@ -415,6 +511,34 @@ def print_comparison(c: dict) -> None:
         con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]{dropped}", highlight=False)
 
 
+def fail(message: str) -> None:
+    """A user error: one line on stderr (whatever the message holds), exit status 2."""
+    click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
+    sys.exit(2)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an exception the user caused and can fix, or None for a bug (traceback).
+
+    Readers raise KunlunError with the file, column and row; the rest is a backstop for what no reader
+    anticipated: a file that cannot be read or written (OSError names it), text that is not UTF-8, YAML
+    that does not parse."""
+    import yaml
+
+    from kunlun.files import os_reason
+
+    if isinstance(exc, KunlunError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{names}: {os_reason(exc)}" if names else os_reason(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not valid {exc.encoding} text (byte {exc.start}: {exc.reason})"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML ({(str(exc).strip().splitlines() or ['?'])[0]})"
+    return None
+
+
 def main() -> None:
     from kunlun.processes import die_with_parent, exit_on_sigterm
 
@@ -422,9 +546,9 @@ def main() -> None:
     die_with_parent()  # a sweep's training process ends with its sweep
     try:
         cli.main(standalone_mode=False)
-    except KunlunError as exc:
-        click.echo(f"kunlun: error: {exc}", err=True)
-        sys.exit(2)
+    except BrokenPipeError:  # stdout closed early (kunlun runs --json | head): not worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("kunlun: interrupted", err=True)
         sys.exit(130)
@@ -436,3 +560,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            raise
+        fail(message)

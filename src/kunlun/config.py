@@ -1,18 +1,21 @@
 """Run configuration: typed frozen dataclasses, YAML files and ``section.key=value`` overrides.
 
-Every default has one home: the dataclass field (here, and each model's config dataclass for the ``model``
-section). The packaged ``configs/kunlun.yaml`` names the model and repeats no default.
+Every default has one home: the dataclass field — here for ``data``, ``train`` and ``precision``, in
+``kunlun.model_configs`` for the ``model`` section (one class per model, picked by ``model.name``). The
+packaged ``configs/kunlun.yaml`` names the model and repeats no default.
 
-A config has three sections. ``data`` and ``train`` are fixed dataclasses; ``model`` holds ``name`` plus
-the keys of that model's own config dataclass (validated when the model is built, see
-``kunlun.models.registry``). Every key is checked: an unknown key, a wrong type or an impossible value is
-a ``KunlunError`` naming the key.
+A config has four sections, each a frozen dataclass that checks itself when it is built, so a loaded
+``Config`` is valid throughout: an unknown key, a wrong type or an impossible value fails in
+``load_config`` / ``Config.from_dict``, before any data is read, as a one-line ``KunlunError`` naming the key
+(``config key model.num_heads: ...``). ``Config.to_dict`` writes every key, defaults included, as plain
+YAML values (what a run records as its config); ``Config.from_dict`` reads it back to an equal config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any
 import yaml
 
 from kunlun.errors import KunlunError
+from kunlun.model_configs import DEFAULT_MODEL, MODEL_CONFIGS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,16 @@ class DataConfig:
     data_dir: str | None = None  # None: $KUNLUN_DATA, else the user data directory
     max_seq_len: int = 50  # histories are truncated to the most recent events / left-padded
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.max_seq_len < 1:
             raise KunlunError(f"config key data.max_seq_len: expected a positive integer, got {self.max_seq_len}")
+
+
+# implementations of the hot operators (``kunlun.ops``): train.ops picks one; auto reads $KUNLUN_OPS
+OPS = ("auto", "fast", "reference")
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,14 @@ class TrainConfig:
     patience: int = 2  # epochs without validation-NE improvement before stopping
     bf16: bool = False  # autocast matmuls to bfloat16
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    ops: str = "auto"  # kunlun.ops implementation: fast | reference | auto ($KUNLUN_OPS, else fast)
     # checkpoints/last is written at every epoch end and also inside an epoch, every N optimizer steps and/or every
     # M minutes (0: off), so a killed run loses at most that much work; resume continues at the exact step
     checkpoint_every_steps: int = 0
     checkpoint_every_minutes: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         positive = ["batch_size", "eval_batch_size", "epochs"]
@@ -70,13 +85,18 @@ class TrainConfig:
         for key in ["lr", "embedding_lr"]:
             if not getattr(self, key) > 0:
                 raise KunlunError(f"config key train.{key}: expected a positive learning rate, got {getattr(self, key)}")
-        if min(self.weight_decay, self.grad_clip, self.embedding_weight_decay, self.embedding_l2) < 0:
-            raise KunlunError("config keys train.weight_decay, train.embedding_weight_decay, train.embedding_l2 and "
-                              "train.grad_clip must be >= 0")
+        for key in ["weight_decay", "embedding_weight_decay", "embedding_l2", "grad_clip"]:
+            if getattr(self, key) < 0:
+                raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
         if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
             raise KunlunError(
                 f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"
             )
+        if self.ops not in OPS:
+            raise KunlunError(f"config key train.ops: expected one of {', '.join(OPS)}, got {self.ops!r}")
+        if self.embedding_optimizer == "adam" and self.embedding_weight_decay and self.embedding_l2:
+            raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
+                              "with train.embedding_optimizer=adam")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
 
@@ -99,7 +119,10 @@ class PrecisionConfig:
     stochastic_rounding: bool = False  # gradients rounded ⌊v + U⌋ (4-bit formats and hif8)
     scale_rule: str = "floor"  # mxfp4: floor | ceil | even
     tensor_scale: bool = True  # nvfp4: FP32 per-tensor scale
-    keep_high_precision: list[str] = field(default_factory=lambda: ["first", "last"])  # 'first', 'last' or module-name prefixes
+    keep_high_precision: tuple[str, ...] = ("first", "last")  # 'first', 'last' or module-name prefixes
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.format not in PRECISIONS:
@@ -117,12 +140,18 @@ class PrecisionConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "kunlun"})
+    model: ModelConfig = field(default_factory=lambda: MODEL_CONFIGS[DEFAULT_MODEL]())
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
+    def __post_init__(self) -> None:
+        for key, cls in (("data", DataConfig), ("train", TrainConfig), ("model", ModelConfig), ("precision", PrecisionConfig)):
+            if not isinstance(getattr(self, key), cls):
+                raise TypeError(f"Config.{key}: expected a {cls.__name__}, got {type(getattr(self, key)).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train), "model": dict(self.model),
-                "precision": dataclasses.asdict(self.precision)}
+        """Every section with every key (defaults included) as plain YAML values; ``from_dict`` reads it back."""
+        return {"data": section_dict(self.data), "train": section_dict(self.train), "model": model_to_dict(self.model),
+                "precision": section_dict(self.precision)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
@@ -131,18 +160,33 @@ class Config:
         unknown = set(raw) - {"data", "train", "model", "precision"}
         if unknown:
             raise KunlunError(f"{source}: unknown section(s) {sorted(unknown)}; expected data, train, model, precision")
-        model = dict(raw.get("model") or {})
-        model.setdefault("name", "kunlun")
-        cfg = cls(
+        return cls(
             data=dataclass_from_dict(DataConfig, raw.get("data") or {}, "data"),
             train=dataclass_from_dict(TrainConfig, raw.get("train") or {}, "train"),
-            model=model,
+            model=model_from_dict(raw.get("model") or {}),
             precision=dataclass_from_dict(PrecisionConfig, raw.get("precision") or {}, "precision"),
         )
-        cfg.data.validate()
-        cfg.train.validate()
-        cfg.precision.validate()
-        return cfg
+
+
+def model_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """The ``model`` section: ``name`` (default ``DEFAULT_MODEL``) picks the model's config class, the other keys
+    fill it; an unknown name or key, a wrong type or an impossible value is a KunlunError naming the key."""
+    if not isinstance(raw, dict):
+        raise KunlunError("config key model: expected a mapping")
+    name = raw.get("name", DEFAULT_MODEL)
+    if not isinstance(name, str) or name not in MODEL_CONFIGS:
+        raise KunlunError(f"config key model.name: unknown model {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    return dataclass_from_dict(MODEL_CONFIGS[name], {k: v for k, v in raw.items() if k != "name"}, "model")
+
+
+def model_to_dict(model: ModelConfig) -> dict[str, Any]:
+    """A model config as its ``model`` section: ``name`` first, then every key in field order."""
+    return {"name": model.name, **section_dict(model)}
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """A section's keys as plain YAML values (tuples as lists), in field order."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
 
 
 DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -168,7 +212,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise TypeError(f"load_config: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
     raw = read_yaml(path)
-    if model is not None and (raw.get("model") or {}).get("name", "kunlun") != model:
+    section = raw.get("model") or {}
+    if model is not None and not (isinstance(section, dict) and section.get("name", DEFAULT_MODEL) == model):
         raw["model"] = {"name": model}
     extra = [f"{SETTINGS[k]}={json.dumps(v)}" for k, v in settings.items() if v is not None]
     for item in [*(overrides or []), *extra]:
@@ -176,13 +221,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return Config.from_dict(raw, source=str(path))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one phrase with its line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise KunlunError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise KunlunError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise KunlunError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise KunlunError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -204,7 +274,9 @@ def set_dotted(raw: dict[str, Any], item: str) -> None:
         value = text
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (``train:`` alone in a YAML file)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise KunlunError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
@@ -236,7 +308,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single value is a one-element list (model.gdpa_activation=relu)
-        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -246,8 +319,15 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise KunlunError(f"config key {key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 and 1e6 as text: any float syntax is a number here
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KunlunError(f"config key {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise KunlunError(f"config key {key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -14,12 +14,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from kunlun.errors import KunlunError
+
 
 def os_error_text(exc: OSError) -> str:
-    """``No space left on device (ENOSPC)``; a short write (no errno) says what it wrote."""
-    if exc.errno is None:
-        return f"{exc} (a short write: is the disk full?)"
-    return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    """``os_reason`` with the errno's name, for a failed write: ``No space left on device (ENOSPC)``; a short write
+    (an OSError without errno) says so."""
+    if not exc.errno:
+        return f"{os_reason(exc)} (a short write: is the disk full?)"
+    return f"{os_reason(exc)} ({errno.errorcode.get(exc.errno, exc.errno)})"
 
 
 def fsync_dir(path: Path) -> None:
@@ -77,7 +80,7 @@ def recover_dir(target: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+    """Write ``text`` to a temporary sibling, then rename it over ``path`` (the sibling is removed on failure)."""
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
@@ -91,3 +94,32 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def os_reason(exc: OSError) -> str:
+    """Why an OSError happened, in a few words ("Permission denied"), also for pyarrow's OSErrors."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_output_file(path: Path, option: str = "--out") -> Path:
+    """Check, before the work that produces it, that ``path`` can be written as a file: not a directory, not
+    under a file, in a folder (or a folder to be created) that can be written. A KunlunError naming ``option``."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise KunlunError(f"{option} {path}: expected a file path")
+    try:
+        if path.is_dir():
+            raise KunlunError(f"{option} {path}: is a directory; give a file path")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:  # the nearest folder that exists (it is created below it)
+            folder = folder.parent
+        if not folder.is_dir():
+            raise KunlunError(f"{option} {path}: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise KunlunError(f"{option} {path}: cannot write in {folder} (permission denied)")
+    except OSError as exc:
+        raise KunlunError(f"{option} {path}: cannot be written ({os_reason(exc)})") from None
+    return path

@@ -31,15 +31,16 @@ import numpy as np
 import torch
 import yaml
 
+from kunlun.config import model_from_dict, model_to_dict
 from kunlun.errors import KunlunError
-from kunlun.models import resolved_model
 
 DEFAULT_RUNS_DIR = Path("runs")
 
 
 def new_run_dir(root: Path, model: str, dataset: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{model}-{Path(dataset).stem if dataset.endswith(('.yaml', '.yml')) else dataset}"
+    # a schema file or a folder (synthetic data) is named by its last part: the run stays one directory below root
+    base = f"{stamp}-{model}-{Path(dataset).stem if dataset.endswith(('.yaml', '.yml')) else Path(dataset).name}"
     path, i = root / base, 1
     while path.exists():
         path, i = root / f"{base}-{i}", i + 1
@@ -194,7 +195,7 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         # the model section with every default filled in: a run recorded with the defaults spelled out (as the packaged
         # config once did) and one recorded without them answer the same question
         try:
-            out["model"] = resolved_model(model)
+            out["model"] = model_to_dict(model_from_dict(model))
         except KunlunError:
             pass  # not a valid model section (any more): compared as written
     return out

@@ -81,7 +81,7 @@ def tensor_errors(run_dir: Path, data, cfg_overrides, formats: list[str], batch_
     hooks = [m.register_forward_hook(lambda m, inp, out: acts.append(inp[0].reshape(-1, inp[0].shape[-1])))
              for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    model(next(Batcher(data, "valid", cfg.data.max_seq_len).iterate(batch_size)))
+    model(next(Batcher(data, "valid", cfg.data.max_seq_len, model.event_windows).iterate(batch_size)))
     for h in hooks:
         h.remove()
 

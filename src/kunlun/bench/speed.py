@@ -6,6 +6,13 @@ not a datasheet). Model FLOPs follow the convention in ``kunlun.blocks.common``:
 matmul FLOPs per example; training = 3 × forward (backward ≈ 2 × forward). Timings are medians of
 ``repeats`` runs; shared machines are noisy, so compare ratios measured in one run. A timed training step
 is the trainer's own (``kunlun.training.step.TrainStep``: loss, clipping, optimizers and their schedules).
+
+Besides the step on pre-built batches, the report gives the input path alone (``loader``: batches assembled
+from the prepared split, the model's input, with nothing else) and training end to end through the real
+trainer (``trainer``: loader, step, progress, records; the run's own ``train_examples_per_s``). On a GPU it
+adds MFU against the datasheet's dense peak for the dtype (``DATASHEET_PEAKS``). Presets (``PRESETS``) name
+the sizes the README reports: today's default, the d_model-128 model of the speed issue, and a
+production-like one (d_model 256, 4 layers, sequences of 512, batch 1024).
 """
 
 from __future__ import annotations
@@ -26,6 +33,29 @@ from kunlun.training.step import TrainModel, TrainStep, autocast, default_device
 from kunlun.training.trainer import build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    "d128": ["model.d_model=128", "model.num_heads=4", "model.gdpa_activation=[silu,gelu,silu,gelu]"],
+    "production": ["model.d_model=256", "model.num_layers=4", "model.num_heads=4",
+                   "model.gdpa_activation=[silu,gelu,silu,gelu]", "data.max_seq_len=512", "train.batch_size=1024"],
+}
+
+# dense (no sparsity) peak FLOP/s per dtype from the vendors' datasheets, by a substring of the device name;
+# fp32 = the TF32 tensor-core rate is NOT used: fp32 matmuls here run in full fp32 unless the user enables TF32
+DATASHEET_PEAKS: dict[str, dict[str, float]] = {
+    "H100": {"fp32": 67e12, "bf16": 989e12},  # SXM5
+    "H200": {"fp32": 67e12, "bf16": 989e12},
+    "B200": {"fp32": 75e12, "bf16": 2250e12},
+    "A100": {"fp32": 19.5e12, "bf16": 312e12},
+}
+
+
+def datasheet_peak(device_name: str, dtype: str) -> float | None:
+    for key, peaks in DATASHEET_PEAKS.items():
+        if key in device_name:
+            return peaks[dtype]
+    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -49,18 +79,44 @@ def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, n: int | None = N
     return 2 * n**3 / statistics.median(times)
 
 
-def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3) -> dict[str, Any]:
+def loader_examples_per_s(batcher: Batcher, batch_size: int, seconds: float = 2.0) -> float:
+    """Examples/s of batch assembly alone over shuffled rows (at least one batch, about ``seconds`` long)."""
+    rng = np.random.default_rng(0)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        for batch in batcher.iterate(batch_size, rng):
+            n += len(batch)
+            if time.perf_counter() - t0 > seconds:
+                return n / (time.perf_counter() - t0)
+
+
+def trainer_examples_per_s(cfg: Config, steps: int) -> float:
+    """Training examples/s through the real trainer (loader, step, progress, records), ``steps`` optimizer steps
+    in a throw-away run directory; validation and checkpoints are not timed (the run's own measure)."""
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from kunlun.training.runner import train_run
+
+    train = replace(cfg.train, max_steps=steps, epochs=1, patience=0)
+    with tempfile.TemporaryDirectory(prefix="kunlun-speed-") as tmp:
+        final = train_run(replace(cfg, train=train), Path(tmp) / "run", progress=False, logger=lambda _: None)
+    return final["train_examples_per_s"]
+
+
+def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: bool = True) -> dict[str, Any]:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     device = default_device()
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
-    batcher = Batcher(data, "train", cfg.data.max_seq_len)
+    batcher = Batcher(data, "train", cfg.data.max_seq_len, build(cfg, data).event_windows)
     rng = np.random.default_rng(0)
     train_batches = [to_device(batcher.batch(rng.choice(len(batcher), t.batch_size, replace=False)), device) for _ in range(4)]
     eval_batch = to_device(batcher.batch(rng.choice(len(batcher), min(t.eval_batch_size, len(batcher)), replace=False)), device)
     result: dict[str, Any] = {
-        "model": cfg.model["name"],
+        "model": cfg.model.name,
         "dataset": data.name,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else environment()["cpu"],
         "threads": torch.get_num_threads(),
@@ -70,12 +126,56 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3) -> dict[str,
         "steps": steps,
         "repeats": repeats,
     }
+    log("bench loader: batch assembly alone …")
+    result["loader_examples_per_s"] = loader_examples_per_s(batcher, t.batch_size)
     for name, dtype in DTYPES.items():
         log(f"bench {name}: GEMM peak, training and inference timing …")
         result[name] = _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps, repeats)
         result["flops_per_example"] = result[name].pop("flops_per_example")
         result["useful_flops_per_example"] = result[name].pop("useful_flops_per_example")
+        peak = datasheet_peak(result["device"], name) if device.type == "cuda" else None
+        if peak:
+            result[name]["datasheet_peak_flops_per_s"] = peak
+            result[name]["train_mfu_datasheet"] = 3 * result["useful_flops_per_example"] * result[name]["train_examples_per_s"] / peak
+        if trainer:
+            log(f"bench {name}: end to end through the trainer …")
+            bf16 = replace_train(cfg, bf16=dtype is torch.bfloat16)
+            result[name]["trainer_examples_per_s"] = trainer_examples_per_s(bf16, steps * repeats)
     return result
+
+
+def replace_train(cfg: Config, **changes) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, train=replace(cfg.train, **changes))
+
+
+def profile_training(cfg: Config, out: Any, steps: int = 10) -> str:
+    """A torch.profiler trace of ``steps`` training steps (Chrome trace JSON at ``out``, open it in Perfetto or
+    chrome://tracing) and the top operators by self time, as text (returned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = default_device()
+    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
+    set_seed(t.seed)
+    model = build(cfg, data).to(device)
+    batcher = Batcher(data, "train", cfg.data.max_seq_len, model.event_windows)
+    opts = make_optimizers(model, t)
+    step = TrainStep(TrainModel(model, t.bf16), opts, make_schedulers(opts, t, steps + 3), t.grad_clip)
+    batches = batcher.iterate(t.batch_size, np.random.default_rng(0))
+    for _ in range(3):  # warm-up, outside the trace
+        step(to_device(next(batches), device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step(to_device(next(batches), device))
+        _sync(device)
+    prof.export_chrome_trace(str(out))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
 def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int, repeats: int) -> dict[str, float]:
@@ -138,11 +238,19 @@ def speed_table(r: dict[str, Any]) -> None:
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
                       f"{r['useful_flops_per_example'] / 1e6:.2f} useful / {r['flops_per_example'] / 1e6:.2f} executed MFLOPs/example "
                       "forward (MFU: useful FLOPs; HFU: executed, padding included)")
-    for col in ("dtype", "GEMM GFLOP/s", "train ex/s", "train MFU", "train HFU", "infer ex/s", "infer MFU", "infer HFU"):
+    cols = ["dtype", "GEMM GFLOP/s", "train ex/s", "trainer ex/s", "train MFU", "train HFU", "infer ex/s", "infer MFU", "infer HFU"]
+    datasheet = any("train_mfu_datasheet" in r[name] for name in DTYPES)
+    for col in cols + (["MFU vs datasheet"] if datasheet else []):
         tab.add_column(col, justify="right")
     for name in DTYPES:
         m = r[name]
-        tab.add_row(name, f"{m['gemm_flops_per_s'] / 1e9:.1f}", f"{m['train_examples_per_s']:.0f}", f"{100 * m['train_mfu']:.2f} %",
-                    f"{100 * m['train_hfu']:.2f} %", f"{m['infer_examples_per_s']:.0f}", f"{100 * m['infer_mfu']:.2f} %",
-                    f"{100 * m['infer_hfu']:.2f} %")
+        row = [name, f"{m['gemm_flops_per_s'] / 1e9:.1f}", f"{m['train_examples_per_s']:.0f}",
+               f"{m['trainer_examples_per_s']:.0f}" if "trainer_examples_per_s" in m else "–", f"{100 * m['train_mfu']:.2f} %",
+               f"{100 * m['train_hfu']:.2f} %", f"{m['infer_examples_per_s']:.0f}", f"{100 * m['infer_mfu']:.2f} %",
+               f"{100 * m['infer_hfu']:.2f} %"]
+        if datasheet:
+            row.append(f"{100 * m['train_mfu_datasheet']:.2f} %" if "train_mfu_datasheet" in m else "–")
+        tab.add_row(*row)
     out_console().print(tab)
+    out_console().print(f"loader alone: {r['loader_examples_per_s']:,.0f} examples/s "
+                        f"({r['loader_examples_per_s'] / max(r[n]['train_examples_per_s'] for n in DTYPES):.0f}× the fastest training step)")

@@ -10,24 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "relu2": lambda x: F.relu(x).square(),
-    "leaky_relu": F.leaky_relu,
-    "hardswish": F.hardswish,
-    "identity": lambda x: x,
-}
-
-
-def activation(name: str):
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+from kunlun.ops.activations import ACTIVATIONS, activation  # noqa: F401  (re-exported for the blocks)
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -59,3 +43,14 @@ class MLP(nn.Module):
         """``d_in``: the input features that carry data (fewer than ``dims[0]`` when some are padding)."""
         dims = [self.dims[0] if d_in is None else d_in, *self.dims[1:]]
         return sum(linear_flops(tokens, a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in float32 and returned in the input's dtype, as autocast treats LayerNorm: under
+    bf16 autocast a bf16 input with the float32 weight would otherwise miss the fused kernel (a slow mixed-dtype
+    path) and normalise in bf16. [..., D] → [..., D]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return nn.functional.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)

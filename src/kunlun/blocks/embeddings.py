@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +57,35 @@ class FeatureInfo:
         return len(self.cat_vocabs) + (1 if self.n_numeric else 0)
 
 
+_PROBE = nn.ModuleDict()
+
+
+@functools.cache
+def table_key(vocab: str) -> str:
+    """The module name of vocabulary ``vocab``'s table: the name itself (so checkpoints name their tables), unless
+    PyTorch refuses it as a module name — it holds a '.', or is an attribute of a ModuleDict ('type', 'items',
+    'train'), all fine column names — then a name derived from it."""
+    if vocab and "." not in vocab and not hasattr(_PROBE, vocab):
+        return vocab
+    return "vocab_" + hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class EmbeddingTables(nn.ModuleDict):
+    """A ModuleDict of embedding tables indexed by vocabulary name, whatever the name (see ``table_key``)."""
+
+    def __getitem__(self, vocab: str) -> nn.Module:
+        return super().__getitem__(table_key(vocab))
+
+    def __setitem__(self, vocab: str, module: nn.Module) -> None:
+        super().__setitem__(table_key(vocab), module)
+
+    def __contains__(self, vocab: str) -> bool:
+        return super().__contains__(table_key(vocab))
+
+
 def embedding_tables(info: FeatureInfo, dim: int, vocabs: list[str] | None = None) -> nn.ModuleDict:
     """One table per vocabulary (fields that share a vocabulary share a table); row 0 is padding."""
-    tables = nn.ModuleDict()
+    tables = EmbeddingTables()
     # sorted: initialisation order (and so the weights for a seed) must not depend on dict order
     for name in sorted(vocabs if vocabs is not None else info.vocab_sizes):
         emb = nn.Embedding(info.vocab_sizes[name], dim, padding_idx=PAD)
@@ -213,8 +241,6 @@ def masked_mean(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the real tokens. s: [B, L, D], mask: [B, L] → [B, D] (0 for an empty sequence)."""
     m = mask.unsqueeze(-1).to(s.dtype)
     return (s * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 def select_events(tokens: torch.Tensor, mask: torch.Tensor, event: torch.Tensor, code: int, length: int,
                   extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The ``length`` most recent events of type ``code``, compacted and left-padded (newest last).

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kunlun.blocks.attention import gdpa, merge_heads, split_heads
-from kunlun.blocks.common import linear_flops
+from kunlun.blocks.attention import merge_heads, split_heads
+from kunlun.blocks.common import RMSNorm, linear_flops
 from kunlun.formats.gemm import MatMul
+from kunlun.ops.attention import gdpa
 
 
 class GDPAPFFN(nn.Module):
@@ -33,13 +34,13 @@ class GDPAPFFN(nn.Module):
         self.norm_q = nn.LayerNorm(dim)
         self.k = nn.Linear(self.kv_dim, dim)
         self.v = nn.Linear(self.kv_dim, dim)
-        self.norm_out = nn.RMSNorm(dim)
+        self.norm_out = RMSNorm(dim)
         self.matmul = MatMul()
 
     def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q_n = self.norm_q(s)
         k, v = split_heads(self.k(summary), self.heads), split_heads(self.v(summary), self.heads)
-        h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act, matmul=self.matmul)) + q_n
+        h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act, matmul=self.matmul.emulated_or_none())) + q_n
         return (self.norm_out(h) + s) * mask.unsqueeze(-1)
 
     def flops(self, length: int, summary_tokens: int) -> int:

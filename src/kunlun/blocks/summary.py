@@ -20,6 +20,7 @@ from torch import nn
 from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.common import MLP, linear_flops
 from kunlun.formats.gemm import MatMul
+from kunlun.model_configs import GATES  # the gate names a config may give live with the configs
 
 
 class LinearCompress(nn.Module):
@@ -36,9 +37,6 @@ class LinearCompress(nn.Module):
 
     def flops(self, dim: int) -> int:
         return 2 * self.n_out * self.n_in * dim
-
-
-GATES = ("interformer", "glu", "none")
 
 
 class SelfGate(nn.Module):

@@ -1,7 +1,14 @@
-"""Reading CSV / Parquet tables into numpy columns, with one-line errors naming file and column."""
+"""Reading CSV / Parquet tables into numpy columns, with one-line errors naming file, column and row.
+
+Every problem a file can have (unparseable, ragged rows, duplicated header, bytes that are not UTF-8, text
+in a numeric column, missing values) is a ``KunlunError`` naming the file, the column and, where one row
+is at fault, its *data row* (1-based, the header not counted) — or, for a CSV syntax error, its line.
+"""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +17,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from kunlun.errors import KunlunError
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def require_file(path: Path, what: str = "file") -> Path:
@@ -21,6 +30,12 @@ def require_file(path: Path, what: str = "file") -> Path:
     return path
 
 
+def show(value, limit: int = 40) -> str:
+    """A cell value for a one-line message: repr (escapes newlines), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-1]
+
+
 def read_table(
     path: Path,
     *,
@@ -28,28 +43,110 @@ def read_table(
     delimiter: str = ",",
     encoding: str = "utf8",
     required: list[str] | None = None,
+    optional: list[str] | tuple[str, ...] = (),
+    text: list[str] | tuple[str, ...] = (),
 ) -> pa.Table:
-    """Read a CSV (header row unless ``names`` is given) or a Parquet file; check required columns."""
+    """Read a CSV (header row unless ``names`` is given) or a Parquet file; check required columns.
+
+    ``text`` columns are read from a CSV as text whatever they hold (a history column whose cells each
+    hold one item id would otherwise be read as integers). ``optional`` columns are read when present. The
+    columns named in all three must be unique in the header, and their text valid UTF-8 (the error names
+    the row); the other columns are not looked at."""
     path = require_file(path)
     if path.stat().st_size == 0:
         raise KunlunError(f"{path}: file is empty")
+    parquet = path.suffix.lower() in PARQUET_SUFFIXES
     try:
-        if path.suffix in (".parquet", ".pq"):
+        if parquet:
             table = pq.read_table(path)
         else:
-            read_opts = pacsv.ReadOptions(column_names=names, encoding=encoding, autogenerate_column_names=False)
-            parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False)
-            table = pacsv.read_csv(path, read_options=read_opts, parse_options=parse)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
-        raise KunlunError(f"{path}: cannot be parsed ({str(exc).splitlines()[0]})") from None
+            table = _read_csv(path, names, delimiter, encoding, text)
+        table.column_names  # noqa: B018 (decodes the header: a name that is not UTF-8 fails here)
+    except UnicodeDecodeError as exc:  # the header row (column names) is decoded by Python
+        raise KunlunError(f"{path}: the header row is not valid {encoding} text (byte {exc.start})") from None
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise KunlunError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise KunlunError(f"{path}: cannot be parsed as {'Parquet' if parquet else 'CSV'} ({_first_line(exc)})") from None
+    wanted = list(dict.fromkeys([*(required if required is not None else table.column_names), *optional, *text]))
+    counts = Counter(table.column_names)
+    for c in wanted:
+        if counts[c] > 1:
+            raise KunlunError(f"{path}: column {c!r} appears {counts[c]} times in the header; column names must be unique")
     if table.num_rows == 0:
         raise KunlunError(f"{path}: file has a header but no rows")
-    missing = [c for c in required or [] if c not in table.column_names]
+    missing = [c for c in required or [] if c not in counts]
     if missing:
         raise KunlunError(
             f"{path}: missing column {missing[0]!r}; expected columns {required}, found {table.column_names}"
         )
+    for c in wanted:
+        if c in counts and _is_binary(table.column(c).type):
+            table = table.set_column(table.column_names.index(c), c, _utf8(table.column(c), c, path))
     return table
+
+
+def _read_csv(path: Path, names, delimiter: str, encoding: str, text) -> pa.Table:
+    read_opts = pacsv.ReadOptions(column_names=names, encoding=encoding, autogenerate_column_names=False)
+    quote = '"' if delimiter == "," else False
+    # text columns as raw bytes: nothing to convert can fail; read_table checks and decodes them
+    convert = pacsv.ConvertOptions(column_types={c: pa.binary() for c in text})
+    try:
+        return pacsv.read_csv(path, read_options=read_opts, parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=quote),
+                              convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise KunlunError(f"{path}: the file holds only empty lines") from None
+        if "CSV parse error" not in str(exc):
+            raise
+    # a malformed row: read again on one thread, whose message has the row's line number
+    try:
+        pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=names, encoding=encoding, use_threads=False),
+                       parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=quote), convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        m = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+)", str(exc))
+        if m:
+            line, expected, found = m.groups()
+            like = " like the header" if names is None else ""
+            raise KunlunError(f"{path}: line {line} has {found} fields, expected {expected}{like}") from None
+        raise KunlunError(f"{path}: cannot be parsed as CSV ({_first_line(exc)})") from None
+    raise KunlunError(f"{path}: cannot be parsed as CSV (a malformed row)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return re.sub(r"\s+", " ", text[0]) if text else type(exc).__name__
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+
+
+def _utf8(arr: pa.ChunkedArray, column: str, path: Path) -> pa.ChunkedArray:
+    """Bytes → text, or an error naming the first row that is not valid UTF-8."""
+    try:
+        return arr.cast(pa.string())
+    except pa.ArrowException:
+        pass
+    for row, value in enumerate(arr.to_pylist()):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise KunlunError(f"{path}: column {column!r} has text that is not valid UTF-8 at data row {row + 1} "
+                                  f"(byte {exc.start}: {show(value)})") from None
+    raise KunlunError(f"{path}: column {column!r} cannot be read as text")
+
+
+def _plain(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Dictionary-encoded (Parquet categorical) → its plain values."""
+    if pa.types.is_dictionary(arr.type):
+        return arr.cast(arr.type.value_type)
+    return arr
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _reject_nulls(arr, column: str, path: Path) -> None:
@@ -58,19 +155,43 @@ def _reject_nulls(arr, column: str, path: Path) -> None:
         raise KunlunError(f"{path}: column {column!r} has a missing or NaN value at data row {row + 1}")
 
 
-def numeric_column(table: pa.Table, column: str, path: Path, *, integer: bool = False) -> np.ndarray:
-    """A column as float64 (or int64), rejecting text, missing values and NaN/inf with the row number."""
-    arr = table.column(column)
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def numeric_column(table: pa.Table, column: str, path: Path, *, integer: bool = False, float32: bool = False) -> np.ndarray:
+    """A column as float64 (or int64), rejecting text, missing values and NaN/inf with the row number;
+    ``float32``: also values a float32 feature cannot hold (beyond ±3.4e38)."""
+    arr = _plain(table.column(column))
     _reject_nulls(arr, column, path)
+    if _is_text(arr.type):
+        values = arr.to_pylist()
+        row = next((i for i, v in enumerate(values) if not _is_number(v)), 0)
+        raise KunlunError(f"{path}: column {column!r} must be numeric, found text {show(values[row])} at data row {row + 1}")
+    if pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type):
+        arr = arr.cast(pa.float64())
     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
         raise KunlunError(f"{path}: column {column!r} must be numeric, found {arr.type}")
+    if integer and pa.types.is_integer(arr.type):
+        return arr.to_numpy().astype(np.int64)
     values = arr.to_numpy().astype(np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
         raise KunlunError(f"{path}: column {column!r} has a non-finite value (NaN/inf) at data row {int(np.flatnonzero(bad)[0]) + 1}")
+    if float32 and (np.abs(values) > FLOAT32_MAX).any():
+        row = int(np.flatnonzero(np.abs(values) > FLOAT32_MAX)[0])
+        raise KunlunError(f"{path}: column {column!r} has {values[row]:g} at data row {row + 1}, beyond the float32 range of features")
     if integer:
-        if np.any(values != np.round(values)):
-            row = int(np.flatnonzero(values != np.round(values))[0])
+        wrong = (values != np.round(values)) | (np.abs(values) > 2**62)
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
             raise KunlunError(f"{path}: column {column!r} must hold integers, found {values[row]} at data row {row + 1}")
         return values.astype(np.int64)
     return values
@@ -78,10 +199,17 @@ def numeric_column(table: pa.Table, column: str, path: Path, *, integer: bool = 
 
 def id_column(table: pa.Table, column: str, path: Path) -> np.ndarray:
     """A categorical id column: integers stay int64, anything else becomes str; missing values rejected."""
-    arr = table.column(column)
+    arr = _plain(table.column(column))
     _reject_nulls(arr, column, path)
     if pa.types.is_integer(arr.type):
         return arr.to_numpy().astype(np.int64)
+    if pa.types.is_floating(arr.type):
+        bad = ~np.isfinite(arr.to_numpy())
+        if bad.any():
+            raise KunlunError(f"{path}: column {column!r} has a missing or NaN value at data row {int(np.flatnonzero(bad)[0]) + 1}")
+    if not (_is_text(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type)
+            or pa.types.is_temporal(arr.type)):
+        raise KunlunError(f"{path}: column {column!r} must hold one id per row (text or integers), found {arr.type}")
     return np.asarray(arr.cast(pa.string()).to_numpy(zero_copy_only=False)).astype(str)
 
 

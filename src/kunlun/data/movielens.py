@@ -1,4 +1,4 @@
-"""MovieLens as a CTR task with behaviour sequences (latest-small and 100K).
+"""MovieLens as a CTR task with behaviour sequences (latest-small, 100K and 1M).
 
 One impression per rating, label = rating >= 4. Each user's ratings are ordered by time; the first
 80 % are train, the next 10 % valid, the last 10 % test. An impression's history is the user's events
@@ -7,6 +7,7 @@ carrying its movie, its type (liked / not liked), its primary genre and its time
 
 Non-sequence fields: user, movie, primary genre, release year, hour and weekday of the rating;
 numeric: log history length, log hours since the previous event, genre flags (and age for 100K).
+User features: 100K age bucket, gender, occupation (+ numeric age); 1M gender, age bucket, occupation, zip prefix.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from kunlun.data.io import numeric_column, read_table, require_file
+from kunlun.data.io import id_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.errors import KunlunError
 
@@ -90,8 +92,6 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
         "year": year,
         "hour": (ts // 3600) % 24,
         "weekday": (ts // 86400) % 7,
-        "time": ts,
-        "row": order,
         "log_history": np.log1p(hist_len).astype(np.float64),
         "log_gap_hours": np.log1p(gap_hours),
     }
@@ -121,6 +121,10 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
         frac = pos / user_count
         assign = np.where(frac < SPLIT_FRACTIONS[0], 0, np.where(frac < SPLIT_FRACTIONS[1], 1, 2))
         names = ["train", "valid", "test"]
+        empty = [name for k, name in enumerate(names) if not (assign == k).any()]
+        if empty:
+            raise KunlunError(f"{source}: the {empty[0]} split is empty: users need more ratings for an 80/10/10 split "
+                              f"(the most any user has is {int(user_count.max())})")
     else:
         assign = np.zeros(n, dtype=np.int64)
         names = ["file"]
@@ -131,6 +135,8 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
             columns={c: v[m] for c, v in columns.items()},
             seq_start={"history": user_start[m]},
             seq_end={"history": hist_end[m]},
+            time=ts[m],
+            row=order[m],
         )
     return RawData(schema=schema, splits=splits, events=events, source=source)
 
@@ -216,8 +222,8 @@ def read_100k_users(path: Path) -> UserTable:
         user=numeric_column(t, "user", path, integer=True),
         columns={
             "age_bucket": age_bucket.astype(np.int64),
-            "gender": np.asarray(t.column("gender").to_numpy(zero_copy_only=False)).astype(str),
-            "occupation": np.asarray(t.column("occupation").to_numpy(zero_copy_only=False)).astype(str),
+            "gender": id_column(t, "gender", path).astype(str),
+            "occupation": id_column(t, "occupation", path).astype(str),
         },
         numeric={"age": age},
     )
@@ -232,3 +238,91 @@ def load_100k(folder: Path, ratings_file: Path | None = None, labels: bool = Tru
         str(ratings_path), split=ratings_file is None,
     )
 
+
+
+# ----------------------------------------------------------------------------- 1M (official "::" layout)
+
+ML1M_GENRES = [
+    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
+
+
+def read_dat(path: Path, names: list[str]) -> pa.Table:
+    """A MovieLens-1M file (no header, fields separated by ``::``, Latin-1) as string columns ``names``.
+
+    pyarrow's CSV reader takes one-character delimiters only, so whole lines are read as one column and
+    split on ``::`` (at most ``len(names) - 1`` times: a stray ``::`` stays inside the last field)."""
+    t = read_table(path, names=["line"], delimiter="\x1f", encoding="latin1")  # \x1f (unit separator) never occurs
+    lines = t.column("line").cast(pa.string()).combine_chunks()
+    parts = pc.split_pattern(lines, "::", max_splits=len(names) - 1)
+    count = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(count != len(names))
+    if len(bad):
+        row = int(bad[0])
+        raise KunlunError(f"{path}: line {row + 1} has {count[row]} '::'-separated fields, expected {len(names)} ({'::'.join(names)})")
+    return pa.table({name: pc.list_element(parts, i) for i, name in enumerate(names)})
+
+
+def int_field(t: pa.Table, name: str, path: Path) -> np.ndarray:
+    """A string column of ``read_dat``'s table as int64; a non-integer names its line."""
+    col = pc.utf8_trim_whitespace(t.column(name))
+    ok = pc.match_substring_regex(col, r"^-?[0-9]+$").to_numpy(zero_copy_only=False)
+    if not ok.all():
+        row = int(np.flatnonzero(~ok)[0])
+        raise KunlunError(f"{path}: field {name!r} must be an integer, found {col[row].as_py()!r} on line {row + 1}")
+    return pc.cast(col, pa.int64()).to_numpy()
+
+
+def read_1m_ratings(path: Path) -> Ratings:
+    t = read_dat(path, ["user", "item", "rating", "ts"])
+    ints = pa.table({c: int_field(t, c, path) for c in t.column_names})
+    return ratings_from_table(ints, path, "user", "item", "rating", "ts")
+
+
+def read_1m_movies(path: Path) -> ItemTable:
+    t = read_dat(path, ["item", "title", "genres"])
+    lists = pc.split_pattern(t.column("genres"), "|")
+    flat = np.asarray(pc.list_flatten(lists).to_numpy(zero_copy_only=False)).astype(str)
+    parent = pc.list_parent_indices(lists).to_numpy()
+    known = np.isin(flat, ML1M_GENRES)
+    if not known.all():
+        j = int(np.flatnonzero(~known)[0])
+        raise KunlunError(f"{path}: line {parent[j] + 1} has genre {str(flat[j])!r}, not one of the 18 ML-1M genres ({'|'.join(ML1M_GENRES)})")
+    flags = np.zeros((t.num_rows, len(ML1M_GENRES)), dtype=np.float32)
+    flags[parent, np.searchsorted(ML1M_GENRES, flat)] = 1.0  # ML1M_GENRES is sorted
+    primary = np.asarray(pc.list_element(lists, 0).to_numpy(zero_copy_only=False)).astype(str)
+    years = pc.extract_regex(t.column("title"), r"\((?P<y>\d{4})\)\s*$")
+    year = np.asarray(pc.struct_field(years, [0]).fill_null("0").to_numpy(zero_copy_only=False)).astype(np.int64)
+    return ItemTable(int_field(t, "item", path), primary, year, flags, ML1M_GENRES)
+
+
+def read_1m_users(path: Path) -> UserTable:
+    """Gender (M/F), age bucket code (1, 18, 25, 35, 45, 50, 56), occupation code (0-20) and the zip code's first
+    three digits (the US sectional centre: a region, coarser than the zip code itself)."""
+    t = read_dat(path, ["user", "gender", "age", "occupation", "zip"])
+    text = lambda c: np.asarray(pc.utf8_trim_whitespace(t.column(c)).to_numpy(zero_copy_only=False)).astype(str)
+    zip3 = pc.utf8_slice_codeunits(pc.utf8_trim_whitespace(t.column("zip")), 0, 3)
+    return UserTable(
+        user=int_field(t, "user", path),
+        columns={
+            "gender": text("gender"),
+            "age_bucket": int_field(t, "age", path).astype(str),  # as text: the lookup then formats 6,040 codes, not every rating
+            "occupation": int_field(t, "occupation", path).astype(str),
+            "zip3": np.asarray(zip3.to_numpy(zero_copy_only=False)).astype(str),
+        },
+        numeric={},
+    )
+
+
+def load_1m(folder: Path, ratings_file: Path | None = None, labels: bool = True) -> RawData:
+    """The official ML-1M files (``ratings.dat``, ``movies.dat``, ``users.dat``); also any subset of users
+    in that layout (e.g. users 1-2999, the first 487,650 lines of ``ratings.dat``)."""
+    ratings_path = ratings_file or folder / "ratings.dat"
+    for f in ML1M_FILES[1:]:
+        require_file(folder / f, f"MovieLens-1M {f} (expected next to the ratings file)")
+    return build(
+        read_1m_ratings(ratings_path), read_1m_movies(folder / "movies.dat"), read_1m_users(folder / "users.dat"),
+        str(ratings_path), split=ratings_file is None,
+    )

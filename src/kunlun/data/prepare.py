@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,8 @@ class Encoder:
         if schema.numeric:
             num = np.stack([train.columns[c].astype(np.float64) for c in schema.numeric], axis=1)
             mean, std = num.mean(axis=0), num.std(axis=0)
-            std = np.where(std > 0, std, 1.0)
+            # a spread float32 cannot hold (a column of 1e-88s) is no spread: dividing by it would give NaN
+            std = np.where(std.astype(np.float32) > 0, std, 1.0)
         else:
             mean = std = np.zeros(0)
         ctr = float(np.mean(train.columns[schema.label]))
@@ -177,18 +179,22 @@ class Encoder:
         if s.numeric:
             num = np.stack([split.columns[c].astype(np.float32) for c in s.numeric], axis=1)
             num = (num - self.num_mean) / self.num_std
+            bad = ~np.isfinite(num)
+            if bad.any():
+                row, col = (int(i[0]) for i in np.nonzero(bad))
+                raise KunlunError(f"numeric column {s.numeric[col]!r}: value {split.columns[s.numeric[col]][row]:g} (example {row + 1}) "
+                                  "is too large for float32 features once standardised")
         else:
             num = np.zeros((n, 0), dtype=np.float32)
         group = split.columns.get(s.group) if s.group else None
         group = np.unique(_normalise(group), return_inverse=True)[1] if group is not None else np.arange(n)
-        time = split.columns.get("time")
         return Split(
             label=split.columns[s.label].astype(np.float32),
             cat=cat.astype(np.int64),
             num=num.astype(np.float32),
             group=group.astype(np.int64),
-            time=(time if time is not None else np.zeros(n)).astype(np.int64),
-            row=split.columns.get("row", np.arange(n)).astype(np.int64),
+            time=(split.time if split.time is not None else np.zeros(n)).astype(np.int64),
+            row=(split.row if split.row is not None else np.arange(n)).astype(np.int64),
             seq_start={k: v.astype(np.int64) for k, v in split.seq_start.items()},
             seq_end={k: v.astype(np.int64) for k, v in split.seq_end.items()},
         )
@@ -228,14 +234,45 @@ class Encoder:
         (directory / "encoder.json").write_text(json.dumps(meta, indent=1))
         np.save(directory / "num_stats.npy", np.stack([self.num_mean, self.num_std]) if len(self.num_mean) else np.zeros((2, 0)))
         for k, v in self.vocabs.items():
-            np.save(directory / f"vocab.{k}.npy", v.keys, allow_pickle=False)
+            np.save(directory / vocab_file(k), v.keys, allow_pickle=False)
 
     @classmethod
     def load(cls, directory: Path) -> Encoder:
-        meta = json.loads((directory / "encoder.json").read_text())
-        stats = np.load(directory / "num_stats.npy")
-        vocabs = {k: Vocab(np.load(directory / f"vocab.{k}.npy", allow_pickle=False)) for k in meta["vocabs"]}
-        return cls(Schema.from_dict(meta["schema"]), vocabs, stats[0].astype(np.float32), stats[1].astype(np.float32), meta["train_ctr"])
+        """Read what ``save`` wrote; a missing, truncated or altered file is a KunlunError naming it."""
+        path = directory / "encoder.json"
+        try:
+            meta = json.loads(path.read_text())
+            schema = Schema.from_dict(meta["schema"])
+            names, ctr = [str(k) for k in meta["vocabs"]], float(meta["train_ctr"])
+            path = directory / "num_stats.npy"
+            stats = np.load(path, allow_pickle=False)
+            if stats.ndim != 2 or stats.shape != (2, len(schema.numeric)):
+                raise ValueError(f"shape {stats.shape}, expected (2, {len(schema.numeric)})")
+            vocabs = {}
+            for k in names:
+                path = directory / vocab_file(k)
+                vocabs[k] = Vocab(np.load(path, allow_pickle=False))
+            path = directory / "encoder.json"
+            missing = [v for v in schema.vocab_names if v not in vocabs]
+            if missing:
+                raise ValueError(f"no vocabulary {missing[0]!r}")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, EOFError) as exc:
+            raise KunlunError(f"{path}: unreadable ({_reason(exc)}); the encoder was damaged or written by other code") from None
+        return cls(schema, vocabs, stats[0].astype(np.float32), stats[1].astype(np.float32), ctr)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def vocab_file(name: str) -> str:
+    """The file of vocabulary ``name``: the name itself when it is safe in a file name, else a hash of it."""
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name):
+        return f"vocab.{name}.npy"
+    return f"vocab.{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}.npy"
 
 
 def _events_used(start: np.ndarray, end: np.ndarray, n_events: int) -> np.ndarray:

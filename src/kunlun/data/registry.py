@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import platformdirs
 
-from kunlun.data import movielens, tabular
+from kunlun.data import movielens, synthetic, tabular
 from kunlun.data.prepare import Encoder, Prepared, cache_key, load_prepared, save_prepared
 from kunlun.data.schema import RawData
 from kunlun.errors import KunlunError
@@ -25,6 +25,7 @@ class DatasetSpec:
     files: tuple[str, ...]  # every file the adapter reads (the prepared-data cache key covers exactly these)
     load: Callable[..., RawData]  # (folder, optional single file to score, labels=required?) -> raw
     description: str
+    title: str = ""  # how tables and reports name it, when not simply the name (e.g. a subset of a known dataset)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -35,6 +36,17 @@ DATASETS: dict[str, DatasetSpec] = {
     "ml-100k": DatasetSpec(
         "ml-100k", ("u.data", "u.item", "u.user"), movielens.load_100k,
         "MovieLens 100K, CTR (rating >= 4) with histories and user/item features",
+    ),
+    "ml-1m": DatasetSpec(
+        "ml-1m", movielens.ML1M_FILES, movielens.load_1m,
+        "MovieLens 1M (official '::' files), CTR (rating >= 4) with histories, user and movie features",
+        "ML-1M",
+    ),
+    # the same adapter on the first 487,650 lines of the official ratings.dat: quote it as a subset, never as ML-1M
+    "ml-1m-first-half": DatasetSpec(
+        "ml-1m-first-half", movielens.ML1M_FILES, movielens.load_1m,
+        "ML-1M users 1-2999 only (official layout), CTR (rating >= 4) with histories, user and movie features",
+        "ML-1M users 1–2999",
     ),
     "frappe_x1": DatasetSpec(
         "frappe_x1", tuple(tabular.FRAPPE_SPLITS.values()), tabular.load_frappe,
@@ -55,11 +67,23 @@ def is_schema_file(dataset: str) -> bool:
     return dataset.endswith((".yaml", ".yml"))
 
 
+def synthetic_folder(dataset: str, data_dir: str | Path | None) -> Path | None:
+    """The folder of a synthetic data set (``kunlun data synth``): ``dataset`` itself when it is a folder holding
+    synth.json, else ``data_dir/<dataset>`` for a name that is not registered; None when it is neither."""
+    if dataset in DATASETS or is_schema_file(dataset):
+        return None
+    if synthetic.is_synthetic(Path(dataset)):
+        return Path(dataset)
+    base = Path(data_dir) if data_dir else default_data_dir()
+    return base / dataset if synthetic.is_synthetic(base / dataset) else None
+
+
 def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
     """Where ``name``'s files are: ``data_dir/<folder>`` (or ``data_dir`` itself if it holds them)."""
     if name not in DATASETS:
         raise KunlunError(
-            f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or a path to a schema .yaml file"
+            f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, a path to a schema .yaml file, "
+            "or a synthetic data set folder (kunlun data synth)"
         )
     spec = DATASETS[name]
     base = Path(data_dir) if data_dir else default_data_dir()
@@ -77,29 +101,37 @@ def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
 def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True) -> RawData:
     if is_schema_file(dataset):
         return tabular.SchemaFile(Path(dataset)).load(file, labels)
+    synth = synthetic_folder(dataset, data_dir)
+    if synth is not None:
+        return synthetic.load_synthetic(synth, file, labels)
     return DATASETS[dataset].load(dataset_folder(dataset, data_dir), file, labels)
 
 
-def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, log=None) -> Prepared:
-    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache."""
+def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, rebuild: bool = False,
+                    log=None) -> Prepared:
+    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache.
+
+    ``use_cache=False`` neither reads nor writes the cache; ``rebuild`` ignores a cached copy but writes a new one."""
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
         missing = [f"{split}: {f}" for split, f in sf.files.items() if not f.is_file()]
         if missing:
             raise KunlunError(f"{sf.path}: key files names a file that does not exist ({missing[0]})")
         files, name = [sf.path, *sf.files.values()], sf.name
+    elif (synth := synthetic_folder(dataset, data_dir)) is not None:
+        files, name = synthetic.data_files(synth), synth.resolve().name
     else:
         folder = dataset_folder(dataset, data_dir)
         files, name = [folder / f for f in DATASETS[dataset].files], dataset
     key = cache_key(name, files, {"split": list(movielens.SPLIT_FRACTIONS)})
     target = cache_root() / f"{name}-{key}"
-    if use_cache and (target / "dataset.json").is_file():
+    if use_cache and not rebuild and (target / "dataset.json").is_file():
         try:
             prepared = load_prepared(target)
             if log:
                 log(f"using cached {name} from {target}")
             return prepared
-        except (OSError, KeyError, ValueError) as exc:  # unreadable cache: rebuild it, don't fail the run
+        except (OSError, KeyError, ValueError, KunlunError) as exc:  # unreadable cache: rebuild it, don't fail the run
             if log:
                 log(f"cache {target} unreadable ({exc}); rebuilding")
     if log:
@@ -123,8 +155,17 @@ def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder:
 SPLIT_ORDER = ("train", "valid", "test", "file")
 
 
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """min / median / p90 / max (and mean) of history lengths."""
+    if not len(lengths):
+        return {"min": 0, "median": 0.0, "p90": 0.0, "max": 0, "mean": 0.0}
+    median, p90 = np.percentile(lengths, [50, 90])
+    return {"min": int(lengths.min()), "median": float(median), "p90": float(p90), "max": int(lengths.max()),
+            "mean": float(lengths.mean())}
+
+
 def dataset_summary(p: Prepared) -> dict[str, Any]:
-    """Rows, CTR, groups and history lengths per split; fields and vocabulary sizes (``kunlun data info``)."""
+    """Rows, CTR, groups and history lengths per split (in all, and per event type); fields and vocabulary sizes."""
     s = p.schema
     out: dict[str, Any] = {
         "name": p.name,
@@ -133,13 +174,43 @@ def dataset_summary(p: Prepared) -> dict[str, Any]:
         "categorical": {c: {"vocab": v, "size": len(p.vocabs[v])} for c, v in s.categorical},
         "numeric": list(s.numeric),
         "sequences": [q.name for q in s.sequences],
+        "event_types": {q.name: _event_names(p, q) for q in s.sequences},
         "splits": {},
     }
+    # per sequence and event type: running counts over the event table, so a history's count is one subtraction
+    running = {}
+    for q in s.sequences:
+        codes = p.events[q.name].event
+        running[q.name] = {name: np.concatenate([[0], np.cumsum(codes == code)]) for code, name in _event_names(p, q).items()}
     for name in sorted(p.splits, key=lambda k: SPLIT_ORDER.index(k) if k in SPLIT_ORDER else 9):
         sp = p.splits[name]
         row: dict[str, Any] = {"rows": len(sp), "ctr": float(sp.label.mean()), "groups": int(len(np.unique(sp.group)))}
         for q in s.sequences:
-            lengths = sp.seq_end[q.name] - sp.seq_start[q.name]
-            row[f"{q.name}_length"] = {"mean": float(lengths.mean()), "median": float(np.median(lengths)), "max": int(lengths.max())}
+            start, end = sp.seq_start[q.name], sp.seq_end[q.name]
+            row[f"{q.name}_length"] = length_stats(end - start)
+            row[f"{q.name}_by_event"] = {e: length_stats(cs[end] - cs[start]) for e, cs in running[q.name].items()}
         out["splits"][name] = row
     return out
+
+
+def _event_names(p: Prepared, q) -> dict[int, str]:
+    """Event code → name for sequence ``q`` (codes 2.. are the training vocabulary; 1 collects unseen types)."""
+    if not q.event_vocab:
+        return {}
+    names = {i + 2: str(k) for i, k in enumerate(p.vocabs[q.event_vocab].keys)}
+    if np.any(p.events[q.name].event == 1):
+        names[1] = "(unseen type)"
+    return names
+
+
+def dataset_info(dataset: str, data_dir: str | Path | None = None, log=None) -> dict[str, Any]:
+    """``dataset_summary`` of the prepared data set, with its title and, for synthetic data, its generation
+    parameters and the Bayes NE of every split (``kunlun data info``)."""
+    info = dataset_summary(prepare_dataset(dataset, data_dir, log=log))
+    info["title"] = DATASETS[dataset].title if dataset in DATASETS else ""
+    synth = synthetic_folder(dataset, data_dir)
+    if synth is not None:
+        manifest = synthetic.read_manifest(synth)
+        info["synthetic"] = {k: manifest[k] for k in ("seed", "examples", "users", "world")}
+        info["bayes"] = synthetic.read_bayes(synth)
+    return info

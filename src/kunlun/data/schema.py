@@ -80,9 +80,12 @@ class Schema:
 class RawSplit:
     """Examples of one split before encoding: raw column values, and history ranges per sequence."""
 
-    columns: dict[str, np.ndarray]  # label, categorical and numeric columns, group, "time"
+    columns: dict[str, np.ndarray]  # label, categorical and numeric columns, group: by column name
     seq_start: dict[str, np.ndarray] = field(default_factory=dict)
     seq_end: dict[str, np.ndarray] = field(default_factory=dict)
+    # kept apart from ``columns`` so that a user's column may be called "time" or "row"
+    time: np.ndarray | None = None  # request time (unix seconds), when the schema has_time
+    row: np.ndarray | None = None  # row in the source file, when the examples were reordered (default: in order)
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))

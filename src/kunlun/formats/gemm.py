@@ -119,6 +119,11 @@ class MatMul(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor, roles: tuple[str, str] = ("activations", "activations")) -> torch.Tensor:
         return a @ b
 
+    def emulated_or_none(self) -> MatMul | None:
+        """This module when it emulates a low-precision format, else None: a fused op (``kunlun.ops``) may
+        replace a plain matmul but must run its reference around an emulated one."""
+        return None
+
 
 class _EmulatedMatmul(torch.autograd.Function):
     """a [..., M, K] @ b [..., K, N] (broadcasting batch dims) with all three GEMMs emulated, as for Linear."""
@@ -148,6 +153,9 @@ class EmulatedMatMul(MatMul):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, roles: tuple[str, str] = ("activations", "activations")) -> torch.Tensor:
         return _EmulatedMatmul.apply(a.float(), b.float(), self.policy, *roles)
+
+    def emulated_or_none(self) -> MatMul | None:
+        return self
 
     def extra_repr(self) -> str:
         return f"format={self.policy.cfg.format}"

@@ -1,18 +1,19 @@
 """What every ranking model provides, and the table (``MODELS``) each model module registers itself in.
 
-Building a model from a config is ``kunlun.models.registry``, which imports every model module first.
+Building a model from a config is ``kunlun.models.registry``, which imports every model module first. A model's
+config class (its keys, defaults and checks) is in ``kunlun.model_configs``, below the models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.data.batches import Batch
+from kunlun.model_configs import ModelConfig
 
 
 class RankingModel(nn.Module):
@@ -22,9 +23,10 @@ class RankingModel(nn.Module):
     dense kernels compute them; *useful* FLOPs count only the real tokens of each example
     (``token_counts``), i.e. what a jagged kernel would compute. They differ only for sequence models."""
 
-    config: Any
+    config: ModelConfig
     info: FeatureInfo
     requires_sequence = False  # DIN, BST, InterFormer: nothing to do without a behaviour sequence
+    event_windows = False  # True: batches must carry per-event-type windows (Batcher(event_windows=True))
 
     def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,15 +83,17 @@ class RankingModel(nn.Module):
 @dataclass
 class ModelEntry:
     cls: type[RankingModel]
-    config_cls: type
+    config_cls: type[ModelConfig]
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config_cls: type):
+def register(config_cls: type[ModelConfig]):
+    """Register the decorated model as the one built from ``config_cls`` (under its ``name``)."""
+
     def wrap(cls):
-        MODELS[name] = ModelEntry(cls, config_cls)
+        MODELS[config_cls.name] = ModelEntry(cls, config_cls)
         return cls
 
     return wrap

@@ -11,8 +11,6 @@ event type and gap 0."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
@@ -20,24 +18,8 @@ from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.common import MLP
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.data.batches import Batch
+from kunlun.model_configs import BSTConfig
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_heads, check_positive
-
-
-@dataclass
-class BSTConfig:
-    d_model: int = 16
-    num_heads: int = 2
-    num_layers: int = 1
-    ffn_mult: int = 4
-    time_buckets: int = 16
-    hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        check_positive(self, "d_model", "num_heads", "num_layers", "ffn_mult", "time_buckets", "hidden")
-        check_heads(self)
-        check_dropout(self)
 
 
 class TransformerLayer(nn.Module):
@@ -58,7 +40,7 @@ class TransformerLayer(nn.Module):
         return self.attn.flops(length, length) + self.ffn.flops(length)
 
 
-@register("bst", BSTConfig)
+@register(BSTConfig)
 class BST(RankingModel):
     """Batch → logits [B]."""
 

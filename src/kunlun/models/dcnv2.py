@@ -5,8 +5,6 @@ Sequences enter as one mean-pooled token each."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
@@ -14,24 +12,12 @@ from kunlun.blocks.common import MLP, linear_flops
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import CrossNetV2
 from kunlun.data.batches import Batch
+from kunlun.model_configs import DCNv2Config
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_positive
 from kunlun.models.dnn import pooled_tokens
 
 
-@dataclass
-class DCNv2Config:
-    d_model: int = 16
-    cross_layers: int = 3
-    hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        check_positive(self, "d_model", "cross_layers", "hidden")
-        check_dropout(self)
-
-
-@register("dcnv2", DCNv2Config)
+@register(DCNv2Config)
 class DCNv2(RankingModel):
     """Batch → logits [B] (parallel structure)."""
 

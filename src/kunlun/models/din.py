@@ -11,8 +11,6 @@ and ``position_embedding=false`` give the paper's id-only inputs)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
@@ -20,28 +18,11 @@ from kunlun.blocks.common import linear_flops
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import Dice, TargetAttention
 from kunlun.data.batches import Batch
-from kunlun.errors import KunlunError
+from kunlun.model_configs import DINConfig
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_positive
 
 
-@dataclass
-class DINConfig:
-    d_model: int = 16
-    attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
-    hidden: list[int] = field(default_factory=lambda: [200, 80])
-    dropout: float = 0.1
-    time_buckets: int = 16  # time-gap bucket embedding on history tokens; 0 = off
-    position_embedding: bool = True
-
-    def validate(self) -> None:
-        check_positive(self, "d_model", "attention_hidden", "hidden")
-        check_dropout(self)
-        if self.time_buckets < 0:
-            raise KunlunError(f"config key model.time_buckets: expected >= 0, got {self.time_buckets}")
-
-
-@register("din", DINConfig)
+@register(DINConfig)
 class DIN(RankingModel):
     """Batch → logits [B]."""
 

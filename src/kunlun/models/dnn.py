@@ -4,15 +4,13 @@ token (the usual treatment of sequence features in non-sequential CTR models).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from kunlun.blocks.common import MLP
 from kunlun.blocks.embeddings import FeatureInfo, Inputs, masked_mean
 from kunlun.data.batches import Batch
+from kunlun.model_configs import DNNConfig
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_positive
 
 
 def pooled_tokens(inputs: Inputs, batch: Batch) -> torch.Tensor:
@@ -21,18 +19,7 @@ def pooled_tokens(inputs: Inputs, batch: Batch) -> torch.Tensor:
     return torch.cat([x, *(masked_mean(s, m).unsqueeze(1) for s, m, _ in seqs.values())], dim=1)
 
 
-@dataclass
-class DNNConfig:
-    d_model: int = 16
-    hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        check_positive(self, "d_model", "hidden")
-        check_dropout(self)
-
-
-@register("dnn", DNNConfig)
+@register(DNNConfig)
 class DNN(RankingModel):
     """Batch → logits [B]."""
 

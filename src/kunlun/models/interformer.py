@@ -25,8 +25,6 @@ PFFN has a residual connection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
@@ -36,47 +34,9 @@ from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
 from kunlun.blocks.interaction import CrossNetV2
 from kunlun.blocks.summary import NonSequenceSummary, SeedPooling, SelfGate
 from kunlun.data.batches import Batch
-from kunlun.errors import KunlunError
 from kunlun.formats.gemm import MatMul
+from kunlun.model_configs import InterFormerConfig
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_heads, check_positive, check_summary_gate
-
-
-@dataclass
-class InterFormerConfig:
-    d_model: int = 32
-    num_layers: int = 2
-    num_heads: int = 2
-    summary_tokens: int = 4  # X_sum tokens (LCE output)
-    cls_tokens: int = 2
-    pma_tokens: int = 2
-    recent_tokens: int = 2
-    cross_layers: int = 1  # DCN inside the interaction arch
-    output_hidden: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.0
-    position_embedding: bool = True
-    time_buckets: int = 16  # time-gap bucket embedding on history tokens; 0 = off
-    rotary_time: bool = True  # rotary encoding of τ = log(1 + Δt / time_scale) in self-attention, as in Kunlun
-    time_scale: float = 3600.0  # seconds
-    rotary_base: float = 10.0
-    summary_gate: str = "interformer"  # Gating of X_sum and S_sum: interformer σ(Z ⊙ MLP(Z)) | glu | none
-
-    def validate(self) -> None:
-        check_positive(self, "d_model", "num_layers", "num_heads", "summary_tokens", "cls_tokens", "pma_tokens",
-                       "recent_tokens", "cross_layers", "output_hidden")
-        check_heads(self)
-        check_dropout(self)
-        if self.time_buckets < 0:
-            raise KunlunError(f"config key model.time_buckets: expected >= 0, got {self.time_buckets}")
-        if self.rotary_time and (self.d_model // self.num_heads) % 2:
-            raise KunlunError("config key model.rotary_time: needs an even head width (d_model / num_heads)")
-        if not self.time_scale > 0 or not self.rotary_base > 1:
-            raise KunlunError("config keys model.time_scale must be > 0 and model.rotary_base > 1")
-        check_summary_gate(self)
-
-    @property
-    def seq_summary_tokens(self) -> int:
-        return self.cls_tokens + self.pma_tokens + self.recent_tokens
 
 
 class PersonalizedFFN(nn.Module):
@@ -139,7 +99,7 @@ class DHENInteraction(nn.Module):
         return 2 * self.nz * self.nz * self.dim + self.cross.flops() + linear_flops(1, self.combine.in_features, self.combine.out_features)
 
 
-@register("interformer", InterFormerConfig)
+@register(InterFormerConfig)
 class InterFormer(RankingModel):
     """Batch → logits [B]."""
 

@@ -6,22 +6,16 @@ baseline (BARS "LR"). Behaviour sequences are not used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.data.batches import Batch
+from kunlun.model_configs import LogisticRegressionConfig
 from kunlun.models.base import RankingModel, register
 
 
-@dataclass
-class LogisticRegressionConfig:
-    pass
-
-
-@register("logistic_regression", LogisticRegressionConfig)
+@register(LogisticRegressionConfig)
 class LogisticRegression(RankingModel):
     """Batch → logits [B]."""
 

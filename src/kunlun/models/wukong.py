@@ -5,8 +5,6 @@ token each."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
@@ -14,28 +12,12 @@ from kunlun.blocks.common import MLP
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.wukong import WukongLayer
 from kunlun.data.batches import Batch
+from kunlun.model_configs import WukongConfig
 from kunlun.models.base import RankingModel, register
-from kunlun.models.base_config import check_dropout, check_positive
 from kunlun.models.dnn import pooled_tokens
 
 
-@dataclass
-class WukongConfig:
-    d_model: int = 16
-    num_layers: int = 3
-    fmb_tokens: int = 8  # n_F: tokens out of the FM block per layer
-    lcb_tokens: int = 8  # n_L: tokens out of the linear compression block per layer
-    fm_rank: int = 8
-    fm_hidden: int = 256
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        check_positive(self, "d_model", "num_layers", "fmb_tokens", "lcb_tokens", "fm_rank", "fm_hidden", "hidden")
-        check_dropout(self)
-
-
-@register("wukong", WukongConfig)
+@register(WukongConfig)
 class Wukong(RankingModel):
     """Batch → logits [B]."""
 

@@ -45,7 +45,7 @@ from typing import Any
 from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
-from kunlun.models import model_config
+from kunlun.model_configs import DEFAULT_MODEL
 from kunlun.processes import child_env, lock_holder
 from kunlun.runs import code_version, read_json, reuse_state, run_code
 
@@ -59,7 +59,7 @@ class NoiseSpec:
 @dataclass
 class SweepSpec:
     name: str = "sweep"
-    model: str = "kunlun"
+    model: str = DEFAULT_MODEL
     dataset: str = "ml-latest-small"
     config: str | None = None
     data_dir: str | None = None
@@ -130,7 +130,6 @@ def job_config(spec: SweepSpec, job: Job, threads: int = 0) -> dict[str, Any]:
     """The resolved config the job's ``kunlun train`` process runs with (``data.data_dir`` aside)."""
     cfg = load_config(Path(spec.config) if spec.config else None, job.overrides, model=spec.model, dataset=spec.dataset,
                       seed=job.seed, threads=threads)
-    model_config(cfg.model)
     return cfg.to_dict()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config, load_config
@@ -30,8 +31,8 @@ from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Encoder
 from kunlun.data.registry import load_raw, prepare_dataset, prepare_file
 from kunlun.errors import KunlunError
-from kunlun.files import atomic_write, atomic_write_text, recover_dir
-from kunlun.models import RankingModel, model_config, recorded_config
+from kunlun.files import atomic_write, atomic_write_text, check_output_file, os_reason, recover_dir
+from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
 from kunlun.runs import DEFAULT_RUNS_DIR, code_version, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
@@ -76,7 +77,7 @@ def resume_changes(run_dir: Path, cfg: Config) -> dict[str, list[Any]]:
     """{key: [recorded, new]} for every config key ``cfg`` sets differently from the run's config.yaml. A key
     outside ``RESUME_FREE_KEYS`` is a KunlunError naming it: the checkpoint's optimizer state and schedule would
     silently override it, and the record would claim it."""
-    old, new = _flat(recorded_config(load_config(resume_config_path(run_dir)))), _flat(recorded_config(cfg))
+    old, new = _flat(load_config(resume_config_path(run_dir)).to_dict()), _flat(cfg.to_dict())
     keys = sorted(set(old) | set(new), key=lambda k: (k != "model.name", k))  # another model: say that first
     changed = {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
     for k, (was, now) in changed.items():
@@ -98,7 +99,6 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
     Resuming a finished run is refused and changes nothing; resuming a run stopped before its first checkpoint
     starts it again from the beginning (the seed makes that the same run).
     """
-    model_config(cfg.model)  # validate model keys before touching data
     if resume:
         if run_dir is None:
             raise KunlunError("resume: give the run directory to continue")
@@ -106,7 +106,7 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
         check_unfinished(target)  # before anything is written, the lock file included
         changes = resume_changes(target, cfg)
     else:
-        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model["name"], cfg.data.dataset)
+        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model.name, cfg.data.dataset)
         if not is_empty_run_dir(target):
             raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
@@ -122,7 +122,7 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
                 _resume(trainer, changes, logger)
             else:
                 trainer.start_record()
-            logger(f"run {target}: {cfg.model['name']} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} "
+            logger(f"run {target}: {cfg.model.name} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} "
                    f"MFLOPs/example, {trainer.model.num_parameters()['total']:,} parameters")
             final = trainer.fit()
         except BaseException:
@@ -180,7 +180,12 @@ def load_trained(path: Path) -> tuple[Config, Encoder, RankingModel]:
         raise KunlunError(f"{run}: run directory has no encoder/ (schema and vocabularies)")
     encoder = Encoder.load(run / "encoder")
     model = build_from_info(cfg, FeatureInfo.from_encoder(encoder, cfg.data.max_seq_len))
-    load_weights(ckpt, model)
+    try:
+        load_weights(ckpt, model)
+    except (SafetensorError, RuntimeError, OSError) as exc:  # truncated, or tensors of other shapes than the config's
+        lines = str(exc).strip().splitlines()
+        raise KunlunError(f"{ckpt / 'model.safetensors'}: unreadable ({lines[0] if lines else type(exc).__name__}); "
+                          "the checkpoint was damaged or does not belong to this run's config") from None
     return cfg, encoder, model
 
 
@@ -208,16 +213,23 @@ def evaluate_file(path: Path, file: Path, data_dir: str | None = None) -> dict[s
 
 def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None) -> int:
     """Write ``out`` (CSV: row, probability, and label when the file has one) for every row of ``file``, in the
-    file's row order; returns the number of rows."""
+    file's row order; returns the number of rows. ``out`` is checked before any work, and written atomically:
+    a failure leaves whatever was at ``out`` before, and no temporary file."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    check_output_file(out)
+    if Path(file).is_file() and out.exists() and out.samefile(file):
+        raise KunlunError(f"--out {out}: is the input file; write the predictions elsewhere")
     cfg, encoder, model = load_trained(path)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
-    probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len), cfg.train.eval_batch_size, cfg.train.bf16)
+    probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
     if data.has_labels:
         columns["label"] = labels[order]
-    atomic_write(out, lambda tmp: pacsv.write_csv(pa.table(columns), tmp))
+    try:
+        atomic_write(out, lambda tmp: pacsv.write_csv(pa.table(columns), tmp))
+    except OSError as exc:  # e.g. a folder that refuses new files, a full disk
+        raise KunlunError(f"--out {out}: cannot be written ({os_reason(exc)})") from None
     return len(probs)

@@ -9,7 +9,6 @@ then every optimizer and its learning-rate schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,11 +25,7 @@ def default_device() -> torch.device:
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    seqs = {k: replace(s, **{f: getattr(s, f).to(device, non_blocking=True) for f in ("item", "event", "side", "gap", "mask")})
-            for k, s in batch.seqs.items()}
-    return Batch(batch.label.to(device), batch.cat.to(device), batch.num.to(device), batch.group.to(device), seqs)
+    return batch.to(device)
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -51,17 +46,17 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
     """
     opts: list[torch.optim.Optimizer] = []
     dense = [p for p in model.dense_parameters() if p.requires_grad]
+    # fused Adam(W): one kernel over every tensor instead of ~10 small ops per tensor (a third of the step time
+    # of the default Kunlun on CPU went to the optimizer's per-tensor loop); same update up to float rounding
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()) else {}
     if dense:
-        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay))
+        opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay, **fused))
     emb = model.embedding_parameters()
     if emb:
         wd, l2 = t.embedding_weight_decay, t.embedding_l2
-        if t.embedding_optimizer == "adam":
-            if wd and l2:
-                raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
-                                  "with train.embedding_optimizer=adam")
-            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd) if wd
-                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2))
+        if t.embedding_optimizer == "adam":  # with one of wd and l2 at most (TrainConfig checks)
+            opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd, **fused) if wd
+                        else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2, **fused))
         else:
             cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
             opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))

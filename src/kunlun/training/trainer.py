@@ -29,6 +29,7 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kunlun import ops
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config
 from kunlun.console import log, stderr
@@ -38,7 +39,7 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_dir, atomic_write_text, os_error_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
-from kunlun.models import RankingModel, build_model, recorded_config
+from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
 from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint, verify_checkpoint
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
@@ -76,7 +77,7 @@ def evaluate(model: RankingModel, data: Prepared, split: str, max_len: int, batc
     """Metrics of ``split``. The split's predictions go to the accumulator in one update, so NE, logloss and
     calibration are bit-identical to the numbers of earlier runs (per-batch updates would change the order of the
     float64 sums, hence the last bits; AUC and gAUC would not change)."""
-    probs, labels, groups = predict(model, Batcher(data, split, max_len), batch_size, bf16)
+    probs, labels, groups = predict(model, Batcher(data, split, max_len, model.event_windows), batch_size, bf16)
     acc = MetricAccumulator(data.train_ctr)
     acc.update(labels, probs, groups)
     return acc.compute()
@@ -105,7 +106,9 @@ def build(cfg: Config, data: Prepared) -> RankingModel:
 
 
 def build_from_info(cfg: Config, info: FeatureInfo) -> RankingModel:
-    """The model of ``cfg``, with its emulated low-precision GEMMs (none for fp32) — for training and for reloading."""
+    """The model of ``cfg``, with its emulated low-precision GEMMs (none for fp32) — for training and for reloading.
+    Selects the process's op implementations (``train.ops``) too."""
+    ops.use(cfg.train.ops)
     model = build_model(cfg.model, info)
     apply_precision(model, cfg.precision, cfg.train.seed)
     return model
@@ -137,7 +140,7 @@ class Trainer:
         self.device = default_device()
         self.model = build(cfg, data).to(self.device)
         self.optimizers = make_optimizers(self.model, t)
-        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len)
+        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
@@ -146,7 +149,7 @@ class Trainer:
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
-        self.recorded = recorded_config(cfg)  # what checkpoints record
+        self.recorded = cfg.to_dict()  # what the run and its checkpoints record
         self.last_saved = time.monotonic()
         if "valid" not in data.splits:
             raise KunlunError(f"dataset {data.name!r} has no validation split for early stopping")
@@ -318,7 +321,7 @@ class Trainer:
         final = {
             "code": code_version(),
             "code_versions": self.state.code_versions,
-            "model": cfg.model["name"],
+            "model": cfg.model.name,
             "dataset": self.data.name,
             "seed": cfg.train.seed,
             "metrics": metrics,

@@ -1,0 +1,151 @@
+"""Attention ops: softmax attention with a key mask and an optional sliding window, and GDPA.
+
+``softmax_attention`` — reference: explicit Q·Kᵀ, masked softmax, ·V over every key (the band is a mask).
+Fast: ``scaled_dot_product_attention`` (fused, no L×L score tensor kept for backward); a sliding window
+narrow enough for it to pay runs *blocked*: the sequence is cut into blocks of ``b ≥ W`` queries and each
+block attends to its own and its two neighbouring key blocks (3b keys, the band masked inside), so the work
+grows as L·3b instead of L². At the default size (L ≈ 51, W = 16) the band covers most keys and the dense
+masked kernel is faster; the blocked layout wins once L is over 4 × 3b (``blocked_pays``).
+
+``gdpa`` — generalised dot-product attention (an element-wise activation instead of the softmax, one per
+head or one for all, no row normalisation). Its fast path applies per-head activations through one
+``torch.where`` over head groups instead of stacking per-head copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kunlun import ops
+from kunlun.ops.activations import ACTIVATIONS
+
+
+def band_mask(lq: int, lk: int, window: int, device=None) -> torch.Tensor:
+    """[Lq, Lk] bool, True where |i − j| ≤ window (sliding-window attention; Lq = Lk for self-attention)."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return (i - j).abs() <= window
+
+
+def band_pairs(length: int, window: int) -> int:
+    """Number of (i, j) pairs with |i − j| ≤ window in an L × L self-attention (``band_mask(L, L, W).sum()``)."""
+    w = min(window, length - 1)
+    return length + w * (2 * length - w - 1)
+
+
+def block_size(window: int) -> int:
+    """Queries per block of the blocked band: at least the window (so 3 key blocks hold every band key),
+    rounded up to a multiple of 8."""
+    return max(8, -(-window // 8) * 8)
+
+
+def blocked_pays(length: int, window: int) -> bool:
+    """The blocked band computes L·3b scores against L² dense ones; below a 4× saving its extra copies
+    and smaller kernels cost more than they save (measured on CPU, ``benchmarks/ops_attention.py``: at
+    batch 256, 2 heads × 16, L = 128 and W = 16 the two tie; at L = 256 blocked is 1.3× faster, at 512 2×)."""
+    return bool(window) and 4 * 3 * block_size(window) <= length
+
+
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, window: int = 0,
+    matmul=None,
+) -> torch.Tensor:
+    """Masked softmax attention, scale 1/√dh.
+
+    q: [B, H, Lq, dh] (or [H, Lq, dh], shared by the batch); k, v: [B, H, Lk, dh]; key_mask: [B, Lk] bool;
+    ``window`` > 0: query i sees keys j with |i − j| ≤ window (needs Lq = Lk) → [B, H, Lq, dh]. A query
+    with no visible key outputs 0. ``matmul``: an emulated low-precision matmul (then the reference runs).
+    """
+    if window and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"a sliding window needs self-attention (Lq = Lk), got Lq={q.shape[-2]}, Lk={k.shape[-2]}")
+    if matmul is not None or ops.current() == "reference":
+        return softmax_attention_reference(q, k, v, key_mask, window, matmul)
+    if q.dim() == 3:
+        q = q.expand(k.shape[0], *q.shape)
+    if blocked_pays(k.shape[-2], window):
+        return _blocked_band(q, k, v, key_mask, window)
+    visible = key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+    if window:
+        visible = visible & band_mask(q.shape[-2], k.shape[-2], window, k.device)  # [B, 1, L, L]
+    return _sdpa(q, k, v, visible)
+
+
+def softmax_attention_reference(q, k, v, key_mask, window: int = 0, matmul=None) -> torch.Tensor:
+    """The plain form of ``softmax_attention`` (same arguments): every score computed, the band a mask."""
+    mm = matmul or torch.matmul
+    scores = mm(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, Lq, Lk]
+    visible = key_mask[:, None, None, :]
+    if window:
+        visible = visible & band_mask(q.shape[-2], k.shape[-2], window, k.device)
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    attn = torch.softmax(scores, dim=-1) * visible.to(scores.dtype)
+    return mm(attn, v)
+
+
+def _sdpa(q, k, v, visible: torch.Tensor) -> torch.Tensor:
+    """Fused attention with a boolean mask broadcastable to [..., Lq, Lk]. A fully masked row would be NaN
+    in the kernel: it is unmasked there and its output zeroed (so it and its gradient are exactly 0)."""
+    seen = visible.any(-1, keepdim=True)  # [..., Lq, 1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~seen)
+    return out * seen.to(out.dtype)
+
+
+def _blocked_band(q, k, v, key_mask, window: int) -> torch.Tensor:
+    """Sliding-window attention on blocks of b queries against 3b keys. q, k, v: [B, H, L, dh] → same."""
+    bsz, heads, length, dh = k.shape
+    b = block_size(window)
+    nb = -(-length // b)
+    tail = nb * b - length
+
+    def neighbours(x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x padded by one block on each side and blocked along ``dim`` ([…, nb + 2, b, …]) → the three
+        key blocks of every query block side by side: […, nb, 3b, …]."""
+        return torch.cat([x.narrow(dim, 0, nb), x.narrow(dim, 1, nb), x.narrow(dim, 2, nb)], dim=dim + 1)
+
+    # [B, H·nb, …]: 4-D, so the fused CPU kernel takes it (a 5-D call falls back to the unfused math path)
+    kk = neighbours(F.pad(k, (0, 0, b, b + tail)).view(bsz, heads, nb + 2, b, dh), 2).view(bsz, heads * nb, 3 * b, dh)
+    vv = neighbours(F.pad(v, (0, 0, b, b + tail)).view(bsz, heads, nb + 2, b, dh), 2).view(bsz, heads * nb, 3 * b, dh)
+    qq = F.pad(q, (0, 0, 0, tail)).reshape(bsz, heads * nb, b, dh)
+    mk = neighbours(F.pad(key_mask, (b, b + tail)).view(bsz, nb + 2, b), 1)  # [B, nb, 3b]
+    r = torch.arange(b, device=k.device)
+    c = torch.arange(3 * b, device=k.device)
+    band = (r[:, None] + b - c[None, :]).abs() <= window  # query r of a block against key c of its 3 blocks
+    visible = (mk[:, None, :, None, :] & band).expand(bsz, heads, nb, b, 3 * b).reshape(bsz, heads * nb, b, 3 * b)
+    out = _sdpa(qq, kk, vv, visible)  # [B, H·nb, b, dh]
+    return out.view(bsz, heads, nb * b, dh)[:, :, :length]
+
+
+def head_activation(scores: torch.Tensor, act: str | list[str] | tuple[str, ...]) -> torch.Tensor:
+    """Element-wise activation of scores [B, H, Lq, Lk]; ``act`` one name, or one name per head."""
+    if isinstance(act, str):
+        return ACTIVATIONS[act](scores)
+    if len(act) != scores.shape[1]:
+        raise ValueError(f"{len(act)} activations given for {scores.shape[1]} heads")
+    if ops.current() == "reference":
+        return torch.stack([ACTIVATIONS[a](scores[:, h]) for h, a in enumerate(act)], dim=1)
+    out = None
+    for name in dict.fromkeys(act):  # each distinct activation once, over the heads that use it
+        heads = torch.tensor([a == name for a in act], device=scores.device)[:, None, None]  # [H, 1, 1]
+        y = ACTIVATIONS[name](scores)
+        out = y if out is None else torch.where(heads, y, out)
+    return out
+
+
+def gdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, act: str | list[str] = "silu", scale: float | None = None,
+    key_mask: torch.Tensor | None = None, matmul=None,
+) -> torch.Tensor:
+    """Generalised dot-product attention: O = (act(Q·Kᵀ) · scale) · V, rows not normalised.
+
+    q: [B, H, Lq, dh]; k, v: [B, H, Lk, dh]; key_mask: [B, Lk] bool or None → [B, H, Lq, dh]. ``scale``
+    defaults to 1/√dh. ``matmul``: the calling module's (emulated) matmul, else ``torch.matmul``.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mm = matmul or torch.matmul
+    a = head_activation(mm(q, k.transpose(-1, -2)), act) * scale
+    if key_mask is not None:
+        a = a * key_mask[:, None, None, :].to(a.dtype)
+    return mm(a, v)

@@ -1,0 +1,145 @@
+"""Every fast op against its plain reference: forward and backward, random shapes, ragged masks, dtypes."""
+
+import itertools
+
+import pytest
+import torch
+
+from kunlun import ops
+from kunlun.errors import KunlunError
+from kunlun.ops.attention import band_mask, band_pairs, blocked_pays, gdpa, softmax_attention, softmax_attention_reference
+
+
+def ragged_mask(b: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Left-padded histories of random lengths (0 included), plus scattered holes."""
+    lengths = torch.randint(0, length + 1, (b,), generator=gen)
+    lengths[0] = 0  # an empty history: every query of it sees no key
+    pos = torch.arange(length)
+    mask = pos[None, :] >= (length - lengths)[:, None]
+    return mask & (torch.rand(b, length, generator=gen) > 0.1)
+
+
+def run_both(fn, *tensors):
+    """fn(*tensors) under the reference and the fast implementation: (outputs, input gradients) of each."""
+    results = []
+    for name in ("reference", "fast"):
+        xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+        with ops.using(name):
+            out = fn(*xs)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+        (out * weights).sum().backward()
+        results.append((out.detach(), [x.grad for x in xs if x.is_floating_point()]))
+    return results
+
+
+CASES = [  # (B, H, L, dh, window): dense masked and blocked band paths, windows wider than L, tiny L
+    (3, 2, 51, 16, 16), (2, 2, 26, 8, 8), (4, 1, 7, 4, 0), (2, 3, 200, 8, 16), (2, 2, 97, 4, 5), (2, 2, 100, 8, 3),
+    (1, 2, 64, 8, 1), (3, 2, 130, 16, 24), (2, 1, 1, 4, 3), (2, 4, 40, 8, 100),
+]
+
+
+@pytest.mark.parametrize("b,h,length,dh,window", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_attention_fast_matches_reference(b, h, length, dh, window, dtype):
+    gen = torch.Generator().manual_seed(b * 1000 + length * 10 + window)
+    q, k, v = (torch.randn(b, h, length, dh, generator=gen, dtype=dtype) for _ in range(3))
+    mask = ragged_mask(b, length, gen)
+    (ref, ref_grads), (fast, fast_grads) = run_both(lambda q, k, v: softmax_attention(q, k, v, mask, window), q, k, v)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype is torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(fast, ref, **tol)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(g_fast, g_ref, **tol)
+    assert (fast[0] == 0).all()  # the empty history: no visible key → exactly 0
+
+
+def test_cases_cover_both_fast_paths():
+    assert {blocked_pays(length, w) for _, _, length, _, w in CASES} == {True, False}
+
+
+def test_softmax_attention_bf16_close_to_fp32_reference():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 120, 16, generator=gen) for _ in range(3))
+    mask = ragged_mask(2, 120, gen)
+    ref = softmax_attention_reference(q, k, v, mask, 8)
+    with ops.using("fast"):
+        fast = softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 8)
+    assert fast.dtype is torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_shared_queries_match_reference():
+    """Learned queries [H, Lq, dh] shared by the batch (seed pooling), full attention."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 8, generator=gen)
+    k, v = torch.randn(3, 2, 30, 8, generator=gen), torch.randn(3, 2, 30, 8, generator=gen)
+    mask = ragged_mask(3, 30, gen)
+    (ref, ref_grads), (fast, fast_grads) = run_both(lambda q, k, v: softmax_attention(q, k, v, mask), q, k, v)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_windowed_softmax_attention():
+    """The reference itself against explicit loops: query i attends to visible keys j with |i − j| ≤ W."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 1, 9, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = ragged_mask(2, 9, gen)
+    out = softmax_attention_reference(q, k, v, mask, window=2)
+    for b, i in itertools.product(range(2), range(9)):
+        keys = [j for j in range(9) if abs(i - j) <= 2 and mask[b, j]]
+        if not keys:
+            assert (out[b, 0, i] == 0).all()
+            continue
+        w = torch.softmax(torch.stack([q[b, 0, i] @ k[b, 0, j] / 2.0 for j in keys]), 0)
+        torch.testing.assert_close(out[b, 0, i], sum(wj * v[b, 0, j] for wj, j in zip(w, keys)))
+
+
+def test_band_helpers():
+    m = band_mask(5, 5, 1)
+    assert m.sum().item() == 5 + 2 * 4 == band_pairs(5, 1)
+    assert m[0, 1] and not m[0, 2]
+    for length, w in itertools.product(range(1, 12), range(0, 14)):
+        assert band_pairs(length, w) == band_mask(length, length, w).sum().item()
+
+
+@pytest.mark.parametrize("act", ["gelu", ["silu", "gelu"], ["relu", "identity", "silu"]])
+def test_gdpa_fast_matches_reference(act):
+    gen = torch.Generator().manual_seed(len(act))
+    heads = 1 if isinstance(act, str) else len(act)
+    q = torch.randn(3, heads, 20, 8, generator=gen)
+    k, v = torch.randn(3, heads, 4, 8, generator=gen), torch.randn(3, heads, 4, 8, generator=gen)
+    mask = torch.rand(3, 4, generator=gen) > 0.3
+    (ref, ref_grads), (fast, fast_grads) = run_both(lambda q, k, v: gdpa(q, k, v, act, key_mask=mask), q, k, v)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_emulated_matmul_runs_the_reference():
+    """A low-precision (emulated) matmul must see the attention products: the fast kernels cannot quantize."""
+    calls = []
+
+    def matmul(a, b):
+        calls.append(a.shape)
+        return a @ b
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 8, generator=gen) for _ in range(3))
+    mask = ragged_mask(2, 40, gen)
+    with ops.using("fast"):
+        out = softmax_attention(q, k, v, mask, 4, matmul=matmul)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, softmax_attention_reference(q, k, v, mask, 4))
+
+
+def test_switch(monkeypatch):
+    with ops.using("fast"):
+        monkeypatch.setenv("KUNLUN_OPS", "reference")
+        assert ops.use("auto") == "reference" == ops.current()
+        monkeypatch.setenv("KUNLUN_OPS", "")
+        assert ops.use("auto") == "fast"
+        monkeypatch.setenv("KUNLUN_OPS", "triton-please")
+        with pytest.raises(KunlunError, match="KUNLUN_OPS"):
+            ops.use("auto")
+        with pytest.raises(KunlunError, match="train.ops"):
+            ops.use("fastest")
