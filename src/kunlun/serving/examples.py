@@ -291,9 +291,10 @@ def encode_examples(encoder: Encoder, ex: RawExamples, max_len: int) -> Batch:
     return Batcher(data, SPLIT, max_len).batch(np.arange(ex.n))
 
 
-def examples_from_raw(raw: RawData, split: str, rows: np.ndarray | None = None) -> list[dict[str, Any]]:
+def examples_from_raw(raw: RawData, split: str, rows: np.ndarray | None = None, newest: int | None = None) -> list[dict[str, Any]]:
     """Rows of a raw split (e.g. a file read by the dataset adapter) as request examples — what a client would
-    send for them. ``rows``: positions in the split (default all)."""
+    send for them. ``rows``: positions in the split (default all). ``newest``: send only each history's newest
+    events (the model reads its ``max_len`` newest, so sending that many scores the same)."""
     s, sp = raw.schema, raw.splits[split]
     rows = np.arange(len(sp)) if rows is None else np.asarray(rows)
     keys = [c for c, _ in s.categorical] + list(s.numeric) + (["time"] if needs_time(s) else [])
@@ -303,6 +304,9 @@ def examples_from_raw(raw: RawData, split: str, rows: np.ndarray | None = None) 
         ev = raw.events[seq.name]
         names = [f for f, _ in sequence_fields(seq)]
         values = {f: ev[f] for f in names}
-        for ex, a, b in zip(out, sp.seq_start[seq.name][rows], sp.seq_end[seq.name][rows]):
+        start, end = sp.seq_start[seq.name][rows], sp.seq_end[seq.name][rows]
+        if newest is not None:
+            start = np.maximum(start, end - newest)
+        for ex, a, b in zip(out, start, end):
             ex[seq.name] = {f: values[f][a:b].tolist() for f in names}
     return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -46,7 +47,7 @@ from kunlun.data.prepare import Encoder
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write
 from kunlun.models import RankingModel
-from kunlun.runs import code_version, resolve_run
+from kunlun.runs import code_version, cpu_name, resolve_run
 from kunlun.serving.examples import RawExamples, encode_examples, parse_examples, request_schema
 from kunlun.training.runner import load_trained
 
@@ -155,6 +156,21 @@ def run_meta(cfg: Config, run: Path | None) -> dict[str, Any]:
     return {"format": PACKAGE_FORMAT, "model": cfg.model.name, "dataset": cfg.data.dataset, "max_len": cfg.data.max_seq_len,
             "bf16": cfg.train.bf16, "precision": cfg.precision.format, "config": cfg.to_dict(),
             "run": str(run) if run else None, "trained_code_version": trained, "code_version": code_version()}
+
+
+ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|vnni|popcnt|lzcnt|movbe|adx|sha_ni|vaes|vpclmul|gfni)")
+
+
+def cpu_isa() -> list[str]:
+    """The instruction-set extensions this CPU reports (Linux ``/proc/cpuinfo``; [] where unknown). AOTInductor
+    compiles for the exporting machine's CPU (``-march=native``), so a compiled model needs them all."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if ISA_FLAG.match(f))
+    except OSError:
+        pass
+    return []
 
 
 def is_package(path: Path) -> bool:
@@ -279,6 +295,7 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
         **run_meta(cfg, run_dir),
         "runtime": "aoti" if aoti_files else "exported_program",
         "aoti_error": aoti_error,
+        "aoti_cpu": {"name": cpu_name(), "isa": cpu_isa()} if aoti_files else None,
         "dynamic": {"batch": [1, MAX_BATCH], "seq_len": [1, cfg.data.max_seq_len] if dynamic_len else None},
         "inputs": input_signature(batch, dynamic_len),
         "output": {"name": "probability", "dtype": "float32", "shape": ["batch"]},
@@ -311,6 +328,14 @@ def read_meta(path: Path) -> dict[str, Any]:
         return json.loads(z.read(names[0]))
 
 
+def missing_isa(meta: dict[str, Any]) -> str | None:
+    """Why the package's compiled model must not run on this CPU (instructions it lacks), or None. Running code
+    compiled for instructions the CPU lacks would kill the process rather than raise, so this is checked first."""
+    want, have = set((meta.get("aoti_cpu") or {}).get("isa") or []), set(cpu_isa())
+    missing = sorted(want - have) if have else []
+    return f"compiled for a CPU with {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}, which this one lacks" if missing else None
+
+
 def load_package(path: Path, runtime: str = "auto") -> Scorer:
     """The package's compiled model (``runtime`` aoti), its exported program (``exported_program``), or the
     compiled one where the package has it and it loads on this machine, else the exported program (``auto``)."""
@@ -322,19 +347,22 @@ def load_package(path: Path, runtime: str = "auto") -> Scorer:
         raise KunlunError(f"{path}: package format {meta.get('format')}, this kunlun reads format {PACKAGE_FORMAT}")
     from torch.export.pt2_archive._package import load_pt2
 
+    has_aoti = meta["runtime"] == "aoti"
+    if runtime == "aoti" and not has_aoti:
+        raise KunlunError(f"{path}: the package has no AOTInductor model ({meta.get('aoti_error') or 'exported with --compile none'})")
     data = path.read_bytes()
     contents, load_error = None, None
-    if runtime != "exported_program" and meta["runtime"] == "aoti":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                contents = load_pt2(io.BytesIO(data), run_single_threaded=True)
-        except Exception as exc:  # e.g. a library built for another platform
-            load_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            if runtime == "aoti":
-                raise KunlunError(f"{path}: the AOTInductor model does not load here ({load_error})") from None
-    elif runtime == "aoti":
-        raise KunlunError(f"{path}: the package has no AOTInductor model ({meta.get('aoti_error') or 'exported with --compile none'})")
+    if has_aoti and runtime != "exported_program":
+        load_error = missing_isa(meta)
+        if load_error is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    contents = load_pt2(io.BytesIO(data), run_single_threaded=True)
+            except Exception as exc:  # e.g. a library built for another platform
+                load_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if load_error and runtime == "aoti":
+            raise KunlunError(f"{path}: the AOTInductor model does not run here ({load_error})")
     if contents is None:
         contents = load_exported_only(data)
     encoder = encoder_from_files(contents.extra_files)
