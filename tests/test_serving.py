@@ -411,3 +411,55 @@ def test_bench_serve_reports_throughput_latency_and_memory(kunlun_run):
     assert result["server"]["peak_rss_mb"] > 0 and result["server"]["exit_code"] == 0
     assert "| open 50 req/s | 1 |" in serve_table(result)
 
+
+
+class FakeTritonUtils:
+    """The few names of ``triton_python_backend_utils`` that the written ``model.py`` uses."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class TritonError:
+        def __init__(self, message):
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request[name]
+
+
+def test_triton_repository_backend_scores_like_the_server(kunlun_run, tmp_path, monkeypatch):
+    import importlib.util
+
+    from kunlun.serving.triton import write_model_repository
+
+    package = tmp_path / "m.pt2"
+    export_package(kunlun_run, package, "none", logger=lambda m: None)
+    model_dir = write_model_repository(package, tmp_path / "repo")
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and 'name: "REQUEST"' in config and "dynamic_batching" in config
+    with pytest.raises(KunlunError, match="already exists"):
+        write_model_repository(package, tmp_path / "repo")
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeTritonUtils)
+    spec = importlib.util.spec_from_file_location("kunlun_triton_model", model_dir / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    backend = module.TritonPythonModel()
+    backend.initialize({"model_config": json.dumps({"parameters": {"runtime": {"string_value": "auto"}}}),
+                        "model_repository": str(model_dir), "model_version": "1"})
+    raw = load_raw("ml-latest-small", None)
+    ex = examples_from_raw(raw, "test", np.arange(5), newest=8)
+    want = load_scorer(package).score_payload(ex)
+    req = lambda payload: {"REQUEST": FakeTritonUtils.Tensor("REQUEST", np.array([[json.dumps(payload).encode()]], dtype=object))}  # noqa: E731
+    out = backend.execute([req(ex[:2]), req({"examples": [dict(ex[0], user=None)]}), req(ex[2])])
+    assert np.abs(out[0].output_tensors[0].as_numpy()[0] - want[:2]).max() <= 1e-6
+    assert out[1].error is not None and "examples[0].user" in out[1].error.message
+    assert np.abs(out[2].output_tensors[0].as_numpy()[0] - want[2:3]).max() <= 1e-6
