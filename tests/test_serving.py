@@ -362,9 +362,10 @@ def kunlun_cmd(*args, cwd, expect=0, timeout=600):
 
 
 def test_export_and_serve_commands(kunlun_run, tmp_path):
-    r = kunlun_cmd("export", kunlun_run, "--out", tmp_path / "m.pt2", "--compile", "none", "--json", cwd=tmp_path)
+    r = kunlun_cmd("export", kunlun_run, "--out", tmp_path / "m.pt2", "--compile", "none", "--static-seq-len", "--json", cwd=tmp_path)
     meta = json.loads(r.stdout)
     assert meta["runtime"] == "exported_program" and "runtime exported_program" in r.stderr
+    assert meta["dynamic"]["seq_len"] is None and all(i["shape"][1] == 8 for i in meta["inputs"] if i["name"].startswith("history."))
     # user errors: one line naming the path or option, exit 2, nothing written
     for args, needle in [
         (("export", tmp_path / "nothing", "--out", tmp_path / "x.pt2"), "nothing"),

@@ -200,9 +200,9 @@ def example_batch(encoder: Encoder, max_len: int, n: int = 4) -> Batch:
     return encode_examples(encoder, parse_examples({"examples": [example] * n}, encoder.schema), max_len)
 
 
-def export_program(module: ScoringModule, batch: Batch, max_len: int) -> tuple[torch.export.ExportedProgram, bool]:
+def export_program(module: ScoringModule, batch: Batch, max_len: int, dynamic_len: bool = True) -> tuple[torch.export.ExportedProgram, bool]:
     """``torch.export`` of ``module`` with a dynamic batch size, and a dynamic sequence length (1..max_len) when
-    the model allows it; returns (program, sequence length dynamic?)."""
+    ``dynamic_len`` and the model allows it; returns (program, sequence length dynamic?)."""
     args = batch_inputs(batch)
     B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     L = torch.export.Dim("seq_len", min=1, max=max_len)
@@ -213,7 +213,7 @@ def export_program(module: ScoringModule, batch: Batch, max_len: int) -> tuple[t
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if args[2]:
+        if args[2] and dynamic_len:
             try:
                 return torch.export.export(module, args, dynamic_shapes=shapes(L)), True
             except Exception as exc:  # a model that needs every slot of max_len (e.g. a fixed position table)
@@ -257,12 +257,14 @@ def encoder_from_files(extra: dict[str, str]) -> Encoder:
         return Encoder.load(Path(tmp))
 
 
-def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable[[str], None] = log) -> dict[str, Any]:
+def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable[[str], None] = log,
+                   dynamic_len: bool = True) -> dict[str, Any]:
     """Write the package of a trained run (directory or checkpoint) to ``out``; returns its meta.json.
 
     ``compile``: ``auto`` (AOTInductor, falling back to the exported program alone when compiling fails),
-    ``aoti`` (fail if it fails) or ``none``. The exported program is checked against the training model on a
-    batch before anything is written."""
+    ``aoti`` (fail if it fails) or ``none``. ``dynamic_len=False`` fixes the sequence length at ``max_len`` (what the
+    server always sends; the compiled kernels are then specialised to it). The exported program is checked against
+    the training model on a batch before anything is written."""
     if compile not in ("auto", "aoti", "none"):
         raise KunlunError(f"--compile {compile}: expected auto, aoti or none")
     run_dir, _ = resolve_run(run)
@@ -272,7 +274,7 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
     reference = eager_scorer(cfg, encoder, model)
     batch = example_batch(encoder, cfg.data.max_seq_len)
     t0 = time.perf_counter()
-    program, dynamic_len = export_program(reference.fn, batch, cfg.data.max_seq_len)
+    program, dynamic_len = export_program(reference.fn, batch, cfg.data.max_seq_len, dynamic_len)
     logger(f"export: traced {cfg.model.name} with torch.export in {time.perf_counter() - t0:.1f}s "
            f"(dynamic batch{', dynamic sequence length' if dynamic_len else ''})")
     want = reference.score_batch(batch)

@@ -13,7 +13,7 @@ from kunlun.errors import KunlunError
 class ServeOptions:
     """Batching, back-pressure and size limits of the server (each a ``kunlun serve`` option)."""
 
-    max_batch: int = 1024  # examples per model call
+    max_batch: int = 256  # examples per model call (a larger request is scored alone)
     max_wait_ms: float = 2.0  # latency budget: how long the oldest queued request waits for others to join its batch
     max_queue: int = 16384  # examples queued at most; a request beyond it gets 503 + Retry-After
     max_body_mb: float = 64.0  # request body limit (413 beyond it)
