@@ -341,6 +341,7 @@ def test_concurrent_single_requests_are_batched_and_scored_alone_equal(kunlun_ru
     raw = load_raw("ml-latest-small", None)
     ex = examples_from_raw(raw, "test", np.arange(60), newest=8)
     alone = np.array([scorer.score_payload(e)[0] for e in ex])
+    ex = [dict(e, user=str(e["user"])) if i % 2 else e for i, e in enumerate(ex)]  # ids as text or integers, mixed in a batch
 
     async def work(s, url):
         answers = await asyncio.gather(*(post(s, url, e) for e in ex))
@@ -351,6 +352,7 @@ def test_concurrent_single_requests_are_batched_and_scored_alone_equal(kunlun_ru
     got = np.array([a["probabilities"][0] for _, a, _ in answers])
     assert np.abs(got - alone).max() <= 1e-6
     assert health["requests"] == 60 and health["batches"] < 60  # several requests shared a model call
+    assert health["split_batches"] == 0 and health["failed"] == 0  # no batch had to be split up
 
 
 # ------------------------------------------------------------------------------------------ the commands

@@ -258,19 +258,11 @@ def concat_examples(parts: list[RawExamples]) -> RawExamples:
     first = parts[0]
     return RawExamples(
         n=sum(p.n for p in parts),
-        columns={k: _concat([p.columns[k] for p in parts]) for k in first.columns},
-        events={q: {k: _concat([p.events[q][k] for p in parts]) for k in first.events[q]} for q in first.events},
+        # ids sent as integers by one request and as text by another become text, compared as text by Vocab.encode
+        columns={k: np.concatenate([p.columns[k] for p in parts]) for k in first.columns},
+        events={q: {k: np.concatenate([p.events[q][k] for p in parts]) for k in first.events[q]} for q in first.events},
         lengths={q: np.concatenate([p.lengths[q] for p in parts]) for q in first.lengths},
     )
-
-
-def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    """Concatenate raw columns; ids sent as integers by one request and strings by another are compared as
-    strings, as ``Vocab.encode`` does for a file whose id column kind differs from the vocabulary's."""
-    kinds = {a.dtype.kind for a in arrays if len(a)}
-    if len(kinds) > 1:
-        arrays = [a.astype(str) for a in arrays]
-    return np.concatenate(arrays)
 
 
 # ------------------------------------------------------------------------------------------- encoding
