@@ -3,7 +3,7 @@
 The server runs as its own process (``kunlun serve … --port 0``, as in production), the load from this one
 (aiohttp client, request bodies encoded once beforehand, so the client spends its time on HTTP alone). The
 requests are real rows — the run's dataset's test split (else valid) turned into examples as a client would
-send them. Two kinds of phase, each bounded by a duration and a request count:
+send them (histories cut to the ``max_seq_len`` newest events, all the model reads). Two kinds of phase, each bounded by a duration and a request count:
 
 - closed loop: C clients, each sending its next request when the previous one is answered (concurrency
   levels × examples per request): throughput;
@@ -47,7 +47,8 @@ class Phase:
 
 
 def request_rows(target: Path, data_dir: str | None, n: int) -> list[dict[str, Any]]:
-    """n real examples for ``target`` (a run or package): rows of its dataset's test split (else valid)."""
+    """n real examples for ``target`` (a run or package): rows of its dataset's test split (else valid), each
+    history cut to the ``max_seq_len`` newest events — all the model reads, so what a client would send."""
     from kunlun.data.registry import load_raw
     from kunlun.serving.examples import examples_from_raw
     from kunlun.serving.export import is_package, read_meta
@@ -65,7 +66,7 @@ def request_rows(target: Path, data_dir: str | None, n: int) -> list[dict[str, A
     rows = np.arange(len(raw.splits[split]))
     if len(rows) > n:
         rows = np.sort(np.random.default_rng(0).choice(rows, n, replace=False))
-    return examples_from_raw(raw, split, rows)
+    return examples_from_raw(raw, split, rows, newest=cfg["data"]["max_seq_len"])
 
 
 class ServerProcess:
