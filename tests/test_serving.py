@@ -122,6 +122,30 @@ def test_bf16_run_exports_under_autocast(tmp_path):
     assert_package_scores_as_training(run, out, "test", ("exported_program",), BF16_TOL)
 
 
+OTHER_MODELS = ["logistic_regression", "dnn", "dcnv2", "wukong", "din", "bst", "interformer"]
+
+
+@pytest.mark.parametrize("name", OTHER_MODELS)
+def test_every_model_exports(name, kunlun_run):
+    """Every other registered model exports (random weights) and its program scores as the module does; the
+    sequence length stays dynamic where the model allows it (not BST's or InterFormer's)."""
+    from kunlun.blocks.embeddings import FeatureInfo
+    from kunlun.models import MODELS
+    from kunlun.serving.export import ScoringModule, batch_inputs, example_batch, export_program
+    from kunlun.training.trainer import build_from_info
+
+    assert set(MODELS) == {"kunlun", *OTHER_MODELS}  # a new model: add it to OTHER_MODELS
+    _, encoder, _ = load_trained(kunlun_run)
+    cfg = load_config(None, ["data.max_seq_len=8"], model=name)
+    module = ScoringModule(build_from_info(cfg, FeatureInfo.from_encoder(encoder, 8)).eval()).eval()
+    program, dynamic_len = export_program(module, example_batch(encoder, 8), 8)
+    assert dynamic_len == (name not in ("bst", "interformer"))
+    raw = load_raw("ml-latest-small", None)
+    batch = encode_examples(encoder, parse_examples(examples_from_raw(raw, "test", np.arange(50)), encoder.schema), 8)
+    with torch.inference_mode():
+        assert torch.allclose(program.module()(*batch_inputs(batch)), module(*batch_inputs(batch)), rtol=0, atol=FP32_TOL)
+
+
 # ------------------------------------------------------------------------------------------ request examples
 
 def test_malformed_examples_name_the_field(kunlun_run):

@@ -3,7 +3,8 @@
 The server runs as its own process (``kunlun serve … --port 0``, as in production), the load from this one
 (aiohttp client, request bodies encoded once beforehand, so the client spends its time on HTTP alone). The
 requests are real rows — the run's dataset's test split (else valid) turned into examples as a client would
-send them (histories cut to the ``max_seq_len`` newest events, all the model reads). Two kinds of phase, each bounded by a duration and a request count:
+send them (histories cut to the ``max_seq_len`` newest events, all the model reads). Two kinds of phase, each
+bounded by a duration and a request count:
 
 - closed loop: C clients, each sending its next request when the previous one is answered (concurrency
   levels × examples per request): throughput;

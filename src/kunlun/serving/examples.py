@@ -60,6 +60,7 @@ class RawExamples:
 ID = "an id (integer or string, as in the training logs)"
 NUMBER = "a finite number"
 SECONDS = "an integer (unix seconds)"
+LIST_OF = {ID: "a list of ids (integers or strings)", SECONDS: "a list of integers (unix seconds)"}
 
 
 def sequence_fields(seq: SequenceSpec) -> list[tuple[str, str]]:
@@ -97,7 +98,7 @@ def request_schema(encoder: Encoder, max_len: int) -> dict[str, Any]:
         sub = {}
         event = {}
         for f, kind in sequence_fields(seq):
-            sub[f] = {"type": f"a list of {kind.split(' (')[0]}s", "values": kind}
+            sub[f] = {"type": LIST_OF[kind]}
             if f == "time":
                 event[f] = [999_990_000, 999_999_000]
             else:
@@ -229,7 +230,7 @@ def _sequence(examples: list[dict], seq: SequenceSpec, name) -> tuple[dict[str, 
     events: dict[str, np.ndarray] = {}
     lengths = np.zeros(n, np.int64)
     for k, (f, values) in enumerate(fields):
-        what = f"a list of {values.split(' (')[0]}s"
+        what = LIST_OF[values]
         lists = _column(seqs, f, where, what)
         if not all(type(v) is list for v in lists):
             i = _first_bad(lists, lambda v: type(v) is list)

@@ -267,6 +267,8 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
     the training model on a batch before anything is written."""
     if compile not in ("auto", "aoti", "none"):
         raise KunlunError(f"--compile {compile}: expected auto, aoti or none")
+    if Path(out).is_dir():
+        raise KunlunError(f"{out}: --out is a directory; give a file name such as model.pt2")
     run_dir, _ = resolve_run(run)
     cfg, encoder, model = load_trained(run)
     if cfg.precision.format not in ("fp32", "bf16"):
