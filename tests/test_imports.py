@@ -24,6 +24,7 @@ LAYERS = [
     ["kunlun.models"],
     ["kunlun.metrics"],
     ["kunlun.runs", "kunlun.training"],
+    ["kunlun.serving"],
     ["kunlun.scaling", "kunlun.bench"],
     ["kunlun.cli", "kunlun.__main__"],
 ]

@@ -14,8 +14,10 @@ Layers, lowest first; a module imports only from its own layer or the ones below
    early-stops on validation NE)
 8. ``runs``, ``training`` — run records; the step (``training.step``), the loop, which early-stops on validation
    metrics, and whole jobs on a run directory (``training.runner``: train, resume, evaluate, predict)
-9. ``scaling``, ``bench`` — sweeps and scaling laws; speed, quality, ablation and format benchmarks
-10. ``cli`` (and ``__main__``) — a thin layer of commands over the library
+9. ``serving`` — a trained run as one exported package (``torch.export`` / AOTInductor program + encoder), and
+   the HTTP scoring server over it, encoding raw requests with the run's own encoder
+10. ``scaling``, ``bench`` — sweeps and scaling laws; speed, quality, ablation, format and serving benchmarks
+11. ``cli`` (and ``__main__``) — a thin layer of commands over the library
 """
 
 from kunlun.errors import KunlunError

@@ -1,4 +1,4 @@
-"""``kunlun`` command line: train, eval, predict, data info|prepare|synth, runs, bench, sweep, fit.
+"""``kunlun`` command line: train, eval, predict, data info|prepare|synth, runs, bench, sweep, fit, export, serve.
 
 Numbers go to stdout (a table, or one JSON object with ``--json``); progress and logs go to stderr.
 User errors print one line and exit with status 2; nothing half-written is left behind.
@@ -509,6 +509,95 @@ def print_comparison(c: dict) -> None:
         v = c[key]
         dropped = f" ({100 * v['dropped_fraction']:.1f} % of resamples undefined: {c['b']}'s slope ≤ 0)" if v.get("dropped_fraction") else ""
         con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]{dropped}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------- export / serve
+
+@cli.command(name="export")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Package file to write, e.g. model.pt2.")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "aoti", "none"]), default="auto", show_default=True,
+              help="AOTInductor: auto = compile, keep the exported program alone if compiling fails; aoti = fail instead; none = skip.")
+@click.option("--triton", "triton_dir", type=click.Path(path_type=Path),
+              help="Also write a Triton Inference Server model repository (Python backend) into this folder.")
+@click.option("--static-seq-len", is_flag=True, help="Fix the sequence length at data.max_seq_len (what the server sends; faster kernels).")
+@click.option("--json", "as_json", is_flag=True, help="Print the package's meta.json.")
+def export_cmd(run, out, compile_, triton_dir, static_seq_len, as_json):
+    """Package a trained RUN (directory or checkpoint) with its encoder as one self-contained PT2 file."""
+    from kunlun.serving.export import export_package
+
+    meta = export_package(run, out, compile_, dynamic_len=not static_seq_len)
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {meta['model']}, runtime {meta['runtime']}"
+        + (f" (AOTInductor failed: {meta['aoti_error']})" if meta["aoti_error"] else ""))
+    if triton_dir:
+        from kunlun.serving.triton import write_model_repository
+
+        log(f"wrote Triton model repository {write_model_repository(out, triton_dir)}")
+    if as_json:
+        emit_json(meta)
+
+
+def _serve_options(f):
+    from kunlun.serving.options import ServeOptions
+
+    d = ServeOptions()
+    for name, typ, text in reversed([
+        ("--runtime", click.Choice(["auto", "aoti", "exported_program"]), "A package's program: auto = AOTInductor where it loads, else exported."),
+        ("--threads", int, "torch threads for scoring (0: torch's default)."),
+        ("--max-batch", int, "Examples per model call."),
+        ("--max-wait-ms", float, "Latency budget: how long the oldest queued request waits for others to join its batch."),
+        ("--max-queue", int, "Examples queued at most; beyond it a request gets 503 with Retry-After."),
+        ("--max-body-mb", float, "Largest request body (413 beyond it)."),
+        ("--timeout-s", float, "A request not scored by then gets 503."),
+    ]):
+        default = "auto" if name == "--runtime" else getattr(d, name[2:].replace("-", "_"))
+        f = click.option(name, type=typ, default=default, show_default=True, help=text)(f)
+    return f
+
+
+def _serve_settings(kw: dict) -> tuple[str, Any]:
+    from kunlun.serving.options import ServeOptions
+
+    runtime = kw.pop("runtime")
+    return runtime, ServeOptions(**kw)
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port; the URL is printed).")
+@_serve_options
+def serve(target, host, port, **kw):
+    """Serve TARGET (a package from `kunlun export`, or a run directory) over HTTP: POST /score, GET /health, GET /schema."""
+    from kunlun.serving.export import load_scorer
+    from kunlun.serving.server import require_aiohttp
+    from kunlun.serving.server import serve as run_server
+
+    require_aiohttp()
+    runtime, opts = _serve_settings(kw)
+    scorer = load_scorer(target, runtime, opts.threads)
+    run_server(scorer, host, port, opts, lambda url: log(f"kunlun: serving {scorer.meta.get('model')} ({scorer.runtime}) on {url}"))
+
+
+@bench.command(name="serve")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--data-dir", help="Where the run's dataset lives (the requests are its test rows).")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Closed-loop client counts (comma-separated).")
+@click.option("--batch", "batch", default="1,256", show_default=True, help="Examples per request for the closed-loop phases.")
+@click.option("--rate", default="200", show_default=True, help="Open-loop rates of single-example requests/s (comma-separated; 0: none).")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per phase at most.")
+@click.option("--max-requests", type=int, default=20000, show_default=True, help="Requests per phase at most.")
+@click.option("--json", "as_json", is_flag=True)
+@_serve_options
+def bench_serve(target, data_dir, concurrency, batch, rate, duration, max_requests, as_json, **kw):
+    """Load a server on loopback: QPS, examples/s, p50/p95/p99 latency, errors and peak memory per load level."""
+    from kunlun.bench.serve import Phase, run_serve_bench, serve_table
+
+    phases = [Phase("closed", b, concurrency=c) for b in _list(batch, int) for c in _list(concurrency, int)]
+    phases += [Phase("open", 1, rate=r) for r in _list(rate, float) if r > 0]
+    server_args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    result = run_serve_bench(target, phases, duration_s=duration, max_requests=max_requests, data_dir=data_dir, server_args=server_args)
+    emit_json(result) if as_json else click.echo(serve_table(result))
 
 
 def fail(message: str) -> None:
