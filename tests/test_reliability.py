@@ -343,6 +343,20 @@ def test_resume_rejects_overrides_that_would_change_the_run(tmp_path):
     assert "--config: not used with --resume" in r.stderr
 
 
+def test_checkpoint_cadence_does_not_make_a_finished_run_another_question(tmp_path):
+    from kunlun.runs import reuse_state
+
+    cfg = small()
+    saved = cfg.to_dict()
+    for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+        del saved["train"][key]  # a run recorded before these keys existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    (tmp_path / "final.json").write_text("{}")
+    for requested in (cfg, small("train.checkpoint_every_steps=5")):
+        assert reuse_state(tmp_path, requested.to_dict())[0] == "stale"  # same question (code unknown), not "config differs"
+    assert reuse_state(tmp_path, small("train.lr=0.01").to_dict())[0] == "config differs"
+
+
 def test_resume_applies_and_records_keys_that_do_not_change_the_run(stopped_run, tmp_path):
     run, cfg = stopped_run
     copy = tmp_path / "run"

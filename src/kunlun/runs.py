@@ -185,11 +185,18 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+# config keys that say where a run's files were and how often it checkpointed, not what it computes
+RECORD_ONLY_KEYS = ("data.data_dir", "train.checkpoint_every_steps", "train.checkpoint_every_minutes")
+
+
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's resolved config without where its files were (``data.data_dir``): what must match for a
-    finished run to stand for a requested one."""
+    """A run's resolved config without ``RECORD_ONLY_KEYS`` (where its files were, how often it checkpointed): what
+    must match for a finished run to stand for a requested one."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    out.get("data", {}).pop("data_dir", None)
+    for key in RECORD_ONLY_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
     model = out.get("model")
     if isinstance(model, dict) and "name" in model:
         # the model section with every default filled in: a run recorded with the defaults spelled out (as the packaged

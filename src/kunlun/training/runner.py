@@ -34,12 +34,12 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_write, atomic_write_text, check_output_file, os_reason, recover_dir
 from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
-from kunlun.runs import DEFAULT_RUNS_DIR, code_version, new_run_dir, read_json, resolve_run
+from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, code_version, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
 
 # config keys a resumed run may change: where the data is and how the process runs, not what it computes
-RESUME_FREE_KEYS = ("data.data_dir", "train.threads", "train.checkpoint_every_steps", "train.checkpoint_every_minutes")
+RESUME_FREE_KEYS = (*RECORD_ONLY_KEYS, "train.threads")
 
 
 def resume_config_path(run_dir: Path) -> Path:
