@@ -74,7 +74,7 @@ class MicroBatcher:
         self.queued = 0  # examples in the queue
         self.cond = threading.Condition()
         self.stopped = False
-        self.stats = {"requests": 0, "examples": 0, "batches": 0, "rejected_full": 0, "failed": 0}
+        self.stats = {"requests": 0, "examples": 0, "batches": 0, "rejected_full": 0, "failed": 0, "split_batches": 0}
         self.thread = threading.Thread(target=self._run, name="kunlun-scorer", daemon=True)
         self.thread.start()
 
@@ -131,6 +131,7 @@ class MicroBatcher:
             probs = self.scorer.score_examples(concat_examples([p.examples for p in batch]))
         except Exception as exc:
             if len(batch) > 1:  # isolate the request at fault; the others are scored alone
+                self.stats["split_batches"] += 1
                 for p in batch:
                     self._score([p])
                 return
