@@ -230,7 +230,8 @@ def serve_and(scorer, opts, work):
 def file_rows_through_server(package: Path, raw, chunks: list[int], newest: int | None = None) -> np.ndarray:
     """Every row of ``raw``'s file split sent through a server (requests of the given sizes, concurrently), in row order."""
     examples = examples_from_raw(raw, "file", newest=newest)
-    rows = raw.splits["file"].columns.get("row", np.arange(len(examples)))
+    split = raw.splits["file"]
+    rows = split.row if split.row is not None else np.arange(len(examples))  # source-file order
     bodies, start, k = [], 0, 0
     while start < len(examples):
         n = chunks[k % len(chunks)]

@@ -271,7 +271,8 @@ def concat_examples(parts: list[RawExamples]) -> RawExamples:
 def to_raw_data(ex: RawExamples, schema: Schema) -> RawData:
     """One split (``request``) of raw data, with histories as ranges into per-sequence event tables."""
     columns = {**ex.columns, schema.label: np.zeros(ex.n, dtype=np.float32)}
-    split = RawSplit(columns=columns)
+    time = columns.pop("time") if needs_time(schema) else None  # the request time lives apart from the columns
+    split = RawSplit(columns=columns, time=time)
     for q, lengths in ex.lengths.items():
         end = np.cumsum(lengths)
         split.seq_start[q], split.seq_end[q] = end - lengths, end
@@ -291,7 +292,7 @@ def examples_from_raw(raw: RawData, split: str, rows: np.ndarray | None = None, 
     s, sp = raw.schema, raw.splits[split]
     rows = np.arange(len(sp)) if rows is None else np.asarray(rows)
     keys = [c for c, _ in s.categorical] + list(s.numeric) + (["time"] if needs_time(s) else [])
-    cols = {k: sp.columns[k][rows].tolist() for k in keys}
+    cols = {k: (sp.time if k == "time" and needs_time(s) else sp.columns[k])[rows].tolist() for k in keys}
     out = [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))] if keys else [{} for _ in rows]
     for seq in s.sequences:
         ev = raw.events[seq.name]
