@@ -34,7 +34,7 @@ from kunlun.serving.server import start_server  # noqa: E402
 TRAIN = [o for o in TINY_MODEL if not o.startswith("model.")] + ["train.max_steps=20", "train.epochs=1"]
 MODEL = {"kunlun": [o for o in TINY_MODEL if o.startswith("model.")], "dnn": ["model.hidden=[32, 32]"]}
 FP32_TOL = 1e-5  # |Δp| of the exported / compiled program against the training model, fp32
-BF16_TOL = 2e-2  # |Δp| under bf16 autocast: the compiled kernels round at other points than eager ones
+BF16_TOL = 5e-3  # |Δp| under bf16 autocast: compiled kernels round at other points than eager ones (1.4e-3 measured)
 
 
 def train(tmp: Path, name: str, *overrides: str, model: str = "kunlun", dataset: str | None = None, data_dir=None) -> Path:

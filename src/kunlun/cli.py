@@ -520,7 +520,7 @@ def print_comparison(c: dict) -> None:
               help="AOTInductor: auto = compile, keep the exported program alone if compiling fails; aoti = fail instead; none = skip.")
 @click.option("--triton", "triton_dir", type=click.Path(path_type=Path),
               help="Also write a Triton Inference Server model repository (Python backend) into this folder.")
-@click.option("--static-seq-len", is_flag=True, help="Fix the sequence length at data.max_seq_len (what the server sends; faster kernels).")
+@click.option("--static-seq-len", is_flag=True, help="Fix the sequence length at data.max_seq_len (what the server sends; specialised kernels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the package's meta.json.")
 def export_cmd(run, out, compile_, triton_dir, static_seq_len, as_json):
     """Package a trained RUN (directory or checkpoint) with its encoder as one self-contained PT2 file."""
