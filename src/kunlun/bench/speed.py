@@ -29,7 +29,7 @@ from kunlun.console import log, out_console
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.runs import environment
-from kunlun.training.step import TrainModel, TrainStep, autocast, default_device, make_optimizers, make_schedulers, set_seed, to_device
+from kunlun.training.step import TrainModel, TrainStep, autocast, default_device, make_optimizers, make_schedulers, set_seed
 from kunlun.training.trainer import build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,8 +113,8 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
     batcher = Batcher(data, "train", cfg.data.max_seq_len, build(cfg, data).event_windows)
     rng = np.random.default_rng(0)
-    train_batches = [to_device(batcher.batch(rng.choice(len(batcher), t.batch_size, replace=False)), device) for _ in range(4)]
-    eval_batch = to_device(batcher.batch(rng.choice(len(batcher), min(t.eval_batch_size, len(batcher)), replace=False)), device)
+    train_batches = [batcher.batch(rng.choice(len(batcher), t.batch_size, replace=False)).to(device) for _ in range(4)]
+    eval_batch = batcher.batch(rng.choice(len(batcher), min(t.eval_batch_size, len(batcher)), replace=False)).to(device)
     result: dict[str, Any] = {
         "model": cfg.model.name,
         "dataset": data.name,
@@ -167,11 +167,11 @@ def profile_training(cfg: Config, out: Any, steps: int = 10) -> str:
     step = TrainStep(TrainModel(model, t.bf16), opts, make_schedulers(opts, t, steps + 3), t.grad_clip)
     batches = batcher.iterate(t.batch_size, np.random.default_rng(0))
     for _ in range(3):  # warm-up, outside the trace
-        step(to_device(next(batches), device))
+        step(next(batches).to(device))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
-            step(to_device(next(batches), device))
+            step(next(batches).to(device))
         _sync(device)
     prof.export_chrome_trace(str(out))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

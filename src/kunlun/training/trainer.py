@@ -52,7 +52,6 @@ from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_opt
     make_optimizers,
     make_schedulers,
     set_seed,
-    to_device,
 )
 
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
@@ -66,7 +65,7 @@ def predict(model: RankingModel, batcher: Batcher, batch_size: int, bf16: bool =
     probs, labels, groups = [], [], []
     for batch in batcher.iterate(batch_size):
         with autocast(device, bf16):
-            logits = model(to_device(batch, device))
+            logits = model(batch.to(device))
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         labels.append(batch.label.numpy())
         groups.append(batch.group.numpy())
@@ -242,7 +241,7 @@ class Trainer:
             task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0, loss=float("nan"))
             t0 = mark = time.perf_counter()
             for batch in itertools.islice(self.train_batches.iterate(t.batch_size, rng, start=start), max(steps - start, 0)):
-                batch = to_device(batch, self.device)
+                batch = batch.to(self.device)
                 try:
                     loss, _ = self.train_step(batch)
                 except NonFiniteLoss:
