@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kunlun.data.prepare import PAD, Events, Prepared, Split
+from kunlun.data.prepare import PAD, Events, Prepared, Split, type_positions
 
 
 @dataclass
@@ -82,17 +82,14 @@ class Batcher:
         self.events: dict[str, Events] = {k: _with_a_row(e) for k, e in data.events.items()}
         self.max_len = max_len
         self.event_windows = event_windows
-        # per sequence and event type c ≥ 2 (after PAD, OOV): positions of its events in the event table, and
-        # before[i] = how many of them precede table position i, so a row's events [start, end) of type c are
-        # positions[before[start]:before[end]]
-        self.type_index: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        # per sequence and event type c ≥ 2 (after PAD, OOV): the sorted positions of its events in the event table
+        # (memory-mapped from the cache), so a row's events [start, end) of type c are positions[b(start):b(end)] with
+        # b(i) = searchsorted(positions, i) = how many of them precede position i (a binary search per row, instead
+        # of an O(events) table of these counts per type in RAM)
+        self.type_index: dict[str, dict[int, np.ndarray]] = {}
         if event_windows:
             for name, ev in self.events.items():
-                self.type_index[name] = {}
-                for code in np.unique(ev.event[ev.event > 1]).tolist():
-                    is_code = ev.event == code
-                    before = np.concatenate([[0], np.cumsum(is_code)])
-                    self.type_index[name][int(code)] = (np.flatnonzero(is_code), before)
+                self.type_index[name] = ev.type_positions or type_positions(ev.event)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -123,8 +120,9 @@ class Batcher:
             start, end = s.seq_start[name][rows], s.seq_end[name][rows]
             seqs[name] = self._window(ev, None, start, end, request_time)
             if name in self.type_index:
-                windows[name] = {code: self._window(ev, positions, before[start], before[end], request_time)
-                                 for code, (positions, before) in self.type_index[name].items()}
+                windows[name] = {code: self._window(ev, positions, np.searchsorted(positions, start), np.searchsorted(positions, end),
+                                                    request_time)
+                                 for code, positions in self.type_index[name].items()}
         return Batch(
             label=torch.from_numpy(s.label[rows]),
             cat=torch.from_numpy(s.cat[rows]),
