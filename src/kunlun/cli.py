@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,6 @@ def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_us
     Train on it with `kunlun train --dataset OUT`; `kunlun data info OUT` shows its Bayes NE per split.
     What it models and what it does not: the docstring of kunlun.data.synthetic.
     """
-    import time
-
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kunlun.console import stderr
@@ -250,13 +249,18 @@ def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_us
 
 @data.command()
 @_data_options
-def prepare(dataset, data_dir):
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
+              help="Prepare a synthetic set chunk by chunk, this many rows at a time (automatic above 2M examples); "
+                   "the cache is the same either way.")
+def prepare(dataset, data_dir, chunk_rows):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import prepare_dataset
 
-    p = prepare_dataset(dataset, data_dir, rebuild=True, log=log)
+    t0 = time.perf_counter()
+    p = prepare_dataset(dataset, data_dir, rebuild=True, log=log, chunk_rows=chunk_rows)
+    seconds = time.perf_counter() - t0
     prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
-    log(f"prepared {p.name}: " + ", ".join(f"{k} {len(v)} rows" for k, v in p.splits.items()))
+    log(f"prepared {p.name} in {seconds:.1f}s: " + ", ".join(f"{k} {len(v):,} rows" for k, v in p.splits.items()))
 
 
 # ---------------------------------------------------------------------------------------- runs

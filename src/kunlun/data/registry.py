@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import platformdirs
 from kunlun.data import movielens, synthetic, tabular
 from kunlun.data.prepare import Encoder, Prepared, cache_key, load_prepared, save_prepared
 from kunlun.data.schema import RawData
+from kunlun.data.stream import prepare_chunked
 from kunlun.errors import KunlunError
 
 EMBEDDED = Path(__file__).parent / "embedded"
@@ -107,11 +109,19 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
     return DATASETS[dataset].load(dataset_folder(dataset, data_dir), file, labels)
 
 
-def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, rebuild: bool = False,
-                    log=None) -> Prepared:
-    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache.
+STREAM_ROWS = 2_000_000  # synthetic sets with more examples are prepared chunk by chunk (kunlun.data.stream)
+CHUNK_ROWS = 1 << 18  # rows per chunk when preparing chunk by chunk: ~50 MB of working memory for a synthetic set
 
-    ``use_cache=False`` neither reads nor writes the cache; ``rebuild`` ignores a cached copy but writes a new one."""
+
+def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, rebuild: bool = False,
+                    log=None, chunk_rows: int | None = None) -> Prepared:
+    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache (memory-mapped).
+
+    ``use_cache=False`` neither reads nor writes the cache (a set prepared chunk by chunk still goes through a temporary
+    directory, removed at once: its memory maps stay valid); ``rebuild`` ignores a cached copy but writes a new one.
+    A synthetic set of more than ``STREAM_ROWS`` examples, or any synthetic set when ``chunk_rows`` is given, is
+    prepared chunk by chunk in bounded memory; other datasets are read whole. Both give byte-identical caches."""
+    synth = None
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
         missing = [f"{split}: {f}" for split, f in sf.files.items() if not f.is_file()]
@@ -134,12 +144,24 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
         except (OSError, KeyError, ValueError, KunlunError) as exc:  # unreadable cache: rebuild it, don't fail the run
             if log:
                 log(f"cache {target} unreadable ({exc}); rebuilding")
+    if synth is not None and (chunk_rows or synthetic.read_manifest(synth)["examples"] > STREAM_ROWS):
+        rows = chunk_rows or CHUNK_ROWS
+        if log:
+            log(f"preparing {name} chunk by chunk ({rows:,} rows at a time; cached afterwards)")
+        source = synthetic.SyntheticChunks(synth, rows)
+        if use_cache:
+            prepare_chunked(source, name, target)
+            return load_prepared(target)
+        with tempfile.TemporaryDirectory(prefix="kunlun-prepared-", ignore_cleanup_errors=True) as tmp:
+            prepare_chunked(source, name, Path(tmp) / "cache")
+            return load_prepared(Path(tmp) / "cache")  # the maps outlive the files' names (POSIX)
     if log:
         log(f"preparing {name} (first run; cached afterwards)")
     raw = load_raw(dataset, data_dir)
     prepared = Encoder.fit(raw).prepare(raw, name)
     if use_cache:
         save_prepared(prepared, target)
+        return load_prepared(target)  # memory maps, like every later run's: the encoded copy in RAM is freed
     return prepared
 
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
+from kunlun.data.stream import Chunk
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_dir
 
@@ -601,43 +602,94 @@ SCHEMA = Schema(
 )
 
 
+READ = ["user", "item", "category", "segment", "device", "position", "time", "event", "label", "split"]
+
+
+@dataclass
+class _Position:
+    """Where a read has got to, for rows read in chunks: the global index of the next row, and the last row's user,
+    time and the index of that user's first row."""
+
+    row: int = 0
+    user: int | None = None
+    time: int = 0
+    user_start: int = 0
+
+
+def _impressions(col: dict[str, np.ndarray], at: _Position, where: str) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Rows of ``col`` (the READ columns of consecutive rows, starting at ``at``, which is advanced) → (feature columns,
+    history event columns, user_start, global row index). Every value depends on the row and the rows before it only,
+    so reading the shards whole or in chunks gives the same values."""
+    n = len(col["user"])
+    user, ts = col["user"], col["time"]
+    idx = at.row + np.arange(n)
+    prev_user = np.r_[at.user if at.user is not None else -1, user[:-1]]
+    prev_time = np.r_[at.time, ts[:-1]]
+    new_user = user != prev_user
+    bad = (user < prev_user) | (~new_user & (ts <= prev_time))
+    if at.user is None:  # the first row of all: nothing before it
+        new_user[:1], bad[:1] = True, False
+    if bad.any():
+        raise KunlunError(f"{where}: row {int(idx[np.flatnonzero(bad)[0]]) + 1} is out of order (rows must be sorted by user, then strictly by time)")
+    user_start = np.maximum.accumulate(np.where(new_user, idx, at.user_start))
+    hist_len = idx - user_start
+    prev = np.where(hist_len > 0, prev_time, ts)
+    if n:
+        at.row, at.user, at.time, at.user_start = at.row + n, int(user[-1]), int(ts[-1]), int(user_start[-1])
+    columns = {
+        "label": col["label"].astype(np.float32), "user": user, "item": col["item"].astype(np.int64),
+        "category": col["category"].astype(np.int64), "segment": col["segment"].astype(np.int64),
+        "device": col["device"].astype(np.int64), "position": col["position"].astype(np.int64), "hour": (ts // 3600) % 24,
+        "weekday": (ts // 86400) % 7, "log_history": np.log1p(hist_len).astype(np.float64),
+        "log_gap_hours": np.log1p((ts - prev) / 3600.0),
+    }
+    events = {"item": columns["item"], "event": np.asarray(EVENTS)[col["event"]], "category": columns["category"], "time": ts}
+    return columns, events, user_start, idx
+
+
+def _splits(columns, user_start, idx, ts, assign, names) -> dict[str, RawSplit]:
+    out = {}
+    for k, name in enumerate(names):
+        m = assign == k
+        out[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={"history": user_start[m]},
+                             seq_end={"history": idx[m]}, time=ts[m], row=idx[m])
+    return out
+
+
 def load_synthetic(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
     """The impressions as RawData: history = every earlier impression of the user (times are strictly increasing
     per user), with its event type (skip / click / like), category and time. With ``file`` (one shard), all its
     rows form split ``file`` and histories are the earlier rows of the same user in that file."""
     folder = Path(folder)
     paths = [Path(file)] if file is not None else data_files(folder)[1:]
-    read = ["user", "item", "category", "segment", "device", "position", "time", "event", "label", "split"]
     try:
-        table = pa.concat_tables([pq.read_table(p, columns=read) for p in paths])
+        table = pa.concat_tables([pq.read_table(p, columns=READ) for p in paths])
     except (pa.ArrowInvalid, OSError, KeyError) as exc:
         raise KunlunError(f"{paths[0]}: cannot be read as a synthetic shard ({str(exc).splitlines()[0]})") from None
-    col = {c: table.column(c).to_numpy() for c in read}
-    n = table.num_rows
-    user, ts = col["user"], col["time"]
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    if n > 1 and (np.any(user[1:] < user[:-1]) or np.any(~new_user[1:] & (ts[1:] <= ts[:-1]))):
-        row = int(np.flatnonzero((user[1:] < user[:-1]) | (~new_user[1:] & (ts[1:] <= ts[:-1])))[0]) + 1
-        raise KunlunError(f"{folder}: row {row + 1} is out of order (rows must be sorted by user, then strictly by time)")
-    idx = np.arange(n)
-    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
-    hist_len = idx - user_start
-    prev = np.where(hist_len > 0, ts[np.maximum(idx - 1, 0)], ts)
-    label = col["label"].astype(np.float32)
-    columns = {
-        "label": label, "user": user, "item": col["item"].astype(np.int64), "category": col["category"].astype(np.int64),
-        "segment": col["segment"].astype(np.int64), "device": col["device"].astype(np.int64),
-        "position": col["position"].astype(np.int64), "hour": (ts // 3600) % 24, "weekday": (ts // 86400) % 7,
-        "log_history": np.log1p(hist_len).astype(np.float64),
-        "log_gap_hours": np.log1p((ts - prev) / 3600.0),
-    }
-    events = {"history": {"item": columns["item"], "event": np.asarray(EVENTS)[col["event"]], "category": columns["category"],
-                          "time": ts}}
-    assign = col["split"] if file is None else np.zeros(n, dtype=np.int8)
-    names = list(SPLITS) if file is None else ["file"]
-    splits = {}
-    for k, name in enumerate(names):
-        m = assign == k
-        splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()},
-                                seq_start={"history": user_start[m]}, seq_end={"history": idx[m]}, time=ts[m], row=idx[m])
-    return RawData(schema=SCHEMA, splits=splits, events=events, source=str(paths[0] if file else folder))
+    col = {c: table.column(c).to_numpy() for c in READ}
+    columns, events, user_start, idx = _impressions(col, _Position(), str(folder))
+    assign = col["split"] if file is None else np.zeros(len(idx), dtype=np.int8)
+    splits = _splits(columns, user_start, idx, col["time"], assign, list(SPLITS) if file is None else ["file"])
+    return RawData(schema=SCHEMA, splits=splits, events={"history": events}, source=str(paths[0] if file else folder))
+
+
+class SyntheticChunks:
+    """The data set of ``load_synthetic(folder)`` as a ``kunlun.data.stream.ChunkSource``: up to ``chunk_rows`` rows at a
+    time, straight from the shards (a Parquet row group is never split across two reads' memory at once)."""
+
+    def __init__(self, folder: Path, chunk_rows: int = 1 << 18):
+        self.folder, self.chunk_rows = Path(folder), chunk_rows
+        self.paths = data_files(self.folder)[1:]
+        self.schema, self.source = SCHEMA, str(self.folder)
+
+    def chunks(self) -> Iterator[Chunk]:
+        at = _Position()
+        for path in self.paths:
+            try:
+                batches = pq.ParquetFile(path).iter_batches(batch_size=self.chunk_rows, columns=READ)
+                for batch in batches:
+                    col = {c: batch.column(c).to_numpy() for c in READ}
+                    columns, events, user_start, idx = _impressions(col, at, str(self.folder))
+                    yield Chunk(_splits(columns, user_start, idx, col["time"], col["split"], list(SPLITS)), {"history": events})
+            except (pa.ArrowInvalid, OSError, KeyError) as exc:
+                raise KunlunError(f"{path}: cannot be read as a synthetic shard ({str(exc).splitlines()[0]})") from None
