@@ -222,6 +222,87 @@ sequences:
     assert (b.seqs["hist"].event[b.seqs["hist"].mask] >= 2).all()  # "view" is a known event type
 
 
+def test_generic_schema_side_features_and_one_list_column_per_event_type(tmp_path):
+    """Per-event side features (a CSV's separated strings here) sharing a categorical vocabulary, and a history built
+    from one Parquet list column per event type, merged in time order (a tie: types in the order listed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write(tmp_path / "train.csv", "y,item,cat,hist,hist_cat\n1,a,x,b|c,y|x\n0,b,y,a,x\n1,c,x,,\n")
+    write(tmp_path / "valid.csv", "y,item,cat,hist,hist_cat\n1,a,x,c|a,z|x\n")
+    for name in ("train", "valid"):
+        pq.write_table(pa.table({
+            "y": [1, 0, 1], "item": ["a", "b", "c"], "cat": ["x", "y", "x"],
+            "clicks": [["a", "b"], [], ["c"]], "click_t": [[10, 30], [], [5]],
+            "likes": [["c"], ["a"], []], "like_t": [[20], [7], []],
+        }), tmp_path / f"{name}.parquet")
+    side = prepare_dataset(str(write(tmp_path / "side.yaml", """
+files: {train: train.csv, valid: valid.csv}
+label: y
+categorical: {item: item, cat: category}
+sequences:
+  - {name: hist, item: hist, item_vocab: item, side: {hist_cat: category}}
+""")))
+    assert side.schema.sequences[0].side == (("hist_cat", "category"),)
+    cats = side.vocabs["category"]
+    np.testing.assert_array_equal(side.events["hist"].side[:, 0], cats.encode(np.array(["y", "x", "x", "z", "x"])))
+    assert side.events["hist"].side[3, 0] == OOV  # "z": seen only in a validation history
+    b = Batcher(side, "valid", max_len=3).batch(np.arange(1))
+    assert b.seqs["hist"].side.shape == (1, 3, 1)
+
+    typed = prepare_dataset(str(write(tmp_path / "typed.yaml", """
+files: {train: train.parquet, valid: valid.parquet}
+label: y
+categorical: [item]
+sequences:
+  - name: hist
+    item_vocab: item
+    types: {click: {item: clicks, time: click_t}, like: {item: likes, time: like_t}}
+""")))
+    tr, ev = typed.splits["train"], typed.events["hist"]
+    assert (tr.seq_end["hist"] - tr.seq_start["hist"]).tolist() == [3, 1, 1]
+    items, kinds = typed.vocabs["item"], typed.vocabs["event_hist"]
+    row0 = slice(tr.seq_start["hist"][0], tr.seq_end["hist"][0])
+    assert ev.time[row0].tolist() == [10, 20, 30]  # click a, like c, click b
+    np.testing.assert_array_equal(ev.item[row0], items.encode(np.array(["a", "c", "b"])))
+    np.testing.assert_array_equal(ev.event[row0], kinds.encode(np.array(["click", "like", "click"])))
+    b = Batcher(typed, "train", max_len=4, event_windows=True).batch(np.arange(3))
+    assert b.windows["hist"][int(kinds.encode(np.array(["like"]))[0])].mask.sum().item() == 2
+
+
+@pytest.mark.parametrize("sequence,needle", [
+    ("{name: h, item_vocab: item, types: {click: {item: clicks}}}", "event type 'click' needs a time list column"),
+    ("{name: h, item: clicks, item_vocab: item, types: {click: {item: clicks, time: click_t}}}",
+     "key 'item' and key 'types' exclude each other"),
+    ("{name: h, item: clicks, item_vocab: item, side: [time]}", "side column 'time' has the name of an event's own field"),
+    ("{name: h, item: clicks, item_vocab: item, side: [clicks]}", "feature 'clicks' is listed as item of sequence 'h'"),
+])
+def test_schema_file_sequence_key_errors(tmp_path, sequence, needle):
+    from kunlun.data.tabular import SchemaFile
+
+    schema = write(tmp_path / "s.yaml", f"files: {{train: t.csv, valid: v.csv}}\nlabel: y\ncategorical: [item]\nsequences:\n  - {sequence}\n")
+    with pytest.raises(KunlunError) as e:
+        SchemaFile(schema)
+    assert needle in str(e.value) and str(schema) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_side_and_typed_lists_name_file_column_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write(tmp_path / "t.csv", "y,item,hist,hist_cat\n1,a,b|c,y|x\n0,b,a|c,x\n")
+    write(tmp_path / "s.yaml", "files: {train: t.csv, valid: t.csv}\nlabel: y\ncategorical: [item]\n"
+                               "sequences:\n  - {name: h, item: hist, item_vocab: item, side: [hist_cat]}\n")
+    with pytest.raises(KunlunError, match=r"t.csv: column 'hist_cat' must have as many entries per row as 'hist'; data row 2 has 1 and 2"):
+        prepare_dataset(str(tmp_path / "s.yaml"))
+    pq.write_table(pa.table({"y": [1, 0], "item": ["a", "b"], "clicks": [["a"], ["b", "c"]], "click_t": [[1], [2, None]]}),
+                   tmp_path / "t.parquet")
+    write(tmp_path / "p.yaml", "files: {train: t.parquet, valid: t.parquet}\nlabel: y\ncategorical: [item]\nsequences:\n"
+                               "  - {name: h, item_vocab: item, types: {click: {item: clicks, time: click_t}}}\n")
+    with pytest.raises(KunlunError, match=r"t.parquet: column 'click_t' has a missing value inside its list at data row 2"):
+        prepare_dataset(str(tmp_path / "p.yaml"))
+
+
 def test_schema_file_errors_name_the_key(tmp_path):
     bad = write(tmp_path / "s.yaml", "files: {train: a.csv}\nlabel: y\ncategorical: [a]\n")
     with pytest.raises(KunlunError, match="must map at least train and valid"):

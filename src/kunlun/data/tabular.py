@@ -13,13 +13,23 @@ Generic schema file (YAML), paths relative to the schema file::
       - name: clicks
         item: clicked_items      # list of item ids
         item_vocab: item_id      # shares ids/embeddings with this categorical vocabulary
-        event: click_types       # optional list, same length
+        event: click_types       # optional list, same length: several event types in one history
         time: click_times        # optional list of unix seconds
+        side: {click_cats: category}   # optional per-event side features: list column -> vocabulary
+                                 # (or a list of columns, each its own vocabulary)
         separator: "|"           # CSV only (default "|")
+      - name: history            # or one list column per event type, merged in time order
+        item_vocab: item_id
+        types:                   # event type -> its item list and time list (times are required to merge)
+          click: {item: clicked_items2, time: click_times2}
+          like: {item: liked_items, time: like_times}
 
 Column names are YAML strings (quote one that YAML would read as a number or boolean, e.g. "1" or "yes");
 a column is one feature only. In a CSV, sequence columns are always read as text, so a history whose
-cells each hold at most one item id is still a history.
+cells each hold at most one item id is still a history. A sequence with ``types`` has events of each type
+from its own columns, ordered by time (ties: in the order the types are listed, then list order); a row's
+lists of one type (item, time, side) must have equal lengths, and every bad value is named by file, column
+and data row.
 """
 
 from __future__ import annotations
@@ -72,7 +82,9 @@ def load_frappe(folder: Path, file: Path | None = None, labels: bool = True) -> 
 # ----------------------------------------------------------------------------- generic
 
 SCHEMA_KEYS = ("name", "files", "label", "group", "time", "categorical", "numeric", "sequences")
-SEQUENCE_KEYS = ("name", "item", "item_vocab", "event", "time", "separator")
+SEQUENCE_KEYS = ("name", "item", "item_vocab", "event", "time", "side", "types", "separator")
+TYPE_KEYS = ("item", "time")
+EVENT_FIELDS = ("item", "event", "time")  # an event's own fields: a side feature may not take one of these names
 # split and sequence names: they name cache files, and sequence names name model modules (which refuse a '.')
 SAFE_NAME = re.compile(r"[^./\\\x00]+")
 
@@ -97,11 +109,22 @@ class SequenceColumns:
     """One ``sequences:`` entry of a schema file: which list columns hold a behaviour sequence."""
 
     name: str
-    item: str
+    item: str | None  # None with ``types``
     item_vocab: str
     event: str | None = None
     time: str | None = None
     separator: str = "|"
+    side: tuple[tuple[str, str], ...] = ()  # (list column, vocabulary)
+    types: tuple[tuple[str, str, str], ...] = ()  # (event type, item list column, time list column)
+
+    @property
+    def list_columns(self) -> list[str]:
+        cols = [c for c in (self.item, self.event, self.time) if c] + [c for c, _ in self.side]
+        return cols + [c for _, item, time in self.types for c in (item, time)]
+
+    @property
+    def has_events(self) -> bool:
+        return self.event is not None or bool(self.types)
 
 
 class SchemaFile:
@@ -135,7 +158,9 @@ class SchemaFile:
             categorical=tuple(self.categorical),
             numeric=tuple(self.numeric),
             sequences=tuple(
-                SequenceSpec(s.name, s.item_vocab, f"event_{s.name}" if s.event else None, (), s.time is not None) for s in self.sequences
+                SequenceSpec(s.name, s.item_vocab, f"event_{s.name}" if s.has_events else None, s.side,
+                             s.time is not None or bool(s.types))
+                for s in self.sequences
             ),
             group=self.group,
             has_time=self.time is not None,
@@ -200,7 +225,7 @@ class SchemaFile:
             odd = [k for k in s if k not in SEQUENCE_KEYS]
             if odd:
                 raise self._fail(f"{where}: unknown key {odd[0]!r}; allowed: {list(SEQUENCE_KEYS)}")
-            for key in ("name", "item", "item_vocab"):
+            for key in ("name", "item_vocab") if "types" in s else ("name", "item", "item_vocab"):
                 if key not in s:
                     raise self._fail(f"{where}: a sequence is missing key {key!r}")
             name = s["name"]
@@ -217,19 +242,59 @@ class SchemaFile:
             if vocab not in vocabs:
                 raise self._fail(f"{where}: item_vocab {vocab!r} is not the vocabulary of any categorical column; "
                                  f"vocabularies: {vocabs}")
-            if f"event_{name}" in vocabs and s.get("event") is not None:
+            types = self._types(s["types"], key, where, s) if "types" in s else ()
+            side = self._side(s.get("side"), key, where)
+            if f"event_{name}" in vocabs + [v for _, v in side] and (s.get("event") is not None or types):
                 raise self._fail(f"{where}: vocabulary name 'event_{name}' is taken by a categorical column; "
                                  "it is reserved for this sequence's event types")
             separator = s.get("separator", "|")
             if not isinstance(separator, str) or not separator:
                 raise self._fail(f"key '{key}.separator' must be a non-empty string, got {separator!r}")
             out.append(SequenceColumns(
-                name, self._column(s["item"], f"{key}.item"), vocab,
+                name, self._column(s["item"], f"{key}.item") if not types else None, vocab,
                 self._column(s["event"], f"{key}.event") if s.get("event") is not None else None,
                 self._column(s["time"], f"{key}.time") if s.get("time") is not None else None,
-                separator,
+                separator, side, types,
             ))
         return out
+
+    def _side(self, value: Any, key: str, where: str) -> tuple[tuple[str, str], ...]:
+        """``side``: a list of list columns (each its own vocabulary) or a mapping list column -> vocabulary."""
+        if value is None:
+            return ()
+        if isinstance(value, dict):
+            pairs = [(self._column(c, f"{key}.side"), self._column(v, f"{key}.side.{c}")) for c, v in value.items()]
+        elif isinstance(value, list):
+            pairs = [(c, c) for c in self._columns(value, f"{key}.side")]
+        else:
+            raise self._fail(f"key '{key}.side' must be a list of list columns, or a mapping list column -> vocabulary; "
+                             f"got {_kind(value)} {value!r}")
+        for column, _ in pairs:
+            if column in EVENT_FIELDS:  # a side feature is a field of each event, beside these
+                raise self._fail(f"{where}: side column {column!r} has the name of an event's own field "
+                                 f"({', '.join(EVENT_FIELDS)}); rename the column")
+        return tuple(pairs)
+
+    def _types(self, value: Any, key: str, where: str, seq: dict) -> tuple[tuple[str, str, str], ...]:
+        """``types``: event type -> {item: list column, time: list column}, instead of item/event/time/side."""
+        taken = [k for k in ("item", "event", "time", "side") if seq.get(k) is not None]
+        if taken:
+            raise self._fail(f"{where}: key {taken[0]!r} and key 'types' exclude each other (with types, each type "
+                             "names its own item and time columns)")
+        if not isinstance(value, dict) or not value:
+            raise self._fail(f"key '{key}.types' must map event types to {{item: list column, time: list column}}, "
+                             f"got {_kind(value)} {value!r}")
+        out = []
+        for t, cols in value.items():
+            if isinstance(t, bool) or not isinstance(t, (str, int)):
+                raise self._fail(f"key '{key}.types': event type {t!r} must be a name")
+            if not isinstance(cols, dict) or set(cols) - set(TYPE_KEYS) or "item" not in cols:
+                raise self._fail(f"key '{key}.types.{t}' must be a mapping with keys item and time, got {_kind(cols)} {cols!r}")
+            if "time" not in cols:
+                raise self._fail(f"{where}: event type {str(t)!r} needs a time list column (key '{key}.types.{t}.time'), "
+                                 "to merge the types' events in time order")
+            out.append((str(t), self._column(cols["item"], f"{key}.types.{t}.item"), self._column(cols["time"], f"{key}.types.{t}.time")))
+        return tuple(out)
 
     def _check_roles(self) -> None:
         """A column is one feature: listed once, and never also the label (group and time may be features too)."""
@@ -237,6 +302,9 @@ class SchemaFile:
         roles += [(c, "categorical") for c, _ in self.categorical]
         roles += [(c, "numeric") for c in self.numeric]
         roles += [(getattr(s, k), f"{k} of sequence {s.name!r}") for s in self.sequences for k in ("item", "event", "time") if getattr(s, k)]
+        roles += [(c, f"side feature of sequence {s.name!r}") for s in self.sequences for c, _ in s.side]
+        roles += [(c, f"{k} of event type {t!r} of sequence {s.name!r}") for s in self.sequences for t, item, time in s.types
+                  for k, c in (("item", item), ("time", time))]
         seen: dict[str, str] = {}
         for column, role in roles:
             if column in seen:
@@ -252,16 +320,17 @@ class SchemaFile:
         """Every column the files must have (the label only when ``labels``)."""
         cols = ([self.label] if labels else []) + [c for c, _ in self.categorical] + self.numeric
         cols += [c for c in (self.group, self.time) if c]
-        cols += [getattr(s, k) for s in self.sequences for k in ("item", "event", "time") if getattr(s, k)]
+        cols += [c for s in self.sequences for c in s.list_columns]
         return list(dict.fromkeys(cols))
 
     def load(self, file: Path | None = None, labels: bool = True) -> RawData:
         targets = {"file": file} if file is not None else self.files
         has_labels = True
         splits: dict[str, RawSplit] = {}
-        events: dict[str, dict[str, list]] = {s.name: {"item": [], "event": [], "time": []} for s in self.sequences}
+        events: dict[str, dict[str, list]] = {s.name: {"item": [], "event": [], "time": [], **{c: [] for c, _ in s.side}}
+                                              for s in self.sequences}
         offset = {s.name: 0 for s in self.sequences}
-        list_columns = [getattr(s, k) for s in self.sequences for k in ("item", "event", "time") if getattr(s, k)]
+        list_columns = [c for s in self.sequences for c in s.list_columns]
         for split_name, path in targets.items():
             t = read_table(path, required=self.columns(labels), optional=[self.label], text=list_columns)
             label, has_labels = optional_label(t, self.label, path, labels)
@@ -272,18 +341,16 @@ class SchemaFile:
                 cols[self.group] = id_column(t, self.group, path)
             split = RawSplit(columns=cols, time=numeric_column(t, self.time, path, integer=True) if self.time else None)
             for s in self.sequences:
-                items, lengths = _list_column(t, s.item, s.separator, path)
                 ev = events[s.name]
-                ev["item"].append(_list_ids(items, s.item, lengths, path))
-                for key in ("event", "time"):
-                    column = getattr(s, key)
-                    if column:
-                        vals, lens = _list_column(t, column, s.separator, path)
-                        if not np.array_equal(lens, lengths):
-                            row = int(np.flatnonzero(lens != lengths)[0])
-                            raise KunlunError(f"{path}: column {column!r} must have as many entries per row as {s.item!r}; "
-                                              f"data row {row + 1} has {lens[row]} and {lengths[row]}")
-                        ev[key].append(_list_times(vals, column, lens, path) if key == "time" else _list_ids(vals, column, lens, path))
+                if s.types:
+                    lengths = _merge_types(t, s, path, ev)
+                else:
+                    items, lengths = _list_column(t, s.item, s.separator, path)
+                    ev["item"].append(_list_ids(items, s.item, lengths, path))
+                    for key, column in [("event", s.event), ("time", s.time), *[(c, c) for c, _ in s.side]]:
+                        if column:
+                            vals = _aligned(t, column, s.separator, path, s.item, lengths)
+                            ev[key].append(_list_times(vals, column, lengths, path) if key == "time" else _list_ids(vals, column, lengths, path))
                 ends = offset[s.name] + np.cumsum(lengths)
                 split.seq_start[s.name] = ends - lengths
                 split.seq_end[s.name] = ends
@@ -293,6 +360,37 @@ class SchemaFile:
             name: {k: _concat(v) for k, v in ev.items() if v} for name, ev in events.items()
         }
         return RawData(self.schema, splits, raw_events, source=str(self.path), has_labels=has_labels)
+
+
+def _aligned(t: pa.Table, column: str, separator: str, path: Path, item: str, lengths: np.ndarray) -> pa.Array:
+    """The flat values of list column ``column``, which must have ``lengths`` entries per row like ``item``."""
+    vals, lens = _list_column(t, column, separator, path)
+    if not np.array_equal(lens, lengths):
+        row = int(np.flatnonzero(lens != lengths)[0])
+        raise KunlunError(f"{path}: column {column!r} must have as many entries per row as {item!r}; "
+                          f"data row {row + 1} has {lens[row]} and {lengths[row]}")
+    return vals
+
+
+def _merge_types(t: pa.Table, s: SequenceColumns, path: Path, ev: dict[str, list]) -> np.ndarray:
+    """One list column per event type → one history per row, its events in time order (ties: types in the order
+    listed, then list order); appends item, event (the type's name) and time to ``ev``; returns entries per row."""
+    n = t.num_rows
+    items, times, kinds, rows, lengths = [], [], [], [], np.zeros(n, dtype=np.int64)
+    for k, (_, item_col, time_col) in enumerate(s.types):
+        flat, lens = _list_column(t, item_col, s.separator, path)
+        items.append(_list_ids(flat, item_col, lens, path))
+        times.append(_list_times(_aligned(t, time_col, s.separator, path, item_col, lens), time_col, lens, path))
+        kinds.append(np.full(len(items[-1]), k))
+        rows.append(np.repeat(np.arange(n), lens))
+        lengths += lens
+    row, time, kind = np.concatenate(rows), np.concatenate(times), np.concatenate(kinds)
+    order = np.lexsort((np.arange(len(row)), kind, time, row))  # by row, then time, then type, then list position
+    names = np.asarray([name for name, _, _ in s.types])
+    ev["item"].append(_concat(items)[order])
+    ev["event"].append(names[kind[order]])
+    ev["time"].append(time[order])
+    return lengths
 
 
 def _reserved_by_torch(name: str) -> bool:
