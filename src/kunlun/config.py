@@ -70,16 +70,22 @@ class TrainConfig:
     # M minutes (0: off), so a killed run loses at most that much work; resume continues at the exact step
     checkpoint_every_steps: int = 0
     checkpoint_every_minutes: float = 10.0
+    # 0: each epoch visits the training rows in one random permutation. N: in blocks of N consecutive rows, the blocks in
+    # a random order and the rows of each window of shuffle_window_blocks blocks in a random order — for a training split
+    # larger than memory, whose rows a full permutation would read from disk one page each (kunlun.data.batches)
+    shuffle_block_rows: int = 0
+    shuffle_window_blocks: int = 16
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        positive = ["batch_size", "eval_batch_size", "epochs"]
+        positive = ["batch_size", "eval_batch_size", "epochs", "shuffle_window_blocks"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise KunlunError(f"config key train.{key}: expected a positive integer, got {getattr(self, key)}")
-        for key in ["max_steps", "warmup_steps", "patience", "threads", "checkpoint_every_steps", "checkpoint_every_minutes"]:
+        for key in ["max_steps", "warmup_steps", "patience", "threads", "checkpoint_every_steps", "checkpoint_every_minutes",
+                    "shuffle_block_rows"]:
             if getattr(self, key) < 0:
                 raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
         for key in ["lr", "embedding_lr"]:

@@ -132,12 +132,48 @@ class Batcher:
             windows=windows,
         )
 
-    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0) -> Iterator[Batch]:
-        """All rows once, shuffled by ``rng`` if given (deterministic for a seeded generator), from batch ``start``
-        on (a run resumed inside an epoch skips the batches it trained on without building them)."""
-        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
-        for i in range(start * batch_size, len(order), batch_size):
-            yield self.batch(order[i : i + batch_size])
+    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0, block_rows: int = 0,
+                window_blocks: int = 16) -> Iterator[Batch]:
+        """All rows once, from batch ``start`` on (a run resumed inside an epoch skips the batches it trained on without
+        building them): in row order, or shuffled by ``rng`` (``shuffled_rows``; deterministic for a seeded generator)."""
+        n = len(self)
+        if rng is None:  # in order, without an O(rows) index array
+            for i in range(start * batch_size, n, batch_size):
+                yield self.batch(np.arange(i, min(i + batch_size, n)))
+            return
+        pending, held, skip = [], 0, start * batch_size
+        for piece in shuffled_rows(n, rng, block_rows, window_blocks):
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            piece, skip = piece[skip:], 0
+            while len(piece):
+                take = min(batch_size - held, len(piece))
+                pending.append(piece[:take])
+                held, piece = held + take, piece[take:]
+                if held == batch_size:
+                    yield self.batch(pending[0] if len(pending) == 1 else np.concatenate(pending))
+                    pending, held = [], 0
+        if held:
+            yield self.batch(np.concatenate(pending))
+
+
+def shuffled_rows(n: int, rng: np.random.Generator, block_rows: int = 0, window_blocks: int = 16) -> Iterator[np.ndarray]:
+    """One epoch's order of rows 0..n-1, as consecutive pieces, drawn from ``rng`` alone (the same generator state gives
+    the same order, and a resumed run, which draws the same pieces and drops what it trained on, continues it exactly).
+
+    ``block_rows`` 0: one permutation of all rows (8 bytes per row). Else rows are taken in blocks of ``block_rows``
+    consecutive rows, the blocks in a random order, and the rows of each window of ``window_blocks`` such blocks in a
+    random order: a batch then mixes rows from ``window_blocks`` places of the split, and one window at a time is read,
+    so a memory-mapped split larger than memory is read from disk nearly in sequence (a full permutation touches one
+    page per row, each a random read once the split no longer fits in the page cache). Memory: one window's indices."""
+    if not block_rows:
+        yield rng.permutation(n)
+        return
+    blocks = rng.permutation(-(-n // block_rows))
+    for w in range(0, len(blocks), window_blocks):
+        rows = np.concatenate([np.arange(b * block_rows, min((b + 1) * block_rows, n)) for b in blocks[w : w + window_blocks].tolist()])
+        yield rows[rng.permutation(len(rows))]
 
 
 def _with_a_row(e: Events) -> Events:

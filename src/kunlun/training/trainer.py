@@ -1,7 +1,8 @@
 """The training loop: two optimizers, warm-up + schedule, early stopping on validation NE,
 optional bf16 autocast, checkpoints, resume, and a progress bar with examples/s and running loss.
 
-Determinism: the epoch-e shuffle comes from ``seed + e``, torch's RNG is seeded from ``seed`` and saved
+Determinism: the epoch-e shuffle comes from ``seed + e`` (a full permutation, or with ``train.shuffle_block_rows`` a
+block-wise one for a split larger than memory: ``kunlun.data.batches.shuffled_rows``), torch's RNG is seeded from ``seed`` and saved
 in checkpoints (so are the stochastic-rounding generators of low-precision emulation), so the same seed and
 config give the same metrics on the same machine, and a resumed run continues exactly where the interrupted
 one stopped.
@@ -248,7 +249,9 @@ class Trainer:
         with Progress(*columns, console=stderr, disable=not self.progress, transient=False) as bar:
             task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0, loss=float("nan"))
             t0 = mark = time.perf_counter()
-            for batch in itertools.islice(self.train_batches.iterate(t.batch_size, rng, start=start), max(steps - start, 0)):
+            batches = self.train_batches.iterate(t.batch_size, rng, start=start, block_rows=t.shuffle_block_rows,
+                                                 window_blocks=t.shuffle_window_blocks)
+            for batch in itertools.islice(batches, max(steps - start, 0)):
                 batch = batch.to(self.device)
                 try:
                     loss, _ = self.train_step(batch)
