@@ -15,6 +15,20 @@ cannot cap such a process: cap its resident memory instead (a cgroup; README "Da
 (sharded synthetic sets). Both use the same pieces — vocabularies as sorted unique values, ``NumericStats`` (exact
 sums, so the statistics do not depend on how rows are chunked), ``label_ctr``, ``Encoder.encode_split`` — and write
 through the same ``CacheWriter``, so for the same input they produce byte-identical caches.
+
+**What still takes RAM in proportion to rows** (everything else is memory-mapped, or bounded by a chunk or a batch):
+
+- the training shuffle, ``rng.permutation(n)``: 8 bytes per training row (so 0.8 GB at 1e8 rows);
+- evaluation of a split: its predictions, labels and groups (16 bytes per row) and the metrics' sorts of them;
+- the chunked prepare: vocabularies and each split's group values (O(distinct ids)) and the training histories'
+  merged ranges (O(users)); the in-memory prepare, the whole dataset (non-synthetic datasets; ``eval --file``,
+  ``predict --file`` and serving encode their one file in memory);
+- ``kunlun data info``: whole columns of a split at a time (history lengths, their percentiles);
+- ``useful_flops`` reads a fixed sample of at most 100,000 rows, and the data fingerprint streams every array.
+
+Reading a set larger than memory in a shuffled order reads its pages from disk as batches need them: the speed then
+depends on the disk (README "Datasets, out of core"). Caches are replaced by renaming a new directory into place, so
+a process reading an old one keeps its maps; never edit a cache file in place while a process reads it.
 """
 
 from __future__ import annotations
@@ -351,6 +365,13 @@ class Encoder:
             events=self.encode_events(raw.events),
             has_labels=raw.has_labels,
         )
+
+    def same_as(self, other: Encoder) -> bool:
+        """Whether ``other`` encodes every input exactly as this one: same schema, vocabularies, statistics and CTR."""
+        return (self.schema == other.schema and self.vocabs.keys() == other.vocabs.keys() and self.train_ctr == other.train_ctr
+                and np.array_equal(self.num_mean, other.num_mean) and np.array_equal(self.num_std, other.num_std)
+                and all(self.vocabs[k].keys.dtype.kind == other.vocabs[k].keys.dtype.kind
+                        and np.array_equal(self.vocabs[k].keys, other.vocabs[k].keys) for k in self.vocabs))
 
     # --- persistence (run directories keep the encoder so `eval --file` needs no dataset cache) ---
     def save(self, directory: Path) -> None:

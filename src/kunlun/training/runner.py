@@ -190,13 +190,18 @@ def load_trained(path: Path) -> tuple[Config, Encoder, RankingModel]:
 
 
 def evaluate_run(path: Path, splits: list[str] | tuple[str, ...] = (), data_dir: str | None = None) -> dict[str, dict[str, float]]:
-    """Metrics by split of a trained run (directory or checkpoint) on its dataset, re-encoded with the run's own
-    vocabularies and scored as training scored it (a bf16-trained run under bf16 autocast). Default splits: valid, test."""
+    """Metrics by split of a trained run (directory or checkpoint) on its dataset, encoded with the run's own
+    vocabularies and scored as training scored it (a bf16-trained run under bf16 autocast). Default splits: valid, test.
+    The prepared cache (memory-mapped: a dataset larger than memory) serves when its encoder is the run's, which gives
+    the same encoding; otherwise the raw files are re-encoded in memory."""
     cfg, encoder, model = load_trained(path)
-    raw = load_raw(cfg.data.dataset, data_dir or cfg.data.data_dir)
-    if raw.schema != encoder.schema:
-        raise KunlunError(f"dataset {cfg.data.dataset!r} no longer matches the schema the model was trained on")
-    data = encoder.prepare(raw, cfg.data.dataset)
+    data = prepare_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir)
+    if not data.encoder().same_as(encoder):
+        # the files changed since training (other vocabularies): encode them with the run's own, in memory
+        raw = load_raw(cfg.data.dataset, data_dir or cfg.data.data_dir)
+        if raw.schema != encoder.schema:
+            raise KunlunError(f"dataset {cfg.data.dataset!r} no longer matches the schema the model was trained on")
+        data = encoder.prepare(raw, cfg.data.dataset)
     splits = list(splits) or [s for s in ("valid", "test") if s in data.splits]
     for s in splits:
         if s not in data.splits:
