@@ -677,7 +677,7 @@ class SyntheticChunks:
     """The data set of ``load_synthetic(folder)`` as a ``kunlun.data.stream.ChunkSource``: up to ``chunk_rows`` rows at a
     time, straight from the shards (a Parquet row group is never split across two reads' memory at once)."""
 
-    def __init__(self, folder: Path, chunk_rows: int = 1 << 18):
+    def __init__(self, folder: Path, chunk_rows: int = 1 << 16):
         self.folder, self.chunk_rows = Path(folder), chunk_rows
         self.paths = data_files(self.folder)[1:]
         self.schema, self.source = SCHEMA, str(self.folder)
