@@ -17,6 +17,7 @@ import pytest
 from conftest import TINY_MODEL, interrupt_at_step
 from kunlun.config import load_config
 from kunlun.data import synthetic as S
+from kunlun.data.batches import Batcher, shuffled_rows
 from kunlun.data.prepare import Encoder, NumericStats, _events_used, exact_sum, load_prepared, save_prepared
 from kunlun.data.registry import cache_root, load_raw, prepare_dataset
 from kunlun.data.stream import covered, merge_intervals, prepare_chunked
@@ -96,7 +97,8 @@ def test_a_damaged_cache_is_rebuilt(world):
 
 def cfg(*extra):
     return load_config(None, [*TINY_MODEL, "model.stream_window=own", "model.primary_events=[like]", "train.threads=1",
-                              "train.batch_size=1024", "train.max_steps=0", "train.epochs=2", "train.patience=0",
+                              "train.batch_size=1024", "train.shuffle_block_rows=3000", "train.shuffle_window_blocks=3",
+                              "train.max_steps=0", "train.epochs=2", "train.patience=0",
                               f"data.dataset={extra[0]}", *extra[1:]])
 
 
@@ -108,10 +110,12 @@ def tiny(tmp_path_factory):
     return out
 
 
-def test_training_from_the_maps_matches_training_from_ram_and_resumes_exactly(tiny, tmp_path):
+def test_training_from_the_maps_matches_training_from_ram_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     """Kunlun with per-event-type windows (read from the cache's type positions), seed and threads fixed: the metrics
     from the chunk-prepared, memory-mapped cache are those from arrays encoded in RAM, bit for bit; a run killed
-    mid-epoch and resumed from the maps ends with them too."""
+    mid-epoch and resumed from the maps (block-wise shuffling, batches straddling its windows) ends with them too;
+    ``kunlun eval`` of the run scores the maps (the raw
+    files are not read again) and reproduces them."""
     raw = load_raw(str(tiny), None)
     ram = Encoder.fit(raw).prepare(raw, "tiny")
     maps = prepare_dataset(str(tiny), chunk_rows=7_000)
@@ -132,6 +136,14 @@ def test_training_from_the_maps_matches_training_from_ram_and_resumes_exactly(ti
     t2.resume(tmp_path / "maps" / "checkpoints" / "last")
     assert t2.state.epoch == 1 and 0 < t2.state.epoch_step < 7  # resumed mid-epoch
     assert t2.fit()["metrics"] == reference["metrics"]
+
+    from kunlun.training import runner
+
+    def no_raw(*a, **k):
+        raise AssertionError("re-read the raw files")
+
+    monkeypatch.setattr(runner, "load_raw", no_raw)
+    assert runner.evaluate_run(tmp_path / "ram") == reference["metrics"]
 
 
 def test_numeric_statistics_are_exact_and_do_not_depend_on_the_chunking():
@@ -159,3 +171,22 @@ def test_merged_history_intervals_cover_the_events_training_histories_use():
         s, e = merge_intervals(start, end)
         assert np.all(s[1:] > e[:-1]) and np.all(s < e)  # disjoint, sorted, not touching, none empty
         np.testing.assert_array_equal(covered(np.arange(340), s, e), _events_used(start, np.maximum(end, start), 340))
+
+
+def test_block_shuffle_visits_every_row_once_window_by_window_and_resumes_at_any_batch(tiny):
+    n, block, window = 10_007, 1000, 3
+    pieces = list(shuffled_rows(n, np.random.default_rng(4), block, window))
+    order = np.concatenate(pieces)
+    assert sorted(order.tolist()) == list(range(n)) and len(pieces) == 4  # 11 blocks, windows of 3
+    for piece in pieces:  # each window holds whole blocks only, and not in order
+        assert len(np.unique(piece // block)) * block >= len(piece) > (len(np.unique(piece // block)) - 1) * block
+        assert not np.all(np.diff(piece) > 0)
+    again = np.concatenate(list(shuffled_rows(n, np.random.default_rng(4), block, window)))
+    np.testing.assert_array_equal(order, again)
+    assert not np.array_equal(order, np.concatenate(list(shuffled_rows(n, np.random.default_rng(5), block, window))))
+
+    b = Batcher(prepare_dataset(str(tiny)), "train", 8)
+    full = [x.group for x in b.iterate(1000, np.random.default_rng(1), block_rows=2500, window_blocks=2)]
+    tail = [x.group for x in b.iterate(1000, np.random.default_rng(1), start=7, block_rows=2500, window_blocks=2)]
+    assert len(full) == -(-len(b) // 1000) and all(len(x) == 1000 for x in full[:-1])
+    assert all(np.array_equal(x, y) for x, y in zip(full[7:], tail, strict=True))
