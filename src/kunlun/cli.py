@@ -337,6 +337,28 @@ def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps
     emit_json(result) if as_json else speed_table(result)
 
 
+@bench.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@click.option("--dataset", help="Dataset (default: the config's).")
+@click.option("--data-dir", help="Folder holding the dataset folders.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Training steps timed per repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Alternations; medians are reported.")
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("overrides", nargs=-1)
+def memmap(config_path, dataset, data_dir, steps, repeats, as_json, overrides):
+    """Examples/s from the memory-mapped cache vs the same arrays in RAM: the loader alone and training (alternated)."""
+    from kunlun.bench.speed import memmap_vs_ram
+    from kunlun.config import load_config
+
+    r = memmap_vs_ram(load_config(config_path, list(overrides), dataset=dataset, data_dir=data_dir), steps=steps, repeats=repeats)
+    if as_json:
+        emit_json(r)
+        return
+    for m in ("loader", "trainer"):
+        click.echo(f"{m:8s} memmap {r['median']['memmap'][m]:>10,.0f} ex/s   ram {r['median']['ram'][m]:>10,.0f} ex/s   "
+                   f"memmap/ram {r['memmap_over_ram'][m]:.3f}   (medians of {repeats}; {r['model']} on {r['dataset']})")
+
+
 def _bench_options(f):
     f = click.option("--spec", type=click.Path(path_type=Path), help="Benchmark spec (default: packaged configs/quality.yaml).")(f)
     f = click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True,

@@ -144,6 +144,40 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
     return result
 
 
+def memmap_vs_ram(cfg: Config, steps: int = 100, repeats: int = 5, log=log) -> dict[str, Any]:
+    """Examples/s of the input path alone (``loader``) and of training through the trainer's own epoch loop (``trainer``:
+    loader + step, no evaluation or records) from the memory-mapped cache (``memmap``, what training uses) and from the
+    same arrays copied into RAM (``ram``, ``Prepared.in_memory``), alternated ``repeats`` times (the order swapped every
+    other time) on one process; medians and ratios. The maps are read through the page cache: after the first pass a
+    set that fits in memory is served from it, so this measures the mapping's cost, not the disk's."""
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from kunlun.training.trainer import Trainer
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    maps = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, log=log)
+    sources = {"memmap": maps, "ram": maps.in_memory()}
+    run_cfg = replace(cfg, train=replace(t, max_steps=steps, epochs=1, patience=0, checkpoint_every_steps=0, checkpoint_every_minutes=0.0))
+    rates: dict[str, dict[str, list[float]]] = {k: {"loader": [], "trainer": []} for k in sources}
+    for r in range(repeats):
+        for name in (("memmap", "ram") if r % 2 == 0 else ("ram", "memmap")):
+            data = sources[name]
+            with tempfile.TemporaryDirectory(prefix="kunlun-mmap-") as tmp:
+                trainer = Trainer(run_cfg, data, Path(tmp) / "run", progress=False, logger=lambda _: None)
+                rates[name]["loader"].append(loader_examples_per_s(trainer.train_batches, t.batch_size))
+                trainer.train_epoch(0)
+                rates[name]["trainer"].append(trainer.state.train_examples / trainer.state.train_seconds)
+            log(f"repeat {r + 1}/{repeats} {name}: loader {rates[name]['loader'][-1]:,.0f} ex/s, trainer {rates[name]['trainer'][-1]:,.0f} ex/s")
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in rates.items()}
+    return {"model": cfg.model.name, "dataset": maps.name, "rows": {k: len(v) for k, v in maps.splits.items()}, "steps": steps,
+            "repeats": repeats, "batch_size": t.batch_size, "threads": torch.get_num_threads(), "runs": rates, "median": med,
+            "memmap_over_ram": {m: med["memmap"][m] / med["ram"][m] for m in ("loader", "trainer")}}
+
+
 def replace_train(cfg: Config, **changes) -> Config:
     from dataclasses import replace
 
