@@ -339,18 +339,19 @@ def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps
 
 @bench.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@click.option("--model", help="Model name (default: the config's).")
 @click.option("--dataset", help="Dataset (default: the config's).")
 @click.option("--data-dir", help="Folder holding the dataset folders.")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Training steps timed per repeat.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Alternations; medians are reported.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("overrides", nargs=-1)
-def memmap(config_path, dataset, data_dir, steps, repeats, as_json, overrides):
+def memmap(config_path, model, dataset, data_dir, steps, repeats, as_json, overrides):
     """Examples/s from the memory-mapped cache vs the same arrays in RAM: the loader alone and training (alternated)."""
     from kunlun.bench.speed import memmap_vs_ram
     from kunlun.config import load_config
 
-    r = memmap_vs_ram(load_config(config_path, list(overrides), dataset=dataset, data_dir=data_dir), steps=steps, repeats=repeats)
+    r = memmap_vs_ram(load_config(config_path, list(overrides), model, dataset=dataset, data_dir=data_dir), steps=steps, repeats=repeats)
     if as_json:
         emit_json(r)
         return

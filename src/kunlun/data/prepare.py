@@ -18,8 +18,10 @@ through the same ``CacheWriter``, so for the same input they produce byte-identi
 
 **What still takes RAM in proportion to rows** (everything else is memory-mapped, or bounded by a chunk or a batch):
 
-- the training shuffle, ``rng.permutation(n)``: 8 bytes per training row (so 0.8 GB at 1e8 rows);
-- evaluation of a split: its predictions, labels and groups (16 bytes per row) and the metrics' sorts of them;
+- the training shuffle, ``rng.permutation(n)``: 8 bytes per training row (so 0.8 GB at 1e8 rows); with
+  ``train.shuffle_block_rows`` only one window of blocks at a time (``kunlun.data.batches.shuffled_rows``);
+- evaluation of a split: its predictions, labels and groups (16 bytes per row) and the metrics' sorts of them
+  (≈ 125 bytes per row at the peak, measured on a 4M-row split);
 - the chunked prepare: vocabularies and each split's group values (O(distinct ids)) and the training histories'
   merged ranges (O(users)); the in-memory prepare, the whole dataset (non-synthetic datasets; ``eval --file``,
   ``predict --file`` and serving encode their one file in memory);
