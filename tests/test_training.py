@@ -229,3 +229,32 @@ def test_python_api_trains_and_scores_a_run_like_the_cli(tmp_path):
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["model"]["time_scale"] == 3600.0  # defaults spelled out
     with pytest.raises(KunlunError, match="not empty"):
         train_run(tiny(), tmp_path / "r", progress=False, logger=lambda m: None)
+
+
+def test_epoch_loop_does_not_synchronise_per_step(tmp_path, monkeypatch):
+    """Reading a tensor's value on the host (``.item()``, ``float()``, ``int()``, ``bool()``: a device sync on a
+    GPU) happens a fixed number of times per epoch, however many steps it has: the loss and the non-finite
+    check stay on the device between sync points."""
+    import kunlun.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "SYNC_SECONDS", float("inf"))
+    data = prepare_dataset(tiny().data.dataset)
+    reads = []
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    counts = []
+    for steps in (3, 9):
+        cfg = tiny("train.epochs=1", "train.checkpoint_every_minutes=0", f"train.max_steps={steps}")
+        t = Trainer(cfg, data, tmp_path / f"r{steps}", progress=False, logger=lambda m: None)
+        reads.clear()
+        t.train_epoch(0)
+        assert t.state.step == steps
+        counts.append(len(reads))
+    assert counts[0] == counts[1] <= 4, counts
+

@@ -3,7 +3,10 @@
 ``TrainModel`` wraps a ranking model and owns the loss: a batch goes in, ``(loss, logits)`` comes out
 (TorchRec's ``DLRMTrain`` habit), so multi-task heads or distillation change the wrapper, not the loop.
 ``TrainStep`` is one optimizer step on it: forward, a non-finite-loss check, backward, gradient clipping,
-then every optimizer and its learning-rate schedule.
+then every optimizer and its learning-rate schedule. The check either stops before the update (``check_finite``,
+one host synchronisation per step) or is left to the caller, who reads ``NonFiniteWatch`` at its own sync points:
+on a GPU a per-step ``loss.item()`` or ``if not isfinite(loss)`` stalls the host until the step has run, so the
+CPU cannot queue the next step's kernels.
 """
 
 from __future__ import annotations
@@ -103,17 +106,47 @@ class NonFiniteLoss(KunlunError):
     """The loss of a step was NaN or infinite; no parameter was changed."""
 
 
+class NonFiniteWatch:
+    """Running sum of Σ loss × batch size and the first step whose loss was not finite, kept on the device, so a
+    training loop reads them (one synchronisation) only when it logs, checkpoints or ends an epoch.
+
+    The sum is float64 and adds ``loss × n`` in step order: the same IEEE operations as summing ``loss.item() × n``
+    in Python, so the epoch's mean loss is bit-identical to that of a loop that synchronises every step.
+    """
+
+    NONE = -1
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0):
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor(self.NONE, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, n: int, step: int) -> None:
+        """Record step ``step``'s mean loss (a 0-d tensor) over ``n`` examples; no synchronisation."""
+        loss = loss.detach()
+        self.loss_sum += loss.double() * n
+        bad = (self.first_bad == self.NONE) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+
+    def read(self) -> tuple[float, int | None]:
+        """(Σ loss × n, first non-finite step or None): the one synchronisation."""
+        first = int(self.first_bad)
+        return float(self.loss_sum), (None if first == self.NONE else first)
+
+
 class TrainStep:
     """One optimizer step of ``train_model``: zero grads, forward, backward, clip to ``grad_clip`` (0: no clipping),
-    then each optimizer steps and so does its scheduler. Raises ``NonFiniteLoss`` before any update."""
+    then each optimizer steps and so does its scheduler. With ``check_finite`` a non-finite loss raises
+    ``NonFiniteLoss`` before any update (a host synchronisation per step); without, the step runs and the caller
+    watches the loss (``NonFiniteWatch``) and must not keep weights updated after a non-finite step."""
 
     def __init__(self, train_model: TrainModel, optimizers: list[torch.optim.Optimizer],
-                 schedulers: list[torch.optim.lr_scheduler.LRScheduler], grad_clip: float = 0.0):
+                 schedulers: list[torch.optim.lr_scheduler.LRScheduler], grad_clip: float = 0.0, check_finite: bool = True):
         self.train_model, self.optimizers, self.schedulers, self.grad_clip = train_model, optimizers, schedulers, grad_clip
+        self.check_finite = check_finite
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         loss, logits = self.train_model(batch)
-        if not torch.isfinite(loss):
+        if self.check_finite and not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss {loss.item()}")
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
