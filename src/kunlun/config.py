@@ -295,6 +295,23 @@ def dataclass_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def typed_mapping(raw: Any, fields: dict[str, Any], required: tuple[str, ...], where: str) -> dict[str, Any]:
+    """A spec file's top-level mapping checked against ``fields`` (key → type hint): unknown, missing or mistyped
+    keys are one KunlunError naming ``where`` and the key; values are coerced as config values are."""
+    if not isinstance(raw, dict):
+        raise KunlunError(f"{where}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise KunlunError(f"{where}: key {unknown[0]!r} is not known; known keys: {', '.join(fields)}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise KunlunError(f"{where}: missing key {missing[0]!r}")
+    try:
+        return {k: coerce(v, fields[k], k) for k, v in raw.items()}
+    except KunlunError as exc:
+        raise KunlunError(f"{where}: {exc}") from None
+
+
 def coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -305,6 +322,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return coerce(value, inner[0], key)
     if dataclasses.is_dataclass(hint):
         return dataclass_from_dict(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KunlunError(f"config key {key}: expected a mapping, got {value!r}")
+        return {coerce(k, args[0], key): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single value is a one-element list (model.gdpa_activation=relu)
