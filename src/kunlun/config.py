@@ -46,6 +46,9 @@ class DataConfig:
 OPS = ("auto", "fast", "reference")
 
 
+EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "sgd", "sparse_adam", "sparse_adagrad")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -55,7 +58,10 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
     lr: float = 1e-3  # dense parameters (AdamW)
     weight_decay: float = 1e-5
-    embedding_optimizer: str = "adam"  # adam | adagrad | sgd, for embedding tables
+    # for embedding tables: adam | adagrad | sgd (dense: every row updated every step, O(vocabulary)), or
+    # sparse_adam | sparse_adagrad (sparse gradients: only the rows a batch touches, O(rows touched); lazy Adam
+    # moments, no weight decay or L2)
+    embedding_optimizer: str = "adam"
     embedding_lr: float = 1e-3
     embedding_weight_decay: float = 0.0  # decoupled weight decay on embedding tables (adam → AdamW); 0 = none
     embedding_l2: float = 0.0  # L2 penalty λ/2·‖E‖² on whole embedding tables (gradient λ·E on every row, every step)
@@ -88,10 +94,12 @@ class TrainConfig:
         for key in ["weight_decay", "embedding_weight_decay", "embedding_l2", "grad_clip"]:
             if getattr(self, key) < 0:
                 raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
-        if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
-            raise KunlunError(
-                f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"
-            )
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise KunlunError(f"config key train.embedding_optimizer: expected one of {', '.join(EMBEDDING_OPTIMIZERS)}, "
+                              f"got {self.embedding_optimizer!r}")
+        if self.embedding_optimizer.startswith("sparse_") and (self.embedding_weight_decay or self.embedding_l2):
+            raise KunlunError(f"config keys train.embedding_weight_decay / train.embedding_l2: not available with "
+                              f"train.embedding_optimizer={self.embedding_optimizer} (it updates only the rows a batch touches)")
         if self.ops not in OPS:
             raise KunlunError(f"config key train.ops: expected one of {', '.join(OPS)}, got {self.ops!r}")
         if self.embedding_optimizer == "adam" and self.embedding_weight_decay and self.embedding_l2:
