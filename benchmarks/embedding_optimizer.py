@@ -7,7 +7,7 @@ The default Kunlun on the embedded ml-latest-small, with its item table grown to
 still look up only the real items, as a large catalogue's batch touches a tiny share of its rows). For each size
 and optimizer (``adam``: fused dense Adam, every row every step; ``sparse_adam``: only the rows a batch touched)
 it prints the median seconds of a training step (forward, backward, clipping, optimizer) over ``--steps`` steps,
-the two optimizers alternating so machine noise hits both alike.
+the two optimizers' steps alternating so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -30,21 +30,28 @@ from kunlun.training.trainer import build_from_info
 OPTIMIZERS = ("adam", "sparse_adam")
 
 
-def step_seconds(optimizer: str, rows: int, data, batches: list, steps: int) -> float:
+def stepper(optimizer: str, rows: int, data, steps: int) -> TrainStep:
     cfg = load_config(None, [f"train.embedding_optimizer={optimizer}", "train.warmup_steps=0"])
     info = FeatureInfo.from_encoder(data.encoder(), cfg.data.max_seq_len)
     info = dataclasses.replace(info, vocab_sizes={**info.vocab_sizes, "item": max(rows, info.vocab_sizes["item"])})
     torch.manual_seed(0)
     model = build_from_info(cfg, info)
     opts = make_optimizers(model, cfg.train)
-    step = TrainStep(TrainModel(model), opts, make_schedulers(opts, cfg.train, steps + 2), cfg.train.grad_clip)
-    step(batches[0])  # optimizer state allocated
-    times = []
+    return TrainStep(TrainModel(model), opts, make_schedulers(opts, cfg.train, steps + 2), cfg.train.grad_clip)
+
+
+def step_seconds(rows: int, data, batches: list, steps: int) -> dict[str, float]:
+    """Median seconds per step of each optimizer, their steps alternating."""
+    steppers = {o: stepper(o, rows, data, steps) for o in OPTIMIZERS}
+    for step in steppers.values():
+        step(batches[0])  # optimizer state allocated
+    times: dict[str, list[float]] = {o: [] for o in OPTIMIZERS}
     for i in range(steps):
-        t0 = time.perf_counter()
-        step(batches[(i + 1) % len(batches)])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for o, step in steppers.items():
+            t0 = time.perf_counter()
+            step(batches[(i + 1) % len(batches)])
+            times[o].append(time.perf_counter() - t0)
+    return {o: statistics.median(t) for o, t in times.items()}
 
 
 def main() -> None:
@@ -63,7 +70,7 @@ def main() -> None:
     print("| item rows | " + " | ".join(OPTIMIZERS) + " | adam / sparse_adam |")
     print("|---:|" + "---:|" * (len(OPTIMIZERS) + 1))
     for rows in (int(r) for r in args.rows.split(",")):
-        got = {o: step_seconds(o, rows, data, batches, args.steps) for o in OPTIMIZERS}
+        got = step_seconds(rows, data, batches, args.steps)
         print(f"| {rows:,} | " + " | ".join(f"{got[o]:.4f}" for o in OPTIMIZERS) + f" | {got['adam'] / got['sparse_adam']:.2f}× |",
               flush=True)
 
