@@ -293,7 +293,7 @@ def test_sparse_adam_equals_adam_when_every_row_is_touched_and_clipping_matches_
     dense_emb, sparse_emb = torch.nn.Embedding(6, 4), torch.nn.Embedding(6, 4, sparse=True)
     sparse_emb.load_state_dict(dense_emb.state_dict())
     adam, sparse_adam = torch.optim.Adam(dense_emb.parameters(), lr=0.1), torch.optim.SparseAdam(sparse_emb.parameters(), lr=0.1)
-    for step in range(4):
+    for _ in range(4):
         idx = torch.tensor([0, 1, 2, 3, 4, 5, 2, 2])  # every row, one of them three times
         target = torch.randn(8, 4)
         for emb, opt in ((dense_emb, adam), (sparse_emb, sparse_adam)):
@@ -321,3 +321,27 @@ def test_sparse_adam_equals_adam_when_every_row_is_touched_and_clipping_matches_
 def test_sparse_embedding_optimizer_refuses_l2():
     with pytest.raises(KunlunError, match="embedding_l2: not available with train.embedding_optimizer=sparse_adam"):
         tiny("train.embedding_optimizer=sparse_adam", "train.embedding_l2=0.01")
+
+
+def test_compiled_training_step_matches_eager(tmp_path):
+    """train.compile=true: the Inductor-compiled forward + loss (what the trainer runs) gives the eager loss, logits
+    and gradients within float tolerance (fused kernels sum in another order). One compile: about a minute here."""
+    from kunlun.data.batches import Batcher
+    from kunlun.training.step import TrainModel
+
+    cfg = tiny("train.max_steps=4", "train.epochs=1")
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "eager", progress=False, logger=lambda m: None)
+    batch = Batcher(data, "train", cfg.data.max_seq_len, t.model.event_windows).batch(np.arange(300))
+    assert isinstance(t.train_step.train_model, TrainModel)  # eager unless asked
+    compiled = Trainer(tiny("train.compile=true"), data, tmp_path / "c", progress=False, logger=lambda m: None).train_step.train_model
+    compiled._orig_mod.model = t.model  # the compiled wrapper around the same weights
+    results = []
+    for fn in (TrainModel(t.model), compiled):
+        t.model.zero_grad()
+        loss, logits = fn(batch)
+        loss.backward()
+        results.append((loss.detach(), logits.detach(), [p.grad.clone() for p in t.model.parameters() if p.grad is not None]))
+    (l0, z0, g0), (l1, z1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-6) and torch.allclose(z0, z1, atol=1e-5)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g0, g1))

@@ -152,7 +152,10 @@ class Trainer:
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
-        self.train_step = TrainStep(TrainModel(self.model, t.bf16), self.optimizers, self.schedulers, t.grad_clip,
+        train_model = TrainModel(self.model, t.bf16)
+        if t.compile:  # the same module and parameters, run through Inductor; evaluation stays eager
+            train_model = torch.compile(train_model)
+        self.train_step = TrainStep(train_model, self.optimizers, self.schedulers, t.grad_clip,
                                     check_finite=False)  # the epoch loop watches the loss (NonFiniteWatch)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
