@@ -12,7 +12,7 @@ and would drop older events of the rarer types that the stream has room for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,10 +74,14 @@ class Batch:
 
 
 class Batcher:
-    """Builds batches of one split. ``max_len`` caps every sequence's length (and every event-type window's,
-    with ``event_windows``)."""
+    """Builds batches of one split. ``max_len`` caps every sequence's length (and every event-type window's).
 
-    def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool = False):
+    ``event_windows``: False (none), True (a window for every event type in the data) or, as a model asks for
+    them (``RankingModel.event_windows``), sequence name → the event-type indices to build: exactly those, a type
+    without events being an all-padding window, so every batch has the same structure (what an exported model
+    needs) whatever events its rows happen to hold."""
+
+    def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool | Mapping[str, Sequence[int]] = False):
         self.split: Split = data.splits[split]
         self.events: dict[str, Events] = {k: _with_a_row(e) for k, e in data.events.items()}
         self.max_len = max_len
@@ -89,7 +93,13 @@ class Batcher:
         self.type_index: dict[str, dict[int, np.ndarray]] = {}
         if event_windows:
             for name, ev in self.events.items():
-                self.type_index[name] = ev.type_positions or type_positions(ev.event)
+                if isinstance(event_windows, Mapping) and name not in event_windows:
+                    continue
+                known = ev.type_positions or type_positions(ev.event)
+                if event_windows is True:
+                    self.type_index[name] = known
+                else:  # exactly the types asked for; one without events: no positions, an all-padding window
+                    self.type_index[name] = {int(c): known.get(int(c), np.zeros(0, np.int64)) for c in sorted(int(c) for c in event_windows[name])}
 
     def __len__(self) -> int:
         return len(self.split)

@@ -11,6 +11,12 @@ Checkpoints: ``checkpoints/best`` when validation NE improves; ``checkpoints/las
 every epoch end and, inside an epoch, every ``train.checkpoint_every_steps`` steps / ``checkpoint_every_minutes``
 minutes. A mid-epoch checkpoint records the position in the epoch and the epoch's running loss, so a resumed run
 skips the batches already trained on and ends with the metrics of an uninterrupted one, bit for bit.
+
+The loop does not synchronise with the device each step: batches are assembled ahead on a thread
+(``Prefetcher``; pinned and copied asynchronously on a GPU), the running loss and the first non-finite step are
+kept on the device (``NonFiniteWatch``) and read every ``SYNC_SECONDS``, before every checkpoint and at the
+epoch's end. A non-finite loss therefore stops training up to half a second of steps after it happened (naming
+the step where it happened), and since weights are only saved after a check, the last checkpoint is always good.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from kunlun import ops
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config
 from kunlun.console import log, stderr
-from kunlun.data.batches import Batcher
+from kunlun.data.batches import Batcher, Prefetcher
 from kunlun.data.prepare import Prepared
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_dir, atomic_write_text, os_error_text
@@ -44,7 +50,7 @@ from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
 from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint, verify_checkpoint
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
-    NonFiniteLoss,
+    NonFiniteWatch,
     TrainModel,
     TrainStep,
     autocast,
@@ -56,6 +62,8 @@ from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_opt
 )
 
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
+SYNC_SECONDS = 0.5  # the training loop reads the loss from the device (a host sync) at most this often, and before
+# every checkpoint and validation
 
 
 @torch.no_grad()
@@ -153,7 +161,11 @@ class Trainer:
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
-        self.train_step = TrainStep(TrainModel(self.model, t.bf16), self.optimizers, self.schedulers, t.grad_clip)
+        train_model = TrainModel(self.model, t.bf16)
+        if t.compile:  # the same module and parameters, run through Inductor; evaluation stays eager
+            train_model = torch.compile(train_model)
+        self.train_step = TrainStep(train_model, self.optimizers, self.schedulers, t.grad_clip,
+                                    check_finite=False)  # the epoch loop watches the loss (NonFiniteWatch)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
@@ -248,31 +260,42 @@ class Trainer:
                    TextColumn("{task.fields[speed]:>7.0f} ex/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
         with Progress(*columns, console=stderr, disable=not self.progress, transient=False) as bar:
             task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0, loss=float("nan"))
-            t0 = mark = time.perf_counter()
+            t0 = mark = last_sync = time.perf_counter()
+            watch = NonFiniteWatch(self.device, s.epoch_loss_sum)
+
+            def sync() -> None:  # the loop's only host synchronisation: loss sum and non-finite check
+                s.epoch_loss_sum, bad = watch.read()
+                if bad is not None:
+                    raise KunlunError(
+                        f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped. "
+                        f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
+                    )
+                bar.update(task, loss=s.epoch_loss_sum / max(s.epoch_examples, 1))
+
             batches = self.train_batches.iterate(t.batch_size, rng, start=start, block_rows=t.shuffle_block_rows,
                                                  window_blocks=t.shuffle_window_blocks)
-            for batch in itertools.islice(batches, max(steps - start, 0)):
+            for batch in Prefetcher(itertools.islice(batches, max(steps - start, 0)), depth=2, device=self.device):
                 batch = batch.to(self.device)
-                try:
-                    loss, _ = self.train_step(batch)
-                except NonFiniteLoss:
-                    raise KunlunError(
-                        f"non-finite training loss at step {s.step + 1} (epoch {epoch + 1}); stopped. "
-                        f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
-                    ) from None
+                loss, _ = self.train_step(batch)
                 s.step += 1
                 s.epoch_step += 1
-                s.epoch_loss_sum += loss.item() * len(batch)
+                watch.add(loss, len(batch), s.step)
                 s.epoch_examples += len(batch)
                 s.train_examples += len(batch)
                 n_seen += len(batch)
-                bar.update(task, advance=1, speed=n_seen / max(time.perf_counter() - t0, 1e-9), loss=s.epoch_loss_sum / s.epoch_examples)
-                if self.checkpoint_due():
+                now = time.perf_counter()
+                bar.update(task, advance=1, speed=n_seen / max(now - t0, 1e-9))
+                due = self.checkpoint_due()
+                if due or now - last_sync >= SYNC_SECONDS:
+                    sync()  # before a checkpoint: weights after a non-finite step are never saved
+                    last_sync = now
+                if due:
                     now = time.perf_counter()
                     s.train_seconds += now - mark
                     s.epoch_seconds += now - mark
                     self.save_last()
                     mark = time.perf_counter()  # checkpoint writing is not training time
+            sync()
         now = time.perf_counter()
         s.train_seconds += now - mark
         s.epoch_seconds += now - mark
