@@ -81,11 +81,13 @@ class Batcher:
     without events being an all-padding window, so every batch has the same structure (what an exported model
     needs) whatever events its rows happen to hold."""
 
-    def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool | Mapping[str, Sequence[int]] = False):
+    def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool | Mapping[str, Sequence[int]] = False,
+                 block_rows: int = 0, window_blocks: int = 16):
         self.split: Split = data.splits[split]
         self.events: dict[str, Events] = {k: _with_a_row(e) for k, e in data.events.items()}
         self.max_len = max_len
         self.event_windows = event_windows
+        self.block_rows, self.window_blocks = block_rows, window_blocks  # how ``iterate`` shuffles (``shuffled_rows``)
         # per sequence and event type c ≥ 2 (after PAD, OOV): the sorted positions of its events in the event table
         # (memory-mapped from the cache), so a row's events [start, end) of type c are positions[b(start):b(end)] with
         # b(i) = searchsorted(positions, i) = how many of them precede position i (a binary search per row, instead
@@ -142,17 +144,17 @@ class Batcher:
             windows=windows,
         )
 
-    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0, block_rows: int = 0,
-                window_blocks: int = 16) -> Iterator[Batch]:
+    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0) -> Iterator[Batch]:
         """All rows once, from batch ``start`` on (a run resumed inside an epoch skips the batches it trained on without
-        building them): in row order, or shuffled by ``rng`` (``shuffled_rows``; deterministic for a seeded generator)."""
+        building them): in row order, or shuffled by ``rng`` (``shuffled_rows`` with this batcher's ``block_rows`` and
+        ``window_blocks``; deterministic for a seeded generator)."""
         n = len(self)
         if rng is None:  # in order, without an O(rows) index array
             for i in range(start * batch_size, n, batch_size):
                 yield self.batch(np.arange(i, min(i + batch_size, n)))
             return
         pending, held, skip = [], 0, start * batch_size
-        for piece in shuffled_rows(n, rng, block_rows, window_blocks):
+        for piece in shuffled_rows(n, rng, self.block_rows, self.window_blocks):
             if skip >= len(piece):
                 skip -= len(piece)
                 continue

@@ -133,6 +133,8 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
     else:
         folder = dataset_folder(dataset, data_dir)
         files, name = [folder / f for f in DATASETS[dataset].files], dataset
+    if chunk_rows and synth is None:
+        raise KunlunError(f"--chunk-rows: {dataset} is read whole; only synthetic data sets (kunlun data synth) are prepared in chunks")
     key = cache_key(name, files, {"split": list(movielens.SPLIT_FRACTIONS)})
     target = cache_root() / f"{name}-{key}"
     if use_cache and not rebuild and (target / "dataset.json").is_file():

@@ -156,7 +156,8 @@ class Trainer:
         self.device = default_device()
         self.model = build(cfg, data).to(self.device)
         self.optimizers = make_optimizers(self.model, t)
-        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows)
+        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows, t.shuffle_block_rows,
+                                     t.shuffle_window_blocks)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
@@ -272,8 +273,7 @@ class Trainer:
                     )
                 bar.update(task, loss=s.epoch_loss_sum / max(s.epoch_examples, 1))
 
-            batches = self.train_batches.iterate(t.batch_size, rng, start=start, block_rows=t.shuffle_block_rows,
-                                                 window_blocks=t.shuffle_window_blocks)
+            batches = self.train_batches.iterate(t.batch_size, rng, start=start)
             for batch in Prefetcher(itertools.islice(batches, max(steps - start, 0)), depth=2, device=self.device):
                 batch = batch.to(self.device)
                 loss, _ = self.train_step(batch)
