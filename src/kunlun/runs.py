@@ -187,6 +187,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 # config keys that say where a run's files were and how often it checkpointed, not what it computes
 RECORD_ONLY_KEYS = ("data.data_dir", "train.checkpoint_every_steps", "train.checkpoint_every_minutes")
+# train keys added after runs were recorded without them, with the default that those runs ran with
+KEYS_ADDED_AT_DEFAULT = (("distributed", "ddp"), ("embedding_sharding", "none"))
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +199,9 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         section, _, name = key.partition(".")
         if isinstance(out.get(section), dict):
             out[section].pop(name, None)
+    if isinstance(out.get("train"), dict):  # keys added later, at their defaults: a run recorded before them asked the same
+        for name, default in KEYS_ADDED_AT_DEFAULT:
+            out["train"].setdefault(name, default)
     model = out.get("model")
     if isinstance(model, dict) and "name" in model:
         # the model section with every default filled in: a run recorded with the defaults spelled out (as the packaged
