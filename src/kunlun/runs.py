@@ -163,17 +163,22 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def has_weights(checkpoint: Path) -> bool:
+    """A checkpoint directory with weights: model.safetensors, or the DCP folder of one written by several processes."""
+    return (checkpoint / "model.safetensors").is_file() or (checkpoint / "dcp" / ".metadata").is_file()
+
+
 def resolve_run(path: str | Path) -> tuple[Path, Path]:
     """A run directory or a checkpoint directory → (run_dir, checkpoint_dir)."""
     p = Path(path)
     if not p.exists():
         raise KunlunError(f"{p}: run or checkpoint not found")
-    if (p / "model.safetensors").is_file():  # a checkpoint: <run>/checkpoints/<name>
+    if has_weights(p):  # a checkpoint: <run>/checkpoints/<name>
         run = p.parent.parent
         return run, p
     if (p / "checkpoints").is_dir():
         for name in ("best", "last"):
-            if (p / "checkpoints" / name / "model.safetensors").is_file():
+            if has_weights(p / "checkpoints" / name):
                 return p, p / "checkpoints" / name
     raise KunlunError(f"{p}: not a run directory or checkpoint (no checkpoints/best/model.safetensors)")
 

@@ -47,7 +47,7 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.model_configs import DEFAULT_MODEL
 from kunlun.processes import child_env, lock_holder
-from kunlun.runs import code_version, read_json, reuse_state, run_code
+from kunlun.runs import code_version, has_weights, read_json, reuse_state, run_code
 
 
 @dataclass
@@ -150,7 +150,7 @@ def job_state(spec: SweepSpec, job: Job, threads: int) -> str:
 def resumable(job: Job) -> bool:
     """An interrupted run started by the code running now (a run is never continued by other code)."""
     codes = run_code(job.run_dir)
-    return ((job.run_dir / "checkpoints" / "last" / "model.safetensors").is_file() and (job.run_dir / "config.yaml").is_file()
+    return (has_weights(job.run_dir / "checkpoints" / "last") and (job.run_dir / "config.yaml").is_file()
             and bool(codes) and all(c.get("source_sha256") == code_version()["source_sha256"] for c in codes))
 
 
