@@ -86,6 +86,8 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
                       precision=precision)
     final = train_run(cfg, resume or run_dir, resume=bool(resume), use_cache=not no_cache, progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints the results
+        return
     if as_json:
         emit_json(final["metrics"])
     else:
@@ -601,8 +603,10 @@ def bench_serve(target, data_dir, concurrency, batch, rate, duration, max_reques
 
 
 def fail(message: str) -> None:
-    """A user error: one line on stderr (whatever the message holds), exit status 2."""
-    click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
+    """A user error: one line on stderr (whatever the message holds), exit status 2. Under torchrun only rank 0 prints
+    it (every rank meets the same error: the same config, the same files); the others exit 2 silently."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
     sys.exit(2)
 
 

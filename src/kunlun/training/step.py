@@ -144,8 +144,9 @@ class TrainStep:
         self.train_model, self.optimizers, self.schedulers, self.grad_clip = train_model, optimizers, schedulers, grad_clip
         self.check_finite = check_finite
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, logits = self.train_model(batch)
+    def __call__(self, batch: Batch, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model_kwargs`` go to the train model (``scale`` of a data-parallel rank's ``ShardTrainModel``)."""
+        loss, logits = self.train_model(batch, **model_kwargs)
         if self.check_finite and not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss {loss.item()}")
         for o in self.optimizers:
