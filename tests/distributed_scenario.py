@@ -5,7 +5,8 @@ tests/distributed_scenario.py ROOT`` (ROOT holds the synthetic world ``w`` and t
 2. the CLI run's config killed at step 14 (inside epoch 2, after the checkpoint of step 12), a copy kept for the
    one-process resume, then resumed on these 2 ranks;
 3. right after loading the checkpoint on 2 ranks: the validation metrics and the optimizer states;
-4. the same run with FSDP2 (``train.distributed=fsdp``) in ``ROOT/fsdp``.
+4. the same run with FSDP2 (``train.distributed=fsdp``) in ``ROOT/fsdp``, and with row-sharded embedding tables
+   (``train.embedding_sharding=row``) in ``ROOT/row``.
 
 Rank 0 writes ``ROOT/scenario.json`` and ``ROOT/optimizers-2.pt``.
 """
@@ -90,6 +91,13 @@ def main(root: Path) -> None:
     out["resumed"] = train_run(cfg, killed, resume=True, progress=False, logger=quiet)["metrics"]
     fsdp = load_config(root / "cli" / "config.yaml", ["train.distributed=fsdp"])  # no checkpoint inside epochs
     out["fsdp"] = train_run(fsdp, root / "fsdp", progress=False, logger=quiet)["metrics"]
+
+    row = load_config(root / "cli" / "config.yaml", ["train.embedding_sharding=row"])
+    t = Trainer(row, data, root / "row", progress=False, logger=quiet)
+    t.start_record()
+    out["row"] = t.fit()["metrics"]
+    item = t.model.inputs.tables["item"]
+    out["row_item_rows"] = D.all_gather([item.num_embeddings, item.weight.to_local().shape[0]], world)
     if world.main:
         (root / "scenario.json").write_text(json.dumps(out))
     D.barrier(world)

@@ -85,32 +85,58 @@ def test_torchrun_kunlun_train_writes_one_run_record_from_rank_0(root):
     assert (run / "checkpoints" / "best" / "model.safetensors").is_file()  # one file, for eval / export / serve
 
 
-def test_two_ranks_train_as_one_process_on_the_same_global_batches(root, tmp_path):
-    """After 18 steps (the last batch of each epoch all rank 0's), the weights and Adam's moments of the 2-rank run
-    equal those of one process up to float summation order: measured ‖Δ‖/‖movement‖ 6e-5 for the weights, ‖Δ‖/‖m‖ 4e-5
-    and 2e-6 for the first and second moments. (Adam's update is nearly scale-free, so the weights alone would miss
-    gradients summed instead of averaged; the moments do not.)"""
+@pytest.fixture(scope="module")
+def single(root, tmp_path_factory):
+    """CFG trained by one process: (its trainer holding the last state, final.json)."""
     cfg = cfg_of(root)
-    data = prepare_dataset(cfg.data.dataset)
-    one = Trainer(cfg, data, tmp_path / "one", progress=False, logger=lambda m: None)
+    d = tmp_path_factory.mktemp("one")
+    data = prepare_dataset(cfg.data.dataset, use_cache=False)  # a module fixture: outside the per-test cache, so none
+    one = Trainer(cfg, data, d, progress=False, logger=lambda m: None)
     one.start_record()
-    final1 = one.fit()
-    one.resume(tmp_path / "one" / "checkpoints" / "last")  # fit() ends holding the best weights; the last state is here
-    two = Trainer(cfg, data, tmp_path / "two", progress=False, logger=lambda m: None)
-    two.resume(root / "cli" / "checkpoints" / "last")  # the 2-rank DCP checkpoint, read by one process
-    final2 = json.loads((root / "cli" / "final.json").read_text())
-    assert (final1["steps"], final1["train_examples"]) == (final2["steps"], final2["train_examples"]) == (18, 2 * 4876)
+    final = one.fit()
+    one.resume(d / "checkpoints" / "last")  # fit() ends holding the best weights; the last state is here
+    return one, final
 
+
+def assert_trained_as_one_process(one: Trainer, run: Path) -> None:
+    """The last checkpoint of the 2-rank ``run`` (read by one process) against ``one``: weights, Adam's moments,
+    steps, metrics."""
+    cfg = one.cfg
+    two = Trainer(cfg, one.data, run.parent / f"{run.name}-read", progress=False, logger=lambda m: None)
+    two.resume(run / "checkpoints" / "last")  # the 2-rank DCP checkpoint, read by one process
+    assert (two.state.step, two.state.train_examples) == (one.state.step, one.state.train_examples) == (18, 2 * 4876)
     set_seed(cfg.train.seed)
-    start = flat(build(cfg, data).state_dict().values())
+    start = flat(build(cfg, one.data).state_dict().values())
     a, b = flat(one.model.state_dict().values()), flat(two.model.state_dict().values())
     assert float((a - b).norm() / (a - start).norm()) < REL_TOL
     for key in ("exp_avg", "exp_avg_sq"):
         x, y = (flat(st[key] for o in t.optimizers for st in o.state_dict()["state"].values()) for t in (one, two))
         assert float((x - y).norm() / x.norm()) < REL_TOL, key
+
+
+def assert_metrics_close(a: dict, b: dict) -> None:
     for split in ("valid", "test"):
         for key, tol in (("ne", NE_TOL), ("auc", AUC_TOL)):
-            assert abs(final1["metrics"][split][key] - final2["metrics"][split][key]) < tol, (split, key)
+            assert abs(a[split][key] - b[split][key]) < tol, (split, key)
+
+
+def test_two_ranks_train_as_one_process_on_the_same_global_batches(root, single):
+    """After 18 steps (the last batch of each epoch all rank 0's), the weights and Adam's moments of the 2-rank run
+    equal those of one process up to float summation order: measured ‖Δ‖/‖movement‖ 6e-5 for the weights, ‖Δ‖/‖m‖ 4e-5
+    and 2e-6 for the first and second moments. (Adam's update is nearly scale-free, so the weights alone would miss
+    gradients summed instead of averaged; the moments do not.)"""
+    one, final1 = single
+    assert_trained_as_one_process(one, root / "cli")
+    assert_metrics_close(final1["metrics"], json.loads((root / "cli" / "final.json").read_text())["metrics"])
+
+
+def test_row_sharded_tables_train_as_one_process(root, scenario, single):
+    """train.embedding_sharding=row: each rank holds half of every vocabulary table (and its Adam state), and the run
+    still trains as one process does; its checkpoint reshards to one process."""
+    assert scenario["row_item_rows"] == [[1067, 534], [1067, 533]]
+    one, final1 = single
+    assert_trained_as_one_process(one, root / "row")
+    assert_metrics_close(final1["metrics"], scenario["row"])
 
 
 def flat(tensors) -> torch.Tensor:
@@ -160,9 +186,7 @@ def test_a_two_rank_checkpoint_resumes_on_two_ranks_exactly_and_on_one_rank(root
 
 def test_fsdp_trains_as_ddp_and_its_checkpoints_load_in_one_process(root, scenario):
     ddp = json.loads((root / "cli" / "final.json").read_text())["metrics"]
-    fsdp = scenario["fsdp"]
-    for split in ("valid", "test"):
-        assert abs(fsdp[split]["ne"] - ddp[split]["ne"]) < NE_TOL
+    assert_metrics_close(scenario["fsdp"], ddp)
     cfg, _, model = load_trained(root / "fsdp")  # checkpoints/best: one safetensors file gathered from the shards
     assert cfg.train.distributed == "fsdp"
     last = build(cfg, prepare_dataset(cfg.data.dataset))

@@ -33,6 +33,7 @@ one process included; ``best`` stays one safetensors file written by rank 0.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import pickle
 import warnings
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kunlun.config import TrainConfig
 from kunlun.data.batches import Batch, Batcher
@@ -118,9 +120,19 @@ def init_from_env(timeout_minutes: float = 30.0) -> World:
 
 
 def check_world(t: TrainConfig, world: World) -> None:
-    """KunlunError (one line, the same on every rank) when ``t`` cannot run on ``world``."""
+    """KunlunError (one line, the same on every rank) when ``t`` cannot run on ``world``. (One process ignores
+    ``train.distributed`` and ``train.embedding_sharding``.)"""
+    if t.embedding_sharding == "torchrec" and importlib.util.find_spec("torchrec") is None:
+        raise KunlunError('train.embedding_sharding=torchrec: TorchRec is not installed; pip install "kunlun[torchrec]" '
+                          "(or use train.embedding_sharding=row)")
     if not world.distributed:
         return
+    if t.embedding_sharding != "none" and t.distributed == "fsdp":
+        raise KunlunError(f"train.embedding_sharding={t.embedding_sharding} goes with train.distributed=ddp: with fsdp every "
+                          f"parameter, the tables included, is sharded already")
+    if t.embedding_sharding == "torchrec":
+        raise KunlunError("train.embedding_sharding=torchrec: kunlun's TorchRec path is not built yet (its models look up "
+                          "plain nn.Embedding tables, not TorchRec's EmbeddingCollection); use train.embedding_sharding=row")
     if t.batch_size % world.size:
         near = t.batch_size // world.size * world.size or world.size
         raise KunlunError(f"train.batch_size={t.batch_size} does not split over {world.size} processes: every rank takes an "
@@ -225,6 +237,12 @@ def wrap_for_training(model: RankingModel, t: TrainConfig, world: World) -> nn.M
     with DDP or sharded in place with FSDP2's ``fully_shard`` (``train.distributed``). With fsdp, build the optimizers
     after this call: their parameters are the sharded ones."""
     inner = ShardTrainModel(model, t.bf16, world.size)
+    device = next(model.parameters()).device
+    if t.embedding_sharding == "row":
+        from kunlun.training.sharding import shard_rows
+
+        sharded = shard_rows(model, device)  # each rank keeps its rows: DDP must neither average nor broadcast them
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(inner, [f"model.{n}" for n in sharded])
     if t.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -235,9 +253,6 @@ def wrap_for_training(model: RankingModel, t: TrainConfig, world: World) -> nn.M
         # models return their logits as a view (a squeeze); nothing changes them in place (loss and sigmoid are out of place)
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         return inner
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = next(model.parameters()).device
     # a parameter with a size-1 dimension may get a gradient whose stride along it differs from the bucket's: harmless
     # (a stride along a size-1 dimension is never used), but DDP warns at every step
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")

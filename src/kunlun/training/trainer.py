@@ -76,6 +76,7 @@ from kunlun.training.distributed import (
     shard_scale,
     wrap_for_training,
 )
+from kunlun.training.sharding import clip_grad_norm
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
     NonFiniteWatch,
     TrainModel,
@@ -181,7 +182,8 @@ class Trainer:
         set_seed(t.seed)
         self.device = w.device() if w.distributed else default_device()
         self.model = build(cfg, data).to(self.device)
-        self.fsdp = w.distributed and t.distributed == "fsdp"  # parameters sharded over the ranks
+        # some parameters are sharded over the ranks (DTensors): all with FSDP, the vocabulary tables with row sharding
+        self.sharded = w.distributed and (t.distributed == "fsdp" or t.embedding_sharding == "row")
         if w.distributed:
             if w.rank:  # the same weights everywhere (built from the seed), independent dropout draws
                 torch.manual_seed(rank_seed(t.seed, w.rank))
@@ -195,7 +197,8 @@ class Trainer:
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
         self.train_step = TrainStep(self.train_model, self.optimizers, self.schedulers, t.grad_clip,
-                                    check_finite=False)  # the epoch loop watches the loss (NonFiniteWatch)
+                                    check_finite=False,  # the epoch loop watches the loss (NonFiniteWatch)
+                                    clip=clip_grad_norm if w.distributed and t.embedding_sharding == "row" else None)
         if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
             self.stand_in = self.train_batches.batch(np.zeros(1, np.int64)).to(self.device)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
@@ -251,9 +254,9 @@ class Trainer:
         sharded = is_sharded(checkpoint)
         if sharded:  # written by several processes: weights and optimizer states resharded to this world
             load_sharded(checkpoint, self.model, self.optimizers)
-        elif self.fsdp:
-            raise KunlunError(f"{checkpoint}: a one-process checkpoint does not resume with train.distributed=fsdp; "
-                              f"resume it with ddp (or one process) first")
+        elif self.sharded:
+            raise KunlunError(f"{checkpoint}: a one-process checkpoint does not resume with sharded parameters "
+                              f"(train.distributed=fsdp or train.embedding_sharding=row); resume it with plain ddp first")
         else:
             load_weights(checkpoint, self.model)
         st = load_trainer_state(checkpoint)
@@ -307,7 +310,7 @@ class Trainer:
     def save_best(self) -> None:
         """``checkpoints/best``: one safetensors file of the whole weights, written by rank 0 (FSDP: gathered first,
         by every rank)."""
-        tensors = full_state_dict(self.model, sharded=True) if self.fsdp else None
+        tensors = full_state_dict(self.model, sharded=True) if self.sharded else None
         if self.world.main:
             s = self.state
             save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, self.recorded, info={"epoch": s.epoch, "step": s.step},
@@ -451,7 +454,7 @@ class Trainer:
     def finish(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
         barrier(self.world)  # rank 0 has written checkpoints/best
-        load_weights(self.run_dir / "checkpoints" / "best", self.model, sharded_model=self.fsdp)
+        load_weights(self.run_dir / "checkpoints" / "best", self.model, sharded_model=self.sharded)
         metrics, eval_seconds, eval_examples = {}, 0.0, 0
         for split in ("valid", "test"):
             if split in self.data.splits:
