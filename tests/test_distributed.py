@@ -8,6 +8,7 @@ Two launches of 2 processes in all (module fixtures): ``kunlun train`` under tor
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -216,6 +217,29 @@ def test_a_batch_size_that_does_not_split_over_the_ranks_is_one_line():
         check_world(t, World(1, 3))
     assert str(e.value) == ("train.batch_size=1000 does not split over 3 processes: every rank takes an equal share of each batch, "
                             "so use a multiple of 3 (e.g. 999)")
+
+
+HAS_TORCHREC = importlib.util.find_spec("torchrec") is not None
+
+
+@pytest.mark.skipif(HAS_TORCHREC, reason="TorchRec is installed here")
+def test_torchrec_sharding_without_torchrec_is_one_line():
+    t = load_config(None, ["train.embedding_sharding=torchrec"]).train  # the config loads: the error comes where it is used
+    with pytest.raises(KunlunError) as e:
+        check_world(t, World(0, 2))
+    assert str(e.value) == ('train.embedding_sharding=torchrec: TorchRec is not installed; pip install "kunlun[torchrec]" '
+                            "(or use train.embedding_sharding=row)")
+
+
+@pytest.mark.skipif(not HAS_TORCHREC, reason='TorchRec is not installed (pip install "kunlun[torchrec]"; see pyproject.toml for the '
+                                             "versions that load with torch 2.13)")
+def test_torchrec_shards_a_table_row_wise_and_trains_it_on_cpu_over_gloo(tmp_path):
+    """The probe: TorchRec's planner and DistributedModelParallel on 2 CPU processes (kunlun's models do not use it
+    yet: ``train.embedding_sharding=torchrec`` says so in one line; ``row`` is the tested path)."""
+    r = torchrun(tmp_path, str(HERE / "torchrec_probe.py"))
+    assert r.returncode == 0 and "torchrec probe ok" in r.stdout, r.stderr[-3000:]
+    with pytest.raises(KunlunError, match="kunlun's TorchRec path is not built yet"):
+        check_world(load_config(None, ["train.embedding_sharding=torchrec"]).train, World(0, 2))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"NCCL needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}")
