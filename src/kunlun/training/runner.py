@@ -122,10 +122,14 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
         target = broadcast(run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model.name, cfg.data.dataset), world)  # rank 0's name
         if not is_empty_run_dir(target):
             raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
-    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
+    if world.main:  # several processes: rank 0 prepares (and caches) the data, the others then read the cache
+        data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
+    barrier(world)
+    if not world.main:
+        data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
     trainer = Trainer(cfg, data, target, progress=progress, logger=logger, world=world)  # every config error before the first write
-    # (building the trainer is a collective with several processes: every rank has checked the directory before rank 0 writes)
     made = [p for p in (target, *target.parents) if not p.exists()]  # the directories this run creates
+    barrier(world)  # every rank has looked at the run directory before rank 0 writes in it
     with lock_run_dir(target) if world.main else contextlib.nullcontext():
         try:
             if world.main:
