@@ -21,6 +21,7 @@ $TORCHRUN -m kunlun train --run-dir "$OUT/killed" --quiet --json $CFG train.chec
 pid=$!
 until grep -qs '"step": 50' "$OUT/killed/checkpoints/last/manifest.json"; do sleep 0.2; done
 kill -TERM $pid; wait $pid || true
+cp "$OUT/killed/checkpoints/last/manifest.json" "$OUT/killed-last-manifest.json"  # the 2-rank checkpoint resumed from
 $PY -m kunlun train --resume "$OUT/killed" --quiet --json > /dev/null
 $PY - "$OUT" <<'PY'
 import json, sys
@@ -33,5 +34,5 @@ for name in ("one", "ddp", "row", "fsdp", "killed"):
           f"test AUC {m['test']['auc']:.6f}  steps {f['steps']}  wall {f['wall_time_s']:.1f} s  {f['train_examples_per_s']:,.0f} train ex/s")
 resumes = [json.loads(line) for line in (out / "killed" / "resumes.jsonl").read_text().splitlines()]
 print("killed: resumed at step", resumes[0]["step"], "on", resumes[0]["world_size"], "process(es); its last checkpoint was written by",
-      json.loads((out / "killed" / "checkpoints" / "last" / "manifest.json").read_text()).get("world_size", 1))
+      json.loads((out / "killed-last-manifest.json").read_text()).get("world_size", 1), "process(es)")
 PY

@@ -7,7 +7,9 @@
     <run>/epochs.jsonl       one JSON line per epoch: train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
     <run>/checkpoints/best   weights with the best validation NE (safetensors + config + manifest of checksums)
-    <run>/checkpoints/last   weights + optimizer and RNG state at the last epoch end or mid-epoch step (for --resume)
+    <run>/checkpoints/last   weights + optimizer and RNG state at the last epoch end or mid-epoch step (for --resume);
+                             of a run trained by several processes, a torch.distributed.checkpoint (dcp/), which
+                             resumes on any number of processes
     <run>/resumes.jsonl      one JSON line per resume: position, code, config keys changed (threads, data_dir, …)
     <run>/.lock              flock'ed by the process training the run (kunlun.processes)
 """
