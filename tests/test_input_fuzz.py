@@ -405,3 +405,81 @@ def test_generated_frappe_files_load_or_fail_in_one_line(content, labels):
         path = Path(d) / "f.csv"
         path.write_bytes(content)
         loads_or_one_line_error(lambda: read_frappe_file(path, labels))
+
+
+# ------------------------------------------------------------------ spec files: sweeps and benchmark specs
+
+spec_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2, 3), st.floats(allow_nan=True),
+              st.sampled_from(["", "x", "zip", "ml-100k", "dnn", "kunlun", "bf16", "model.d_model", "model.d_model=8",
+                               "train.lr=3e-4", "train.epochs=1"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["model.d_model", "dnn", "kunlun", "ml-100k", "dataset", "variants", "a"]),
+                                            inner, max_size=3)),
+    max_leaves=8,
+)
+SPEC_KEYS = {
+    "sweep": ["name", "model", "dataset", "overrides", "mode", "axes", "seeds", "noise", "parallel", "threads", "other"],
+    "quality": ["datasets", "seeds", "models", "dataset_overrides", "ablation", "other"],
+    "formats": ["datasets", "seeds", "model", "overrides", "formats", "variant_formats", "variants", "other"],
+}
+VALID_SPEC = {  # a valid document of each kind: the fuzzed ones are it with keys replaced or added
+    "sweep": {"name": "s", "model": "dnn", "dataset": "ml-100k", "axes": {"model.d_model": [8, 16]}, "seeds": [0]},
+    "quality": {"datasets": ["ml-100k"], "seeds": [0], "models": {"dnn": []}, "ablation": {"dataset": "ml-100k", "variants": {"a": []}}},
+    "formats": {"datasets": ["ml-100k"], "seeds": [0], "model": "kunlun", "formats": ["bf16", "hif4"], "variants": {"rht": []}},
+}
+
+
+def load_spec_file(kind: str, path: Path) -> None:
+    if kind == "sweep":
+        from kunlun.scaling.sweep import load_sweep
+
+        load_sweep(path)
+    elif kind == "quality":
+        from kunlun.bench.quality import load_spec
+
+        load_spec(path)
+    else:
+        from kunlun.bench.formats import load_formats_spec
+
+        load_formats_spec(path)
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.sampled_from(sorted(SPEC_KEYS)), st.data())
+def test_sweep_and_benchmark_spec_files_load_or_fail_in_one_line(kind, data):
+    """A sweep file or a quality / ablation / formats spec with keys of any type (or unknown keys) loads, or fails
+    with one line naming the file — never a traceback, and never later, when points are already training."""
+    document = dict(VALID_SPEC[kind])
+    document.update(data.draw(st.dictionaries(st.sampled_from(SPEC_KEYS[kind]), spec_values, max_size=3)))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "spec.yaml"
+        path.write_text(yaml.safe_dump(document, allow_unicode=True))
+        message = loads_or_one_line_error(lambda: load_spec_file(kind, path))
+        assert message is None or str(path) in message, message
+
+
+@pytest.mark.parametrize("kind", sorted(SPEC_KEYS))
+def test_valid_spec_files_load(kind, tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(VALID_SPEC[kind]))
+    load_spec_file(kind, path)
+
+
+FIT_COLUMNS = ["compute", "ne", "family", "seed", "layers", "flops_per_example", "x"]
+FIT_CELLS = [b"1e12", b"2e12", b"0.8", b"0.7", b"-1", b"0", b"nan", b"inf", b"a", b"", b"1.5", b"3", b"\xff", b'"q,u"', b'"open']
+
+
+@settings(FUZZ, max_examples=100)
+@given(st.lists(st.sampled_from(FIT_COLUMNS), min_size=0, max_size=5),
+       st.lists(st.lists(st.sampled_from(FIT_CELLS), min_size=0, max_size=6), min_size=0, max_size=6))
+@example(["compute", "ne"], [[b"1e12", b"0.8", b"9"]])  # a row with more cells than the header
+def test_fit_csv_files_load_or_fail_in_one_line(header, rows):
+    """`kunlun fit`'s CSV tables: any header and cells load as scaling points or fail with one line naming the file."""
+    from kunlun.scaling.points import load_points
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "runs.csv"
+        path.write_bytes(b"\n".join([",".join(header).encode(), *(b",".join(r) for r in rows)]) + b"\n")
+        message = loads_or_one_line_error(lambda: load_points([path]))
+        assert message is None or str(path) in message or "compute" in message, message

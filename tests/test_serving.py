@@ -68,7 +68,7 @@ def assert_package_scores_as_training(run: Path, package: Path, split: str, runt
 
     cfg, _, model = load_trained(run)
     data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir)
-    batcher = Batcher(data, split, cfg.data.max_seq_len)
+    batcher = Batcher(data, split, cfg.data.max_seq_len, model.event_windows)
     want, _, _ = predict(model, batcher, cfg.train.eval_batch_size, cfg.train.bf16)
     raw = load_raw(cfg.data.dataset, cfg.data.data_dir)
     rows = np.arange(0, len(want), max(1, len(want) // 300))  # the raw split's rows are the prepared split's, in order
@@ -120,6 +120,23 @@ def test_bf16_run_exports_under_autocast(tmp_path):
     out = tmp_path / "bf16.pt2"
     assert export_package(run, out, "none", logger=lambda m: None)["bf16"] is True
     assert_package_scores_as_training(run, out, "test", ("exported_program",), BF16_TOL)
+
+
+def test_kunlun_with_own_event_windows_exports_and_scores_as_training(tmp_path):
+    """``model.stream_window=own`` reads per-event-type windows: the package takes them as inputs (one set per
+    event type the model reads, whatever a request's events), and scores as training does."""
+    run = train(tmp_path, "own", "model.stream_window=own")
+    _, _, model = load_trained(run)
+    assert model.event_windows  # the tiny Kunlun has per-type streams
+    out = tmp_path / "own.pt2"
+    meta = export_package(run, out, "none", logger=lambda m: None)
+    assert meta["event_windows"] == {k: list(v) for k, v in model.event_windows.items()}
+    names = [i["name"] for i in meta["inputs"]]
+    assert sum(".window" in n for n in names) == 5 * sum(len(v) for v in model.event_windows.values())
+    assert_package_scores_as_training(run, out, "test", ("exported_program",), FP32_TOL)
+    one = examples_from_raw(load_raw("ml-latest-small", None), "test", np.arange(1))[0]
+    one["history"] = {k: v[:1] for k, v in one["history"].items()}  # one event: one type's window is all padding
+    assert np.isfinite(load_scorer(out).score_payload(one)).all()
 
 
 OTHER_MODELS = ["logistic_regression", "dnn", "dcnv2", "wukong", "din", "bst", "interformer"]

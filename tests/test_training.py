@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -258,3 +259,89 @@ def test_epoch_loop_does_not_synchronise_per_step(tmp_path, monkeypatch):
         counts.append(len(reads))
     assert counts[0] == counts[1] <= 4, counts
 
+
+
+def test_sparse_embedding_optimizers_touch_only_the_rows_of_the_batch(tmp_path):
+    """sparse_adam / sparse_adagrad: lookups give sparse gradients and a step changes only the embedding rows the
+    batch looked up (dense Adam moves every row once its moments are non-zero); clipping sees the sparse gradients."""
+    from kunlun.data.batches import Batcher
+
+    data = prepare_dataset(tiny().data.dataset)
+    for name in ("sparse_adam", "sparse_adagrad", "adam"):
+        cfg = tiny(f"train.embedding_optimizer={name}", "train.grad_clip=0.01", "train.warmup_steps=0")
+        t = Trainer(cfg, data, tmp_path / name, progress=False, logger=lambda m: None)
+        batcher = Batcher(data, "train", cfg.data.max_seq_len, t.model.event_windows)
+        table = t.model.inputs.tables["item"]
+        t.train_step(batcher.batch(np.arange(0, 64)))  # every optimizer has state now
+        before = table.weight.detach().clone()
+        batch = batcher.batch(np.arange(64, 72))
+        used = torch.unique(torch.cat([batch.cat.flatten(), batch.seqs["history"].item.flatten()]))
+        loss, _ = t.train_step(batch)
+        assert torch.isfinite(loss)
+        assert table.weight.grad.is_sparse == name.startswith("sparse_")
+        moved = torch.nonzero((table.weight.detach() != before).any(1)).flatten()
+        if name.startswith("sparse_"):
+            assert set(moved.tolist()) <= set(used.tolist()) and len(moved) > 0
+        else:
+            assert len(moved) > len(used)
+
+
+def test_sparse_adam_equals_adam_when_every_row_is_touched_and_clipping_matches_torch():
+    from kunlun.training.step import clip_grad_norm
+
+    torch.manual_seed(0)
+    dense_emb, sparse_emb = torch.nn.Embedding(6, 4), torch.nn.Embedding(6, 4, sparse=True)
+    sparse_emb.load_state_dict(dense_emb.state_dict())
+    adam, sparse_adam = torch.optim.Adam(dense_emb.parameters(), lr=0.1), torch.optim.SparseAdam(sparse_emb.parameters(), lr=0.1)
+    for _ in range(4):
+        idx = torch.tensor([0, 1, 2, 3, 4, 5, 2, 2])  # every row, one of them three times
+        target = torch.randn(8, 4)
+        for emb, opt in ((dense_emb, adam), (sparse_emb, sparse_adam)):
+            opt.zero_grad()
+            ((emb(idx) - target) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(dense_emb.weight, sparse_emb.weight, atol=1e-6)
+
+    # clipping with a sparse gradient among dense ones = torch's clip_grad_norm_ on the densified gradients
+    emb, lin = torch.nn.Embedding(6, 4, sparse=True), torch.nn.Linear(4, 1)
+    out = lin(emb(torch.tensor([1, 1, 3]))).sum() * 50
+    out.backward()
+    ref = [emb.weight.grad.to_dense().clone(), lin.weight.grad.clone(), lin.bias.grad.clone()]
+    ref_params = [torch.nn.Parameter(torch.zeros_like(g)) for g in ref]
+    for p_, g in zip(ref_params, ref):
+        p_.grad = g
+    want = torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+    got = clip_grad_norm([emb.weight, lin.weight, lin.bias], 0.5)
+    assert torch.allclose(got, want)
+    for p_, r in zip([emb.weight, lin.weight, lin.bias], ref_params):
+        g = p_.grad.to_dense() if p_.grad.is_sparse else p_.grad
+        assert torch.allclose(g, r.grad, atol=1e-7)
+
+
+def test_sparse_embedding_optimizer_refuses_l2():
+    with pytest.raises(KunlunError, match="embedding_l2: not available with train.embedding_optimizer=sparse_adam"):
+        tiny("train.embedding_optimizer=sparse_adam", "train.embedding_l2=0.01")
+
+
+def test_compiled_training_step_matches_eager(tmp_path):
+    """train.compile=true: the Inductor-compiled forward + loss (what the trainer runs) gives the eager loss, logits
+    and gradients within float tolerance (fused kernels sum in another order). One compile: about a minute here."""
+    from kunlun.data.batches import Batcher
+    from kunlun.training.step import TrainModel
+
+    cfg = tiny("train.max_steps=4", "train.epochs=1")
+    data = prepare_dataset(cfg.data.dataset)
+    t = Trainer(cfg, data, tmp_path / "eager", progress=False, logger=lambda m: None)
+    batch = Batcher(data, "train", cfg.data.max_seq_len, t.model.event_windows).batch(np.arange(300))
+    assert isinstance(t.train_step.train_model, TrainModel)  # eager unless asked
+    compiled = Trainer(tiny("train.compile=true"), data, tmp_path / "c", progress=False, logger=lambda m: None).train_step.train_model
+    compiled._orig_mod.model = t.model  # the compiled wrapper around the same weights
+    results = []
+    for fn in (TrainModel(t.model), compiled):
+        t.model.zero_grad()
+        loss, logits = fn(batch)
+        loss.backward()
+        results.append((loss.detach(), logits.detach(), [p.grad.clone() for p in t.model.parameters() if p.grad is not None]))
+    (l0, z0, g0), (l1, z1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-6) and torch.allclose(z0, z1, atol=1e-5)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g0, g1))

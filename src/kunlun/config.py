@@ -48,6 +48,9 @@ DISTRIBUTED = ("ddp", "fsdp")  # train.distributed: dense parameters over severa
 EMBEDDING_SHARDING = ("none", "row", "torchrec")  # train.embedding_sharding
 
 
+EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "sgd", "sparse_adam", "sparse_adagrad")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -57,7 +60,10 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
     lr: float = 1e-3  # dense parameters (AdamW)
     weight_decay: float = 1e-5
-    embedding_optimizer: str = "adam"  # adam | adagrad | sgd, for embedding tables
+    # for embedding tables: adam | adagrad | sgd (dense: every row updated every step, O(vocabulary)), or
+    # sparse_adam | sparse_adagrad (sparse gradients: only the rows a batch touches, O(rows touched); lazy Adam
+    # moments, no weight decay or L2)
+    embedding_optimizer: str = "adam"
     embedding_lr: float = 1e-3
     embedding_weight_decay: float = 0.0  # decoupled weight decay on embedding tables (adam → AdamW); 0 = none
     embedding_l2: float = 0.0  # L2 penalty λ/2·‖E‖² on whole embedding tables (gradient λ·E on every row, every step)
@@ -68,6 +74,9 @@ class TrainConfig:
     bf16: bool = False  # autocast matmuls to bfloat16
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     ops: str = "auto"  # kunlun.ops implementation: fast | reference | auto ($KUNLUN_OPS, else fast)
+    # torch.compile the training forward + loss (Inductor): faster steps after a compile of minutes on a CPU; off
+    # by default because short runs do not earn the compile back (README "Speed" has the measurement)
+    compile: bool = False
     # checkpoints/last is written at every epoch end and also inside an epoch, every N optimizer steps and/or every
     # M minutes (0: off), so a killed run loses at most that much work; resume continues at the exact step
     checkpoint_every_steps: int = 0
@@ -96,10 +105,12 @@ class TrainConfig:
         for key in ["weight_decay", "embedding_weight_decay", "embedding_l2", "grad_clip"]:
             if getattr(self, key) < 0:
                 raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
-        if self.embedding_optimizer not in ("adam", "adagrad", "sgd"):
-            raise KunlunError(
-                f"config key train.embedding_optimizer: expected adam, adagrad or sgd, got {self.embedding_optimizer!r}"
-            )
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise KunlunError(f"config key train.embedding_optimizer: expected one of {', '.join(EMBEDDING_OPTIMIZERS)}, "
+                              f"got {self.embedding_optimizer!r}")
+        if self.embedding_optimizer.startswith("sparse_") and (self.embedding_weight_decay or self.embedding_l2):
+            raise KunlunError(f"config keys train.embedding_weight_decay / train.embedding_l2: not available with "
+                              f"train.embedding_optimizer={self.embedding_optimizer} (it updates only the rows a batch touches)")
         if self.ops not in OPS:
             raise KunlunError(f"config key train.ops: expected one of {', '.join(OPS)}, got {self.ops!r}")
         if self.embedding_optimizer == "adam" and self.embedding_weight_decay and self.embedding_l2:
@@ -308,6 +319,23 @@ def dataclass_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def typed_mapping(raw: Any, fields: dict[str, Any], required: tuple[str, ...], where: str) -> dict[str, Any]:
+    """A spec file's top-level mapping checked against ``fields`` (key → type hint): unknown, missing or mistyped
+    keys are one KunlunError naming ``where`` and the key; values are coerced as config values are."""
+    if not isinstance(raw, dict):
+        raise KunlunError(f"{where}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise KunlunError(f"{where}: key {unknown[0]!r} is not known; known keys: {', '.join(fields)}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise KunlunError(f"{where}: missing key {missing[0]!r}")
+    try:
+        return {k: coerce(v, fields[k], k) for k, v in raw.items()}
+    except KunlunError as exc:
+        raise KunlunError(f"{where}: {exc}") from None
+
+
 def coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -318,6 +346,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return coerce(value, inner[0], key)
     if dataclasses.is_dataclass(hint):
         return dataclass_from_dict(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KunlunError(f"config key {key}: expected a mapping, got {value!r}")
+        return {coerce(k, args[0], key): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single value is a one-element list (model.gdpa_activation=relu)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kunlun.bench.quality import fmt, provenance, provenance_fields, run_point, stale_mark, stat_cell, write_tables
-from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml
+from kunlun.config import DEFAULT_CONFIG_DIR, read_yaml, typed_mapping
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
@@ -26,16 +26,18 @@ from kunlun.runs import environment
 from kunlun.training.checkpoint import load_weights
 from kunlun.training.trainer import build, log
 
+SPEC_FIELDS = {  # the formats spec file (configs/formats.yaml): key → type
+    "datasets": list[str], "seeds": list[int], "model": str, "overrides": list[str] | None, "formats": list[str],
+    "variant_formats": list[str] | None, "variants": dict[str, list[str]] | None,
+}
+
 
 def load_formats_spec(path: Path | None, seeds: list[int] | None = None, datasets: list[str] | None = None,
                       formats: list[str] | None = None, variants: bool = True) -> dict[str, Any]:
     """The formats benchmark spec (default: packaged ``configs/formats.yaml``), with ``seeds``, ``datasets`` or
     ``formats`` in place of the file's when given; ``variants=False`` drops the recipe variants."""
     path = Path(path or DEFAULT_CONFIG_DIR / "formats.yaml")
-    spec = read_yaml(path)
-    for key in ("datasets", "seeds", "model", "formats"):
-        if key not in spec:
-            raise KunlunError(f"{path}: missing key {key!r}")
+    spec = typed_mapping(read_yaml(path), SPEC_FIELDS, ("datasets", "seeds", "model", "formats"), str(path))
     check_formats(spec, str(path))
     if seeds:
         spec["seeds"] = list(seeds)

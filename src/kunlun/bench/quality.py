@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml
+from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml, typed_mapping
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
@@ -49,18 +49,34 @@ def load_spec(path: Path | None, seeds: list[int] | None = None, datasets: list[
     return spec
 
 
+SPEC_FIELDS = {  # the quality / ablation spec file (configs/quality.yaml): key → type
+    "datasets": list[str], "seeds": list[int], "models": dict[str, list[str]],
+    "dataset_overrides": dict[str, list[str]] | None, "ablation": dict[str, Any] | None,
+}
+ABLATION_FIELDS = {"dataset": str, "variants": dict[str, list[str]]}
+
+
 def _read_spec(path: Path | None) -> dict[str, Any]:
     path = path or DEFAULT_CONFIG_DIR / "quality.yaml"
-    spec = read_yaml(Path(path))
-    for key in ("datasets", "seeds", "models"):
-        if key not in spec:
-            raise KunlunError(f"{path}: missing key {key!r}")
+    spec = typed_mapping(read_yaml(Path(path)), SPEC_FIELDS, ("datasets", "seeds", "models"), str(path))
+    spec["models"] = {m: overrides or [] for m, overrides in spec["models"].items()}
+    if spec.get("ablation") is not None:
+        spec["ablation"] = typed_mapping(spec["ablation"], ABLATION_FIELDS, (), f"{path}: key ablation")
     unknown = [m for m in spec["models"] if m not in MODELS]
     if unknown:
         raise KunlunError(f"{path}: unknown model {unknown[0]!r}; known: {', '.join(sorted(MODELS))}")
     extra = [d for d in spec.get("dataset_overrides") or {} if d not in spec["datasets"]]
     if extra:
         raise KunlunError(f"{path}: dataset_overrides names {extra[0]!r}, which is not among datasets {spec['datasets']}")
+    ab = spec.get("ablation") or {}
+    points = [(d, m, point_overrides(spec, d, m)) for d in spec["datasets"] for m in spec["models"]]
+    points += [(ab.get("dataset", "ml-100k"), f"kunlun ({v})", point_overrides(spec, ab.get("dataset", "ml-100k"), "kunlun") + o)
+               for v, o in (ab.get("variants") or {}).items()]
+    for dataset, model, overrides in points:  # every point's config loads before anything trains
+        try:
+            load_config(None, overrides, model=model.split(" ")[0], dataset=dataset)
+        except KunlunError as exc:
+            raise KunlunError(f"{path}: {model} on {dataset}: {exc}") from None
     return spec
 
 

@@ -125,6 +125,7 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
         "max_seq_len": cfg.data.max_seq_len,
         "steps": steps,
         "repeats": repeats,
+        "compile": t.compile,  # training steps through torch.compile (train.compile); inference stays eager
     }
     log("bench loader: batch assembly alone …")
     result["loader_examples_per_s"] = loader_examples_per_s(batcher, t.batch_size)
@@ -189,7 +190,10 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
     bf16 = dtype is torch.bfloat16
     # the trainer's own step (loss, non-finite check, clipping, optimizers and schedules), over the steps timed here
     opts = make_optimizers(model, t)
-    step = TrainStep(TrainModel(model, bf16), opts, make_schedulers(opts, t, (repeats + 1) * steps), t.grad_clip)
+    train_model = TrainModel(model, bf16)
+    if t.compile:  # as the trainer does; compiling happens in the untimed warm-up
+        train_model = torch.compile(train_model)
+    step = TrainStep(train_model, opts, make_schedulers(opts, t, (repeats + 1) * steps), t.grad_clip)
 
     def train_steps(k: int) -> None:
         model.train()

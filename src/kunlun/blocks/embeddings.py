@@ -182,7 +182,8 @@ class EventTokens(nn.Module):
             parts.append(self.candidate_event.expand(cat.shape[0], -1))
         parts += [field(i, v) for i, v in zip(self.candidate_fields[1:], self.seq.side_vocabs)]
         x = self.proj(torch.cat(parts, dim=-1))
-        return x + self.time.weight[0] if self.time is not None else x  # gap 0 → bucket 0
+        # gap 0 → bucket 0, looked up (not weight[0]) so a sparse table gets a sparse gradient
+        return x + self.time(cat.new_zeros(1)) if self.time is not None else x
 
     def flops(self, length: int | None = None) -> int:
         """Projection FLOPs over ``length`` events (default every padded slot, ``max_len``)."""

@@ -12,7 +12,7 @@ and would drop older events of the rarer types that the stream has room for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,10 +74,14 @@ class Batch:
 
 
 class Batcher:
-    """Builds batches of one split. ``max_len`` caps every sequence's length (and every event-type window's,
-    with ``event_windows``)."""
+    """Builds batches of one split. ``max_len`` caps every sequence's length (and every event-type window's).
 
-    def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool = False):
+    ``event_windows``: False (none), True (a window for every event type in the data) or, as a model asks for
+    them (``RankingModel.event_windows``), sequence name → the event-type indices to build: exactly those, a type
+    without events being an all-padding window, so every batch has the same structure (what an exported model
+    needs) whatever events its rows happen to hold."""
+
+    def __init__(self, data: Prepared, split: str, max_len: int, event_windows: bool | Mapping[str, Sequence[int]] = False):
         self.split: Split = data.splits[split]
         self.events: dict[str, Events] = {k: _with_a_row(e) for k, e in data.events.items()}
         self.max_len = max_len
@@ -88,8 +92,12 @@ class Batcher:
         self.type_index: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         if event_windows:
             for name, ev in self.events.items():
+                if isinstance(event_windows, Mapping) and name not in event_windows:
+                    continue
                 self.type_index[name] = {}
-                for code in np.unique(ev.event[ev.event > 1]).tolist():
+                codes = (np.unique(ev.event[ev.event > 1]).tolist() if event_windows is True
+                         else sorted(int(c) for c in event_windows[name]))
+                for code in codes:
                     is_code = ev.event == code
                     before = np.concatenate([[0], np.cumsum(is_code)])
                     self.type_index[name][int(code)] = (np.flatnonzero(is_code), before)

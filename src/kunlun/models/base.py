@@ -26,7 +26,8 @@ class RankingModel(nn.Module):
     config: ModelConfig
     info: FeatureInfo
     requires_sequence = False  # DIN, BST, InterFormer: nothing to do without a behaviour sequence
-    event_windows = False  # True: batches must carry per-event-type windows (Batcher(event_windows=True))
+    # the per-event-type windows a batch must carry: sequence name → event-type indices (Batcher(event_windows=...))
+    event_windows: dict[str, tuple[int, ...]] = {}
 
     def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

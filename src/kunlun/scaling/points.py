@@ -73,24 +73,35 @@ def _number(value: str, path: Path, line: int, column: str, kind=float):
 
 
 def _from_csv(path: Path) -> list[Point]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in ("compute", "ne") if c not in cols]
-        if missing:
-            raise KunlunError(f"{path}: missing column {missing[0]!r} (need compute, ne; optional family, seed, layers, dataset, metric)")
-        pts = []
-        for line, row in enumerate(reader, start=2):
-            pts.append(Point(
-                compute=_number(row["compute"], path, line, "compute"), ne=_number(row["ne"], path, line, "ne"),
-                family=(row.get("family") or "").strip(),
-                seed=_number(row["seed"], path, line, "seed", int) if row.get("seed") not in (None, "") else None,
-                layers=_number(row["layers"], path, line, "layers", int) if row.get("layers") not in (None, "") else None,
-                dataset=(row.get("dataset") or "").strip(), metric=(row.get("metric") or "").strip(),
-                code=(row.get("code") or "").strip(), point=(row.get("point") or "").strip(),
-                flops_per_example=_number(row["flops_per_example"], path, line, "flops_per_example")
-                if row.get("flops_per_example") not in (None, "") else None,
-                source=f"{path}:{line}", compute_kind="csv"))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return _csv_points(path, csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise KunlunError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
+    except csv.Error as exc:
+        raise KunlunError(f"{path}: not a readable CSV file ({exc})") from None
+
+
+def _csv_points(path: Path, reader: csv.DictReader) -> list[Point]:
+    cols = reader.fieldnames or []
+    missing = [c for c in ("compute", "ne") if c not in cols]
+    if missing:
+        raise KunlunError(f"{path}: missing column {missing[0]!r} (need compute, ne; optional family, seed, layers, dataset, metric)")
+    pts = []
+    for line, row in enumerate(reader, start=2):
+        if None in row or None in row.values():  # more cells than the header names, or fewer
+            cells = len(cols) + len(row[None]) if None in row else sum(v is not None for v in row.values())
+            raise KunlunError(f"{path}, line {line}: {cells} cells; the header names {len(cols)}")
+        pts.append(Point(
+            compute=_number(row["compute"], path, line, "compute"), ne=_number(row["ne"], path, line, "ne"),
+            family=(row.get("family") or "").strip(),
+            seed=_number(row["seed"], path, line, "seed", int) if row.get("seed") not in (None, "") else None,
+            layers=_number(row["layers"], path, line, "layers", int) if row.get("layers") not in (None, "") else None,
+            dataset=(row.get("dataset") or "").strip(), metric=(row.get("metric") or "").strip(),
+            code=(row.get("code") or "").strip(), point=(row.get("point") or "").strip(),
+            flops_per_example=_number(row["flops_per_example"], path, line, "flops_per_example")
+            if row.get("flops_per_example") not in (None, "") else None,
+            source=f"{path}:{line}", compute_kind="csv"))
     return pts
 
 

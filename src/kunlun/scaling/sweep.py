@@ -102,8 +102,10 @@ def load_sweep(path: Path) -> SweepSpec:
         raise KunlunError(f"{path}: mode zip needs axes of equal length, got {({k: len(v) for k, v in spec.axes.items()})}")
     if spec.parallel < 1 or spec.threads < 0:
         raise KunlunError(f"{path}: keys parallel (>= 1) and threads (>= 0) are out of range")
-    if not isinstance(spec.launcher_options, dict):
-        raise KunlunError(f"{path}: key launcher_options: expected a mapping, e.g. {{num_cpus: 1}}")
+    try:  # every point's config, now: a typo fails with the file's name, not in hour two
+        validate(spec, jobs(spec, Path(spec.name)))
+    except KunlunError as exc:
+        raise KunlunError(f"{path}: {exc}") from None
     return spec
 
 

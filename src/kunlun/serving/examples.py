@@ -279,10 +279,11 @@ def to_raw_data(ex: RawExamples, schema: Schema) -> RawData:
     return RawData(schema, {SPLIT: split}, ex.events, source="request", has_labels=False)
 
 
-def encode_examples(encoder: Encoder, ex: RawExamples, max_len: int) -> Batch:
-    """The batch the training pipeline makes of these examples: the run's ``Encoder`` and ``Batcher``."""
+def encode_examples(encoder: Encoder, ex: RawExamples, max_len: int, event_windows: dict[str, tuple[int, ...]] | None = None) -> Batch:
+    """The batch the training pipeline makes of these examples: the run's ``Encoder`` and ``Batcher`` (with the
+    per-event-type windows the model reads, ``RankingModel.event_windows``)."""
     data = encoder.prepare(to_raw_data(ex, encoder.schema), SPLIT)
-    return Batcher(data, SPLIT, max_len).batch(np.arange(ex.n))
+    return Batcher(data, SPLIT, max_len, event_windows or False).batch(np.arange(ex.n))
 
 
 def examples_from_raw(raw: RawData, split: str, rows: np.ndarray | None = None, newest: int | None = None) -> list[dict[str, Any]]:

@@ -63,30 +63,39 @@ class ScoringModule(nn.Module):
     """A ranking model as plain tensors → click probabilities [B] float32 (what ``predict`` computes).
 
     cat: [B, F] long; num: [B, Dn] float; seqs: sequence name → (item [B, L] long, event [B, L] long,
-    side [B, L, S] long, gap [B, L] float seconds, mask [B, L] bool), as ``Batcher`` makes them.
+    side [B, L, S] long, gap [B, L] float seconds, mask [B, L] bool), as ``Batcher`` makes them; windows (only for a
+    model that reads per-event-type windows, ``model.event_windows``): sequence name → event-type index → the same
+    five tensors of that type's own window.
     """
 
     def __init__(self, model: RankingModel, bf16: bool = False):
         super().__init__()
         self.model, self.bf16 = model, bf16
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor, seqs: dict[str, tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, num: torch.Tensor, seqs: dict[str, tuple[torch.Tensor, ...]],
+                windows: dict[str, dict[int, tuple[torch.Tensor, ...]]] | None = None) -> torch.Tensor:
         b = cat.shape[0]
         batch = Batch(label=num.new_zeros(b), cat=cat, num=num, group=cat.new_zeros(b),
-                      seqs={k: SequenceBatch(*v) for k, v in seqs.items()})
+                      seqs={k: SequenceBatch(*v) for k, v in seqs.items()},
+                      windows={k: {c: SequenceBatch(*v) for c, v in ws.items()} for k, ws in (windows or {}).items()})
         with torch.autocast(cat.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(batch)
         return torch.sigmoid(logits.float())
 
 
-def batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, ...]]]:
-    """A Batch as ``ScoringModule``'s arguments."""
-    return batch.cat, batch.num, {k: tuple(getattr(s, f) for f in SEQUENCE_TENSORS) for k, s in batch.seqs.items()}
+def batch_inputs(batch: Batch) -> tuple:
+    """A Batch as ``ScoringModule``'s arguments: (cat, num, seqs), and windows when the batch has them (so the
+    inputs of a model without windows are what they always were)."""
+    flat = lambda s: tuple(getattr(s, f) for f in SEQUENCE_TENSORS)  # noqa: E731
+    args = (batch.cat, batch.num, {k: flat(s) for k, s in batch.seqs.items()})
+    if batch.windows:
+        args += ({k: {c: flat(w) for c, w in ws.items()} for k, ws in batch.windows.items()},)
+    return args
 
 
 def input_signature(batch: Batch, dynamic_len: bool) -> list[dict[str, Any]]:
     """Name, dtype and shape of every flat input, in call order ("batch" / "seq_len": the dynamic dimensions)."""
-    cat, num, seqs = batch_inputs(batch)
+    cat, num, seqs, *windows = batch_inputs(batch)
 
     def entry(name, t, seq=False):
         shape = ["batch", *t.shape[1:]]
@@ -97,6 +106,9 @@ def input_signature(batch: Batch, dynamic_len: bool) -> list[dict[str, Any]]:
     out = [entry("cat", cat), entry("num", num)]
     for q, tensors in seqs.items():
         out += [entry(f"{q}.{f}", t, seq=True) for f, t in zip(SEQUENCE_TENSORS, tensors)]
+    for q, per_type in (windows[0] if windows else {}).items():
+        for code, tensors in per_type.items():
+            out += [entry(f"{q}.window{code}.{f}", t, seq=True) for f, t in zip(SEQUENCE_TENSORS, tensors)]
     return out
 
 
@@ -116,6 +128,7 @@ class Scorer:
     runtime: str
     meta: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 4096  # rows per model call (a larger micro-batch is scored in slices)
+    event_windows: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the model's (RankingModel.event_windows)
 
     @torch.inference_mode()
     def score_batch(self, batch: Batch) -> np.ndarray:
@@ -123,7 +136,7 @@ class Scorer:
 
     def score_examples(self, ex: RawExamples) -> np.ndarray:
         """Probabilities of validated raw examples, in order."""
-        batch = encode_examples(self.encoder, ex, self.max_len)
+        batch = encode_examples(self.encoder, ex, self.max_len, self.event_windows)
         n = len(batch)
         if n <= self.max_batch:
             return self.score_batch(batch)
@@ -140,20 +153,22 @@ class Scorer:
 
 
 def slice_batch(batch: Batch, a: int, b: int) -> Batch:
-    seqs = {k: SequenceBatch(*(getattr(s, f)[a:b] for f in SEQUENCE_TENSORS)) for k, s in batch.seqs.items()}
-    return Batch(batch.label[a:b], batch.cat[a:b], batch.num[a:b], batch.group[a:b], seqs)
+    cut = lambda s: SequenceBatch(*(getattr(s, f)[a:b] for f in SEQUENCE_TENSORS))  # noqa: E731
+    return Batch(batch.label[a:b], batch.cat[a:b], batch.num[a:b], batch.group[a:b], {k: cut(s) for k, s in batch.seqs.items()},
+                 {k: {c: cut(w) for c, w in ws.items()} for k, ws in batch.windows.items()})
 
 
 def eager_scorer(cfg: Config, encoder: Encoder, model: RankingModel, meta: dict[str, Any] | None = None) -> Scorer:
     module = ScoringModule(model.eval(), cfg.train.bf16).eval()
-    return Scorer(module, encoder, cfg.data.max_seq_len, "eager", meta or run_meta(cfg, None))
+    return Scorer(module, encoder, cfg.data.max_seq_len, "eager", meta or run_meta(cfg, None, model), event_windows=dict(model.event_windows))
 
 
-def run_meta(cfg: Config, run: Path | None) -> dict[str, Any]:
+def run_meta(cfg: Config, run: Path | None, model: RankingModel) -> dict[str, Any]:
     trained = None
     if run is not None and (run / "environment.json").is_file():
         trained = json.loads((run / "environment.json").read_text()).get("code")
     return {"format": PACKAGE_FORMAT, "model": cfg.model.name, "dataset": cfg.data.dataset, "max_len": cfg.data.max_seq_len,
+            "event_windows": {k: list(v) for k, v in model.event_windows.items()},
             "bf16": cfg.train.bf16, "precision": cfg.precision.format, "config": cfg.to_dict(),
             "run": str(run) if run else None, "trained_code_version": trained, "code_version": code_version()}
 
@@ -189,15 +204,15 @@ def load_scorer(path: Path, runtime: str = "auto", threads: int = 0) -> Scorer:
         raise KunlunError(f"{path}: not a kunlun package (a zip file written by `kunlun export`) nor a run directory")
     run, _ = resolve_run(path)
     cfg, encoder, model = load_trained(path)
-    return eager_scorer(cfg, encoder, model, run_meta(cfg, run))
+    return eager_scorer(cfg, encoder, model, run_meta(cfg, run, model))
 
 
 # ---------------------------------------------------------------------------------------- export
 
-def example_batch(encoder: Encoder, max_len: int, n: int = 4) -> Batch:
+def example_batch(encoder: Encoder, max_len: int, n: int = 4, event_windows: dict[str, tuple[int, ...]] | None = None) -> Batch:
     """A small batch made the serving way (the schema's example request, n times), to trace the model with."""
     example = request_schema(encoder, max_len)["example"]
-    return encode_examples(encoder, parse_examples({"examples": [example] * n}, encoder.schema), max_len)
+    return encode_examples(encoder, parse_examples({"examples": [example] * n}, encoder.schema), max_len, event_windows)
 
 
 def export_program(module: ScoringModule, batch: Batch, max_len: int, dynamic_len: bool = True) -> tuple[torch.export.ExportedProgram, bool]:
@@ -208,8 +223,11 @@ def export_program(module: ScoringModule, batch: Batch, max_len: int, dynamic_le
     L = torch.export.Dim("seq_len", min=1, max=max_len)
 
     def shapes(seq_dim):
-        per_seq = {k: tuple({0: B, 1: seq_dim} for _ in SEQUENCE_TENSORS) for k in args[2]}
-        return ({0: B}, {0: B}, per_seq)
+        per_seq = lambda: tuple({0: B, 1: seq_dim} for _ in SEQUENCE_TENSORS)  # noqa: E731
+        out = ({0: B}, {0: B}, {k: per_seq() for k in args[2]})
+        if len(args) > 3:  # per-event-type windows: as long as the merged window (Batcher builds both at max_len)
+            out += ({k: {c: per_seq() for c in ws} for k, ws in args[3].items()},)
+        return out
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -274,7 +292,7 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
     if cfg.precision.format not in ("fp32", "bf16"):
         logger(f"export: the run emulates {cfg.precision.format} GEMMs; the program exports that emulation as traced")
     reference = eager_scorer(cfg, encoder, model)
-    batch = example_batch(encoder, cfg.data.max_seq_len)
+    batch = example_batch(encoder, cfg.data.max_seq_len, event_windows=reference.event_windows)
     t0 = time.perf_counter()
     program, dynamic_len = export_program(reference.fn, batch, cfg.data.max_seq_len, dynamic_len)
     logger(f"export: traced {cfg.model.name} with torch.export in {time.perf_counter() - t0:.1f}s "
@@ -296,7 +314,7 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
                 raise KunlunError(f"--compile aoti: AOTInductor failed ({aoti_error})") from None
             logger(f"export: AOTInductor failed ({aoti_error}); the package holds the exported program only")
     meta = {
-        **run_meta(cfg, run_dir),
+        **run_meta(cfg, run_dir, model),
         "runtime": "aoti" if aoti_files else "exported_program",
         "aoti_error": aoti_error,
         "aoti_cpu": {"name": cpu_name(), "isa": cpu_isa()} if aoti_files else None,
@@ -376,7 +394,8 @@ def load_package(path: Path, runtime: str = "auto") -> Scorer:
         fn, used = contents.exported_programs["model"].module(), "exported_program"
         if load_error:
             log(f"{path}: AOTInductor model not loaded ({load_error}); serving the exported program")
-    return Scorer(fn, encoder, int(meta["max_len"]), used, {**meta, "runtime_loaded": used})
+    windows = {k: tuple(int(c) for c in v) for k, v in meta.get("event_windows", {}).items()}
+    return Scorer(fn, encoder, int(meta["max_len"]), used, {**meta, "runtime_loaded": used}, event_windows=windows)
 
 
 def load_exported_only(data: bytes):

@@ -127,6 +127,9 @@ def check_world(t: TrainConfig, world: World) -> None:
                           "(or use train.embedding_sharding=row)")
     if not world.distributed:
         return
+    if t.embedding_optimizer.startswith("sparse_"):
+        raise KunlunError(f"train.embedding_optimizer={t.embedding_optimizer} is for one process: data-parallel training "
+                          f"reduces dense gradients (use adam or adagrad, or train.embedding_sharding=row for large tables)")
     if t.embedding_sharding != "none" and t.distributed == "fsdp":
         raise KunlunError(f"train.embedding_sharding={t.embedding_sharding} goes with train.distributed=ddp: with fsdp every "
                           f"parameter, the tables included, is sharded already")

@@ -109,7 +109,7 @@ def shard_rows(model: nn.Module, device: torch.device) -> list[str]:
     return names
 
 
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_sharded_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over replicated parameters and row-sharded ones together: the squares of the
     shards are summed over the ranks (one all-reduce), those of replicated parameters counted once."""
     from torch.distributed.tensor import DTensor

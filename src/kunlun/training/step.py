@@ -38,13 +38,21 @@ def set_seed(seed: int) -> None:
 
 
 def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for dense weights; Adam / Adagrad / SGD for embedding tables.
+    """AdamW for dense weights; Adam / Adagrad / SGD, or their sparse forms, for embedding tables.
 
     Embedding regularisation: ``embedding_l2`` adds λ·E to every row's gradient each step (the optimizer's
     coupled L2 term, i.e. a λ/2·‖E‖² penalty on the whole table, as FuxiCTR's ``embedding_regularizer``
     used for the BARS baselines); ``embedding_weight_decay`` is decoupled decay (AdamW) for ``adam``.
+
+    ``sparse_adam`` / ``sparse_adagrad`` switch the model's embedding lookups to sparse gradients (``nn.Embedding
+    .sparse``) and update only the rows a batch touched (SparseAdam's moments are lazy: a row's decay waits until it
+    is touched again): a step costs O(rows touched) instead of O(vocabulary), what large vocabularies need.
     """
     opts: list[torch.optim.Optimizer] = []
+    sparse = t.embedding_optimizer.startswith("sparse_")
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.sparse = sparse
     dense = [p for p in model.dense_parameters() if p.requires_grad]
     # fused Adam(W): one kernel over every tensor instead of ~10 small ops per tensor (a third of the step time
     # of the default Kunlun on CPU went to the optimizer's per-tensor loop); same update up to float rounding
@@ -59,6 +67,10 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
         if t.embedding_optimizer == "adam":  # with one of wd and l2 at most (TrainConfig checks)
             opts.append(torch.optim.AdamW(emb, lr=t.embedding_lr, weight_decay=wd, **fused) if wd
                         else torch.optim.Adam(emb, lr=t.embedding_lr, weight_decay=l2, **fused))
+        elif t.embedding_optimizer == "sparse_adam":
+            opts.append(torch.optim.SparseAdam(emb, lr=t.embedding_lr))
+        elif t.embedding_optimizer == "sparse_adagrad":
+            opts.append(torch.optim.Adagrad(emb, lr=t.embedding_lr))  # Adagrad takes sparse gradients as they are
         else:
             cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
             opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))
@@ -70,6 +82,34 @@ def _mixed(params: list[nn.Parameter]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return 0 < sum(isinstance(p, DTensor) for p in params) < len(params)
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale every gradient so their global L2 norm is at most ``max_norm``; returns the norm before (a 0-d tensor,
+    not read on the host). ``torch.nn.utils.clip_grad_norm_`` with sparse gradients as well (embedding lookups with
+    ``sparse=True``): a sparse gradient's norm is that of its coalesced values (a row looked up twice sums first).
+    Dense gradients only: the same arithmetic as ``clip_grad_norm_``."""
+    dense, sparse = [], []
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            sparse.append(p.grad)
+        else:
+            dense.append(p.grad)
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    norms = [torch.linalg.vector_norm(g._values()) for g in sparse]
+    if dense:
+        norms += list(torch._foreach_norm(dense))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    if dense:
+        torch._foreach_mul_(dense, coef)
+    for g in sparse:
+        g._values().mul_(coef)
+    return total
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -152,7 +192,7 @@ class TrainStep:
     def __init__(self, train_model: TrainModel, optimizers: list[torch.optim.Optimizer],
                  schedulers: list[torch.optim.lr_scheduler.LRScheduler], grad_clip: float = 0.0, check_finite: bool = True,
                  clip: Callable[[list[nn.Parameter], float], torch.Tensor] | None = None):
-        """``clip``: the gradient clipping, when not ``torch.nn.utils.clip_grad_norm_`` (row-sharded tables need theirs)."""
+        """``clip``: the gradient clipping, when not ``clip_grad_norm`` (row-sharded tables need their own)."""
         self.train_model, self.optimizers, self.schedulers, self.grad_clip = train_model, optimizers, schedulers, grad_clip
         self.check_finite, self.clip = check_finite, clip
 
@@ -164,10 +204,8 @@ class TrainStep:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip and self.clip is not None:
-            self.clip(list(self.train_model.parameters()), self.grad_clip)
-        elif self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.grad_clip)
+        if self.grad_clip:
+            (self.clip or clip_grad_norm)(list(self.train_model.parameters()), self.grad_clip)
         for o, s in zip(self.optimizers, self.schedulers):
             o.step()
             s.step()

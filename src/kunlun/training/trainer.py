@@ -76,7 +76,7 @@ from kunlun.training.distributed import (
     shard_scale,
     wrap_for_training,
 )
-from kunlun.training.sharding import clip_grad_norm
+from kunlun.training.sharding import clip_sharded_grad_norm
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
     NonFiniteWatch,
     TrainModel,
@@ -196,9 +196,11 @@ class Trainer:
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
+        if t.compile:  # the same module and parameters, run through Inductor; evaluation stays eager
+            self.train_model = torch.compile(self.train_model)
         self.train_step = TrainStep(self.train_model, self.optimizers, self.schedulers, t.grad_clip,
                                     check_finite=False,  # the epoch loop watches the loss (NonFiniteWatch)
-                                    clip=clip_grad_norm if w.distributed and t.embedding_sharding == "row" else None)
+                                    clip=clip_sharded_grad_norm if w.distributed and t.embedding_sharding == "row" else None)
         if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
             self.stand_in = self.train_batches.batch(np.zeros(1, np.int64)).to(self.device)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
