@@ -375,7 +375,8 @@ class Trainer:
                 bar.update(task, loss=s.epoch_loss_sum / max(s.epoch_examples, 1))
                 return due
 
-            batches = self.train_batches.iterate(t.batch_size, rng, start=start, rank=w.rank, world=w.size)
+            shares = {"rank": w.rank, "world": w.size} if w.distributed else {}  # one process: the call as it always was
+            batches = self.train_batches.iterate(t.batch_size, rng, start=start, **shares)
             for batch in Prefetcher(itertools.islice(batches, max(steps - start, 0)), depth=2, device=self.device):
                 batch = batch.to(self.device)
                 if w.distributed:  # this rank's share of the global batch, its loss scaled so that DDP's mean is right
