@@ -119,6 +119,14 @@ def init_from_env(timeout_minutes: float = 30.0) -> World:
     return current()
 
 
+def leave(world: World) -> None:
+    """Leave the process group together (a barrier, then destroy it): a rank that exits while another is still in a
+    collective, or with the group's threads alive, may abort ("terminate called without an active exception")."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_world(t: TrainConfig, world: World) -> None:
     """KunlunError (one line, the same on every rank) when ``t`` cannot run on ``world``. (One process ignores
     ``train.distributed`` and ``train.embedding_sharding``.)"""

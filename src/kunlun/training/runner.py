@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 from safetensors import SafetensorError
 
 from kunlun.blocks.embeddings import FeatureInfo
@@ -36,7 +37,7 @@ from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
 from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, code_version, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
-from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env
+from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
 
 # config keys a resumed run may change: where the data is and how the process runs, not what it computes (the world
@@ -108,6 +109,7 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: they join one process group and train the run
     together (``kunlun.training.distributed``); rank 0 alone locks, writes and logs, and every rank returns final.json.
     """
+    joined = not (dist.is_available() and dist.is_initialized())  # this call joins the process group (and leaves it)
     world = init_from_env()
     check_world(cfg.train, world)  # before any data is read
     if not world.main:
@@ -153,6 +155,8 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
                         parent.rmdir()
             raise
     logger(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
+    if joined:
+        leave(world)
     return {**final, "run_dir": str(target)}
 
 
