@@ -144,14 +144,28 @@ class Batcher:
             windows=windows,
         )
 
-    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0) -> Iterator[Batch]:
+    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0, rank: int = 0,
+                world: int = 1) -> Iterator[Batch]:
         """All rows once, from batch ``start`` on (a run resumed inside an epoch skips the batches it trained on without
         building them): in row order, or shuffled by ``rng`` (``shuffled_rows`` with this batcher's ``block_rows`` and
-        ``window_blocks``; deterministic for a seeded generator)."""
+        ``window_blocks``; deterministic for a seeded generator).
+
+        With ``world`` > 1 (data-parallel training), rank ``rank``'s share of every batch: its rows
+        [rank·k, (rank + 1)·k) with k = batch_size / world, so the ``world`` ranks together see exactly the batches
+        of one process, whatever the world size. A last, shorter batch leaves the later ranks fewer rows, or none
+        (an empty batch is yielded: every rank yields one batch per batch of the split)."""
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"rank {rank} of {world}: batch size {batch_size} must split into {world} equal shares")
+        share = batch_size // world
+        for rows in self._batch_rows(batch_size, rng, start):
+            yield self.batch(rows[rank * share : (rank + 1) * share])
+
+    def _batch_rows(self, batch_size: int, rng: np.random.Generator | None, start: int) -> Iterator[np.ndarray]:
+        """The rows of each batch from batch ``start`` on, without an O(rows) index array when in order."""
         n = len(self)
-        if rng is None:  # in order, without an O(rows) index array
+        if rng is None:
             for i in range(start * batch_size, n, batch_size):
-                yield self.batch(np.arange(i, min(i + batch_size, n)))
+                yield np.arange(i, min(i + batch_size, n))
             return
         pending, held, skip = [], 0, start * batch_size
         for piece in shuffled_rows(n, rng, self.block_rows, self.window_blocks):
@@ -164,10 +178,10 @@ class Batcher:
                 pending.append(piece[:take])
                 held, piece = held + take, piece[take:]
                 if held == batch_size:
-                    yield self.batch(pending[0] if len(pending) == 1 else np.concatenate(pending))
+                    yield pending[0] if len(pending) == 1 else np.concatenate(pending)
                     pending, held = [], 0
         if held:
-            yield self.batch(np.concatenate(pending))
+            yield np.concatenate(pending)
 
 
 def shuffled_rows(n: int, rng: np.random.Generator, block_rows: int = 0, window_blocks: int = 16) -> Iterator[np.ndarray]:
