@@ -39,7 +39,7 @@ def files(folder):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """200,000 impressions of a small world in shards of 64,000 rows (users straddle shard and chunk boundaries)."""
-    out = tmp_path_factory.mktemp("ooc") / "w"
+    out = tmp_path_factory.mktemp("ooc") / "ooc-world"  # a name no other test's data set has: its cache is found by it
     S.generate(out, 200_000, seed=5, world=SMALL, shard_rows=64_000)
     return out
 
@@ -90,7 +90,7 @@ def test_a_loaded_dataset_holds_memory_maps_and_the_fingerprint_is_unchanged(wor
 
 def test_a_damaged_cache_is_rebuilt(world):
     first = prepare_dataset(str(world), chunk_rows=50_000).fingerprint()  # before the damage: its maps see the file change
-    cache = next(cache_root().glob("w-*"))
+    [cache] = cache_root().glob("ooc-world-*")
     cat = cache / "split.train" / "cat.npy"
     cat.write_bytes(cat.read_bytes()[:-8])  # truncated: the map would be shorter than its header says
     logs = []
