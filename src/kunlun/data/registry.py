@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import platformdirs
 
-from kunlun.data import movielens, synthetic, tabular
+from kunlun.data import movielens, public, synthetic, tabular
 from kunlun.data.prepare import Encoder, Prepared, cache_key, load_prepared, save_prepared
 from kunlun.data.schema import RawData
 from kunlun.errors import KunlunError
@@ -51,6 +51,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "frappe_x1": DatasetSpec(
         "frappe_x1", tuple(tabular.FRAPPE_SPLITS.values()), tabular.load_frappe,
         "Frappe_x1 (BARS split), context features only",
+    ),
+    "criteo": DatasetSpec(
+        "criteo", public.CRITEO_FILES, public.load_criteo,
+        "Criteo Kaggle Display Advertising train.txt, CTR, 13 log-transformed numeric + 26 categorical fields, "
+        "random 8:1:1 split (seed 2018)", "Criteo",
+    ),
+    "taobao-userbehavior": DatasetSpec(
+        "taobao-userbehavior", public.TAOBAO_UB_FILES, public.load_user_behavior,
+        "Taobao UserBehavior, label = cart/fav/buy vs pv, histories of earlier events with type and category",
+        "Taobao UserBehavior",
     ),
 }
 

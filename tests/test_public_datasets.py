@@ -1,0 +1,176 @@
+"""Adapters for public benchmarks users download (kunlun.data.public): Criteo on DeepCTR's criteo_sample.txt
+(shared/data/samples) and on a tiny Kaggle-layout file; Taobao UserBehavior on a tiny file in its layout."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, needs_shared
+from kunlun.blocks.embeddings import FeatureInfo
+from kunlun.config import model_from_dict
+from kunlun.data.batches import Batcher
+from kunlun.data.registry import DATASETS, load_raw, prepare_dataset
+from kunlun.errors import KunlunError
+from kunlun.models import build_model
+
+SMALL = {"d_model": 16, "num_seeds": 4, "seq_summary_tokens": 2, "summary_tokens": 2, "fm_hidden": 16,
+         "output_hidden": [16]}
+
+
+def forward(p, split="train", max_len=8, rows=16):
+    torch.manual_seed(0)
+    model = build_model(model_from_dict({"name": "kunlun", **SMALL}), FeatureInfo.from_encoder(p.encoder(), max_len))
+    batch = Batcher(p, split, max_len, event_windows=True).batch(np.arange(min(rows, len(p.splits[split]))))
+    out = model(batch)
+    logits = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+# ----------------------------------------------------------------------------- Criteo
+
+def kaggle_line(label, ints, cats):
+    return "\t".join([str(label), *("" if v is None else str(v) for v in ints), *cats]) + "\n"
+
+
+def kaggle_file(rows=30):
+    rng = np.random.default_rng(0)
+    lines = []
+    for r in range(rows):
+        ints = [None if rng.random() < 0.2 else int(rng.integers(-2, 500)) for _ in range(13)]
+        cats = ["" if rng.random() < 0.2 else f"{int(rng.integers(0, 4)):08x}" for _ in range(26)]
+        lines.append(kaggle_line(r % 2, ints, cats))
+    return "".join(lines)
+
+
+@needs_shared
+def test_criteo_sample_prepares_batches_and_runs_a_model(tmp_path):
+    folder = tmp_path / "criteo"
+    folder.mkdir()
+    shutil.copy(SHARED_DATA / "samples" / "criteo_sample.txt", folder / "train.txt")
+    raw = load_raw("criteo", tmp_path)
+    assert [len(s) for s in raw.splits.values()] == [160, 20, 20]  # 8:1:1 of the sample's 200 rows
+    rows = np.sort(np.concatenate([s.row for s in raw.splits.values()]))
+    assert (rows == np.arange(200)).all()
+    again = load_raw("criteo", tmp_path)  # the split is fixed by its seed
+    assert (again.splits["test"].row == raw.splits["test"].row).all()
+    train = raw.splits["train"].columns
+    # first data row: I3 = 260 → log(261); I1 empty → 0; C19 empty → the missing id
+    first = next(s for s in raw.splits.values() if 0 in s.row)
+    k, c = int(np.flatnonzero(first.row == 0)[0]), first.columns
+    assert c["I3"][k] == pytest.approx(np.log(261)) and c["I1"][k] == 0
+    assert c["C1"][k] == "05db9164" and c["C19"][k] == "__missing__"
+    assert (train["I2"] < 0).any()  # -1 stays negative: sign(v) log(1 + |v|)
+    p = prepare_dataset("criteo", tmp_path)
+    assert p.schema.numeric == tuple(f"I{i}" for i in range(1, 14)) and not p.schema.sequences
+    forward(p)
+
+
+def test_criteo_kaggle_layout_and_test_file_without_labels(tmp_path):
+    folder = tmp_path / "criteo"
+    folder.mkdir()
+    (folder / "train.txt").write_text(kaggle_file())
+    p = prepare_dataset("criteo", tmp_path)
+    assert sum(len(s) for s in p.splits.values()) == 30
+    forward(p, "valid")
+    # Kaggle's test.txt: the same fields without the label
+    test = tmp_path / "test.txt"
+    test.write_text("".join(line.split("\t", 1)[1] for line in kaggle_file(5).splitlines(keepends=True)))
+    raw = DATASETS["criteo"].load(folder, test, labels=False)
+    assert not raw.has_labels and len(raw.splits["file"]) == 5
+    with pytest.raises(KunlunError, match="39 without the label|expected 40"):
+        DATASETS["criteo"].load(folder, test, labels=True)
+
+
+@pytest.mark.parametrize("mangle,needle", [
+    (lambda ls: ls[:7] + ["1\t2\t3\n"] + ls[7:], r"train.txt: line 8 has 3 fields, expected 40"),
+    (lambda ls: ls[:4] + ["2" + ls[4][1:]] + ls[5:], r"train.txt: label column 'label' must be 0 or 1, found 2 at data row 5"),
+    (lambda ls: ls[:3] + [ls[3].replace("\t", "\tx", 1)] + ls[4:], r"train.txt: column 'I1' must be numeric, found text .* at data row 4"),
+])
+def test_bad_criteo_lines_name_file_and_line(tmp_path, mangle, needle):
+    folder = tmp_path / "criteo"
+    folder.mkdir()
+    (folder / "train.txt").write_text("".join(mangle(kaggle_file().splitlines(keepends=True))))
+    with pytest.raises(KunlunError, match=needle) as exc:
+        load_raw("criteo", tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- Taobao UserBehavior
+
+# user 1: 10 events, two in the same second (t=700); user 2: 10 events
+UB = """1,100,7,pv,100
+1,101,7,pv,200
+1,100,7,cart,300
+1,102,8,pv,400
+1,103,8,pv,500
+1,100,7,buy,600
+1,104,9,pv,700
+1,105,9,fav,700
+1,101,7,pv,800
+1,106,8,pv,900
+2,200,5,pv,1000
+2,201,5,pv,1100
+2,200,5,fav,1200
+2,202,6,pv,1300
+2,203,6,pv,1400
+2,100,7,pv,1500
+2,204,6,cart,1600
+2,205,5,pv,1700
+2,200,5,buy,1800
+2,206,6,pv,1900
+"""
+
+
+def ub_folder(root, text=UB):
+    folder = root / "taobao-userbehavior"
+    folder.mkdir(exist_ok=True)
+    (folder / "UserBehavior.csv").write_text(text)
+    return folder
+
+
+def test_user_behavior_labels_histories_and_chronological_split(tmp_path):
+    ub_folder(tmp_path)
+    raw = load_raw("taobao-userbehavior", tmp_path)
+    assert [len(s) for s in raw.splits.values()] == [16, 2, 2]
+    ev = raw.events["history"]
+    assert list(ev["event"][:3]) == ["pv", "pv", "cart"] and list(ev["category"][:3]) == [7, 7, 7]
+    tr = raw.splits["train"]
+    label_by_time = dict(zip(tr.time.tolist(), tr.columns["label"].tolist()))
+    assert label_by_time[100] == 0 and label_by_time[300] == 1 and label_by_time[700] in (0, 1)
+    # history = strictly earlier events of the same user; the two t=700 events do not see each other
+    for s in raw.splits.values():
+        for start, end, t in zip(s.seq_start["history"], s.seq_end["history"], s.time):
+            assert (ev["time"][start:end] < t).all()
+            assert len(set(ev["item"][start:end].tolist()) & {200, 201}) == 0 or t >= 1000
+    seven = [end - start for start, end, t in zip(tr.seq_start["history"], tr.seq_end["history"], tr.time) if t == 700]
+    assert seven == [6, 6]
+    test = raw.splits["test"]
+    assert sorted(test.time.tolist()) == [900, 1900] and set(raw.splits["valid"].time.tolist()) == {800, 1800}
+    p = prepare_dataset("taobao-userbehavior", tmp_path)
+    assert p.schema.sequences[0].side == (("category", "category"),)
+    forward(p, "train")
+    forward(p, "test")
+
+
+def test_user_behavior_scores_one_file_whole(tmp_path):
+    folder = ub_folder(tmp_path)
+    extra = tmp_path / "more.csv"
+    extra.write_text(UB.replace("1,", "3,", 1))
+    raw = DATASETS["taobao-userbehavior"].load(folder, extra)
+    assert list(raw.splits) == ["file"] and len(raw.splits["file"]) == 20
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("1,100,7,click,100\n", r"UserBehavior.csv: column 'behavior_type' \(4th field\) must be one of pv/cart/fav/buy, found 'click' on line 4"),
+    ("1,100,7,pv\n", r"UserBehavior.csv: line 4 has 4 fields, expected 5"),
+    ("1,abc,7,pv,100\n", r"UserBehavior.csv: column 'item' must be numeric, found text 'abc' at data row 4"),
+])
+def test_bad_user_behavior_lines_name_file_and_line(tmp_path, bad, needle):
+    lines = UB.splitlines(keepends=True)
+    ub_folder(tmp_path, "".join(lines[:3] + [bad] + lines[3:]))
+    with pytest.raises(KunlunError, match=needle) as exc:
+        load_raw("taobao-userbehavior", tmp_path)
+    assert "\n" not in str(exc.value)
