@@ -1,5 +1,6 @@
 """Adapters for public benchmarks users download (kunlun.data.public): Criteo on DeepCTR's criteo_sample.txt
-(shared/data/samples) and on a tiny Kaggle-layout file; Taobao UserBehavior on a tiny file in its layout."""
+(shared/data/samples) and on a tiny Kaggle-layout file; Taobao UserBehavior and the BARS x1 sets on tiny files
+written here in their layouts (column names from BARS's FuxiCTR dataset configs)."""
 
 import shutil
 
@@ -173,4 +174,110 @@ def test_bad_user_behavior_lines_name_file_and_line(tmp_path, bad, needle):
     ub_folder(tmp_path, "".join(lines[:3] + [bad] + lines[3:]))
     with pytest.raises(KunlunError, match=needle) as exc:
         load_raw("taobao-userbehavior", tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- BARS x1 (tiny files in their layout)
+
+AMAZON = {
+    "train.csv": """label,user_id,item_id,cate_id,item_history,cate_history
+1,1,11,3,10^12,2^3
+0,1,13,4,10^12^11,2^3^3
+1,2,12,3,14,5
+0,2,10,2,,
+1,3,11,3,10^11^12^13,2^3^3^4
+0,3,14,5,10,2
+""",
+    "test.csv": """label,user_id,item_id,cate_id,item_history,cate_history
+1,1,12,3,10^12^11^13,2^3^3^4
+0,2,99,9,14^12,5^3
+""",
+}
+TAOBAO_HEAD = ("clk,userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,"
+               "new_user_class_level,adgroup_id,cate_id,campaign_id,customer,brand,pid,btag,price,cate_his,brand_his,btag_his\n")
+TAOBAO = {
+    "train.csv": TAOBAO_HEAD + """0,7,0,3,1,2,1,3,0,2,501,6,70,80,90,430548_1007,1,9.9,6^7,90^91,1^2
+1,7,0,3,1,2,1,3,0,2,502,7,71,81,91,430548_1007,1,15.0,6^7^7,90^91^91,1^2^4
+0,8,1,4,2,3,2,2,1,3,503,6,70,80,90,430539_1007,1,199.0,,,
+1,8,1,4,2,3,2,2,1,3,501,6,70,80,90,430539_1007,1,9.9,6,90,3
+""",
+    "test.csv": TAOBAO_HEAD + """1,7,0,3,1,2,1,3,0,2,501,6,70,80,90,430548_1007,1,9.9,6^7^7^6,90^91^91^90,1^2^4^1
+0,9,1,4,2,3,2,2,1,3,504,8,72,82,92,430548_1007,1,3.5,8,92,1
+""",
+}
+KUAI = {
+    "train.csv": """user_id,item_id,is_click,pos_items,neg_items
+1,100,1,101^102,103
+1,103,0,101^102^100,103^104
+2,101,1,,100^102
+2,104,0,101,100^102^103
+""",
+    "test.csv": """user_id,item_id,is_click,pos_items,neg_items
+1,105,0,101^102^100,103^104
+2,102,1,101^105,100^102^103^104
+""",
+}
+BARS = {"amazonelectronics_x1": AMAZON, "taobaoad_x1": TAOBAO, "kuaivideo_x1": KUAI}
+
+
+def bars_folder(root, name, files=None):
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    for f, text in (files or BARS[name]).items():
+        (folder / f).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("name", list(BARS))
+def test_bars_sets_load_prepare_and_run_a_model(tmp_path, name):
+    bars_folder(tmp_path, name)
+    raw = load_raw(name, tmp_path)
+    rows = {f: text.count("\n") - 1 for f, text in BARS[name].items()}
+    assert [len(raw.splits[s]) for s in ("train", "valid", "test")] == [rows["train.csv"], rows["test.csv"], rows["test.csv"]]
+    # every row's history is its own cell, in order: row k's range holds exactly its '^'-separated values
+    q = raw.schema.sequences[0]
+    cell = {"amazonelectronics_x1": "item_history", "taobaoad_x1": "cate_his", "kuaivideo_x1": "pos_items"}[name]
+    for split, f in (("train", "train.csv"), ("test", "test.csv")):
+        lines = BARS[name][f].splitlines()
+        col = lines[0].split(",").index(cell)
+        s = raw.splits[split]
+        for k, line in enumerate(lines[1:]):
+            want = [v for v in line.split(",")[col].split("^") if v]
+            got = raw.events[q.name]["item"][s.seq_start[q.name][k]:s.seq_end[q.name][k]]
+            assert list(got) == want
+    assert not any(sq.has_time for sq in raw.schema.sequences)
+    p = prepare_dataset(name, tmp_path)
+    forward(p, "train")
+    forward(p, "test")
+
+
+def test_bars_taobao_histories_carry_behaviour_type_and_brand(tmp_path):
+    bars_folder(tmp_path, "taobaoad_x1")
+    raw = load_raw("taobaoad_x1", tmp_path)
+    s, ev = raw.splits["train"], raw.events["behavior"]
+    a, b = s.seq_start["behavior"][1], s.seq_end["behavior"][1]
+    assert list(ev["item"][a:b]) == ["6", "7", "7"] and list(ev["event"][a:b]) == ["1", "2", "4"]
+    assert list(ev["brand_his"][a:b]) == ["90", "91", "91"]
+    assert raw.schema.numeric == ("price",) and s.columns["price"][2] == 199.0
+    assert s.seq_start["behavior"][2] == s.seq_end["behavior"][2]  # an empty cell is an empty history
+
+
+@pytest.mark.parametrize("name,file,old,new,needle", [
+    ("amazonelectronics_x1", "train.csv", "0,1,13,4,10^12^11,2^3^3", "0,1,13,4,10^12^11,2^3",
+     r"amazonelectronics_x1/train.csv: column 'cate_history' has 2 values at data row 2, but 'item_history' has 3"),
+    ("amazonelectronics_x1", "test.csv", "0,2,99,9,14^12,5^3", "0,2,99,9,14^12,5^3,7",
+     r"amazonelectronics_x1/test.csv: line 3 has 7 fields, expected 6"),
+    ("kuaivideo_x1", "train.csv", "2,101,1,,100^102", "2,101,1,,100^^102",
+     r"kuaivideo_x1/train.csv: column 'neg_items' has an empty item between '\^' separators at data row 3"),
+    ("taobaoad_x1", "train.csv", ",9.9,6,90,3", ",cheap,6,90,3",
+     r"taobaoad_x1/train.csv: column 'price' must be numeric, found text 'cheap' at data row 4"),
+    ("kuaivideo_x1", "test.csv", "1,105,0,", "1,105,2,", r"kuaivideo_x1/test.csv: label column 'is_click' must be 0 or 1, found 2 at data row 1"),
+])
+def test_bad_bars_lines_name_file_and_line(tmp_path, name, file, old, new, needle):
+    files = dict(BARS[name])
+    assert old in files[file]
+    files[file] = files[file].replace(old, new)
+    bars_folder(tmp_path, name, files)
+    with pytest.raises(KunlunError, match=needle) as exc:
+        load_raw(name, tmp_path)
     assert "\n" not in str(exc.value)

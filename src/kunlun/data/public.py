@@ -1,4 +1,5 @@
-"""Public benchmarks users download themselves: Criteo (Kaggle Display Advertising) and Taobao UserBehavior.
+"""Public benchmarks users download themselves: Criteo (Kaggle Display Advertising), Taobao UserBehavior and the
+BARS x1 CSV sets with per-row histories (AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1).
 
 Each adapter reads the files exactly as published (put them in ``<data-dir>/<name>/``); errors are one line
 naming the file, column and line (``kunlun.data.io``).
@@ -6,6 +7,7 @@ naming the file, column and line (``kunlun.data.io``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,167 @@ def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = Tr
         splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={"history": user_start[m]},
                                 seq_end={"history": hist_end[m]}, time=ts[m], row=order[m])
     return RawData(schema=schema, splits=splits, events=events, source=str(path))
+
+
+# ----------------------------------------------------------------------------- BARS x1 sets with per-row histories
+
+
+@dataclass(frozen=True)
+class BarsSequence:
+    name: str
+    item: str  # the '^'-separated column of item ids
+    item_vocab: str
+    event: tuple[str, str] | None = None  # (column, vocabulary) of per-event types
+    side: tuple[tuple[str, str], ...] = ()  # (column, vocabulary), each as long as ``item`` on every row
+
+
+@dataclass(frozen=True)
+class BarsSet:
+    """The layout of one BARS x1 CSV set (column names as in BARS's FuxiCTR dataset configs)."""
+
+    name: str
+    label: str
+    group: str
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]
+    sequences: tuple[BarsSequence, ...]
+    files: tuple[str, ...] = ("train.csv", "test.csv")
+
+    @property
+    def schema(self) -> Schema:
+        return Schema(
+            label=self.label,
+            categorical=tuple((c, c) for c in self.categorical),
+            numeric=self.numeric,
+            sequences=tuple(SequenceSpec(q.name, item_vocab=q.item_vocab, event_vocab=q.event[1] if q.event else None,
+                                         side=tuple((c, v) for c, v in q.side), has_time=False) for q in self.sequences),
+            group=self.group,
+        )
+
+    def sequence_columns(self) -> list[str]:
+        return [c for q in self.sequences for c in (q.item, *([q.event[0]] if q.event else []), *(c for c, _ in q.side))]
+
+
+SEPARATOR = "^"
+AMAZON_ELECTRONICS_X1 = BarsSet(
+    "amazonelectronics_x1", label="label", group="user_id", categorical=("item_id", "cate_id"), numeric=(),
+    sequences=(BarsSequence("history", "item_history", "item_id", side=(("cate_history", "cate_id"),)),),
+)
+TAOBAOAD_X1 = BarsSet(
+    "taobaoad_x1", label="clk", group="userid",
+    categorical=("userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level", "shopping_level",
+                 "occupation", "new_user_class_level", "adgroup_id", "cate_id", "campaign_id", "customer", "brand", "pid",
+                 "btag"),
+    numeric=("price",),
+    # the behaviour log has no item ids: an event is its category, with its brand and behaviour type (btag)
+    sequences=(BarsSequence("behavior", "cate_his", "cate_id", event=("btag_his", "btag"), side=(("brand_his", "brand"),)),),
+)
+KUAIVIDEO_X1 = BarsSet(
+    "kuaivideo_x1", label="is_click", group="user_id", categorical=("user_id", "item_id"), numeric=(),
+    sequences=(BarsSequence("pos_items", "pos_items", "item_id"), BarsSequence("neg_items", "neg_items", "item_id")),
+)
+BARS_SETS = {s.name: s for s in (AMAZON_ELECTRONICS_X1, TAOBAOAD_X1, KUAIVIDEO_X1)}
+
+
+def _split_lists(t: pa.Table, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A '^'-separated column → (flat values as str, per-row lengths); an empty cell is an empty history."""
+    col = t.column(column).combine_chunks()
+    col = pc.if_else(pc.equal(col, ""), None, col)
+    lists = pc.split_pattern(col, SEPARATOR)
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = np.asarray(pc.list_flatten(lists).to_numpy(zero_copy_only=False)).astype(str)
+    empty = flat == ""
+    if empty.any():
+        row = int(np.searchsorted(np.cumsum(lengths), int(np.flatnonzero(empty)[0]), side="right"))
+        raise KunlunError(f"{path}: column {column!r} has an empty item between '{SEPARATOR}' separators at data row {row + 1}")
+    return flat, lengths
+
+
+def read_bars_file(spec: BarsSet, path: Path, labels: bool = True) -> tuple[RawSplit, dict[str, dict[str, np.ndarray]], bool]:
+    """One CSV of a BARS x1 set: the split (histories as ranges into its own event tables) and those tables."""
+    seq_cols = spec.sequence_columns()
+    required = [spec.group, *spec.categorical, *spec.numeric, *seq_cols]
+    t = read_table(path, required=list(dict.fromkeys(([spec.label] if labels else []) + required)), optional=[spec.label],
+                   text=seq_cols)
+    has_labels = spec.label in t.column_names
+    cols: dict[str, np.ndarray] = {
+        spec.label: label_column(t, spec.label, path) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
+    }
+    for c in dict.fromkeys([spec.group, *spec.categorical]):
+        cols[c] = id_column(t, c, path).astype(str)  # as text: history cells are text and share these vocabularies
+    for c in spec.numeric:
+        cols[c] = numeric_column(t, c, path, float32=True)
+    split = RawSplit(columns=cols)
+    events: dict[str, dict[str, np.ndarray]] = {}
+    for q in spec.sequences:
+        item, lengths = _split_lists(t, q.item, path)
+        ev = {"item": item}
+        for key, (c, _) in ([("event", q.event)] if q.event else []) + [(c, (c, v)) for c, v in q.side]:
+            values, other = _split_lists(t, c, path)
+            if (other != lengths).any():
+                row = int(np.flatnonzero(other != lengths)[0])
+                raise KunlunError(f"{path}: column {c!r} has {other[row]} values at data row {row + 1}, "
+                                  f"but {q.item!r} has {lengths[row]}; they must be equally long")
+            ev[key] = values
+        end = np.cumsum(lengths)
+        split.seq_start[q.name], split.seq_end[q.name] = end - lengths, end
+        events[q.name] = ev
+    return split, events, has_labels
+
+
+def load_bars(spec: BarsSet, folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+    """Read every file of ``spec`` (or only ``file``) and join their per-row event tables into one."""
+    paths = {"file": file} if file is not None else {
+        "train": folder / spec.files[0], "valid": folder / spec.files[1], "test": folder / spec.files[1]}
+    read: dict[Path, tuple] = {}
+    for p in dict.fromkeys(paths.values()):
+        read[p] = read_bars_file(spec, p, labels)
+    events: dict[str, dict[str, list]] = {q.name: {} for q in spec.sequences}
+    offsets = {}
+    for p, (_, ev, _) in read.items():
+        for q in spec.sequences:
+            offsets[p, q.name] = sum(len(a) for a in events[q.name].get("item", []))
+            for k, v in ev[q.name].items():
+                events[q.name].setdefault(k, []).append(v)
+    splits = {}
+    for name, p in paths.items():
+        split = read[p][0]
+        splits[name] = RawSplit(
+            columns=split.columns,
+            seq_start={k: v + offsets[p, k] for k, v in split.seq_start.items()},
+            seq_end={k: v + offsets[p, k] for k, v in split.seq_end.items()},
+        )
+    joined = {q: {k: np.concatenate(v) for k, v in ev.items()} for q, ev in events.items()}
+    has_labels = all(r[2] for r in read.values())
+    return RawData(spec.schema, splits, joined, source=str(file or folder), has_labels=has_labels)
+
+
+def _bars_loader(spec: BarsSet, download: str):
+    def load(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+        return load_bars(spec, folder, file, labels)
+
+    load.__doc__ = f"""BARS {spec.name} (reczoo/Datasets): train.csv and test.csv; ``valid`` is test.csv, as in BARS (its
+    configs early-stop on test.csv: "no validation data split in original paper"), so quote test numbers as BARS does.
+
+    Each row carries its own histories as '^'-separated columns ({', '.join(spec.sequence_columns())}); they become
+    that row's own event range (no shared timeline, no times: time gaps are 0). Download::
+
+        {download}
+    """
+    load.__name__ = f"load_{spec.name}"
+    return load
+
+
+def _hf(repo: str, folder: str, md5: str) -> str:
+    """The download command of one BARS x1 set (reczoo/Datasets points to these Hugging Face dataset repositories)."""
+    return (f"huggingface-cli download reczoo/{repo} --repo-type dataset --local-dir <data-dir>/{folder}\n"
+            f"        # (unzip there if the repository holds a zip); BARS's checksums: {md5}")
+
+
+load_amazonelectronics_x1 = _bars_loader(AMAZON_ELECTRONICS_X1, _hf(
+    "AmazonElectronics_x1", "amazonelectronics_x1", "train.csv e9bf80b92985e463db18fdc753d347b5, test.csv 57a20e82fe736dd495f2eaf0669bf6d0"))
+load_taobaoad_x1 = _bars_loader(TAOBAOAD_X1, _hf(
+    "TaobaoAd_x1", "taobaoad_x1", "train.csv eaabfc8629f23519b04593e26c7522fc, test.csv f5ae6197e52385496d46e2867c1c8da1"))
+load_kuaivideo_x1 = _bars_loader(KUAIVIDEO_X1, _hf(
+    "KuaiVideo_x1", "kuaivideo_x1", "train.csv 16f13734411532cc313caf2180bfcd56, test.csv ba26c01caaf6c65c272af11aa451fc7a; "
+    "the item_visual_emb_dim64.h5 of pretrained embeddings is not used"))
