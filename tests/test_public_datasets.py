@@ -1,5 +1,5 @@
 """Adapters for public benchmarks users download (kunlun.data.public): Criteo on DeepCTR's criteo_sample.txt
-(shared/data/samples) and on a tiny Kaggle-layout file; Taobao UserBehavior and the BARS x1 sets on tiny files
+(shared/data/samples) and on a tiny Kaggle-layout file; Taobao UserBehavior, KuaiRand-Pure and the BARS x1 sets on tiny files
 written here in their layouts (column names from BARS's FuxiCTR dataset configs)."""
 
 import shutil
@@ -281,3 +281,59 @@ def test_bad_bars_lines_name_file_and_line(tmp_path, name, file, old, new, needl
     with pytest.raises(KunlunError, match=needle) as exc:
         load_raw(name, tmp_path)
     assert "\n" not in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- KuaiRand-Pure (tiny logs in its layout)
+
+KR_HEAD = ("user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,is_forward,is_hate,long_view,"
+           "play_time_ms,duration_ms,profile_stay_time,comment_stay_time,is_profile_enter,is_rand,tab\n")
+
+
+def kr_rows(user, start_s, clicks, likes, first_video=0):
+    return "".join(f"{user},{first_video + k},20220408,1000,{(start_s + 60 * k) * 1000 + 123},{c},{lk},0,0,0,0,0,0,0,0,0,0,0,{k % 3}\n"
+                   for k, (c, lk) in enumerate(zip(clicks, likes)))
+
+
+KR = {
+    "log_standard_4_08_to_4_21_pure.csv": KR_HEAD + kr_rows(1, 1649376000, [1, 0, 1, 0, 1], [1, 0, 0, 0, 0])
+    + kr_rows(2, 1649376000, [0, 0, 1, 1, 0], [0, 0, 0, 1, 0], 10),
+    "log_standard_4_22_to_5_08_pure.csv": KR_HEAD + kr_rows(1, 1650600000, [0, 1, 1, 0, 0], [0, 0, 1, 0, 0], 5)
+    + kr_rows(2, 1650600000, [1, 0, 0, 1, 1], [0, 0, 0, 0, 1], 15),
+}
+
+
+def kr_folder(root, files=KR):
+    folder = root / "kuairand-pure"
+    folder.mkdir(exist_ok=True)
+    for f, text in files.items():
+        (folder / f).write_text(text)
+    return folder
+
+
+def test_kuairand_pure_joins_both_logs_on_one_timeline(tmp_path):
+    kr_folder(tmp_path)
+    raw = load_raw("kuairand-pure", tmp_path)
+    assert [len(s) for s in raw.splits.values()] == [16, 2, 2]
+    ev = raw.events["history"]
+    # user 1's timeline: the first log's 5 exposures, then the second's; types liked / clicked / skipped
+    assert list(ev["item"][:10]) == list(range(10)) and list(ev["event"][:3]) == ["liked", "skipped", "clicked"]
+    test = raw.splits["test"]
+    assert sorted(test.columns["video"].tolist()) == [9, 19]  # each user's last exposure
+    k = int(np.flatnonzero(test.columns["video"] == 9)[0])
+    assert test.seq_end["history"][k] - test.seq_start["history"][k] == 9 and test.time[k] == 1650600000 + 240
+    p = prepare_dataset("kuairand-pure", tmp_path)
+    forward(p, "train")
+    forward(p, "test")
+
+
+def test_bad_kuairand_line_names_file_and_row(tmp_path):
+    files = dict(KR)
+    name = "log_standard_4_22_to_5_08_pure.csv"
+    lines = files[name].splitlines(keepends=True)
+    fields = lines[3].split(",")
+    fields[5] = "2"  # is_click of data row 3
+    lines[3] = ",".join(fields)
+    files[name] = "".join(lines)
+    kr_folder(tmp_path, files)
+    with pytest.raises(KunlunError, match=rf"{name}: label column 'is_click' must be 0 or 1, found 2 at data row 3"):
+        load_raw("kuairand-pure", tmp_path)

@@ -1,5 +1,5 @@
 """Public benchmarks users download themselves: Criteo (Kaggle Display Advertising), Taobao UserBehavior and the
-BARS x1 CSV sets with per-row histories (AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1).
+KuaiRand-Pure, and the BARS x1 CSV sets with per-row histories (AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1).
 
 Each adapter reads the files exactly as published (put them in ``<data-dir>/<name>/``); errors are one line
 naming the file, column and line (``kunlun.data.io``).
@@ -147,25 +147,10 @@ def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = Tr
     events train, the next 10 % valid, the last 10 % test. ``file``: one file in the same layout, scored whole."""
     path = file or folder / TAOBAO_UB_FILES[0]
     ev = read_user_behavior(path)
-    n = len(ev["user"])
-    order = np.lexsort((np.arange(n), ev["ts"], ev["user"]))
-    user, item, cat, ts, beh = (ev[c][order] for c in ("user", "item", "category", "ts", "behavior"))
+    user, item, cat, ts, beh = (ev[c] for c in ("user", "item", "category", "ts", "behavior"))
     label = (beh != "pv").astype(np.float32)
-    idx = np.arange(n)
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
-    user_count = np.diff(np.r_[np.flatnonzero(new_user), n])[np.cumsum(new_user) - 1]
-    new_moment = new_user | np.r_[True, ts[1:] != ts[:-1]]
-    hist_end = np.maximum.accumulate(np.where(new_moment, idx, 0))
-    hist_len = hist_end - user_start
-    prev_ts = np.where(hist_len > 0, ts[np.maximum(hist_end - 1, 0)], ts)
-    local = ts + 8 * 3600
-    columns = {
-        "label": label, "user": user, "item": item, "category": cat,
-        "hour": (local // 3600) % 24, "weekday": (local // 86400) % 7,
-        "log_history": np.log1p(hist_len).astype(np.float64),
-        "log_gap_hours": np.log1p(np.maximum(ts - prev_ts, 0) / 3600.0),
-    }
+    columns = {"label": label, "user": user, "item": item, "category": cat}
+    events = {"item": item, "event": beh, "category": cat}
     schema = Schema(
         label="label",
         categorical=tuple((c, c) for c in ("user", "item", "category", "hour", "weekday")),
@@ -174,8 +159,35 @@ def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = Tr
         group="user",
         has_time=True,
     )
-    events = {"history": {"item": item, "event": beh, "category": cat, "time": ts}}
-    if file is None:
+    return timeline(schema, columns, events, user, ts, path, split=file is None)
+
+
+def timeline(schema: Schema, columns: dict[str, np.ndarray], events: dict[str, np.ndarray], user: np.ndarray, ts: np.ndarray,
+             path: Path, split: bool = True) -> RawData:
+    """Events in file order → examples on per-user timelines (the MovieLens construction): sorted by user, time and file
+    order; history ``history`` = the user's events strictly earlier in time; hour and weekday in Beijing time (UTC+8),
+    log history length and log hours since the previous event added; split per user 80/10/10 in time order (or one
+    ``file`` split)."""
+    n = len(user)
+    order = np.lexsort((np.arange(n), ts, user))
+    user, ts = user[order], ts[order]
+    columns = {c: v[order] for c, v in columns.items()}
+    events = {c: v[order] for c, v in events.items()} | {"time": ts}
+    idx = np.arange(n)
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
+    user_count = np.diff(np.r_[np.flatnonzero(new_user), n])[np.cumsum(new_user) - 1]
+    new_moment = new_user | np.r_[True, ts[1:] != ts[:-1]]
+    hist_end = np.maximum.accumulate(np.where(new_moment, idx, 0))  # first event of this (user, second)
+    hist_len = hist_end - user_start
+    prev_ts = np.where(hist_len > 0, ts[np.maximum(hist_end - 1, 0)], ts)
+    local = ts + 8 * 3600
+    columns |= {
+        "hour": (local // 3600) % 24, "weekday": (local // 86400) % 7,
+        "log_history": np.log1p(hist_len).astype(np.float64),
+        "log_gap_hours": np.log1p(np.maximum(ts - prev_ts, 0) / 3600.0),
+    }
+    if split:
         frac = (idx - user_start) / user_count
         assign = np.where(frac < UB_SPLIT[0], 0, np.where(frac < UB_SPLIT[1], 1, 2))
         names = ["train", "valid", "test"]
@@ -185,12 +197,59 @@ def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = Tr
                               f"(the most any user has is {int(user_count.max())})")
     else:
         assign, names = np.zeros(n, dtype=np.int64), ["file"]
+    seq = schema.sequences[0].name
     splits = {}
     for k, name in enumerate(names):
         m = assign == k
-        splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={"history": user_start[m]},
-                                seq_end={"history": hist_end[m]}, time=ts[m], row=order[m])
-    return RawData(schema=schema, splits=splits, events=events, source=str(path))
+        splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={seq: user_start[m]},
+                                seq_end={seq: hist_end[m]}, time=ts[m], row=order[m])
+    return RawData(schema=schema, splits=splits, events={seq: events}, source=str(path))
+
+
+# ----------------------------------------------------------------------------- KuaiRand-Pure
+
+KUAIRAND_LOGS = ("log_standard_4_08_to_4_21_pure.csv", "log_standard_4_22_to_5_08_pure.csv")
+KUAIRAND_COLUMNS = ["user_id", "video_id", "time_ms", "is_click", "is_like", "tab"]
+
+
+def read_kuairand_log(path: Path) -> dict[str, np.ndarray]:
+    t = read_table(path, required=KUAIRAND_COLUMNS)
+    out = {c: numeric_column(t, c, path, integer=True) for c in ("user_id", "video_id", "time_ms", "tab")}
+    out["is_click"] = label_column(t, "is_click", path)
+    out["is_like"] = label_column(t, "is_like", path)
+    return out
+
+
+def load_kuairand_pure(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+    """KuaiRand-Pure (Kuaishou, 2022-04-08 to 05-08: 27,285 users, 7,583 videos), the standard-recommendation logs.
+
+    Download (no account needed)::
+
+        cd <data-dir> && curl -LO https://zenodo.org/records/10439422/files/KuaiRand-Pure.tar.gz
+        tar xzf KuaiRand-Pure.tar.gz && mv KuaiRand-Pure/data kuairand-pure
+
+    Protocol: one example per logged exposure of the two ``log_standard_*`` files (joined, one timeline); label =
+    ``is_click``. History = the user's exposures strictly earlier in time (``time_ms`` in whole seconds), each with its
+    video, its type (liked / clicked / skipped: exposed, not clicked) and the tab it was shown in. Fields: user, video,
+    tab, hour and weekday (Beijing time); numeric: log history length, log hours since the previous exposure. Split per
+    user chronologically 80/10/10. Not read: ``log_random_4_22_to_5_08_pure.csv`` (randomly exposed videos, an
+    unbiased test set of its own) and the user / video feature files."""
+    paths = [file] if file is not None else [folder / f for f in KUAIRAND_LOGS]
+    logs = [read_kuairand_log(p) for p in paths]
+    ev = {c: np.concatenate([g[c] for g in logs]) for c in logs[0]}
+    user, video, tab = ev["user_id"], ev["video_id"], ev["tab"]
+    kind = np.where(ev["is_like"] > 0, "liked", np.where(ev["is_click"] > 0, "clicked", "skipped"))
+    columns = {"label": ev["is_click"], "user": user, "video": video, "tab": tab}
+    schema = Schema(
+        label="label",
+        categorical=tuple((c, c) for c in ("user", "video", "tab", "hour", "weekday")),
+        numeric=("log_history", "log_gap_hours"),
+        sequences=(SequenceSpec("history", item_vocab="video", event_vocab="exposure", side=(("tab", "tab"),)),),
+        group="user",
+        has_time=True,
+    )
+    return timeline(schema, columns, {"item": video, "event": kind, "tab": tab}, user, ev["time_ms"] // 1000,
+                    file or folder, split=file is None)
 
 
 # ----------------------------------------------------------------------------- BARS x1 sets with per-row histories

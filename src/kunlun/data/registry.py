@@ -62,6 +62,11 @@ DATASETS: dict[str, DatasetSpec] = {
         "Taobao UserBehavior, label = cart/fav/buy vs pv, histories of earlier events with type and category",
         "Taobao UserBehavior",
     ),
+    "kuairand-pure": DatasetSpec(
+        "kuairand-pure", public.KUAIRAND_LOGS, public.load_kuairand_pure,
+        "KuaiRand-Pure standard logs, CTR (is_click) with histories of earlier exposures (liked/clicked/skipped, tab)",
+        "KuaiRand-Pure",
+    ),
     "amazonelectronics_x1": DatasetSpec(
         "amazonelectronics_x1", public.AMAZON_ELECTRONICS_X1.files, public.load_amazonelectronics_x1,
         "AmazonElectronics_x1 (BARS split; valid = test as in BARS), item/category histories per row", "AmazonElectronics_x1",
