@@ -1,4 +1,4 @@
-"""Public benchmarks users download themselves: Criteo (Kaggle Display Advertising), Taobao UserBehavior and the
+"""Public benchmarks users download themselves: Criteo (Kaggle Display Advertising), Taobao UserBehavior,
 KuaiRand-Pure, and the BARS x1 CSV sets with per-row histories (AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1).
 
 Each adapter reads the files exactly as published (put them in ``<data-dir>/<name>/``); errors are one line
