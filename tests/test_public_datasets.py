@@ -233,7 +233,8 @@ def test_bars_sets_load_prepare_and_run_a_model(tmp_path, name):
     bars_folder(tmp_path, name)
     raw = load_raw(name, tmp_path)
     rows = {f: text.count("\n") - 1 for f, text in BARS[name].items()}
-    assert [len(raw.splits[s]) for s in ("train", "valid", "test")] == [rows["train.csv"], rows["test.csv"], rows["test.csv"]]
+    # valid is a fixed random tenth of train.csv (none of these few rows); test is test.csv, unseen by model selection
+    assert [len(raw.splits[s]) for s in ("train", "valid", "test")] == [rows["train.csv"], 0, rows["test.csv"]]
     # every row's history is its own cell, in order: row k's range holds exactly its '^'-separated values
     q = raw.schema.sequences[0]
     cell = {"amazonelectronics_x1": "item_history", "taobaoad_x1": "cate_his", "kuaivideo_x1": "pos_items"}[name]
@@ -337,3 +338,24 @@ def test_bad_kuairand_line_names_file_and_row(tmp_path):
     kr_folder(tmp_path, files)
     with pytest.raises(KunlunError, match=rf"{name}: label column 'is_click' must be 0 or 1, found 2 at data row 3"):
         load_raw("kuairand-pure", tmp_path)
+
+
+def test_bars_valid_is_held_out_of_train_csv_and_test_csv_stays_test(tmp_path):
+    """BARS early-stops on test.csv; here a fixed random tenth of train.csv is the validation split, the rest trains,
+    and test.csv is only ever the test split."""
+    head, *lines = BARS["amazonelectronics_x1"]["train.csv"].splitlines()
+    train = [head] + [lines[k % len(lines)] for k in range(300)]
+    folder = bars_folder(tmp_path, "amazonelectronics_x1", {"train.csv": "\n".join(train) + "\n",
+                                                            "test.csv": BARS["amazonelectronics_x1"]["test.csv"]})
+    raw = load_raw("amazonelectronics_x1", tmp_path)
+    tr, va, te = (raw.splits[k] for k in ("train", "valid", "test"))
+    assert 15 <= len(va) <= 45 and len(tr) + len(va) == 300
+    assert sorted([*tr.row.tolist(), *va.row.tolist()]) == list(range(300))
+    assert len(te) == BARS["amazonelectronics_x1"]["test.csv"].count("\n") - 1
+    q = raw.schema.sequences[0].name
+    for s in (tr, va):  # each row keeps its own history: the cell of its source line
+        for k, r in enumerate(s.row.tolist()):
+            cell = train[1 + r].split(",")[4]
+            want = [v for v in cell.split("^") if v]
+            assert list(raw.events[q]["item"][s.seq_start[q][k]:s.seq_end[q][k]]) == want
+    assert load_raw("amazonelectronics_x1", folder.parent).splits["valid"].row.tolist() == va.row.tolist()  # fixed
