@@ -95,6 +95,7 @@ class DNNConfig(ModelConfig):
     d_model: int = 16
     hidden: tuple[int, ...] = (400, 400, 400)
     dropout: float = 0.1
+    batch_norm: bool = False  # BatchNorm1d after each hidden Linear (FuxiCTR's MLP_Block, the BARS DNN setting)
 
     def validate(self) -> None:
         check_positive(self, "d_model", "hidden")
@@ -110,6 +111,7 @@ class DCNv2Config(ModelConfig):
     cross_layers: int = 3
     hidden: tuple[int, ...] = (400, 400, 400)
     dropout: float = 0.1
+    batch_norm: bool = False  # BatchNorm1d after each hidden Linear of the deep tower (the BARS DCNv2 setting)
 
     def validate(self) -> None:
         check_positive(self, "d_model", "cross_layers", "hidden")

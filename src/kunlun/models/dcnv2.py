@@ -27,7 +27,7 @@ class DCNv2(RankingModel):
         self.inputs = Inputs(info, cfg.d_model)
         width = (info.n_tokens + len(info.sequences)) * cfg.d_model
         self.cross = CrossNetV2(width, cfg.cross_layers)
-        self.deep = MLP([width, *cfg.hidden], dropout=cfg.dropout, last_activation=True)
+        self.deep = MLP([width, *cfg.hidden], dropout=cfg.dropout, last_activation=True, batch_norm=cfg.batch_norm)
         self.head = nn.Linear(width + cfg.hidden[-1], 1)
         self.width = width
 

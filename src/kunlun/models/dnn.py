@@ -28,7 +28,7 @@ class DNN(RankingModel):
         self.config, self.info = cfg, info
         self.inputs = Inputs(info, cfg.d_model)
         n_tokens = info.n_tokens + len(info.sequences)
-        self.mlp = MLP([n_tokens * cfg.d_model, *cfg.hidden, 1], dropout=cfg.dropout)
+        self.mlp = MLP([n_tokens * cfg.d_model, *cfg.hidden, 1], dropout=cfg.dropout, batch_norm=cfg.batch_norm)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.mlp(pooled_tokens(self.inputs, batch).flatten(1)).squeeze(-1)
