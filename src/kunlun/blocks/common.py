@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kunlun.ops.activations import ACTIVATIONS, activation  # noqa: F401  (re-exported for the blocks)
+from kunlun.ops.dropout import Dropout
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -32,7 +33,7 @@ class MLP(nn.Module):
         self.dims = list(dims)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.act = activation(act)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.last_activation = last_activation
         n_activated = len(self.layers) if last_activation else len(self.layers) - 1
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in dims[1:1 + n_activated]) if batch_norm else None
