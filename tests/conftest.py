@@ -82,10 +82,10 @@ def interrupt_at_step(trainer, step: int) -> None:
     a kill anywhere inside an epoch (the weights in memory have moved past the last checkpoint)."""
     real = trainer.train_step
 
-    def train_step(batch):
+    def train_step(batch, **kw):
         if trainer.state.step == step:
             raise KeyboardInterrupt
-        return real(batch)
+        return real(batch, **kw)
 
     trainer.train_step = train_step
 

@@ -86,6 +86,8 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
                       precision=precision)
     final = train_run(cfg, resume or run_dir, resume=bool(resume), use_cache=not no_cache, progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints the results
+        return
     if as_json:
         emit_json(final["metrics"])
     else:
@@ -407,13 +409,18 @@ def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datas
 @click.option("--threads", type=int, help="torch threads per process (overrides the sweep file).")
 @click.option("--dry-run", is_flag=True, help="Validate every point and list the runs without training.")
 @click.option("--reuse-stale", is_flag=True, help="Keep finished points of the same config trained by other code.")
-def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale):
+@click.option("--launcher", default="local", show_default=True,
+              help="Where the training processes run: local, ray (the cluster at $RAY_ADDRESS, else a local one; kunlun[ray]) "
+                   "or submitit (SLURM where sbatch is found; kunlun[submitit]).")
+def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, launcher):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kunlun.console import stderr
+    from kunlun.scaling.launchers import check_launcher
     from kunlun.scaling.sweep import check_parallel, default_out, jobs, load_sweep, pending, plan, run_sweep
 
+    check_launcher(launcher)
     spec = load_sweep(sweep_file)
     out = out or default_out(spec)
     check_parallel(parallel)
@@ -423,13 +430,14 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale):
         return
     all_jobs = jobs(spec, out)
     todo = len(pending(spec, all_jobs, spec.threads if threads is None else threads, reuse_stale))
-    log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}")
+    log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}"
+        + (f"; launcher {launcher}" if launcher != "local" else ""))
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
     with Progress(*columns, console=stderr) as bar:
         task = bar.add_task("sweep", total=todo, last="")
         result = run_sweep(spec, out, data_dir, parallel, threads,
                            on_done=lambda job, status: bar.update(task, advance=1, last=f"{job.label} seed {job.seed}: {status}"),
-                           reuse_stale=reuse_stale)
+                           reuse_stale=reuse_stale, launcher=launcher)
     log(f"sweep {spec.name}: {len(result['done'])} run, {len(result['skipped'])} skipped, {len(result['failed'])} failed")
     if result["failed"]:
         raise KunlunError(f"{len(result['failed'])} sweep run(s) failed, first: {result['failed'][0]} (rerun the sweep to retry them)")
@@ -601,8 +609,10 @@ def bench_serve(target, data_dir, concurrency, batch, rate, duration, max_reques
 
 
 def fail(message: str) -> None:
-    """A user error: one line on stderr (whatever the message holds), exit status 2."""
-    click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
+    """A user error: one line on stderr (whatever the message holds), exit status 2. Under torchrun only rank 0 prints
+    it (every rank meets the same error: the same config, the same files); the others exit 2 silently."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
     sys.exit(2)
 
 

@@ -44,6 +44,8 @@ class DataConfig:
 
 # implementations of the hot operators (``kunlun.ops``): train.ops picks one; auto reads $KUNLUN_OPS
 OPS = ("auto", "fast", "reference")
+DISTRIBUTED = ("ddp", "fsdp")  # train.distributed: dense parameters over several processes (kunlun.training.distributed)
+EMBEDDING_SHARDING = ("none", "row", "torchrec")  # train.embedding_sharding
 
 
 EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "sgd", "sparse_adam", "sparse_adagrad")
@@ -84,6 +86,12 @@ class TrainConfig:
     # M minutes (0: off), so a killed run loses at most that much work; resume continues at the exact step
     checkpoint_every_steps: int = 0
     checkpoint_every_minutes: float = 10.0
+    # several processes (``torchrun``; one process ignores both): how the dense parameters are replicated — ddp (a
+    # copy per rank, gradients averaged) or fsdp (FSDP2 ``fully_shard``: parameters, gradients and optimizer state
+    # sharded) — and the embedding tables: none (replicated with the dense part), row (rows split over the ranks) or
+    # torchrec (TorchRec's planner and DistributedModelParallel; the kunlun[torchrec] extra)
+    distributed: str = "ddp"
+    embedding_sharding: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +121,11 @@ class TrainConfig:
         if self.embedding_optimizer == "adam" and self.embedding_weight_decay and self.embedding_l2:
             raise KunlunError("config keys train.embedding_weight_decay and train.embedding_l2: set one, not both, "
                               "with train.embedding_optimizer=adam")
+        if self.distributed not in DISTRIBUTED:
+            raise KunlunError(f"config key train.distributed: expected one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        if self.embedding_sharding not in EMBEDDING_SHARDING:
+            raise KunlunError(f"config key train.embedding_sharding: expected one of {', '.join(EMBEDDING_SHARDING)}, "
+                              f"got {self.embedding_sharding!r}")
         if self.schedule not in SCHEDULES:
             raise KunlunError(f"config key train.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.monitor not in MONITORS:

@@ -48,21 +48,32 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
 
     The swap is two renames (``target`` → ``.<name>.old``, then the new one → ``target``); a process killed
     between them leaves the previous version as ``.<name>.old``, which ``recover_dir`` puts back."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    tmp = temporary_dir(target)
     try:
         write(tmp)
-        old = _old(target)
-        if target.exists():
-            if old.exists():  # left by an earlier swap that completed but was killed before removing it
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def temporary_dir(target: Path) -> Path:
+    """A new temporary sibling of ``target`` (the name ``recover_dir`` cleans up), for ``swap_dir``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+
+
+def swap_dir(tmp: Path, target: Path) -> None:
+    """Put the complete directory ``tmp`` (from ``temporary_dir``) in place of ``target``: ``atomic_dir``'s two renames,
+    for a directory that several processes wrote (a distributed checkpoint)."""
+    old = _old(target)
+    if target.exists():
+        if old.exists():  # left by an earlier swap that completed but was killed before removing it
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_dir(target: Path) -> None:

@@ -7,7 +7,9 @@
     <run>/epochs.jsonl       one JSON line per epoch: train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
     <run>/checkpoints/best   weights with the best validation NE (safetensors + config + manifest of checksums)
-    <run>/checkpoints/last   weights + optimizer and RNG state at the last epoch end or mid-epoch step (for --resume)
+    <run>/checkpoints/last   weights + optimizer and RNG state at the last epoch end or mid-epoch step (for --resume);
+                             of a run trained by several processes, a torch.distributed.checkpoint (dcp/), which
+                             resumes on any number of processes
     <run>/resumes.jsonl      one JSON line per resume: position, code, config keys changed (threads, data_dir, …)
     <run>/.lock              flock'ed by the process training the run (kunlun.processes)
 """
@@ -163,17 +165,22 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def has_weights(checkpoint: Path) -> bool:
+    """A checkpoint directory with weights: model.safetensors, or the DCP folder of one written by several processes."""
+    return (checkpoint / "model.safetensors").is_file() or (checkpoint / "dcp" / ".metadata").is_file()
+
+
 def resolve_run(path: str | Path) -> tuple[Path, Path]:
     """A run directory or a checkpoint directory → (run_dir, checkpoint_dir)."""
     p = Path(path)
     if not p.exists():
         raise KunlunError(f"{p}: run or checkpoint not found")
-    if (p / "model.safetensors").is_file():  # a checkpoint: <run>/checkpoints/<name>
+    if has_weights(p):  # a checkpoint: <run>/checkpoints/<name>
         run = p.parent.parent
         return run, p
     if (p / "checkpoints").is_dir():
         for name in ("best", "last"):
-            if (p / "checkpoints" / name / "model.safetensors").is_file():
+            if has_weights(p / "checkpoints" / name):
                 return p, p / "checkpoints" / name
     raise KunlunError(f"{p}: not a run directory or checkpoint (no checkpoints/best/model.safetensors)")
 
@@ -187,6 +194,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 # config keys that say where a run's files were and how often it checkpointed, not what it computes
 RECORD_ONLY_KEYS = ("data.data_dir", "train.checkpoint_every_steps", "train.checkpoint_every_minutes")
+# train keys added after runs were recorded without them, with the default that those runs ran with
+KEYS_ADDED_AT_DEFAULT = (("distributed", "ddp"), ("embedding_sharding", "none"))
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +206,9 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
         section, _, name = key.partition(".")
         if isinstance(out.get(section), dict):
             out[section].pop(name, None)
+    if isinstance(out.get("train"), dict):  # keys added later, at their defaults: a run recorded before them asked the same
+        for name, default in KEYS_ADDED_AT_DEFAULT:
+            out["train"].setdefault(name, default)
     model = out.get("model")
     if isinstance(model, dict) and "name" in model:
         # the model section with every default filled in: a run recorded with the defaults spelled out (as the packaged

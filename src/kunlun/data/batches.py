@@ -142,12 +142,21 @@ class Batcher:
             windows=windows,
         )
 
-    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0) -> Iterator[Batch]:
+    def iterate(self, batch_size: int, rng: np.random.Generator | None = None, start: int = 0, rank: int = 0,
+                world: int = 1) -> Iterator[Batch]:
         """All rows once, shuffled by ``rng`` if given (deterministic for a seeded generator), from batch ``start``
-        on (a run resumed inside an epoch skips the batches it trained on without building them)."""
+        on (a run resumed inside an epoch skips the batches it trained on without building them).
+
+        With ``world`` > 1 (data-parallel training), rank ``rank``'s share of every batch: its rows
+        [rank·k, (rank + 1)·k) with k = batch_size / world, so the ``world`` ranks together see exactly the batches
+        of one process, whatever the world size. A last, shorter batch leaves the later ranks fewer rows, or none
+        (an empty batch is yielded: every rank yields one batch per batch of the split)."""
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"rank {rank} of {world}: batch size {batch_size} must split into {world} equal shares")
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        share = batch_size // world
         for i in range(start * batch_size, len(order), batch_size):
-            yield self.batch(order[i : i + batch_size])
+            yield self.batch(order[i : i + batch_size][rank * share : (rank + 1) * share])
 
 
 def _with_a_row(e: Events) -> Events:

@@ -15,6 +15,8 @@ A sweep file (YAML)::
     noise: {seeds: [1, 2], points: [0, -1]}   # extra seeds at some points (indices into the point list)
     parallel: 2                       # processes at once
     threads: 1                        # torch threads per process
+    launcher_options: {}              # for --launcher ray (ray.remote options: num_cpus, num_gpus) or submitit
+                                      # (executor.update_parameters: timeout_min, slurm_partition, gpus_per_node, …)
 
 Each (point, seed) is a normal run record under ``<out>/points/<label>/seed<k>`` whose ``final.json``
 also holds its training compute C (``train_compute``). A finished point is skipped when its config and
@@ -23,7 +25,9 @@ other code too); an interrupted one is resumed when it was started by the curren
 there is restarted — so a killed sweep continues where it stopped, and never mixes code versions silently.
 Training processes die with the sweep (``kunlun.processes.die_with_parent``), and a point whose run directory
 is locked by a process still training it is reported as failed, never restarted beside that process.
-The same file runs unchanged on a GPU machine (the device is chosen per run).
+The same file runs unchanged on a GPU machine (the device is chosen per run), and on a cluster: ``--launcher ray``
+or ``--launcher submitit`` (SLURM) run each training command there instead of as a child process here
+(``kunlun.scaling.launchers``); reuse, resume, locks and logs are the same on every launcher.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import fcntl
 import itertools
 import json
 import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -46,8 +49,9 @@ from kunlun.config import dataclass_from_dict, load_config, read_yaml
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.model_configs import DEFAULT_MODEL
-from kunlun.processes import child_env, lock_holder
-from kunlun.runs import code_version, read_json, reuse_state, run_code
+from kunlun.processes import lock_holder
+from kunlun.runs import code_version, has_weights, read_json, reuse_state, run_code
+from kunlun.scaling.launchers import check_launcher, make_launcher
 
 
 @dataclass
@@ -70,6 +74,7 @@ class SweepSpec:
     noise: NoiseSpec = field(default_factory=NoiseSpec)
     parallel: int = 1
     threads: int = 1
+    launcher_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,7 +159,7 @@ def job_state(spec: SweepSpec, job: Job, threads: int) -> str:
 def resumable(job: Job) -> bool:
     """An interrupted run started by the code running now (a run is never continued by other code)."""
     codes = run_code(job.run_dir)
-    return ((job.run_dir / "checkpoints" / "last" / "model.safetensors").is_file() and (job.run_dir / "config.yaml").is_file()
+    return (has_weights(job.run_dir / "checkpoints" / "last") and (job.run_dir / "config.yaml").is_file()
             and bool(codes) and all(c.get("source_sha256") == code_version()["source_sha256"] for c in codes))
 
 
@@ -193,10 +198,13 @@ def plan(spec: SweepSpec, out: Path, threads: int | None = None) -> list[tuple[J
 
 
 def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel: int | None = None, threads: int | None = None,
-              on_done: Callable[[Job, str], None] | None = None, reuse_stale: bool = False) -> dict[str, Any]:
+              on_done: Callable[[Job, str], None] | None = None, reuse_stale: bool = False, launcher: str = "local") -> dict[str, Any]:
     """Run every (point, seed) not yet complete with the current code and config; return {"done", "skipped",
-    "failed"} lists of run dirs."""
+    "failed"} lists of run dirs. ``launcher``: where the training commands run (``kunlun.scaling.launchers``)."""
     check_parallel(parallel)
+    check_launcher(launcher)
+    if launcher != "local":  # the commands run elsewhere, maybe in another working directory
+        out = out.absolute()
     all_jobs = jobs(spec, out)
     validate(spec, all_jobs)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +214,7 @@ def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel:
         except OSError:
             raise KunlunError(f"{out}: another sweep is running in this folder") from None
         return _run_jobs(spec, out, all_jobs, data_dir, parallel or spec.parallel, spec.threads if threads is None else threads, on_done,
-                         reuse_stale)
+                         reuse_stale, launcher)
 
 
 def pending(spec: SweepSpec, all_jobs: list[Job], threads: int, reuse_stale: bool = False) -> list[Job]:
@@ -216,14 +224,15 @@ def pending(spec: SweepSpec, all_jobs: list[Job], threads: int, reuse_stale: boo
 
 
 def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, parallel: int, threads: int, on_done,
-              reuse_stale: bool) -> dict[str, Any]:
+              reuse_stale: bool, launcher: str = "local") -> dict[str, Any]:
     atomic_write_text(out / "sweep.json", json.dumps({"spec": dataclasses.asdict(spec), "jobs": [
         {"label": j.label, "seed": j.seed, "overrides": j.overrides, "run_dir": str(j.run_dir.relative_to(out))} for j in all_jobs]}, indent=1))
     (out / "logs").mkdir(exist_ok=True)
     todo = pending(spec, all_jobs, threads, reuse_stale)
     result: dict[str, list[str]] = {"done": [], "skipped": [str(j.run_dir) for j in all_jobs if j not in todo], "failed": []}
+    runner = make_launcher(launcher, out, spec.launcher_options) if todo else None
 
-    running: set[subprocess.Popen] = set()
+    running: set = set()
     guard = threading.Lock()
     stopping = False
 
@@ -232,10 +241,10 @@ def _run_jobs(spec: SweepSpec, out: Path, all_jobs: list[Job], data_dir, paralle
         holder = lock_holder(job.run_dir)
         if holder:  # e.g. a training process of an earlier sweep that outlived it: neither remove nor train beside it
             return job, f"failed (run directory {job.run_dir} is in use by process {holder})"
-        with open(log_path, "a") as log_file, guard:
+        with guard:
             if stopping:
                 return job, "failed (the sweep was stopped)"
-            proc = subprocess.Popen(command(spec, job, data_dir, threads), stdout=log_file, stderr=subprocess.STDOUT, env=child_env())
+            proc = runner.start(command(spec, job, data_dir, threads), log_path)
             running.add(proc)
         try:
             returncode = proc.wait()

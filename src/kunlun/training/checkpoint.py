@@ -9,6 +9,13 @@ A checkpoint is a directory::
                          plain values only, read back with ``torch.load(weights_only=True)`` (never unpickled)
     manifest.json        size and SHA-256 of each file above, written last
 
+A checkpoint of a run trained by several processes (``kunlun.training.distributed``) holds ``dcp/`` instead of
+``model.safetensors`` when it is a ``last``: a ``torch.distributed.checkpoint`` of the weights and the optimizer
+states (each rank writes its own shard; ``.metadata`` says where every tensor's pieces are), listed file by file in
+the manifest. DCP reshards on load, so it resumes on any number of processes, one process without a process group
+included, and ``load_weights`` reads it too (``kunlun eval``/``export`` accept it). ``best`` stays one safetensors
+file, written by rank 0.
+
 It is written to a temporary sibling (each file fsynced) and renamed into place, so a crash never leaves a
 half-written checkpoint where a good one was; a write that fails (a full disk) removes the temporary directory.
 Every load checks the file against the manifest first, so a truncated or bit-flipped file is a one-line error
@@ -37,6 +44,8 @@ from kunlun.files import atomic_dir, os_error_text
 
 MANIFEST = "manifest.json"
 FORMAT = "kunlun-checkpoint/1"
+SHARDED = "dcp"  # the torch.distributed.checkpoint folder of a checkpoint written by several processes
+HASH_CHUNK = 1 << 24
 
 
 def _write_file(path: Path, data: bytes) -> dict[str, Any]:
@@ -47,9 +56,12 @@ def _write_file(path: Path, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def checkpoint_bytes(model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None) -> dict[str, bytes]:
-    """The files of a checkpoint (name → bytes), manifest aside."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def checkpoint_bytes(model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None,
+                     tensors: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
+    """The files of a checkpoint (name → bytes), manifest aside. ``tensors``: the weights, when not ``model``'s
+    own state dict (an FSDP-sharded model's, gathered by ``full_state_dict``)."""
+    if tensors is None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     files = {"model.safetensors": save_safetensors(tensors), "config.yaml": yaml.safe_dump(config, sort_keys=False).encode()}
     if state is not None:
         buf = io.BytesIO()
@@ -59,11 +71,11 @@ def checkpoint_bytes(model: torch.nn.Module, config: dict, state: dict[str, Any]
 
 
 def save_checkpoint(target: Path, model: torch.nn.Module, config: dict, state: dict[str, Any] | None = None,
-                    info: dict[str, Any] | None = None) -> None:
+                    info: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write the checkpoint ``target`` (replacing the one there only once the new one is complete). ``info`` (plain
     values, e.g. epoch and step) goes into the manifest. An OSError (full disk, no permission) is a KunlunError naming
     ``target``; the previous checkpoint stays as it was and no temporary file is left."""
-    files = checkpoint_bytes(model, config, state)
+    files = checkpoint_bytes(model, config, state, tensors)
 
     def write(d: Path) -> None:
         listed = {name: _write_file(d / name, data) for name, data in files.items()}
@@ -118,14 +130,130 @@ def verify_checkpoint(checkpoint: Path) -> None:
     """Check every file the manifest lists (for a checkpoint read by name, e.g. its config.yaml)."""
     manifest = read_manifest(checkpoint)
     for name in (manifest or {}).get("files", {}):
-        read_verified(checkpoint, name, manifest)
+        if name.startswith(SHARDED + "/"):
+            _verify_streamed(checkpoint, name, manifest)
+        else:
+            read_verified(checkpoint, name, manifest)
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file, read in chunks (a shard of a distributed checkpoint may be large)."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def _verify_streamed(checkpoint: Path, name: str, manifest: dict[str, Any]) -> None:
+    path, entry = checkpoint / name, manifest["files"][name]
+    try:
+        found = _file_entry(path)
+    except FileNotFoundError:
+        raise KunlunError(f"{path}: missing from the checkpoint") from None
+    except OSError as exc:
+        raise KunlunError(f"{path}: cannot read the checkpoint file ({exc.strerror})") from None
+    if found["bytes"] != entry["bytes"]:
+        raise KunlunError(f"{path}: truncated or corrupt checkpoint file ({found['bytes']} bytes, {entry['bytes']} were written)")
+    if found["sha256"] != entry["sha256"]:
+        raise KunlunError(f"{path}: corrupt checkpoint file (its SHA-256 differs from the one {MANIFEST} recorded when it was written)")
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """A checkpoint written by several processes: its weights are a DCP folder, not model.safetensors."""
+    return (checkpoint / SHARDED / ".metadata").is_file()
+
+
+def save_sharded(target: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], config: dict, state: dict[str, Any],
+                 info: dict[str, Any], world) -> None:
+    """Write the checkpoint ``target`` from every rank of ``world`` (a collective: every rank calls it): the weights and
+    optimizer states as a DCP folder (each rank its shard), then, by rank 0, config.yaml, ``state`` (the trainer's
+    plain state, as in a one-process checkpoint) and the manifest of every file; then the directory is swapped into
+    place as ``save_checkpoint`` does. Every rank returns once the new checkpoint is in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from kunlun.files import swap_dir, temporary_dir
+    from kunlun.training.distributed import barrier, broadcast
+
+    weights, optim = get_state_dict(model, optimizers)
+    tmp = Path(broadcast(str(temporary_dir(target)) if world.main else None, world))
+    done = False
+    try:
+        dcp.save({"model": weights, "optimizers": optim}, checkpoint_id=tmp / SHARDED)
+        if world.main:
+            files = {"config.yaml": yaml.safe_dump(config, sort_keys=False).encode()}
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            files["trainer_state.pt"] = buf.getvalue()
+            listed = {f"{SHARDED}/{p.name}": _file_entry(p) for p in sorted((tmp / SHARDED).iterdir())}
+            listed.update({name: _write_file(tmp / name, data) for name, data in files.items()})
+            manifest = {"format": FORMAT, **info, "world_size": world.size, "files": listed}
+            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            swap_dir(tmp, target)
+        done = True
+    except OSError as exc:
+        kept = "the previous checkpoint there is unchanged" if target.is_dir() else "there was no previous checkpoint"
+        raise KunlunError(f"{target}: could not write the checkpoint: {os_error_text(exc)}; {kept} and no partial file was left") from None
+    finally:
+        if world.main and not done:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier(world)
+
+
+def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+    """Weights (and, given ``optimizers``, their states) from a checkpoint's DCP folder into ``model`` as it is laid
+    out in this process — replicated, FSDP-sharded, or one process without a process group. Every rank calls it."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+            warnings.simplefilter("ignore", UserWarning)
+            if optimizers:
+                weights, optim = get_state_dict(model, optimizers)
+                both = {"model": weights, "optimizers": optim}
+                dcp.load(both, checkpoint_id=checkpoint / SHARDED)
+                set_state_dict(model, optimizers, model_state_dict=both["model"], optim_state_dict=both["optimizers"])
+            else:
+                only = {"model": get_model_state_dict(model)}
+                dcp.load(only, checkpoint_id=checkpoint / SHARDED)
+                set_model_state_dict(model, only["model"])
+    except (RuntimeError, ValueError, KeyError) as exc:  # CheckpointException is a BaseException subclass: below
+        raise KunlunError(f"{checkpoint / SHARDED}: does not fit this run's model and optimizers ({_first_line(exc)})") from None
+    except BaseException as exc:
+        if type(exc).__name__ != "CheckpointException":
+            raise
+        raise KunlunError(f"{checkpoint / SHARDED}: does not fit this run's model and optimizers ({_first_line(exc)})") from None
+
+
+def full_state_dict(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """``model``'s whole weights on the CPU, for a safetensors file; a collective when ``sharded`` (FSDP: every rank
+    calls it, rank 0 gets the tensors)."""
+    if not sharded:
+        return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().contiguous() for k, v in full.items()}
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+def load_weights(checkpoint: Path, model: torch.nn.Module, sharded_model: bool = False) -> None:
+    """``checkpoint``'s weights (checked against its manifest) into ``model``; ``sharded_model``: ``model`` is
+    FSDP-sharded (every rank calls this, and takes its shard of the file's whole tensors)."""
+    if is_sharded(checkpoint) and not (checkpoint / "model.safetensors").is_file():
+        verify_checkpoint(checkpoint)
+        load_sharded(checkpoint, model)
+        return
     path = checkpoint / "model.safetensors"
     if not path.is_file() and not (checkpoint / MANIFEST).is_file():
         raise KunlunError(f"{checkpoint}: not a checkpoint (no model.safetensors)")
@@ -134,7 +262,16 @@ def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type (and others) for a damaged header
         raise KunlunError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if sharded_model:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        # every rank holds the whole tensors: each cuts its own shard out of them (src_data_rank=None: no scatter)
+        layout = model.state_dict()
+        tensors = {k: distribute_tensor(v.to(layout[k].device), layout[k].device_mesh, layout[k].placements, src_data_rank=None)
+                   if isinstance(layout.get(k), DTensor) else v for k, v in tensors.items()}
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    else:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise KunlunError(f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 from safetensors import SafetensorError
 
 from kunlun.blocks.embeddings import FeatureInfo
@@ -36,10 +37,16 @@ from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
 from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, code_version, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
+from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
 
-# config keys a resumed run may change: where the data is and how the process runs, not what it computes
-RESUME_FREE_KEYS = (*RECORD_ONLY_KEYS, "train.threads")
+# config keys a resumed run may change: where the data is and how the process runs, not what it computes (the world
+# size is not a key: a run resumes on any number of processes)
+RESUME_FREE_KEYS = (*RECORD_ONLY_KEYS, "train.threads", "train.distributed")
+
+
+def _quiet(message: str) -> None:
+    """The logger of ranks other than 0."""
 
 
 def resume_config_path(run_dir: Path) -> Path:
@@ -98,7 +105,15 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
     A new run refuses a non-empty directory; a new run that fails before its first checkpoint leaves nothing behind.
     Resuming a finished run is refused and changes nothing; resuming a run stopped before its first checkpoint
     starts it again from the beginning (the seed makes that the same run).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: they join one process group and train the run
+    together (``kunlun.training.distributed``); rank 0 alone locks, writes and logs, and every rank returns final.json.
     """
+    joined = not (dist.is_available() and dist.is_initialized())  # this call joins the process group (and leaves it)
+    world = init_from_env()
+    check_world(cfg.train, world)  # before any data is read
+    if not world.main:
+        logger, progress = _quiet, False
     if resume:
         if run_dir is None:
             raise KunlunError("resume: give the run directory to continue")
@@ -106,18 +121,24 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
         check_unfinished(target)  # before anything is written, the lock file included
         changes = resume_changes(target, cfg)
     else:
-        target = run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model.name, cfg.data.dataset)
+        target = broadcast(run_dir or new_run_dir(DEFAULT_RUNS_DIR, cfg.model.name, cfg.data.dataset), world)  # rank 0's name
         if not is_empty_run_dir(target):
             raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
-    data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
-    trainer = Trainer(cfg, data, target, progress=progress, logger=logger)  # every config error before the first write
+    if world.main:  # several processes: rank 0 prepares (and caches) the data, the others then read the cache
+        data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
+    barrier(world)
+    if not world.main:
+        data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
+    trainer = Trainer(cfg, data, target, progress=progress, logger=logger, world=world)  # every config error before the first write
     made = [p for p in (target, *target.parents) if not p.exists()]  # the directories this run creates
-    with lock_run_dir(target):
+    barrier(world)  # every rank has looked at the run directory before rank 0 writes in it
+    with lock_run_dir(target) if world.main else contextlib.nullcontext():
         try:
-            if resume:
-                check_unfinished(target)  # again under the lock: another process may have finished it meanwhile
-            elif not is_empty_run_dir(target):
-                raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
+            if world.main:
+                if resume:
+                    check_unfinished(target)  # again under the lock: another process may have finished it meanwhile
+                elif not is_empty_run_dir(target):
+                    raise KunlunError(f"{target}: run directory already exists and is not empty (use --resume to continue it)")
             if resume:
                 _resume(trainer, changes, logger)
             else:
@@ -127,23 +148,27 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
             final = trainer.fit()
         except BaseException:
             # nothing worth keeping yet (no checkpoint): remove the half-made run directory (and runs/ if it made that)
-            if made and not (target / "checkpoints" / "last").exists():
+            if world.main and made and not (target / "checkpoints" / "last").exists():
                 shutil.rmtree(target, ignore_errors=True)
                 for parent in made[1:]:
                     with contextlib.suppress(OSError):
                         parent.rmdir()
             raise
     logger(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
+    if joined:
+        leave(world)
     return {**final, "run_dir": str(target)}
 
 
 def _resume(trainer: Trainer, changes: dict[str, list[Any]], logger: Callable[[str], None]) -> None:
     """Continue ``trainer``'s run directory from checkpoints/last (or from the beginning when it has none); called
     with the run directory locked. Appends what was resumed, by which code, with which changed keys, to resumes.jsonl."""
-    run = trainer.run_dir
+    run, world = trainer.run_dir, trainer.world
     ckpts = run / "checkpoints"
-    for name in ("last", "best"):
-        recover_dir(ckpts / name)  # a process killed inside a checkpoint swap
+    if world.main:
+        for name in ("last", "best"):
+            recover_dir(ckpts / name)  # a process killed inside a checkpoint swap
+    barrier(world)
     if (ckpts / "last").is_dir():
         recorded = ((read_json(run / "environment.json") or {}).get("data") or {}).get("sha256")
         now = trainer.data.fingerprint()["sha256"]
@@ -159,13 +184,17 @@ def _resume(trainer: Trainer, changes: dict[str, list[Any]], logger: Callable[[s
                               f"{f'epoch {epoch}' if epoch else 'weights of an unknown epoch'}; nothing was changed — "
                               f"evaluate that checkpoint, or start a new run")
         logger(f"{run}: stopped before its first checkpoint; starting it again from the beginning")
-        shutil.rmtree(ckpts, ignore_errors=True)  # the best checkpoint of the lost first epoch, if any
+        barrier(world)  # every rank has looked at checkpoints/ before rank 0 removes it
+        if world.main:
+            shutil.rmtree(ckpts, ignore_errors=True)  # the best checkpoint of the lost first epoch, if any
         trainer.start_record()
     for k, (was, now) in changes.items():
         logger(f"resume: {k} {json.dumps(was)} → {json.dumps(now)} (does not change what the run computes)")
     s = trainer.state
+    if not world.main:
+        return
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step,
-                       "code": code_version()["label"], "changed": changes, "argv": sys.argv})
+                       "code": code_version()["label"], "changed": changes, "argv": sys.argv, "world_size": world.size})
     path = run / "resumes.jsonl"
     with writing(path):
         atomic_write_text(path, (path.read_text() if path.is_file() else "") + line + "\n")

@@ -12,6 +12,7 @@ CPU cannot queue the next step's kernels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,6 +60,8 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
     if dense:
         opts.append(torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay, **fused))
     emb = model.embedding_parameters()
+    if _mixed(emb):  # row-sharded tables (DTensors) beside replicated ones: the fused kernel takes one kind at a time
+        fused = {"fused": False, "foreach": False}
     if emb:
         wd, l2 = t.embedding_weight_decay, t.embedding_l2
         if t.embedding_optimizer == "adam":  # with one of wd and l2 at most (TrainConfig checks)
@@ -72,6 +75,13 @@ def make_optimizers(model: RankingModel, t: TrainConfig) -> list[torch.optim.Opt
             cls = {"adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.embedding_optimizer]
             opts.append(cls(emb, lr=t.embedding_lr, weight_decay=wd + l2))
     return opts
+
+
+def _mixed(params: list[nn.Parameter]) -> bool:
+    """Some but not all of ``params`` are DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return 0 < sum(isinstance(p, DTensor) for p in params) < len(params)
 
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -180,19 +190,22 @@ class TrainStep:
     watches the loss (``NonFiniteWatch``) and must not keep weights updated after a non-finite step."""
 
     def __init__(self, train_model: TrainModel, optimizers: list[torch.optim.Optimizer],
-                 schedulers: list[torch.optim.lr_scheduler.LRScheduler], grad_clip: float = 0.0, check_finite: bool = True):
+                 schedulers: list[torch.optim.lr_scheduler.LRScheduler], grad_clip: float = 0.0, check_finite: bool = True,
+                 clip: Callable[[list[nn.Parameter], float], torch.Tensor] | None = None):
+        """``clip``: the gradient clipping, when not ``clip_grad_norm`` (row-sharded tables need their own)."""
         self.train_model, self.optimizers, self.schedulers, self.grad_clip = train_model, optimizers, schedulers, grad_clip
-        self.check_finite = check_finite
+        self.check_finite, self.clip = check_finite, clip
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, logits = self.train_model(batch)
+    def __call__(self, batch: Batch, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model_kwargs`` go to the train model (``scale`` of a data-parallel rank's ``ShardTrainModel``)."""
+        loss, logits = self.train_model(batch, **model_kwargs)
         if self.check_finite and not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss {loss.item()}")
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
-            clip_grad_norm(list(self.train_model.parameters()), self.grad_clip)
+            (self.clip or clip_grad_norm)(list(self.train_model.parameters()), self.grad_clip)
         for o, s in zip(self.optimizers, self.schedulers):
             o.step()
             s.step()

@@ -17,6 +17,13 @@ The loop does not synchronise with the device each step: batches are assembled a
 kept on the device (``NonFiniteWatch``) and read every ``SYNC_SECONDS``, before every checkpoint and at the
 epoch's end. A non-finite loss therefore stops training up to half a second of steps after it happened (naming
 the step where it happened), and since weights are only saved after a check, the last checkpoint is always good.
+
+Several processes (``torchrun``, ``kunlun.training.distributed``): each rank trains on its share of every global
+batch, so the state — steps, epoch position, the data order — is that of one process, and a checkpoint resumes at
+any world size. The synchronisation points must then be the same steps on every rank: the first comes after one
+step, and at each one the ranks agree (one all-gather) on the summed loss, the first non-finite step anywhere, rank
+0's choice of the number of steps until the next one (about ``SYNC_SECONDS``) and whether a timed checkpoint is due.
+Rank 0 alone writes the run record and ``checkpoints/best``; every rank writes its shard of ``checkpoints/last``.
 """
 
 from __future__ import annotations
@@ -48,7 +55,29 @@ from kunlun.formats.gemm import apply_precision, load_precision_state, precision
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
 from kunlun.runs import code_version, environment
-from kunlun.training.checkpoint import load_trainer_state, load_weights, save_checkpoint, verify_checkpoint
+from kunlun.training.checkpoint import (
+    full_state_dict,
+    is_sharded,
+    load_sharded,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+    save_sharded,
+    verify_checkpoint,
+)
+from kunlun.training.distributed import (
+    World,
+    agree,
+    all_gather,
+    barrier,
+    check_world,
+    current,
+    evaluate_sharded,
+    rank_seed,
+    shard_scale,
+    wrap_for_training,
+)
+from kunlun.training.sharding import clip_sharded_grad_norm
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
     NonFiniteWatch,
     TrainModel,
@@ -141,25 +170,42 @@ def useful_flops(model: RankingModel, batcher: Batcher, batch_size: int) -> floa
 class Trainer:
     """Trains ``cfg.model`` on ``data``, writing the run record into ``run_dir``."""
 
-    def __init__(self, cfg: Config, data: Prepared, run_dir: Path, progress: bool = True, logger: Callable[[str], None] = log):
+    def __init__(self, cfg: Config, data: Prepared, run_dir: Path, progress: bool = True, logger: Callable[[str], None] = log,
+                 world: World | None = None):
+        """``world``: the processes training together (default: this process's process group, if any); only rank 0
+        logs, shows progress and writes the run record."""
+        self.world = w = current() if world is None else world
+        check_world(cfg.train, w)
+        if not w.main:
+            progress, logger = False, _silent
         self.cfg, self.data, self.run_dir, self.progress, self.log = cfg, data, run_dir, progress, logger
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
         set_seed(t.seed)
-        self.device = default_device()
+        self.device = w.device() if w.distributed else default_device()
         self.model = build(cfg, data).to(self.device)
-        self.optimizers = make_optimizers(self.model, t)
+        # some parameters are sharded over the ranks (DTensors): all with FSDP, the vocabulary tables with row sharding
+        self.sharded = w.distributed and (t.distributed == "fsdp" or t.embedding_sharding == "row")
+        if w.distributed:
+            if w.rank:  # the same weights everywhere (built from the seed), independent dropout draws
+                torch.manual_seed(rank_seed(t.seed, w.rank))
+            self.train_model = wrap_for_training(self.model, t, w)
+        else:
+            self.train_model = TrainModel(self.model, t.bf16)
+        self.optimizers = make_optimizers(self.model, t)  # after FSDP sharding: the optimizers hold the shards
         self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
-        train_model = TrainModel(self.model, t.bf16)
         if t.compile:  # the same module and parameters, run through Inductor; evaluation stays eager
-            train_model = torch.compile(train_model)
-        self.train_step = TrainStep(train_model, self.optimizers, self.schedulers, t.grad_clip,
-                                    check_finite=False)  # the epoch loop watches the loss (NonFiniteWatch)
+            self.train_model = torch.compile(self.train_model)
+        self.train_step = TrainStep(self.train_model, self.optimizers, self.schedulers, t.grad_clip,
+                                    check_finite=False,  # the epoch loop watches the loss (NonFiniteWatch)
+                                    clip=clip_sharded_grad_norm if w.distributed and t.embedding_sharding == "row" else None)
+        if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
+            self.stand_in = self.train_batches.batch(np.zeros(1, np.int64)).to(self.device)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
@@ -172,17 +218,24 @@ class Trainer:
     def start_record(self) -> None:
         """Write the run's config, environment and encoder, and no epoch records yet (a run started over from the
         beginning drops those of its earlier, never checkpointed start)."""
+        if not self.world.main:
+            return
         d = self.run_dir
+        env = {**environment(), "data": self.data.fingerprint()}
+        if self.world.distributed:
+            env["distributed"] = {**self.world.describe(), "strategy": self.cfg.train.distributed}
         with writing(d):
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_text(d / "config.yaml", yaml.safe_dump(self.recorded, sort_keys=False))
-            atomic_write_text(d / "environment.json", json.dumps({**environment(), "data": self.data.fingerprint()}, indent=1))
+            atomic_write_text(d / "environment.json", json.dumps(env, indent=1))
             atomic_dir(d / "encoder", self.data.encoder().save)
             (d / "epochs.jsonl").unlink(missing_ok=True)
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything ``resume`` needs besides the weights: tensors and plain values only (loaded with weights_only)."""
-        return {
+        """Everything ``resume`` needs besides the weights: tensors and plain values only (loaded with weights_only).
+        Several processes: the optimizer states go into the DCP folder with the weights, and every rank's RNG states
+        are kept (a collective: every rank calls this)."""
+        state = {
             "train_state": _plain(vars(self.state)),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -191,6 +244,11 @@ class Trainer:
             "precision_rng": precision_state(self.model),  # stochastic rounding's generators
             "history": _plain(self.history),
         }
+        if self.world.distributed:
+            del state["optimizers"]
+            cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
+            state["rank_rng"] = all_gather([torch.get_rng_state(), cuda], self.world)
+        return state
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (a ``last``): weights, optimizer, schedules, RNG states, position. The run's
@@ -198,17 +256,34 @@ class Trainer:
         checkpoint knows it (a kill between the two writes leaves one line more). Every file of the checkpoint is
         checked against its manifest first."""
         verify_checkpoint(checkpoint)
-        load_weights(checkpoint, self.model)
+        sharded = is_sharded(checkpoint)
+        if sharded:  # written by several processes: weights and optimizer states resharded to this world
+            load_sharded(checkpoint, self.model, self.optimizers)
+        elif self.sharded:
+            raise KunlunError(f"{checkpoint}: a one-process checkpoint does not resume with sharded parameters "
+                              f"(train.distributed=fsdp or train.embedding_sharding=row); resume it with plain ddp first")
+        else:
+            load_weights(checkpoint, self.model)
         st = load_trainer_state(checkpoint)
+        w = self.world
         try:
             state = TrainState(**st["train_state"])
-            for o, s in zip(self.optimizers, st["optimizers"], strict=True):
-                o.load_state_dict(s)
+            if not sharded:
+                for o, s in zip(self.optimizers, st["optimizers"], strict=True):
+                    o.load_state_dict(s)
             for sch, s in zip(self.schedulers, st["schedulers"], strict=True):
                 sch.load_state_dict(s)
-            torch.set_rng_state(st["torch_rng"])
-            if st.get("cuda_rng") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(st["cuda_rng"])
+            ranks = st.get("rank_rng") or []
+            if len(ranks) == w.size:  # the same world size: every rank continues its own random stream
+                torch.set_rng_state(ranks[w.rank][0])
+                if len(ranks[w.rank][1]) and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(ranks[w.rank][1])
+            else:  # rank 0 continues the checkpoint's rank 0; other ranks start streams of their own
+                torch.set_rng_state(st["torch_rng"])
+                if st.get("cuda_rng") and torch.cuda.is_available() and not w.distributed:
+                    torch.cuda.set_rng_state_all(st["cuda_rng"])
+                if w.rank:
+                    torch.manual_seed(rank_seed(self.cfg.train.seed + state.step, w.rank))
             load_precision_state(self.model, st.get("precision_rng", []))
             history = list(st["history"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -221,15 +296,38 @@ class Trainer:
         self.log(f"resumed from {checkpoint} {where} (step {state.step})")
 
     def write_epochs(self) -> None:
+        if not self.world.main:
+            return
         path = self.run_dir / "epochs.jsonl"
         with writing(path):
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def save_last(self) -> None:
         s = self.state
-        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.recorded, self.checkpoint_state(),
-                        info={"epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step})
+        info = {"epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step}
+        if self.world.distributed:  # every rank writes its shard
+            save_sharded(self.run_dir / "checkpoints" / "last", self.model, self.optimizers, self.recorded, self.checkpoint_state(),
+                         info, self.world)
+        else:
+            save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.recorded, self.checkpoint_state(), info=info)
         self.last_saved = time.monotonic()
+
+    def save_best(self) -> None:
+        """``checkpoints/best``: one safetensors file of the whole weights, written by rank 0 (FSDP: gathered first,
+        by every rank)."""
+        tensors = full_state_dict(self.model, sharded=True) if self.sharded else None
+        if self.world.main:
+            s = self.state
+            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, self.recorded, info={"epoch": s.epoch, "step": s.step},
+                            tensors=tensors)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of ``split`` with the model as it stands (several processes: each scores a share, see
+        ``kunlun.training.distributed``; the numbers are those of one process)."""
+        cfg = self.cfg
+        if self.world.distributed:
+            return evaluate_sharded(self.model, self.data, split, cfg.data.max_seq_len, cfg.train.eval_batch_size, self.world, cfg.train.bf16)
+        return evaluate(self.model, self.data, split, cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
 
     def checkpoint_due(self) -> bool:
         t = self.cfg.train
@@ -253,8 +351,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_epoch(self, epoch: int) -> float:
         """Train epoch ``epoch`` (0-based) from where the state stands in it; returns its mean training loss."""
-        t, s = self.cfg.train, self.state
-        self.model.train()
+        t, s, w = self.cfg.train, self.state, self.world
+        self.train_model.train()
         rng = np.random.default_rng(t.seed + epoch)
         steps = min(self.steps_per_epoch, self.total_steps - (s.step - s.epoch_step))  # this epoch's steps in all
         start, n_seen = s.epoch_step, 0
@@ -263,33 +361,59 @@ class Trainer:
         with Progress(*columns, console=stderr, disable=not self.progress, transient=False) as bar:
             task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0, loss=float("nan"))
             t0 = mark = last_sync = time.perf_counter()
-            watch = NonFiniteWatch(self.device, s.epoch_loss_sum)
+            # several processes: each watch sums its own rank's losses from here on; the ranks' sums are added at sync
+            base_loss = s.epoch_loss_sum
+            watch = NonFiniteWatch(self.device, 0.0 if w.distributed else s.epoch_loss_sum)
+            clock = {"next": s.step + 1, "step": s.step, "time": t0}  # several processes: when the ranks sync next
 
-            def sync() -> None:  # the loop's only host synchronisation: loss sum and non-finite check
-                s.epoch_loss_sum, bad = watch.read()
+            def sync() -> bool:  # the loop's only host synchronisation: loss sum and non-finite check
+                due = False
+                if w.distributed:  # one all-gather; rank 0's clock decides when the next one is, for every rank
+                    local, bad = watch.read()
+                    now = time.perf_counter()
+                    per_step = (now - clock["time"]) / max(s.step - clock["step"], 1)
+                    timed = bool(t.checkpoint_every_minutes) and time.monotonic() - self.last_saved >= 60 * t.checkpoint_every_minutes
+                    a = agree(w, self.device, local, bad, timed, min(10_000, max(1, int(SYNC_SECONDS / max(per_step, 1e-9)))))
+                    s.epoch_loss_sum, bad, due = base_loss + a.loss_sum, a.first_bad, a.checkpoint
+                    clock.update(next=s.step + a.every, step=s.step, time=now)
+                else:
+                    s.epoch_loss_sum, bad = watch.read()
                 if bad is not None:
                     raise KunlunError(
                         f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
                     )
                 bar.update(task, loss=s.epoch_loss_sum / max(s.epoch_examples, 1))
+                return due
 
-            batches = self.train_batches.iterate(t.batch_size, rng, start=start)
+            shares = {"rank": w.rank, "world": w.size} if w.distributed else {}  # one process: the call as it always was
+            batches = self.train_batches.iterate(t.batch_size, rng, start=start, **shares)
             for batch in Prefetcher(itertools.islice(batches, max(steps - start, 0)), depth=2, device=self.device):
                 batch = batch.to(self.device)
-                loss, _ = self.train_step(batch)
+                if w.distributed:  # this rank's share of the global batch, its loss scaled so that DDP's mean is right
+                    scale, mine, rows = shard_scale(s.epoch_step, len(self.train_batches), t, w)
+                    loss, _ = self.train_step(batch if mine else self.stand_in, scale=scale if mine else 0.0)
+                    watch.add(loss, rows / w.size if mine else 0, s.step + 1)  # loss × N / W = Σ of this rank's losses
+                else:
+                    loss, _ = self.train_step(batch)
+                    rows = len(batch)
+                    watch.add(loss, rows, s.step + 1)
                 s.step += 1
                 s.epoch_step += 1
-                watch.add(loss, len(batch), s.step)
-                s.epoch_examples += len(batch)
-                s.train_examples += len(batch)
-                n_seen += len(batch)
+                s.epoch_examples += rows
+                s.train_examples += rows
+                n_seen += rows
                 now = time.perf_counter()
                 bar.update(task, advance=1, speed=n_seen / max(now - t0, 1e-9))
-                due = self.checkpoint_due()
-                if due or now - last_sync >= SYNC_SECONDS:
-                    sync()  # before a checkpoint: weights after a non-finite step are never saved
-                    last_sync = now
+                if w.distributed:  # the same steps on every rank
+                    due = bool(t.checkpoint_every_steps) and s.step % t.checkpoint_every_steps == 0
+                    if due or s.step >= clock["next"]:
+                        due = sync() or due  # before a checkpoint: weights after a non-finite step are never saved
+                else:
+                    due = self.checkpoint_due()
+                    if due or now - last_sync >= SYNC_SECONDS:
+                        sync()  # before a checkpoint: weights after a non-finite step are never saved
+                        last_sync = now
                 if due:
                     now = time.perf_counter()
                     s.train_seconds += now - mark
@@ -303,7 +427,7 @@ class Trainer:
         return s.epoch_loss_sum / max(s.epoch_examples, 1)
 
     def fit(self) -> dict[str, Any]:
-        t, cfg = self.cfg.train, self.cfg
+        t = self.cfg.train
         code = code_version()
         if self.state.step and not self.state.code_versions:  # a checkpoint from before code versions were recorded
             self.state.code_versions.append({"commit": None, "source_sha256": None, "label": "unknown (before provenance)"})
@@ -312,7 +436,6 @@ class Trainer:
                 self.log(f"note: this run was started by code {self.state.code_versions[0].get('label')} and continues "
                          f"with {code['label']}; its record lists both")
             self.state.code_versions.append(code)
-        ckpt_dir = self.run_dir / "checkpoints"
         if not (self.run_dir / "config.yaml").is_file():
             self.start_record()
         wall0 = time.perf_counter()
@@ -322,7 +445,7 @@ class Trainer:
             epoch = s.epoch
             train_loss = self.train_epoch(epoch)
             v0 = time.perf_counter()
-            valid = evaluate(self.model, self.data, "valid", cfg.data.max_seq_len, t.eval_batch_size, t.bf16)
+            valid = self.evaluate("valid")
             seconds = s.epoch_seconds + time.perf_counter() - v0
             s.epoch += 1
             s.epoch_step, s.epoch_loss_sum, s.epoch_examples, s.epoch_seconds = 0, 0.0, 0, 0.0
@@ -330,7 +453,7 @@ class Trainer:
             if improved:
                 s.best_ne, s.best_auc, s.best_epoch, s.bad_epochs = valid["ne"], valid["auc"], epoch + 1, 0
                 s.best_examples = s.train_examples
-                save_checkpoint(ckpt_dir / "best", self.model, self.recorded, info={"epoch": s.epoch, "step": s.step})
+                self.save_best()
             else:
                 s.bad_epochs += 1
                 if t.schedule == "plateau":
@@ -346,12 +469,13 @@ class Trainer:
 
     def finish(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
-        load_weights(self.run_dir / "checkpoints" / "best", self.model)
+        barrier(self.world)  # rank 0 has written checkpoints/best
+        load_weights(self.run_dir / "checkpoints" / "best", self.model, sharded_model=self.sharded)
         metrics, eval_seconds, eval_examples = {}, 0.0, 0
         for split in ("valid", "test"):
             if split in self.data.splits:
                 e0 = time.perf_counter()
-                metrics[split] = evaluate(self.model, self.data, split, cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
+                metrics[split] = self.evaluate(split)
                 eval_seconds += time.perf_counter() - e0
                 eval_examples += metrics[split]["examples"]
         final = {
@@ -382,9 +506,17 @@ class Trainer:
             "train_examples_per_s": self.state.train_examples / max(self.state.train_seconds, 1e-9),
             "eval_examples_per_s": eval_examples / max(eval_seconds, 1e-9),
         }
-        with writing(self.run_dir / "final.json"):
-            atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
+        if self.world.distributed:
+            final["distributed"] = {**self.world.describe(), "strategy": cfg.train.distributed}
+        if self.world.main:
+            with writing(self.run_dir / "final.json"):
+                atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
+        barrier(self.world)
         return final
+
+
+def _silent(message: str) -> None:
+    """The logger of ranks other than 0."""
 
 
 def _plain(x: Any) -> Any:

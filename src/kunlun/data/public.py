@@ -1,0 +1,432 @@
+"""Public benchmarks users download themselves: Criteo (Kaggle Display Advertising), Taobao UserBehavior,
+KuaiRand-Pure, and the BARS x1 CSV sets with per-row histories (AmazonElectronics_x1, TaobaoAd_x1, KuaiVideo_x1).
+
+Each adapter reads the files exactly as published (put them in ``<data-dir>/<name>/``); errors are one line
+naming the file, column and line (``kunlun.data.io``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kunlun.data.io import id_column, label_column, numeric_column, read_table, require_file
+from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
+from kunlun.errors import KunlunError
+
+# ----------------------------------------------------------------------------- Criteo
+
+CRITEO_NUMERIC = [f"I{i}" for i in range(1, 14)]
+CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+CRITEO_COLUMNS = ["label", *CRITEO_NUMERIC, *CRITEO_CATEGORICAL]
+CRITEO_FILES = ("train.txt",)
+CRITEO_SEED = 2018  # the fixed seed of the 8:1:1 random split
+CRITEO_SCHEMA = Schema(label="label", categorical=tuple((c, c) for c in CRITEO_CATEGORICAL), numeric=tuple(CRITEO_NUMERIC))
+MISSING = "__missing__"  # an empty categorical cell: its own id
+
+
+def _first_line(path: Path) -> str:
+    with open(require_file(path), "rb") as f:
+        return f.readline().decode("utf8", "replace")
+
+
+def read_criteo_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
+    """One Criteo file as a split. Two layouts: Kaggle's ``train.txt`` (no header, tab-separated: label, I1-I13,
+    C1-C26; ``test.txt`` lacks the label) and DeepCTR's ``criteo_sample.txt`` (comma-separated, header
+    ``label,I1..I13,C1..C26``). Empty cells are missing values.
+
+    Numeric I1-I13: ``sign(v) * log(1 + |v|)``, missing → 0 (I2 can be negative; the log tames the heavy tails the
+    usual CTR protocol transforms too); the encoder then standardises them. Categorical C1-C26: the hashed value as
+    text, missing → its own id ``__missing__``."""
+    head = _first_line(path)
+    if head.startswith("label,"):
+        t = read_table(path, required=CRITEO_COLUMNS, text=CRITEO_CATEGORICAL)
+    else:
+        fields = head.rstrip("\r\n").count("\t") + 1
+        has_label = fields == len(CRITEO_COLUMNS)
+        if not has_label and (labels or fields != len(CRITEO_COLUMNS) - 1):
+            raise KunlunError(f"{path}: line 1 has {fields} tab-separated fields, expected {len(CRITEO_COLUMNS)} "
+                              "(label, I1-I13, C1-C26)" + ("" if labels else " or 39 without the label"))
+        names = CRITEO_COLUMNS if has_label else CRITEO_COLUMNS[1:]
+        t = read_table(path, names=names, delimiter="\t", text=CRITEO_CATEGORICAL)
+    has_labels = "label" in t.column_names
+    cols: dict[str, np.ndarray] = {
+        "label": label_column(t, "label", path) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
+    }
+    for c in CRITEO_NUMERIC:
+        arr = t.column(c)
+        if pa.types.is_null(arr.type):  # a column empty on every row
+            cols[c] = np.zeros(t.num_rows)
+            continue
+        if pa.types.is_string(arr.type):  # a cell that is not a number: numeric_column names it
+            filled = pc.if_else(pc.equal(arr, ""), "0", arr).fill_null("0")
+        else:
+            filled = arr.fill_null(0)
+        v = numeric_column(t.set_column(t.column_names.index(c), c, filled), c, path)
+        cols[c] = np.sign(v) * np.log1p(np.abs(v))
+    for c in CRITEO_CATEGORICAL:
+        arr = pc.if_else(pc.equal(t.column(c), ""), None, t.column(c)).fill_null(MISSING)
+        cols[c] = id_column(pa.table({c: arr}), c, path)
+    return RawSplit(columns=cols), has_labels
+
+
+def criteo_split(n: int, seed: int = CRITEO_SEED) -> np.ndarray:
+    """0 / 1 / 2 (train / valid / test) per row: a random 8:1:1 split, the same for every run."""
+    perm = np.random.default_rng(seed).permutation(n)
+    assign = np.empty(n, dtype=np.int64)
+    a, b = int(round(0.8 * n)), int(round(0.9 * n))
+    assign[perm[:a]], assign[perm[a:b]], assign[perm[b:]] = 0, 1, 2
+    return assign
+
+
+def _take(split: RawSplit, mask: np.ndarray) -> RawSplit:
+    rows = np.flatnonzero(mask)
+    return RawSplit(columns={c: v[rows] for c, v in split.columns.items()}, row=rows)
+
+
+def load_criteo(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+    """Criteo (Kaggle Display Advertising Challenge), CTR with 13 numeric and 26 categorical fields, no sequences.
+
+    Download (Criteo's release; accept the licence on the page first)::
+
+        mkdir -p <data-dir>/criteo && cd <data-dir>/criteo
+        curl -LO https://go.criteo.net/criteo-research-kaggle-display-advertising-challenge-dataset.tar.gz
+        tar xzf criteo-research-kaggle-display-advertising-challenge-dataset.tar.gz train.txt
+
+    Only ``train.txt`` (45,840,617 labelled rows) is read; it is split 8:1:1 at random with the fixed seed 2018
+    (``criteo_split``), the protocol of BARS Criteo_x1 (whose exact rows differ: it shuffles differently).
+    DeepCTR's ``criteo_sample.txt`` (header row, commas) is read the same way when saved as ``train.txt``."""
+    if file is not None:
+        split, has_labels = read_criteo_file(file, labels)
+        return RawData(CRITEO_SCHEMA, {"file": split}, source=str(file), has_labels=has_labels)
+    path = folder / CRITEO_FILES[0]
+    split, has_labels = read_criteo_file(path, labels=True)
+    assign = criteo_split(len(split))
+    splits = {name: _take(split, assign == k) for k, name in enumerate(("train", "valid", "test"))}
+    return RawData(CRITEO_SCHEMA, splits, source=str(path))
+
+
+# ----------------------------------------------------------------------------- Taobao UserBehavior
+
+TAOBAO_UB_FILES = ("UserBehavior.csv",)
+BEHAVIORS = ("pv", "cart", "fav", "buy")
+UB_SPLIT = (0.8, 0.9)  # cumulative, per user, chronological (as MovieLens)
+
+
+def read_user_behavior(path: Path) -> dict[str, np.ndarray]:
+    t = read_table(path, names=["user", "item", "category", "behavior", "ts"], text=["behavior"])
+    out = {c: numeric_column(t, c, path, integer=True) for c in ("user", "item", "category", "ts")}
+    behavior = np.asarray(pc.utf8_trim_whitespace(t.column("behavior")).to_numpy(zero_copy_only=False)).astype(str)
+    bad = ~np.isin(behavior, BEHAVIORS)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise KunlunError(f"{path}: column 'behavior_type' (4th field) must be one of {'/'.join(BEHAVIORS)}, "
+                          f"found {str(behavior[row])!r} on line {row + 1}")
+    out["behavior"] = behavior
+    return out
+
+
+def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+    """Taobao UserBehavior (Tianchi dataset 649: 100 M events of ~1 M users, 2017-11-25 to 12-03).
+
+    Download (Tianchi account needed)::
+
+        # https://tianchi.aliyun.com/dataset/649 → UserBehavior.csv.zip
+        mkdir -p <data-dir>/taobao-userbehavior && unzip UserBehavior.csv.zip -d <data-dir>/taobao-userbehavior
+
+    Protocol (ours; the data set has no official CTR task): one example per event; label = the event is a deeper
+    engagement (cart, fav or buy) rather than a page view (pv) — "given that the user touches this item now, do
+    they act on it". History = the user's events strictly earlier in time (same-second events excluded, so an
+    example never sees its own or a simultaneous event), each with its item, type (pv/cart/fav/buy), category and
+    time. Fields: user, item, category, hour and weekday (UTC+8, Beijing time) of the event; numeric: log history
+    length, log hours since the previous event. Split per user chronologically: the first 80 % of each user's
+    events train, the next 10 % valid, the last 10 % test. ``file``: one file in the same layout, scored whole."""
+    path = file or folder / TAOBAO_UB_FILES[0]
+    ev = read_user_behavior(path)
+    user, item, cat, ts, beh = (ev[c] for c in ("user", "item", "category", "ts", "behavior"))
+    label = (beh != "pv").astype(np.float32)
+    columns = {"label": label, "user": user, "item": item, "category": cat}
+    events = {"item": item, "event": beh, "category": cat}
+    schema = Schema(
+        label="label",
+        categorical=tuple((c, c) for c in ("user", "item", "category", "hour", "weekday")),
+        numeric=("log_history", "log_gap_hours"),
+        sequences=(SequenceSpec("history", item_vocab="item", event_vocab="behavior", side=(("category", "category"),)),),
+        group="user",
+        has_time=True,
+    )
+    return timeline(schema, columns, events, user, ts, path, split=file is None)
+
+
+def timeline(schema: Schema, columns: dict[str, np.ndarray], events: dict[str, np.ndarray], user: np.ndarray, ts: np.ndarray,
+             path: Path, split: bool = True) -> RawData:
+    """Events in file order → examples on per-user timelines (the MovieLens construction): sorted by user, time and file
+    order; history ``history`` = the user's events strictly earlier in time; hour and weekday in Beijing time (UTC+8),
+    log history length and log hours since the previous event added; split per user 80/10/10 in time order (or one
+    ``file`` split)."""
+    n = len(user)
+    order = np.lexsort((np.arange(n), ts, user))
+    user, ts = user[order], ts[order]
+    columns = {c: v[order] for c, v in columns.items()}
+    events = {c: v[order] for c, v in events.items()} | {"time": ts}
+    idx = np.arange(n)
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
+    user_count = np.diff(np.r_[np.flatnonzero(new_user), n])[np.cumsum(new_user) - 1]
+    new_moment = new_user | np.r_[True, ts[1:] != ts[:-1]]
+    hist_end = np.maximum.accumulate(np.where(new_moment, idx, 0))  # first event of this (user, second)
+    hist_len = hist_end - user_start
+    prev_ts = np.where(hist_len > 0, ts[np.maximum(hist_end - 1, 0)], ts)
+    local = ts + 8 * 3600
+    columns |= {
+        "hour": (local // 3600) % 24, "weekday": (local // 86400) % 7,
+        "log_history": np.log1p(hist_len).astype(np.float64),
+        "log_gap_hours": np.log1p(np.maximum(ts - prev_ts, 0) / 3600.0),
+    }
+    if split:
+        frac = (idx - user_start) / user_count
+        assign = np.where(frac < UB_SPLIT[0], 0, np.where(frac < UB_SPLIT[1], 1, 2))
+        names = ["train", "valid", "test"]
+        empty = [name for k, name in enumerate(names) if not (assign == k).any()]
+        if empty:
+            raise KunlunError(f"{path}: the {empty[0]} split is empty: users need more events for an 80/10/10 split "
+                              f"(the most any user has is {int(user_count.max())})")
+    else:
+        assign, names = np.zeros(n, dtype=np.int64), ["file"]
+    seq = schema.sequences[0].name
+    splits = {}
+    for k, name in enumerate(names):
+        m = assign == k
+        splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={seq: user_start[m]},
+                                seq_end={seq: hist_end[m]}, time=ts[m], row=order[m])
+    return RawData(schema=schema, splits=splits, events={seq: events}, source=str(path))
+
+
+# ----------------------------------------------------------------------------- KuaiRand-Pure
+
+KUAIRAND_LOGS = ("log_standard_4_08_to_4_21_pure.csv", "log_standard_4_22_to_5_08_pure.csv")
+KUAIRAND_COLUMNS = ["user_id", "video_id", "time_ms", "is_click", "is_like", "tab"]
+
+
+def read_kuairand_log(path: Path) -> dict[str, np.ndarray]:
+    t = read_table(path, required=KUAIRAND_COLUMNS)
+    out = {c: numeric_column(t, c, path, integer=True) for c in ("user_id", "video_id", "time_ms", "tab")}
+    out["is_click"] = label_column(t, "is_click", path)
+    out["is_like"] = label_column(t, "is_like", path)
+    return out
+
+
+def load_kuairand_pure(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+    """KuaiRand-Pure (Kuaishou, 2022-04-08 to 05-08: 27,285 users, 7,583 videos), the standard-recommendation logs.
+
+    Download (no account needed)::
+
+        cd <data-dir> && curl -LO https://zenodo.org/records/10439422/files/KuaiRand-Pure.tar.gz
+        tar xzf KuaiRand-Pure.tar.gz && mv KuaiRand-Pure/data kuairand-pure
+
+    Protocol: one example per logged exposure of the two ``log_standard_*`` files (joined, one timeline); label =
+    ``is_click``. History = the user's exposures strictly earlier in time (``time_ms`` in whole seconds), each with its
+    video, its type (liked / clicked / skipped: exposed, not clicked) and the tab it was shown in. Fields: user, video,
+    tab, hour and weekday (Beijing time); numeric: log history length, log hours since the previous exposure. Split per
+    user chronologically 80/10/10. Not read: ``log_random_4_22_to_5_08_pure.csv`` (randomly exposed videos, an
+    unbiased test set of its own) and the user / video feature files."""
+    paths = [file] if file is not None else [folder / f for f in KUAIRAND_LOGS]
+    logs = [read_kuairand_log(p) for p in paths]
+    ev = {c: np.concatenate([g[c] for g in logs]) for c in logs[0]}
+    user, video, tab = ev["user_id"], ev["video_id"], ev["tab"]
+    kind = np.where(ev["is_like"] > 0, "liked", np.where(ev["is_click"] > 0, "clicked", "skipped"))
+    columns = {"label": ev["is_click"], "user": user, "video": video, "tab": tab}
+    schema = Schema(
+        label="label",
+        categorical=tuple((c, c) for c in ("user", "video", "tab", "hour", "weekday")),
+        numeric=("log_history", "log_gap_hours"),
+        sequences=(SequenceSpec("history", item_vocab="video", event_vocab="exposure", side=(("tab", "tab"),)),),
+        group="user",
+        has_time=True,
+    )
+    return timeline(schema, columns, {"item": video, "event": kind, "tab": tab}, user, ev["time_ms"] // 1000,
+                    file or folder, split=file is None)
+
+
+# ----------------------------------------------------------------------------- BARS x1 sets with per-row histories
+
+
+@dataclass(frozen=True)
+class BarsSequence:
+    name: str
+    item: str  # the '^'-separated column of item ids
+    item_vocab: str
+    event: tuple[str, str] | None = None  # (column, vocabulary) of per-event types
+    side: tuple[tuple[str, str], ...] = ()  # (column, vocabulary), each as long as ``item`` on every row
+
+
+@dataclass(frozen=True)
+class BarsSet:
+    """The layout of one BARS x1 CSV set (column names as in BARS's FuxiCTR dataset configs)."""
+
+    name: str
+    label: str
+    group: str
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]
+    sequences: tuple[BarsSequence, ...]
+    files: tuple[str, ...] = ("train.csv", "test.csv")
+
+    @property
+    def schema(self) -> Schema:
+        return Schema(
+            label=self.label,
+            categorical=tuple((c, c) for c in self.categorical),
+            numeric=self.numeric,
+            sequences=tuple(SequenceSpec(q.name, item_vocab=q.item_vocab, event_vocab=q.event[1] if q.event else None,
+                                         side=tuple((c, v) for c, v in q.side), has_time=False) for q in self.sequences),
+            group=self.group,
+        )
+
+    def sequence_columns(self) -> list[str]:
+        return [c for q in self.sequences for c in (q.item, *([q.event[0]] if q.event else []), *(c for c, _ in q.side))]
+
+
+SEPARATOR = "^"
+AMAZON_ELECTRONICS_X1 = BarsSet(
+    "amazonelectronics_x1", label="label", group="user_id", categorical=("item_id", "cate_id"), numeric=(),
+    sequences=(BarsSequence("history", "item_history", "item_id", side=(("cate_history", "cate_id"),)),),
+)
+TAOBAOAD_X1 = BarsSet(
+    "taobaoad_x1", label="clk", group="userid",
+    categorical=("userid", "cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level", "shopping_level",
+                 "occupation", "new_user_class_level", "adgroup_id", "cate_id", "campaign_id", "customer", "brand", "pid",
+                 "btag"),
+    numeric=("price",),
+    # the behaviour log has no item ids: an event is its category, with its brand and behaviour type (btag)
+    sequences=(BarsSequence("behavior", "cate_his", "cate_id", event=("btag_his", "btag"), side=(("brand_his", "brand"),)),),
+)
+KUAIVIDEO_X1 = BarsSet(
+    "kuaivideo_x1", label="is_click", group="user_id", categorical=("user_id", "item_id"), numeric=(),
+    sequences=(BarsSequence("pos_items", "pos_items", "item_id"), BarsSequence("neg_items", "neg_items", "item_id")),
+)
+BARS_SETS = {s.name: s for s in (AMAZON_ELECTRONICS_X1, TAOBAOAD_X1, KUAIVIDEO_X1)}
+
+
+def _split_lists(t: pa.Table, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A '^'-separated column → (flat values as str, per-row lengths); an empty cell is an empty history."""
+    col = t.column(column).combine_chunks()
+    col = pc.if_else(pc.equal(col, ""), None, col)
+    lists = pc.split_pattern(col, SEPARATOR)
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = np.asarray(pc.list_flatten(lists).to_numpy(zero_copy_only=False)).astype(str)
+    empty = flat == ""
+    if empty.any():
+        row = int(np.searchsorted(np.cumsum(lengths), int(np.flatnonzero(empty)[0]), side="right"))
+        raise KunlunError(f"{path}: column {column!r} has an empty item between '{SEPARATOR}' separators at data row {row + 1}")
+    return flat, lengths
+
+
+def read_bars_file(spec: BarsSet, path: Path, labels: bool = True) -> tuple[RawSplit, dict[str, dict[str, np.ndarray]], bool]:
+    """One CSV of a BARS x1 set: the split (histories as ranges into its own event tables) and those tables."""
+    seq_cols = spec.sequence_columns()
+    required = [spec.group, *spec.categorical, *spec.numeric, *seq_cols]
+    t = read_table(path, required=list(dict.fromkeys(([spec.label] if labels else []) + required)), optional=[spec.label],
+                   text=seq_cols)
+    has_labels = spec.label in t.column_names
+    cols: dict[str, np.ndarray] = {
+        spec.label: label_column(t, spec.label, path) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
+    }
+    for c in dict.fromkeys([spec.group, *spec.categorical]):
+        cols[c] = id_column(t, c, path).astype(str)  # as text: history cells are text and share these vocabularies
+    for c in spec.numeric:
+        cols[c] = numeric_column(t, c, path, float32=True)
+    split = RawSplit(columns=cols)
+    events: dict[str, dict[str, np.ndarray]] = {}
+    for q in spec.sequences:
+        item, lengths = _split_lists(t, q.item, path)
+        ev = {"item": item}
+        for key, (c, _) in ([("event", q.event)] if q.event else []) + [(c, (c, v)) for c, v in q.side]:
+            values, other = _split_lists(t, c, path)
+            if (other != lengths).any():
+                row = int(np.flatnonzero(other != lengths)[0])
+                raise KunlunError(f"{path}: column {c!r} has {other[row]} values at data row {row + 1}, "
+                                  f"but {q.item!r} has {lengths[row]}; they must be equally long")
+            ev[key] = values
+        end = np.cumsum(lengths)
+        split.seq_start[q.name], split.seq_end[q.name] = end - lengths, end
+        events[q.name] = ev
+    return split, events, has_labels
+
+
+BARS_VALID_SHARE, BARS_VALID_SEED = 0.1, 2018  # valid: a fixed random tenth of train.csv's rows
+
+
+def _rows(split: RawSplit, mask: np.ndarray) -> RawSplit:
+    """The rows of ``split`` where ``mask`` holds, with their history ranges (source rows kept in ``row``)."""
+    rows = np.flatnonzero(mask)
+    return RawSplit(columns={c: v[rows] for c, v in split.columns.items()},
+                    seq_start={k: v[rows] for k, v in split.seq_start.items()},
+                    seq_end={k: v[rows] for k, v in split.seq_end.items()}, row=rows)
+
+
+def load_bars(spec: BarsSet, folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+    """Read every file of ``spec`` (or only ``file``) and join their per-row event tables into one."""
+    paths = {"file": file} if file is not None else {"train": folder / spec.files[0], "test": folder / spec.files[1]}
+    read: dict[Path, tuple] = {}
+    for p in dict.fromkeys(paths.values()):
+        read[p] = read_bars_file(spec, p, labels)
+    events: dict[str, dict[str, list]] = {q.name: {} for q in spec.sequences}
+    offsets = {}
+    for p, (_, ev, _) in read.items():
+        for q in spec.sequences:
+            offsets[p, q.name] = sum(len(a) for a in events[q.name].get("item", []))
+            for k, v in ev[q.name].items():
+                events[q.name].setdefault(k, []).append(v)
+    splits = {}
+    for name, p in paths.items():
+        split = read[p][0]
+        splits[name] = RawSplit(
+            columns=split.columns,
+            seq_start={k: v + offsets[p, k] for k, v in split.seq_start.items()},
+            seq_end={k: v + offsets[p, k] for k, v in split.seq_end.items()},
+        )
+    if file is None:  # a validation split held out of train.csv: test.csv is never seen by model selection
+        full = splits.pop("train")
+        is_valid = np.random.default_rng(BARS_VALID_SEED).random(len(full)) < BARS_VALID_SHARE
+        splits = {"train": _rows(full, ~is_valid), "valid": _rows(full, is_valid), "test": splits["test"]}
+    joined = {q: {k: np.concatenate(v) for k, v in ev.items()} for q, ev in events.items()}
+    has_labels = all(r[2] for r in read.values())
+    return RawData(spec.schema, splits, joined, source=str(file or folder), has_labels=has_labels)
+
+
+def _bars_loader(spec: BarsSet, download: str):
+    def load(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
+        return load_bars(spec, folder, file, labels)
+
+    load.__doc__ = f"""BARS {spec.name} (reczoo/Datasets): train.csv and test.csv. BARS early-stops on test.csv ("no
+    validation data split in original paper"); here ``valid`` is a fixed random tenth of train.csv (seed 2018) and
+    ``train`` the rest, so model selection never sees test.csv — our test numbers are therefore held-out numbers,
+    trained on 90 % of BARS's training rows, and not directly BARS's protocol.
+
+    Each row carries its own histories as '^'-separated columns ({', '.join(spec.sequence_columns())}); they become
+    that row's own event range (no shared timeline, no times: time gaps are 0). Download::
+
+        {download}
+    """
+    load.__name__ = f"load_{spec.name}"
+    return load
+
+
+def _hf(repo: str, folder: str, md5: str) -> str:
+    """The download command of one BARS x1 set (reczoo/Datasets points to these Hugging Face dataset repositories)."""
+    return (f"huggingface-cli download reczoo/{repo} --repo-type dataset --local-dir <data-dir>/{folder}\n"
+            f"        # (unzip there if the repository holds a zip); BARS's checksums: {md5}")
+
+
+load_amazonelectronics_x1 = _bars_loader(AMAZON_ELECTRONICS_X1, _hf(
+    "AmazonElectronics_x1", "amazonelectronics_x1", "train.csv e9bf80b92985e463db18fdc753d347b5, test.csv 57a20e82fe736dd495f2eaf0669bf6d0"))
+load_taobaoad_x1 = _bars_loader(TAOBAOAD_X1, _hf(
+    "TaobaoAd_x1", "taobaoad_x1", "train.csv eaabfc8629f23519b04593e26c7522fc, test.csv f5ae6197e52385496d46e2867c1c8da1"))
+load_kuaivideo_x1 = _bars_loader(KUAIVIDEO_X1, _hf(
+    "KuaiVideo_x1", "kuaivideo_x1", "train.csv 16f13734411532cc313caf2180bfcd56, test.csv ba26c01caaf6c65c272af11aa451fc7a; "
+    "the item_visual_emb_dim64.h5 of pretrained embeddings is not used"))
