@@ -156,3 +156,32 @@ def test_select_events_keeps_the_most_recent_of_one_type_left_padded():
             torch.testing.assert_close(out[r, 4 - k :], tokens[r, pos])
             torch.testing.assert_close(out_gap[r, 4 - k :], gap[r, pos])
         assert (out[r, : 4 - k] == 0).all()
+
+
+def test_mlp_batch_norm_is_linear_then_norm_then_activation_as_fuxictr():
+    """``batch_norm``: each activated Linear's output is batch-normalised (batch statistics in training, running
+    ones in eval) before the activation; the output layer is not; without it the MLP has no norms at all."""
+    from kunlun.blocks.common import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP([6, 5, 4, 1], dropout=0.0, batch_norm=True).double()
+    with torch.no_grad():  # non-trivial affines, so a skipped or misplaced norm shows
+        for bn in mlp.norms:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(32, 6, dtype=torch.float64) * 3 + 1
+
+    def expected(x: torch.Tensor, training: bool) -> torch.Tensor:
+        for layer, bn in zip(mlp.layers[:2], mlp.norms):
+            h = layer(x)
+            mean, var = (h.mean(0), h.var(0, unbiased=False)) if training else (bn.running_mean, bn.running_var)
+            x = torch.relu((h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias)
+        return mlp.layers[2](x)
+
+    assert len(mlp.norms) == 2
+    want = expected(x, training=True)  # before the forward: it updates the running statistics
+    torch.testing.assert_close(mlp(x), want)
+    mlp.eval()
+    torch.testing.assert_close(mlp(x), expected(x, training=False))
+    assert len(MLP([6, 5, 4], batch_norm=True, last_activation=True).norms) == 2  # the last layer is activated too
+    assert MLP([6, 5, 1]).norms is None and not any(isinstance(m, torch.nn.BatchNorm1d) for m in MLP([6, 5, 1]).modules())

@@ -343,3 +343,31 @@ def test_every_ablation_variant_runs_a_training_step(ml, variant):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", ["dnn", "dcnv2"])
+def test_batch_norm_switch_puts_a_norm_after_every_hidden_layer(ml, name):
+    """``model.batch_norm`` (the BARS DNN / DCNv2 setting): one BatchNorm1d per hidden layer of the deep tower,
+    none by default, so the default model and its checkpoints keep their parameters."""
+    info, batch = ml
+    plain = build_model(model_from_dict({"name": name, "hidden": [8, 6]}), info)
+    normed = build_model(model_from_dict({"name": name, "hidden": [8, 6], "batch_norm": True}), info)
+    norms = [m.num_features for m in normed.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms == [8, 6]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+    assert set(normed.state_dict()) - set(plain.state_dict()) and set(plain.state_dict()) <= set(normed.state_dict())
+    assert normed(batch).shape == (len(batch),)
+
+
+@pytest.mark.parametrize("name", ["dnn", "dcnv2"])
+def test_embedding_std_sets_the_initial_rows(ml, name):
+    """``model.embedding_std``: the tables start N(0, σ²) (0.05 by default; FuxiCTR's 1e-4 for the BARS runs)."""
+    info, _ = ml
+    for std in (0.05, 1e-4):
+        torch.manual_seed(0)
+        model = build_model(model_from_dict({"name": name, "embedding_std": std}), info)
+        rows = torch.cat([t.weight[1:].flatten() for t in model.inputs.tables.values()]).detach()
+        assert rows.std().item() == pytest.approx(std, rel=0.05)
+    from kunlun.errors import KunlunError
+    with pytest.raises(KunlunError, match="model.embedding_std: expected > 0"):
+        model_from_dict({"name": name, "embedding_std": 0})

@@ -143,3 +143,61 @@ def test_switch(monkeypatch):
             ops.use("auto")
         with pytest.raises(KunlunError, match="train.ops"):
             ops.use("fastest")
+
+
+def test_fast_dropout_keeps_with_probability_one_minus_p_and_rescales():
+    """The fast CPU mask: kept elements are x / P(keep), the others 0, P(keep) = 1 − p (to 1/65536), independent
+    across positions; the backward multiplies by the same mask; E[output] = input."""
+    from kunlun.ops.dropout import dropout, keep_probability
+
+    torch.manual_seed(0)
+    for p in (0.1, 0.2, 0.4, 0.5):
+        x = (torch.rand(4096, 300) + 0.5).requires_grad_()
+        with ops.using("fast"):
+            out = dropout(x, p)
+        kept = out != 0
+        q = keep_probability(p)
+        assert abs(q - (1 - p)) <= 0.5 / 65536
+        n = kept.numel()
+        assert abs(kept.float().mean().item() - q) < 5 * (q * (1 - q) / n) ** 0.5  # 5σ of a binomial
+        torch.testing.assert_close(out[kept], x[kept] / q)
+        col = kept.float().mean(0)  # every position, not only the total: no column is favoured
+        assert (col - q).abs().max().item() < 6 * (q * (1 - q) / 4096) ** 0.5
+        a, b = kept[:, :-1].float().flatten(), kept[:, 1:].float().flatten()  # neighbours independent
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
+        out.sum().backward()
+        torch.testing.assert_close(x.grad, kept.float() / q)
+        assert abs(out.mean().item() / x.mean().item() - 1) < 0.01
+
+
+def test_fast_dropout_is_seeded_by_torch_and_falls_back_to_the_reference():
+    from torch.nn import functional as F
+
+    from kunlun.blocks.common import MLP
+    from kunlun.ops.dropout import Dropout, dropout
+
+    x = torch.randn(64, 40)
+    with ops.using("fast"):
+        torch.manual_seed(3)
+        a, b = dropout(x, 0.3), dropout(x, 0.3)
+        torch.manual_seed(3)
+        torch.testing.assert_close(dropout(x, 0.3), a)  # the same seed, the same masks
+        assert not torch.equal(a, b)  # each call draws a fresh mask
+        torch.manual_seed(3)
+        assert not torch.equal(a, F.dropout(x, 0.3))  # the fast path, not torch's generator
+        assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+        for y in (x.to(torch.bfloat16), x.double()):  # other dtypes: torch's dropout, bit for bit
+            torch.manual_seed(4)
+            want = F.dropout(y, 0.3)
+            torch.manual_seed(4)
+            torch.testing.assert_close(dropout(y, 0.3), want, rtol=0, atol=0)
+        module = Dropout(0.3)
+        assert isinstance(MLP([4, 4, 1], dropout=0.3).dropout, Dropout)  # what the models' MLPs use
+        torch.manual_seed(3)
+        torch.testing.assert_close(module(x), a)
+        assert module.eval()(x) is x
+    with ops.using("reference"):
+        torch.manual_seed(4)
+        want = F.dropout(x, 0.3)
+        torch.manual_seed(4)
+        torch.testing.assert_close(dropout(x, 0.3), want, rtol=0, atol=0)

@@ -345,3 +345,44 @@ def test_compiled_training_step_matches_eager(tmp_path):
     (l0, z0, g0), (l1, z1, g1) = results
     assert torch.allclose(l0, l1, atol=1e-6) and torch.allclose(z0, z1, atol=1e-5)
     assert len(g0) == len(g1) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g0, g1))
+
+
+@pytest.mark.parametrize("monitor", ["auc", "ne"])
+def test_monitor_picks_best_checkpoint_and_plateau_lowers_the_rate(tmp_path, monkeypatch, monitor):
+    """``train.monitor`` decides the best epoch and early stopping; ``train.schedule=plateau`` multiplies every
+    learning rate by 0.1 after each epoch without improvement (FuxiCTR's reduce-on-plateau), in checkpoints too.
+    The scripted validation AUC peaks at epoch 4 while NE improves every epoch."""
+    from kunlun.training import trainer as trainer_module
+    from kunlun.training.checkpoint import load_trainer_state
+
+    aucs = iter([0.70, 0.80, 0.79, 0.85, 0.84, 0.83, 0.82, 0.81])
+    ne = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    script = lambda *a, **k: {"auc": next(aucs, 0.5), "ne": next(ne, 1.0), "examples": 1}  # noqa: E731
+    monkeypatch.setattr(trainer_module, "evaluate", script)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: 0.5)  # validation is what this test is about
+    cfg = tiny("train.epochs=8", "train.max_steps=0", "train.patience=2", "train.schedule=plateau",
+               "train.warmup_steps=0", "train.lr=0.01", "train.embedding_lr=0.02", f"train.monitor={monitor}")
+    t, final = run(cfg, tmp_path / "r")
+    if monitor == "auc":  # bad epochs 3, 5, 6 → three reductions; stopped after epoch 6 (2 bad in a row)
+        assert (final["best_epoch"], final["epochs_run"], t.state.best_auc) == (4, 6, 0.85)
+        reductions = 3
+    else:  # NE improves every epoch: no reduction, no early stop, the last epoch is the best
+        assert (final["best_epoch"], final["epochs_run"], t.state.best_ne) == (8, 8, 0.2)
+        reductions = 0
+    want = [0.01 * 0.1**reductions, 0.02 * 0.1**reductions]
+    assert [o.param_groups[0]["lr"] for o in t.optimizers] == pytest.approx(want)
+    saved = load_trainer_state(tmp_path / "r" / "checkpoints" / "last")["schedulers"]
+    assert [s["base_lrs"][0] for s in saved] == pytest.approx(want)
+
+
+def test_plateau_rate_floor_and_unknown_monitor(tmp_path):
+    from kunlun.training.trainer import PLATEAU_MIN_LR
+
+    cfg = tiny("train.schedule=plateau", "train.lr=2e-6", "train.warmup_steps=0")
+    t = Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path / "r", progress=False, logger=lambda m: None)
+    t.lower_learning_rates()
+    assert t.optimizers[0].param_groups[0]["lr"] == PLATEAU_MIN_LR == t.schedulers[0].base_lrs[0]
+    with pytest.raises(KunlunError, match="train.monitor: expected one of ne, auc"):
+        tiny("train.monitor=logloss")
+    with pytest.raises(KunlunError, match="train.schedule: expected one of cosine, linear, constant, plateau"):
+        tiny("train.schedule=step")

@@ -49,6 +49,8 @@ EMBEDDING_SHARDING = ("none", "row", "torchrec")  # train.embedding_sharding
 
 
 EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "sgd", "sparse_adam", "sparse_adagrad")
+SCHEDULES = ("cosine", "linear", "constant", "plateau")
+MONITORS = ("ne", "auc")  # ne: lower is better; auc: higher is better
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,10 @@ class TrainConfig:
     embedding_weight_decay: float = 0.0  # decoupled weight decay on embedding tables (adam → AdamW); 0 = none
     embedding_l2: float = 0.0  # L2 penalty λ/2·‖E‖² on whole embedding tables (gradient λ·E on every row, every step)
     warmup_steps: int = 200
-    schedule: str = "cosine"  # cosine | linear | constant, after warm-up
+    # after warm-up: cosine | linear (to 0 at the last step) | constant | plateau (constant, ×0.1 after every epoch
+    # in which train.monitor did not improve, down to 1e-6: FuxiCTR's reduce-on-plateau, the BARS protocol)
+    schedule: str = "cosine"
+    monitor: str = "ne"  # validation metric that picks the best checkpoint and drives early stopping: ne | auc
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     patience: int = 2  # epochs without validation-NE improvement before stopping
     bf16: bool = False  # autocast matmuls to bfloat16
@@ -127,8 +132,10 @@ class TrainConfig:
         if self.embedding_sharding not in EMBEDDING_SHARDING:
             raise KunlunError(f"config key train.embedding_sharding: expected one of {', '.join(EMBEDDING_SHARDING)}, "
                               f"got {self.embedding_sharding!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise KunlunError(f"config key train.schedule: expected cosine, linear or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise KunlunError(f"config key train.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.monitor not in MONITORS:
+            raise KunlunError(f"config key train.monitor: expected one of {', '.join(MONITORS)}, got {self.monitor!r}")
 
 
 # Low-precision number formats emulated by ``kunlun.formats`` (quantize → dequantize), and the values

@@ -52,6 +52,11 @@ def check_dropout(cfg: ModelConfig) -> None:
         raise KunlunError(f"config key model.dropout: expected 0 <= dropout < 1, got {cfg.dropout}")
 
 
+def check_embedding_std(cfg: ModelConfig) -> None:
+    if not cfg.embedding_std > 0:
+        raise KunlunError(f"config key model.embedding_std: expected > 0, got {cfg.embedding_std}")
+
+
 def check_choice(cfg: ModelConfig, key: str, choices: tuple[str, ...]) -> None:
     if getattr(cfg, key) not in choices:
         raise KunlunError(f"config key model.{key}: expected one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
@@ -95,10 +100,13 @@ class DNNConfig(ModelConfig):
     d_model: int = 16
     hidden: tuple[int, ...] = (400, 400, 400)
     dropout: float = 0.1
+    batch_norm: bool = False  # BatchNorm1d after each hidden Linear (FuxiCTR's MLP_Block, the BARS DNN setting)
+    embedding_std: float = 0.05  # initial std of the embedding rows (FuxiCTR's default, in the BARS runs: 1e-4)
 
     def validate(self) -> None:
         check_positive(self, "d_model", "hidden")
         check_dropout(self)
+        check_embedding_std(self)
 
 
 @dataclass(frozen=True)
@@ -110,10 +118,13 @@ class DCNv2Config(ModelConfig):
     cross_layers: int = 3
     hidden: tuple[int, ...] = (400, 400, 400)
     dropout: float = 0.1
+    batch_norm: bool = False  # BatchNorm1d after each hidden Linear of the deep tower (the BARS DCNv2 setting)
+    embedding_std: float = 0.05  # initial std of the embedding rows (FuxiCTR's default, in the BARS runs: 1e-4)
 
     def validate(self) -> None:
         check_positive(self, "d_model", "cross_layers", "hidden")
         check_dropout(self)
+        check_embedding_std(self)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kunlun.ops.activations import ACTIVATIONS, activation  # noqa: F401  (re-exported for the blocks)
+from kunlun.ops.dropout import Dropout
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -19,23 +20,30 @@ def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
 
 
 class MLP(nn.Module):
-    """Stack of Linear → activation (→ dropout); the last layer is linear unless ``last_activation``.
+    """Stack of Linear (→ batch norm) → activation (→ dropout); the last layer is linear unless ``last_activation``.
 
+    ``batch_norm``: a ``BatchNorm1d`` after every activated Linear, before its activation — the order of
+    FuxiCTR's ``MLP_Block`` used by the BARS baselines. Inputs must then be [B, dims[0]].
     Shapes: [..., dims[0]] → [..., dims[-1]].
     """
 
-    def __init__(self, dims: list[int], act: str = "relu", dropout: float = 0.0, last_activation: bool = False):
+    def __init__(self, dims: list[int], act: str = "relu", dropout: float = 0.0, last_activation: bool = False,
+                 batch_norm: bool = False):
         super().__init__()
         self.dims = list(dims)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.act = activation(act)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.last_activation = last_activation
+        n_activated = len(self.layers) if last_activation else len(self.layers) - 1
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in dims[1:1 + n_activated]) if batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1 or self.last_activation:
+                if self.norms is not None:
+                    x = self.norms[i](x)
                 x = self.dropout(self.act(x))
         return x
 

@@ -83,13 +83,16 @@ class EmbeddingTables(nn.ModuleDict):
         return super().__contains__(table_key(vocab))
 
 
-def embedding_tables(info: FeatureInfo, dim: int, vocabs: list[str] | None = None) -> nn.ModuleDict:
-    """One table per vocabulary (fields that share a vocabulary share a table); row 0 is padding."""
+EMBEDDING_STD = 0.05  # initial N(0, σ²) of every embedding row (FuxiCTR, and so the BARS baselines, use 1e-4)
+
+
+def embedding_tables(info: FeatureInfo, dim: int, vocabs: list[str] | None = None, std: float = EMBEDDING_STD) -> nn.ModuleDict:
+    """One table per vocabulary (fields that share a vocabulary share a table), rows N(0, std²); row 0 is padding."""
     tables = EmbeddingTables()
     # sorted: initialisation order (and so the weights for a seed) must not depend on dict order
     for name in sorted(vocabs if vocabs is not None else info.vocab_sizes):
         emb = nn.Embedding(info.vocab_sizes[name], dim, padding_idx=PAD)
-        nn.init.normal_(emb.weight, std=0.05)
+        nn.init.normal_(emb.weight, std=std)
         with torch.no_grad():
             emb.weight[PAD].zero_()
         tables[name] = emb
@@ -212,10 +215,10 @@ class Inputs(nn.Module):
     """
 
     def __init__(self, info: FeatureInfo, dim: int, positions: bool = False, time_buckets: int = 0,
-                 candidates: bool = False):
+                 candidates: bool = False, embedding_std: float = EMBEDDING_STD):
         super().__init__()
         self.info = info
-        self.tables = embedding_tables(info, dim)
+        self.tables = embedding_tables(info, dim, std=embedding_std)
         self.features = FeatureTokens(info, dim)
         self.events = nn.ModuleDict({
             q.name: EventTokens(q, dim, dim, info.max_len, time_buckets, positions, info.cat_vocabs, candidates)

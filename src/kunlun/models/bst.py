@@ -20,6 +20,7 @@ from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.data.batches import Batch
 from kunlun.model_configs import BSTConfig
 from kunlun.models.base import RankingModel, register
+from kunlun.ops.dropout import Dropout
 
 
 class TransformerLayer(nn.Module):
@@ -30,7 +31,7 @@ class TransformerLayer(nn.Module):
         self.attn = MultiHeadAttention(dim, heads)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ffn = MLP([dim, ffn_mult * dim, dim], act="leaky_relu")
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         s = self.norm1(s + self.drop(self.attn(s, s, mask)))

@@ -24,10 +24,10 @@ class DCNv2(RankingModel):
     def __init__(self, cfg: DCNv2Config, info: FeatureInfo):
         super().__init__()
         self.config, self.info = cfg, info
-        self.inputs = Inputs(info, cfg.d_model)
+        self.inputs = Inputs(info, cfg.d_model, embedding_std=cfg.embedding_std)
         width = (info.n_tokens + len(info.sequences)) * cfg.d_model
         self.cross = CrossNetV2(width, cfg.cross_layers)
-        self.deep = MLP([width, *cfg.hidden], dropout=cfg.dropout, last_activation=True)
+        self.deep = MLP([width, *cfg.hidden], dropout=cfg.dropout, last_activation=True, batch_norm=cfg.batch_norm)
         self.head = nn.Linear(width + cfg.hidden[-1], 1)
         self.width = width
 

@@ -20,6 +20,7 @@ from kunlun.blocks.interaction import Dice, TargetAttention
 from kunlun.data.batches import Batch
 from kunlun.model_configs import DINConfig
 from kunlun.models.base import RankingModel, register
+from kunlun.ops.dropout import Dropout
 
 
 @register(DINConfig)
@@ -37,7 +38,7 @@ class DIN(RankingModel):
         dims = [(info.n_tokens + len(info.sequences)) * d, *cfg.hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.acts = nn.ModuleList(Dice(b) for b in cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.out = nn.Linear(dims[-1], 1)
         self.dims = [*dims, 1]
 

@@ -26,9 +26,9 @@ class DNN(RankingModel):
     def __init__(self, cfg: DNNConfig, info: FeatureInfo):
         super().__init__()
         self.config, self.info = cfg, info
-        self.inputs = Inputs(info, cfg.d_model)
+        self.inputs = Inputs(info, cfg.d_model, embedding_std=cfg.embedding_std)
         n_tokens = info.n_tokens + len(info.sequences)
-        self.mlp = MLP([n_tokens * cfg.d_model, *cfg.hidden, 1], dropout=cfg.dropout)
+        self.mlp = MLP([n_tokens * cfg.d_model, *cfg.hidden, 1], dropout=cfg.dropout, batch_norm=cfg.batch_norm)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.mlp(pooled_tokens(self.inputs, batch).flatten(1)).squeeze(-1)

@@ -115,7 +115,7 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
+    if schedule in ("constant", "plateau") or total <= warmup:  # plateau: the trainer lowers the base rates
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":

@@ -1,4 +1,4 @@
-"""The training loop: two optimizers, warm-up + schedule, early stopping on validation NE,
+"""The training loop: two optimizers, warm-up + schedule, early stopping on validation NE (or AUC),
 optional bf16 autocast, checkpoints, resume, and a progress bar with examples/s and running loss.
 
 Determinism: the epoch-e shuffle comes from ``seed + e`` (a full permutation, or with ``train.shuffle_block_rows`` a
@@ -7,10 +7,11 @@ in checkpoints (so are the stochastic-rounding generators of low-precision emula
 config give the same metrics on the same machine, and a resumed run continues exactly where the interrupted
 one stopped.
 
-Checkpoints: ``checkpoints/best`` when validation NE improves; ``checkpoints/last`` (with the trainer state) at
-every epoch end and, inside an epoch, every ``train.checkpoint_every_steps`` steps / ``checkpoint_every_minutes``
-minutes. A mid-epoch checkpoint records the position in the epoch and the epoch's running loss, so a resumed run
-skips the batches already trained on and ends with the metrics of an uninterrupted one, bit for bit.
+Checkpoints: ``checkpoints/best`` when the validation metric ``train.monitor`` (NE, or AUC) improves;
+``checkpoints/last`` (with the trainer state) at every epoch end and, inside an epoch, every
+``train.checkpoint_every_steps`` steps / ``checkpoint_every_minutes`` minutes. A mid-epoch checkpoint records the
+position in the epoch and the epoch's running loss, so a resumed run skips the batches already trained on and ends
+with the metrics of an uninterrupted one, bit for bit.
 
 The loop does not synchronise with the device each step: batches are assembled ahead on a thread
 (``Prefetcher``; pinned and copied asynchronously on a GPU), the running loss and the first non-finite step are
@@ -93,6 +94,7 @@ from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_opt
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
 SYNC_SECONDS = 0.5  # the training loop reads the loss from the device (a host sync) at most this often, and before
 # every checkpoint and validation
+PLATEAU_FACTOR, PLATEAU_MIN_LR = 0.1, 1e-6  # train.schedule=plateau: each epoch without improvement, lr × 0.1 (≥ 1e-6)
 
 
 @torch.no_grad()
@@ -132,7 +134,8 @@ def evaluate(model: RankingModel, data: Prepared, split: str, max_len: int, batc
 class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0
-    best_ne: float = float("inf")
+    best_ne: float = float("inf")  # valid NE of the best checkpoint (the best NE when train.monitor=ne)
+    best_auc: float = float("-inf")  # valid AUC of the best checkpoint (the best AUC when train.monitor=auc)
     best_epoch: int = 0
     bad_epochs: int = 0
     train_seconds: float = 0.0
@@ -347,6 +350,14 @@ class Trainer:
         t, s = self.cfg.train, self.state
         return s.epoch_step == 0 and (s.epoch >= t.epochs or s.step >= self.total_steps or s.bad_epochs >= t.patience > 0)
 
+    def lower_learning_rates(self) -> None:
+        """``train.schedule=plateau``: every base rate × PLATEAU_FACTOR (not below PLATEAU_MIN_LR), in force from the
+        next step. Base rates are scheduler state, so checkpoints keep them and a resumed run goes on with them."""
+        for sch in self.schedulers:
+            sch.base_lrs = [max(lr * PLATEAU_FACTOR, PLATEAU_MIN_LR) for lr in sch.base_lrs]
+            for group, base, factor in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+                group["lr"] = base * factor(sch.last_epoch)
+
     # ------------------------------------------------------------------ loop
     def train_epoch(self, epoch: int) -> float:
         """Train epoch ``epoch`` (0-based) from where the state stands in it; returns its mean training loss."""
@@ -448,20 +459,22 @@ class Trainer:
             seconds = s.epoch_seconds + time.perf_counter() - v0
             s.epoch += 1
             s.epoch_step, s.epoch_loss_sum, s.epoch_examples, s.epoch_seconds = 0, 0.0, 0, 0.0
-            improved = valid["ne"] < s.best_ne
+            improved = valid["auc"] > s.best_auc if t.monitor == "auc" else valid["ne"] < s.best_ne
             if improved:
-                s.best_ne, s.best_epoch, s.bad_epochs = valid["ne"], epoch + 1, 0
+                s.best_ne, s.best_auc, s.best_epoch, s.bad_epochs = valid["ne"], valid["auc"], epoch + 1, 0
                 s.best_examples = s.train_examples
                 self.save_best()
             else:
                 s.bad_epochs += 1
+                if t.schedule == "plateau":
+                    self.lower_learning_rates()
             self.history.append({"epoch": epoch + 1, "step": s.step, "train_loss": train_loss, "valid": valid, "seconds": seconds})
             self.write_epochs()
             self.save_last()
             self.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
                      + ("  (best)" if improved else ""))
             if s.bad_epochs >= t.patience > 0:
-                self.log(f"early stop: no validation NE improvement for {t.patience} epoch(s)")
+                self.log(f"early stop: no validation {t.monitor.upper()} improvement for {t.patience} epoch(s)")
         return self.finish(time.perf_counter() - wall0)
 
     def finish(self, wall: float) -> dict[str, Any]:
