@@ -195,10 +195,3 @@ def test_block_shuffle_visits_every_row_once_window_by_window_and_resumes_at_any
     tail = [x.group for x in b.iterate(1000, np.random.default_rng(1), start=7)]
     assert len(full) == -(-len(b) // 1000) and all(len(x) == 1000 for x in full[:-1])
     assert all(np.array_equal(x, y) for x, y in zip(full[7:], tail, strict=True))
-
-
-def test_chunk_rows_is_refused_for_a_dataset_that_is_read_whole():
-    from kunlun.errors import KunlunError
-
-    with pytest.raises(KunlunError, match=r"^--chunk-rows: ml-latest-small is read whole; only synthetic data sets"):
-        prepare_dataset("ml-latest-small", chunk_rows=1000)

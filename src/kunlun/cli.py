@@ -252,8 +252,8 @@ def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_us
 @data.command()
 @_data_options
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
-              help="Prepare a synthetic set chunk by chunk, this many rows at a time (automatic above 2M examples); "
-                   "the cache is the same either way.")
+              help="Prepare chunk by chunk, this many rows at a time, in memory bounded by the chunk (automatic for synthetic "
+                   "sets above 2M examples and other datasets whose files exceed 256 MiB); the cache is the same either way.")
 def prepare(dataset, data_dir, chunk_rows):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import prepare_dataset

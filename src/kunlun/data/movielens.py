@@ -12,6 +12,7 @@ User features: 100K age bucket, gender, occupation (+ numeric age); 1M gender, a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kunlun.data.io import id_column, numeric_column, read_table, require_file
+from kunlun.data.io import TableChunks, id_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
+from kunlun.data.stream import Chunk
+from kunlun.data.timeline import SPLIT_FRACTIONS as SPLIT_FRACTIONS  # the registry keys its cache on them
+from kunlun.data.timeline import SPLITS, Timeline, compact
 from kunlun.errors import KunlunError
-
-SPLIT_FRACTIONS = (0.8, 0.9)  # cumulative: train < 0.8 <= valid < 0.9 <= test
 
 
 @dataclass
@@ -64,81 +66,86 @@ def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default) ->
 
 def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: str, split: bool = True) -> RawData:
     """Turn ratings into impressions with histories; ``split=False`` puts everything in one split."""
-    n = len(ratings.user)
-    order = np.lexsort((np.arange(n), ratings.ts, ratings.user))  # by user, then time, then file order
-    user, item, rating, ts = (a[order] for a in (ratings.user, ratings.item, ratings.rating, ratings.ts))
-    label = (rating >= 4).astype(np.float32)
+    return Impressions(ratings.user, ratings.item, ratings.rating >= 4, ratings.ts, items, users, source, split=split).raw()
 
-    idx = np.arange(n)
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
-    user_count = np.diff(np.r_[np.flatnonzero(new_user), n])[np.cumsum(new_user) - 1]
-    pos = idx - user_start
-    new_moment = new_user | np.r_[True, ts[1:] != ts[:-1]]
-    hist_end = np.maximum.accumulate(np.where(new_moment, idx, 0))  # first event of this (user, second)
-    hist_len = hist_end - user_start
-    prev_ts = np.where(hist_len > 0, ts[np.maximum(hist_end - 1, 0)], ts)
-    gap_hours = (ts - prev_ts) / 3600.0
 
-    genre = _lookup(items.item, items.genre, item, "unknown")
-    year = _lookup(items.item, items.year, item, 0)
-    flags = _lookup(items.item, items.genre_flags, item, 0.0)
+class Impressions:
+    """Ratings as impressions on per-user timelines (``kunlun.data.timeline``): ``raw()`` makes every row at once (the
+    in-memory path), ``chunks()`` ``rows`` sorted rows at a time (a ``kunlun.data.stream.ChunkSource``); both make each
+    row by ``block``, so they give the same rows. Held whole: the sorted (user, movie, liked, time) columns and the
+    permutation (≈ 17 bytes per rating), the movie and user tables."""
 
-    columns: dict[str, np.ndarray] = {
-        "label": label,
-        "user": user,
-        "item": item,
-        "genre": genre,
-        "year": year,
-        "hour": (ts // 3600) % 24,
-        "weekday": (ts // 86400) % 7,
-        "log_history": np.log1p(hist_len).astype(np.float64),
-        "log_gap_hours": np.log1p(gap_hours),
-    }
-    for g, name in enumerate(items.genre_names):
-        columns[f"is_{name}"] = flags[:, g]
-    cat = [("user", "user"), ("item", "item"), ("genre", "genre"), ("year", "year"), ("hour", "hour"), ("weekday", "weekday")]
-    numeric = ["log_history", "log_gap_hours"] + [f"is_{g}" for g in items.genre_names]
-    if users is not None:
-        for col, vals in users.columns.items():
-            columns[col] = _lookup(users.user, vals, user, "unknown")
-            cat.append((col, col))
-        for col, vals in users.numeric.items():
-            columns[col] = _lookup(users.user, vals, user, 0.0)
-            numeric.append(col)
-
-    schema = Schema(
-        label="label",
-        categorical=tuple(cat),
-        numeric=tuple(numeric),
-        sequences=(SequenceSpec("history", item_vocab="item", event_vocab="event", side=(("genre", "genre"),)),),
-        group="user",
-        has_time=True,
-    )
-    events = {"history": {"item": item, "event": np.where(label > 0, "liked", "not_liked"), "genre": genre, "time": ts}}
-
-    if split:
-        frac = pos / user_count
-        assign = np.where(frac < SPLIT_FRACTIONS[0], 0, np.where(frac < SPLIT_FRACTIONS[1], 1, 2))
-        names = ["train", "valid", "test"]
-        empty = [name for k, name in enumerate(names) if not (assign == k).any()]
-        if empty:
-            raise KunlunError(f"{source}: the {empty[0]} split is empty: users need more ratings for an 80/10/10 split "
-                              f"(the most any user has is {int(user_count.max())})")
-    else:
-        assign = np.zeros(n, dtype=np.int64)
-        names = ["file"]
-    splits = {}
-    for k, name in enumerate(names):
-        m = assign == k
-        splits[name] = RawSplit(
-            columns={c: v[m] for c, v in columns.items()},
-            seq_start={"history": user_start[m]},
-            seq_end={"history": hist_end[m]},
-            time=ts[m],
-            row=order[m],
+    def __init__(self, user: np.ndarray, item: np.ndarray, liked: np.ndarray, ts: np.ndarray, items: ItemTable,
+                 users: UserTable | None, source: str, *, split: bool = True, rows: int = 1 << 16):
+        self.timeline = Timeline(user, ts, {"item": compact(item), "liked": np.asarray(liked, dtype=bool)}, split=split)
+        self.timeline.check_splits(source, "ratings")
+        self.items, self.users, self.source, self.rows = items, users, source, rows
+        self.names = list(SPLITS) if split else ["file"]
+        cat = [("user", "user"), ("item", "item"), ("genre", "genre"), ("year", "year"), ("hour", "hour"), ("weekday", "weekday")]
+        numeric = ["log_history", "log_gap_hours"] + [f"is_{g}" for g in items.genre_names]
+        if users is not None:
+            cat += [(col, col) for col in users.columns]
+            numeric += list(users.numeric)
+        self.schema = Schema(
+            label="label",
+            categorical=tuple(cat),
+            numeric=tuple(numeric),
+            sequences=(SequenceSpec("history", item_vocab="item", event_vocab="event", side=(("genre", "genre"),)),),
+            group="user",
+            has_time=True,
         )
-    return RawData(schema=schema, splits=splits, events=events, source=source)
+
+    def block(self, i: int, j: int) -> tuple[dict[str, RawSplit], dict[str, dict[str, np.ndarray]]]:
+        """Sorted rows ``[i, j)``: their examples per split (history ranges index the whole event table) and their events."""
+        tl, items = self.timeline, self.items
+        p = tl.positions(i, j)
+        user, item, ts = tl.user[i:j].astype(np.int64), tl.fields["item"][i:j].astype(np.int64), p.ts
+        label = tl.fields["liked"][i:j].astype(np.float32)
+        hist_len = p.hist_end - p.user_start
+        gap_hours = (ts - p.prev_ts) / 3600.0
+        genre = _lookup(items.item, items.genre, item, "unknown")
+        flags = _lookup(items.item, items.genre_flags, item, 0.0)
+        columns: dict[str, np.ndarray] = {
+            "label": label,
+            "user": user,
+            "item": item,
+            "genre": genre,
+            "year": _lookup(items.item, items.year, item, 0),
+            "hour": (ts // 3600) % 24,
+            "weekday": (ts // 86400) % 7,
+            "log_history": np.log1p(hist_len).astype(np.float64),
+            "log_gap_hours": np.log1p(gap_hours),
+        }
+        for g, name in enumerate(items.genre_names):
+            columns[f"is_{name}"] = flags[:, g]
+        if self.users is not None:
+            for col, vals in self.users.columns.items():
+                columns[col] = _lookup(self.users.user, vals, user, "unknown")
+            for col, vals in self.users.numeric.items():
+                columns[col] = _lookup(self.users.user, vals, user, 0.0)
+        events = {"history": {"item": item, "event": np.where(label > 0, "liked", "not_liked"), "genre": genre, "time": ts}}
+        row = tl.order[i:j].astype(np.int64)
+        splits = {}
+        for k, name in enumerate(self.names):
+            m = p.assign == k
+            splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={"history": p.user_start[m]},
+                                    seq_end={"history": p.hist_end[m]}, time=ts[m], row=row[m])
+        return splits, events
+
+    def raw(self) -> RawData:
+        splits, events = self.block(0, self.timeline.n)
+        return RawData(schema=self.schema, splits=splits, events=events, source=self.source)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for i in range(0, self.timeline.n, self.rows):
+            yield Chunk(*self.block(i, min(self.timeline.n, i + self.rows)))
+
+
+def read_in_blocks(blocks: Iterator[Ratings]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user, movie, liked, time) of ratings read a block at a time, as compact columns: the chunked path never holds
+    the parsed table of the whole file."""
+    parts: list[tuple[np.ndarray, ...]] = [(compact(r.user), compact(r.item), r.rating >= 4, compact(r.ts)) for r in blocks]
+    return tuple(np.concatenate([q[k] for q in parts]) for k in range(4))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- latest-small
@@ -149,24 +156,36 @@ LATEST_GENRES = [
 ]
 
 
-def ratings_from_table(t, path: Path, user: str, item: str, rating: str, ts: str) -> Ratings:
-    """Validated Ratings from the four named columns of a parsed table."""
-    r = numeric_column(t, rating, path)
+def ratings_from_table(t, path: Path, user: str, item: str, rating: str, ts: str, first_row: int = 0) -> Ratings:
+    """Validated Ratings from the four named columns of a parsed table (``first_row``: data rows before it)."""
+    r = numeric_column(t, rating, path, first_row=first_row)
     bad = (r < 0) | (r > 5)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise KunlunError(f"{path}: column {rating!r} must be a rating in [0, 5], found {r[row]:g} at data row {row + 1}")
+        raise KunlunError(f"{path}: column {rating!r} must be a rating in [0, 5], found {r[row]:g} at data row {first_row + row + 1}")
     return Ratings(
-        user=numeric_column(t, user, path, integer=True),
-        item=numeric_column(t, item, path, integer=True),
+        user=numeric_column(t, user, path, integer=True, first_row=first_row),
+        item=numeric_column(t, item, path, integer=True, first_row=first_row),
         rating=r,
-        ts=numeric_column(t, ts, path, integer=True),
+        ts=numeric_column(t, ts, path, integer=True, first_row=first_row),
     )
 
 
+LATEST_RATINGS = {"required": ["userId", "movieId", "rating", "timestamp"]}
+
+
 def read_latest_ratings(path: Path) -> Ratings:
-    t = read_table(path, required=["userId", "movieId", "rating", "timestamp"])
+    t = read_table(path, **LATEST_RATINGS)
     return ratings_from_table(t, path, "userId", "movieId", "rating", "timestamp")
+
+
+def latest_small_chunks(folder: Path, rows: int) -> Impressions:
+    """``load_latest_small(folder)`` as a ChunkSource (ratings.csv read a block at a time)."""
+    path, movies = folder / "ratings.csv", folder / "movies.csv"
+    require_file(movies, "MovieLens movies.csv (expected next to the ratings file)")
+    blocks = TableChunks(path, **LATEST_RATINGS, rows=rows)
+    cols = read_in_blocks(ratings_from_table(t, path, "userId", "movieId", "rating", "timestamp", first) for first, t in blocks)
+    return Impressions(*cols, read_latest_movies(movies), None, str(path), rows=rows)
 
 
 def read_latest_movies(path: Path) -> ItemTable:
@@ -196,8 +215,11 @@ ML100K_GENRES = [
 ]
 
 
+ML100K_RATINGS = {"names": ["user", "item", "rating", "ts"], "delimiter": "\t"}
+
+
 def read_100k_ratings(path: Path) -> Ratings:
-    t = read_table(path, names=["user", "item", "rating", "ts"], delimiter="\t")
+    t = read_table(path, **ML100K_RATINGS)
     return ratings_from_table(t, path, "user", "item", "rating", "ts")
 
 
@@ -239,6 +261,16 @@ def load_100k(folder: Path, ratings_file: Path | None = None, labels: bool = Tru
     )
 
 
+def ml100k_chunks(folder: Path, rows: int) -> Impressions:
+    """``load_100k(folder)`` as a ChunkSource (u.data read a block at a time)."""
+    path = folder / "u.data"
+    for f in ("u.item", "u.user"):
+        require_file(folder / f, f"MovieLens-100K {f} (expected next to the ratings file)")
+    blocks = TableChunks(path, **ML100K_RATINGS, rows=rows)
+    cols = read_in_blocks(ratings_from_table(t, path, "user", "item", "rating", "ts", first) for first, t in blocks)
+    return Impressions(*cols, read_100k_items(folder / "u.item"), read_100k_users(folder / "u.user"), str(path), rows=rows)
+
+
 
 # ----------------------------------------------------------------------------- 1M (official "::" layout)
 
@@ -249,36 +281,49 @@ ML1M_GENRES = [
 ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
 
 
+DAT = {"names": ["line"], "delimiter": "\x1f", "encoding": "latin1"}  # \x1f (unit separator) never occurs
+
+
 def read_dat(path: Path, names: list[str]) -> pa.Table:
     """A MovieLens-1M file (no header, fields separated by ``::``, Latin-1) as string columns ``names``.
 
     pyarrow's CSV reader takes one-character delimiters only, so whole lines are read as one column and
     split on ``::`` (at most ``len(names) - 1`` times: a stray ``::`` stays inside the last field)."""
-    t = read_table(path, names=["line"], delimiter="\x1f", encoding="latin1")  # \x1f (unit separator) never occurs
+    return dat_fields(read_table(path, **DAT), names, path)
+
+
+def dat_fields(t: pa.Table, names: list[str], path: Path, first_row: int = 0) -> pa.Table:
+    """``read_dat`` of the table of lines ``t`` (a whole file, or ``first_row`` lines into it)."""
     lines = t.column("line").cast(pa.string()).combine_chunks()
     parts = pc.split_pattern(lines, "::", max_splits=len(names) - 1)
     count = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(count != len(names))
     if len(bad):
         row = int(bad[0])
-        raise KunlunError(f"{path}: line {row + 1} has {count[row]} '::'-separated fields, expected {len(names)} ({'::'.join(names)})")
+        raise KunlunError(f"{path}: line {first_row + row + 1} has {count[row]} '::'-separated fields, expected {len(names)} "
+                          f"({'::'.join(names)})")
     return pa.table({name: pc.list_element(parts, i) for i, name in enumerate(names)})
 
 
-def int_field(t: pa.Table, name: str, path: Path) -> np.ndarray:
+def int_field(t: pa.Table, name: str, path: Path, first_row: int = 0) -> np.ndarray:
     """A string column of ``read_dat``'s table as int64; a non-integer names its line."""
     col = pc.utf8_trim_whitespace(t.column(name))
     ok = pc.match_substring_regex(col, r"^-?[0-9]+$").to_numpy(zero_copy_only=False)
     if not ok.all():
         row = int(np.flatnonzero(~ok)[0])
-        raise KunlunError(f"{path}: field {name!r} must be an integer, found {col[row].as_py()!r} on line {row + 1}")
+        raise KunlunError(f"{path}: field {name!r} must be an integer, found {col[row].as_py()!r} on line {first_row + row + 1}")
     return pc.cast(col, pa.int64()).to_numpy()
 
 
+def ratings_1m(t: pa.Table, path: Path, first_row: int = 0) -> Ratings:
+    """The ratings of ``ratings.dat``'s lines ``t`` (``first_row`` lines into the file)."""
+    t = dat_fields(t, ["user", "item", "rating", "ts"], path, first_row)
+    ints = pa.table({c: int_field(t, c, path, first_row) for c in t.column_names})
+    return ratings_from_table(ints, path, "user", "item", "rating", "ts", first_row)
+
+
 def read_1m_ratings(path: Path) -> Ratings:
-    t = read_dat(path, ["user", "item", "rating", "ts"])
-    ints = pa.table({c: int_field(t, c, path) for c in t.column_names})
-    return ratings_from_table(ints, path, "user", "item", "rating", "ts")
+    return ratings_1m(read_table(path, **DAT), path)
 
 
 def read_1m_movies(path: Path) -> ItemTable:
@@ -326,3 +371,13 @@ def load_1m(folder: Path, ratings_file: Path | None = None, labels: bool = True)
         read_1m_ratings(ratings_path), read_1m_movies(folder / "movies.dat"), read_1m_users(folder / "users.dat"),
         str(ratings_path), split=ratings_file is None,
     )
+
+
+def ml1m_chunks(folder: Path, rows: int) -> Impressions:
+    """``load_1m(folder)`` as a ChunkSource: ratings.dat read a block of lines at a time into compact columns."""
+    path = folder / "ratings.dat"
+    for f in ML1M_FILES[1:]:
+        require_file(folder / f, f"MovieLens-1M {f} (expected next to the ratings file)")
+    blocks = TableChunks(path, **DAT, rows=rows)
+    cols = read_in_blocks(ratings_1m(t, path, first) for first, t in blocks)
+    return Impressions(*cols, read_1m_movies(folder / "movies.dat"), read_1m_users(folder / "users.dat"), str(path), rows=rows)

@@ -12,9 +12,10 @@ cannot cap such a process: cap its resident memory instead (a cgroup; README "Da
 
 **Two ways to prepare, one result.** ``Encoder.fit`` + ``Encoder.prepare`` encode a ``RawData`` held in memory
 (small sets, and single files to score); ``kunlun.data.stream`` encodes a dataset chunk by chunk in bounded memory
-(sharded synthetic sets). Both use the same pieces — vocabularies as sorted unique values, ``NumericStats`` (exact
-sums, so the statistics do not depend on how rows are chunked), ``label_ctr``, ``Encoder.encode_split`` — and write
-through the same ``CacheWriter``, so for the same input they produce byte-identical caches.
+(synthetic sets and every file-based adapter: ``kunlun.data.registry.chunk_source``). Both use the same pieces —
+vocabularies as sorted unique values, ``NumericStats`` (exact sums, so the statistics do not depend on how rows are
+chunked), ``label_ctr``, ``Encoder.encode_split`` — and write through the same ``CacheWriter``, so for the same input
+they produce byte-identical caches.
 
 **What still takes RAM in proportion to rows** (everything else is memory-mapped, or bounded by a chunk or a batch):
 
@@ -22,9 +23,11 @@ through the same ``CacheWriter``, so for the same input they produce byte-identi
   ``train.shuffle_block_rows`` only one window of blocks at a time (``kunlun.data.batches.shuffled_rows``);
 - evaluation of a split: its predictions, labels and groups (16 bytes per row) and the metrics' sorts of them
   (≈ 125 bytes per row at the peak, measured on a 4M-row split);
-- the chunked prepare: vocabularies and each split's group values (O(distinct ids)) and the training histories'
-  merged ranges (O(users)); the in-memory prepare, the whole dataset (non-synthetic datasets; ``eval --file``,
-  ``predict --file`` and serving encode their one file in memory);
+- the chunked prepare: vocabularies and each split's group values (O(distinct ids)), the training histories'
+  merged ranges (O(users)), Criteo's split (1 byte per row) and, for per-user timelines (MovieLens, Taobao
+  UserBehavior, KuaiRand), the events sorted by user and time as compact columns (≈ 17–25 bytes per event); the
+  in-memory prepare, the whole dataset (small datasets; ``eval --file``, ``predict --file`` and serving encode their
+  one file in memory);
 - ``kunlun data info``: whole columns of a split at a time (history lengths, their percentiles);
 - ``useful_flops`` reads a fixed sample of at most 100,000 rows, and the data fingerprint streams every array.
 

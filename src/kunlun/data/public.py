@@ -7,15 +7,19 @@ naming the file, column and line (``kunlun.data.io``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kunlun.data.io import id_column, label_column, numeric_column, read_table, require_file
+from kunlun.data.io import TableChunks, id_column, label_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
+from kunlun.data.stream import Chunk
+from kunlun.data.timeline import SPLITS, Timeline, compact
 from kunlun.errors import KunlunError
 
 # ----------------------------------------------------------------------------- Criteo
@@ -34,6 +38,19 @@ def _first_line(path: Path) -> str:
         return f.readline().decode("utf8", "replace")
 
 
+def criteo_layout(path: Path, labels: bool = True) -> dict[str, Any]:
+    """How to read a Criteo file (``read_table``'s / ``TableChunks``' arguments), from its first line."""
+    head = _first_line(path)
+    if head.startswith("label,"):
+        return {"required": CRITEO_COLUMNS, "text": CRITEO_CATEGORICAL}
+    fields = head.rstrip("\r\n").count("\t") + 1
+    has_label = fields == len(CRITEO_COLUMNS)
+    if not has_label and (labels or fields != len(CRITEO_COLUMNS) - 1):
+        raise KunlunError(f"{path}: line 1 has {fields} tab-separated fields, expected {len(CRITEO_COLUMNS)} "
+                          "(label, I1-I13, C1-C26)" + ("" if labels else " or 39 without the label"))
+    return {"names": CRITEO_COLUMNS if has_label else CRITEO_COLUMNS[1:], "delimiter": "\t", "text": CRITEO_CATEGORICAL}
+
+
 def read_criteo_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
     """One Criteo file as a split. Two layouts: Kaggle's ``train.txt`` (no header, tab-separated: label, I1-I13,
     C1-C26; ``test.txt`` lacks the label) and DeepCTR's ``criteo_sample.txt`` (comma-separated, header
@@ -42,20 +59,14 @@ def read_criteo_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
     Numeric I1-I13: ``sign(v) * log(1 + |v|)``, missing → 0 (I2 can be negative; the log tames the heavy tails the
     usual CTR protocol transforms too); the encoder then standardises them. Categorical C1-C26: the hashed value as
     text, missing → its own id ``__missing__``."""
-    head = _first_line(path)
-    if head.startswith("label,"):
-        t = read_table(path, required=CRITEO_COLUMNS, text=CRITEO_CATEGORICAL)
-    else:
-        fields = head.rstrip("\r\n").count("\t") + 1
-        has_label = fields == len(CRITEO_COLUMNS)
-        if not has_label and (labels or fields != len(CRITEO_COLUMNS) - 1):
-            raise KunlunError(f"{path}: line 1 has {fields} tab-separated fields, expected {len(CRITEO_COLUMNS)} "
-                              "(label, I1-I13, C1-C26)" + ("" if labels else " or 39 without the label"))
-        names = CRITEO_COLUMNS if has_label else CRITEO_COLUMNS[1:]
-        t = read_table(path, names=names, delimiter="\t", text=CRITEO_CATEGORICAL)
+    return criteo_block(read_table(path, **criteo_layout(path, labels)), path)
+
+
+def criteo_block(t: pa.Table, path: Path, first_row: int = 0) -> tuple[RawSplit, bool]:
+    """``read_criteo_file`` of a table: a whole file, or a block of one (``first_row``: data rows before it)."""
     has_labels = "label" in t.column_names
     cols: dict[str, np.ndarray] = {
-        "label": label_column(t, "label", path) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
+        "label": label_column(t, "label", path, first_row) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
     }
     for c in CRITEO_NUMERIC:
         arr = t.column(c)
@@ -66,26 +77,44 @@ def read_criteo_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
             filled = pc.if_else(pc.equal(arr, ""), "0", arr).fill_null("0")
         else:
             filled = arr.fill_null(0)
-        v = numeric_column(t.set_column(t.column_names.index(c), c, filled), c, path)
+        v = numeric_column(t.set_column(t.column_names.index(c), c, filled), c, path, first_row=first_row)
         cols[c] = np.sign(v) * np.log1p(np.abs(v))
     for c in CRITEO_CATEGORICAL:
         arr = pc.if_else(pc.equal(t.column(c), ""), None, t.column(c)).fill_null(MISSING)
-        cols[c] = id_column(pa.table({c: arr}), c, path)
+        cols[c] = id_column(pa.table({c: arr}), c, path, first_row)
     return RawSplit(columns=cols), has_labels
 
 
 def criteo_split(n: int, seed: int = CRITEO_SEED) -> np.ndarray:
-    """0 / 1 / 2 (train / valid / test) per row: a random 8:1:1 split, the same for every run."""
+    """0 / 1 / 2 (train / valid / test) per row [n] int8: a random 8:1:1 split, the same for every run."""
     perm = np.random.default_rng(seed).permutation(n)
-    assign = np.empty(n, dtype=np.int64)
+    assign = np.empty(n, dtype=np.int8)  # 1 byte per row: what the chunked prepare holds of the 45.8M rows
     a, b = int(round(0.8 * n)), int(round(0.9 * n))
     assign[perm[:a]], assign[perm[a:b]], assign[perm[b:]] = 0, 1, 2
     return assign
 
 
-def _take(split: RawSplit, mask: np.ndarray) -> RawSplit:
+def _take(split: RawSplit, mask: np.ndarray, first_row: int = 0) -> RawSplit:
     rows = np.flatnonzero(mask)
-    return RawSplit(columns={c: v[rows] for c, v in split.columns.items()}, row=rows)
+    return RawSplit(columns={c: v[rows] for c, v in split.columns.items()}, row=first_row + rows)
+
+
+class CriteoChunks:
+    """``load_criteo(folder)`` as a ``kunlun.data.stream.ChunkSource``, ``rows`` lines at a time. Held besides a block:
+    the split of every row (``criteo_split``: 1 byte per row; its permutation, 8 bytes per row, only while it is drawn),
+    which needs the number of rows, counted in the pass that settles the column types (``TableChunks``)."""
+
+    def __init__(self, folder: Path, rows: int):
+        self.path = folder / CRITEO_FILES[0]
+        self.file = TableChunks(self.path, **criteo_layout(self.path), rows=rows)
+        self.schema, self.source = CRITEO_SCHEMA, str(self.path)
+        self.assign = criteo_split(self.file.num_rows)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for first, t in self.file:
+            split, _ = criteo_block(t, self.path, first)
+            assign = self.assign[first : first + len(split)]
+            yield Chunk({name: _take(split, assign == k, first) for k, name in enumerate(("train", "valid", "test"))}, {})
 
 
 def load_criteo(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
@@ -114,20 +143,36 @@ def load_criteo(folder: Path, file: Path | None = None, labels: bool = True) -> 
 
 TAOBAO_UB_FILES = ("UserBehavior.csv",)
 BEHAVIORS = ("pv", "cart", "fav", "buy")
-UB_SPLIT = (0.8, 0.9)  # cumulative, per user, chronological (as MovieLens)
+UB_LAYOUT = {"names": ["user", "item", "category", "behavior", "ts"], "text": ["behavior"]}
+UB_SCHEMA = Schema(
+    label="label",
+    categorical=tuple((c, c) for c in ("user", "item", "category", "hour", "weekday")),
+    numeric=("log_history", "log_gap_hours"),
+    sequences=(SequenceSpec("history", item_vocab="item", event_vocab="behavior", side=(("category", "category"),)),),
+    group="user",
+    has_time=True,
+)
 
 
-def read_user_behavior(path: Path) -> dict[str, np.ndarray]:
-    t = read_table(path, names=["user", "item", "category", "behavior", "ts"], text=["behavior"])
-    out = {c: numeric_column(t, c, path, integer=True) for c in ("user", "item", "category", "ts")}
+def user_behavior_fields(t: pa.Table, path: Path, first_row: int = 0) -> dict[str, np.ndarray]:
+    """user, item, category, ts, behavior (code: index in ``BEHAVIORS``) and label of UserBehavior lines ``t``
+    (``first_row`` lines into the file)."""
+    out = {c: numeric_column(t, c, path, integer=True, first_row=first_row) for c in ("user", "item", "category", "ts")}
     behavior = np.asarray(pc.utf8_trim_whitespace(t.column("behavior")).to_numpy(zero_copy_only=False)).astype(str)
     bad = ~np.isin(behavior, BEHAVIORS)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise KunlunError(f"{path}: column 'behavior_type' (4th field) must be one of {'/'.join(BEHAVIORS)}, "
-                          f"found {str(behavior[row])!r} on line {row + 1}")
-    out["behavior"] = behavior
+                          f"found {str(behavior[row])!r} on line {first_row + row + 1}")
+    out["behavior"] = np.argmax(behavior[:, None] == np.asarray(BEHAVIORS), axis=1).astype(np.int8)
+    out["label"] = (out["behavior"] > 0).astype(np.float32)  # not a page view
     return out
+
+
+def _user_behavior(fields: dict[str, np.ndarray], source: str, split: bool, rows: int = 1 << 16) -> TimelineExamples:
+    return TimelineExamples(UB_SCHEMA, fields, {"label": "label", "user": "user", "item": "item", "category": "category"},
+                            {"item": "item", "event": "behavior", "category": "category"}, {"behavior": np.asarray(BEHAVIORS)},
+                            source, split=split, rows=rows)
 
 
 def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
@@ -146,78 +191,100 @@ def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = Tr
     length, log hours since the previous event. Split per user chronologically: the first 80 % of each user's
     events train, the next 10 % valid, the last 10 % test. ``file``: one file in the same layout, scored whole."""
     path = file or folder / TAOBAO_UB_FILES[0]
-    ev = read_user_behavior(path)
-    user, item, cat, ts, beh = (ev[c] for c in ("user", "item", "category", "ts", "behavior"))
-    label = (beh != "pv").astype(np.float32)
-    columns = {"label": label, "user": user, "item": item, "category": cat}
-    events = {"item": item, "event": beh, "category": cat}
-    schema = Schema(
-        label="label",
-        categorical=tuple((c, c) for c in ("user", "item", "category", "hour", "weekday")),
-        numeric=("log_history", "log_gap_hours"),
-        sequences=(SequenceSpec("history", item_vocab="item", event_vocab="behavior", side=(("category", "category"),)),),
-        group="user",
-        has_time=True,
-    )
-    return timeline(schema, columns, events, user, ts, path, split=file is None)
+    return _user_behavior(user_behavior_fields(read_table(path, **UB_LAYOUT), path), str(path), split=file is None).raw()
 
 
-def timeline(schema: Schema, columns: dict[str, np.ndarray], events: dict[str, np.ndarray], user: np.ndarray, ts: np.ndarray,
-             path: Path, split: bool = True) -> RawData:
-    """Events in file order → examples on per-user timelines (the MovieLens construction): sorted by user, time and file
-    order; history ``history`` = the user's events strictly earlier in time; hour and weekday in Beijing time (UTC+8),
-    log history length and log hours since the previous event added; split per user 80/10/10 in time order (or one
-    ``file`` split)."""
-    n = len(user)
-    order = np.lexsort((np.arange(n), ts, user))
-    user, ts = user[order], ts[order]
-    columns = {c: v[order] for c, v in columns.items()}
-    events = {c: v[order] for c, v in events.items()} | {"time": ts}
-    idx = np.arange(n)
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, idx, 0))
-    user_count = np.diff(np.r_[np.flatnonzero(new_user), n])[np.cumsum(new_user) - 1]
-    new_moment = new_user | np.r_[True, ts[1:] != ts[:-1]]
-    hist_end = np.maximum.accumulate(np.where(new_moment, idx, 0))  # first event of this (user, second)
-    hist_len = hist_end - user_start
-    prev_ts = np.where(hist_len > 0, ts[np.maximum(hist_end - 1, 0)], ts)
-    local = ts + 8 * 3600
-    columns |= {
-        "hour": (local // 3600) % 24, "weekday": (local // 86400) % 7,
-        "log_history": np.log1p(hist_len).astype(np.float64),
-        "log_gap_hours": np.log1p(np.maximum(ts - prev_ts, 0) / 3600.0),
-    }
-    if split:
-        frac = (idx - user_start) / user_count
-        assign = np.where(frac < UB_SPLIT[0], 0, np.where(frac < UB_SPLIT[1], 1, 2))
-        names = ["train", "valid", "test"]
-        empty = [name for k, name in enumerate(names) if not (assign == k).any()]
-        if empty:
-            raise KunlunError(f"{path}: the {empty[0]} split is empty: users need more events for an 80/10/10 split "
-                              f"(the most any user has is {int(user_count.max())})")
-    else:
-        assign, names = np.zeros(n, dtype=np.int64), ["file"]
-    seq = schema.sequences[0].name
-    splits = {}
-    for k, name in enumerate(names):
-        m = assign == k
-        splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={seq: user_start[m]},
-                                seq_end={seq: hist_end[m]}, time=ts[m], row=order[m])
-    return RawData(schema=schema, splits=splits, events={seq: events}, source=str(path))
+def user_behavior_chunks(folder: Path, rows: int) -> TimelineExamples:
+    """``load_user_behavior(folder)`` as a ChunkSource: UserBehavior.csv read a block of lines at a time into compact
+    columns (≈ 25 bytes per event held: the sort by user and time needs them all)."""
+    path = folder / TAOBAO_UB_FILES[0]
+    blocks = TableChunks(path, **UB_LAYOUT, rows=rows)
+    return _user_behavior(_compact_blocks(user_behavior_fields(t, path, first) for first, t in blocks), str(path), True, rows)
+
+
+def _compact_blocks(blocks) -> dict[str, np.ndarray]:
+    """Fields of blocks of a file (each a dict of columns) joined, integers held as int32 where they fit."""
+    parts = [{k: compact(v) for k, v in b.items()} for b in blocks]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class TimelineExamples:
+    """Events (one example each) on per-user timelines, the MovieLens construction (``kunlun.data.timeline``): sorted by
+    user, time and file order; history = the user's events strictly earlier in time; hour and weekday in Beijing time
+    (UTC+8); log history length and log hours since the previous event; split per user 80/10/10 in time order (or one
+    ``file`` split). ``fields`` (file order; ``user`` and ``ts`` among them) are held sorted; ``columns`` and ``events``
+    name the field of each example column and event column; text fields are held as codes into ``names``.
+    ``raw()`` makes every example at once, ``chunks()`` ``rows`` at a time (a ChunkSource): the same rows."""
+
+    def __init__(self, schema: Schema, fields: dict[str, np.ndarray], columns: dict[str, str], events: dict[str, str],
+                 names: dict[str, np.ndarray], source: str, *, split: bool = True, rows: int = 1 << 16):
+        self.timeline = Timeline(fields["user"], fields["ts"], {k: v for k, v in fields.items() if k not in ("user", "ts")}, split=split)
+        self.timeline.check_splits(source, "events")
+        self.schema, self.columns, self.events, self.names, self.source, self.rows = schema, columns, events, names, source, rows
+        self.split_names = list(SPLITS) if split else ["file"]
+
+    def _field(self, name: str, i: int, j: int) -> np.ndarray:
+        v = self.timeline.user[i:j] if name == "user" else self.timeline.fields[name][i:j]
+        if name in self.names:
+            return self.names[name][v]
+        return v.astype(np.int64) if v.dtype.kind in "iu" else v
+
+    def block(self, i: int, j: int) -> tuple[dict[str, RawSplit], dict[str, dict[str, np.ndarray]]]:
+        """Sorted rows ``[i, j)``: their examples per split (history ranges index the whole event table) and events."""
+        p = self.timeline.positions(i, j)
+        ts, seq = p.ts, self.schema.sequences[0].name
+        columns = {c: self._field(f, i, j) for c, f in self.columns.items()}
+        local = ts + 8 * 3600
+        columns |= {
+            "hour": (local // 3600) % 24, "weekday": (local // 86400) % 7,
+            "log_history": np.log1p(p.hist_end - p.user_start).astype(np.float64),
+            "log_gap_hours": np.log1p(np.maximum(ts - p.prev_ts, 0) / 3600.0),
+        }
+        events = {k: self._field(f, i, j) for k, f in self.events.items()} | {"time": ts}
+        row = self.timeline.order[i:j].astype(np.int64)
+        splits = {}
+        for k, name in enumerate(self.split_names):
+            m = p.assign == k
+            splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={seq: p.user_start[m]},
+                                    seq_end={seq: p.hist_end[m]}, time=ts[m], row=row[m])
+        return splits, {seq: events}
+
+    def raw(self) -> RawData:
+        splits, events = self.block(0, self.timeline.n)
+        return RawData(schema=self.schema, splits=splits, events=events, source=self.source)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for i in range(0, self.timeline.n, self.rows):
+            yield Chunk(*self.block(i, min(self.timeline.n, i + self.rows)))
 
 
 # ----------------------------------------------------------------------------- KuaiRand-Pure
 
 KUAIRAND_LOGS = ("log_standard_4_08_to_4_21_pure.csv", "log_standard_4_22_to_5_08_pure.csv")
 KUAIRAND_COLUMNS = ["user_id", "video_id", "time_ms", "is_click", "is_like", "tab"]
+EXPOSURES = ("liked", "clicked", "skipped")
+KUAIRAND_SCHEMA = Schema(
+    label="label",
+    categorical=tuple((c, c) for c in ("user", "video", "tab", "hour", "weekday")),
+    numeric=("log_history", "log_gap_hours"),
+    sequences=(SequenceSpec("history", item_vocab="video", event_vocab="exposure", side=(("tab", "tab"),)),),
+    group="user",
+    has_time=True,
+)
 
 
-def read_kuairand_log(path: Path) -> dict[str, np.ndarray]:
-    t = read_table(path, required=KUAIRAND_COLUMNS)
-    out = {c: numeric_column(t, c, path, integer=True) for c in ("user_id", "video_id", "time_ms", "tab")}
-    out["is_click"] = label_column(t, "is_click", path)
-    out["is_like"] = label_column(t, "is_like", path)
-    return out
+def kuairand_fields(t: pa.Table, path: Path, first_row: int = 0) -> dict[str, np.ndarray]:
+    """user, video, tab, ts (whole seconds), label (is_click) and kind (code into ``EXPOSURES``) of log rows ``t``."""
+    out = {c: numeric_column(t, c, path, integer=True, first_row=first_row) for c in ("user_id", "video_id", "time_ms", "tab")}
+    click, like = label_column(t, "is_click", path, first_row), label_column(t, "is_like", path, first_row)
+    kind = np.where(like > 0, 0, np.where(click > 0, 1, 2)).astype(np.int8)
+    return {"user": out["user_id"], "video": out["video_id"], "tab": out["tab"], "ts": out["time_ms"] // 1000, "label": click, "kind": kind}
+
+
+def _kuairand(fields: dict[str, np.ndarray], source: str, split: bool, rows: int = 1 << 16) -> TimelineExamples:
+    return TimelineExamples(KUAIRAND_SCHEMA, fields, {"label": "label", "user": "user", "video": "video", "tab": "tab"},
+                            {"item": "video", "event": "kind", "tab": "tab"}, {"kind": np.asarray(EXPOSURES)}, source,
+                            split=split, rows=rows)
 
 
 def load_kuairand_pure(folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
@@ -235,21 +302,19 @@ def load_kuairand_pure(folder: Path, file: Path | None = None, labels: bool = Tr
     user chronologically 80/10/10. Not read: ``log_random_4_22_to_5_08_pure.csv`` (randomly exposed videos, an
     unbiased test set of its own) and the user / video feature files."""
     paths = [file] if file is not None else [folder / f for f in KUAIRAND_LOGS]
-    logs = [read_kuairand_log(p) for p in paths]
-    ev = {c: np.concatenate([g[c] for g in logs]) for c in logs[0]}
-    user, video, tab = ev["user_id"], ev["video_id"], ev["tab"]
-    kind = np.where(ev["is_like"] > 0, "liked", np.where(ev["is_click"] > 0, "clicked", "skipped"))
-    columns = {"label": ev["is_click"], "user": user, "video": video, "tab": tab}
-    schema = Schema(
-        label="label",
-        categorical=tuple((c, c) for c in ("user", "video", "tab", "hour", "weekday")),
-        numeric=("log_history", "log_gap_hours"),
-        sequences=(SequenceSpec("history", item_vocab="video", event_vocab="exposure", side=(("tab", "tab"),)),),
-        group="user",
-        has_time=True,
-    )
-    return timeline(schema, columns, {"item": video, "event": kind, "tab": tab}, user, ev["time_ms"] // 1000,
-                    file or folder, split=file is None)
+    logs = [kuairand_fields(read_table(p, required=KUAIRAND_COLUMNS), p) for p in paths]
+    fields = {c: np.concatenate([g[c] for g in logs]) for c in logs[0]}
+    return _kuairand(fields, str(file or folder), split=file is None).raw()
+
+
+def kuairand_chunks(folder: Path, rows: int) -> TimelineExamples:
+    """``load_kuairand_pure(folder)`` as a ChunkSource: both logs read a block at a time into compact columns."""
+    def blocks():
+        for p in (folder / f for f in KUAIRAND_LOGS):
+            for first, t in TableChunks(p, required=KUAIRAND_COLUMNS, rows=rows):
+                yield kuairand_fields(t, p, first)
+
+    return _kuairand(_compact_blocks(blocks()), str(folder), True, rows)
 
 
 # ----------------------------------------------------------------------------- BARS x1 sets with per-row histories
@@ -312,7 +377,7 @@ KUAIVIDEO_X1 = BarsSet(
 BARS_SETS = {s.name: s for s in (AMAZON_ELECTRONICS_X1, TAOBAOAD_X1, KUAIVIDEO_X1)}
 
 
-def _split_lists(t: pa.Table, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _split_lists(t: pa.Table, column: str, path: Path, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A '^'-separated column → (flat values as str, per-row lengths); an empty cell is an empty history."""
     col = t.column(column).combine_chunks()
     col = pc.if_else(pc.equal(col, ""), None, col)
@@ -322,34 +387,42 @@ def _split_lists(t: pa.Table, column: str, path: Path) -> tuple[np.ndarray, np.n
     empty = flat == ""
     if empty.any():
         row = int(np.searchsorted(np.cumsum(lengths), int(np.flatnonzero(empty)[0]), side="right"))
-        raise KunlunError(f"{path}: column {column!r} has an empty item between '{SEPARATOR}' separators at data row {row + 1}")
+        raise KunlunError(f"{path}: column {column!r} has an empty item between '{SEPARATOR}' separators at data row {first_row + row + 1}")
     return flat, lengths
+
+
+def bars_layout(spec: BarsSet, labels: bool = True) -> dict[str, Any]:
+    """How to read a CSV of ``spec`` (``read_table``'s / ``TableChunks``' arguments)."""
+    seq_cols = spec.sequence_columns()
+    required = [spec.group, *spec.categorical, *spec.numeric, *seq_cols]
+    return {"required": list(dict.fromkeys(([spec.label] if labels else []) + required)), "optional": [spec.label], "text": seq_cols}
 
 
 def read_bars_file(spec: BarsSet, path: Path, labels: bool = True) -> tuple[RawSplit, dict[str, dict[str, np.ndarray]], bool]:
     """One CSV of a BARS x1 set: the split (histories as ranges into its own event tables) and those tables."""
-    seq_cols = spec.sequence_columns()
-    required = [spec.group, *spec.categorical, *spec.numeric, *seq_cols]
-    t = read_table(path, required=list(dict.fromkeys(([spec.label] if labels else []) + required)), optional=[spec.label],
-                   text=seq_cols)
+    return bars_block(spec, read_table(path, **bars_layout(spec, labels)), path)
+
+
+def bars_block(spec: BarsSet, t: pa.Table, path: Path, first_row: int = 0) -> tuple[RawSplit, dict[str, dict[str, np.ndarray]], bool]:
+    """``read_bars_file`` of a table: a whole file, or a block of one (``first_row``: data rows before it)."""
     has_labels = spec.label in t.column_names
     cols: dict[str, np.ndarray] = {
-        spec.label: label_column(t, spec.label, path) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
+        spec.label: label_column(t, spec.label, path, first_row) if has_labels else np.zeros(t.num_rows, dtype=np.float32)
     }
     for c in dict.fromkeys([spec.group, *spec.categorical]):
-        cols[c] = id_column(t, c, path).astype(str)  # as text: history cells are text and share these vocabularies
+        cols[c] = id_column(t, c, path, first_row).astype(str)  # as text: history cells are text and share these vocabularies
     for c in spec.numeric:
-        cols[c] = numeric_column(t, c, path, float32=True)
+        cols[c] = numeric_column(t, c, path, float32=True, first_row=first_row)
     split = RawSplit(columns=cols)
     events: dict[str, dict[str, np.ndarray]] = {}
     for q in spec.sequences:
-        item, lengths = _split_lists(t, q.item, path)
+        item, lengths = _split_lists(t, q.item, path, first_row)
         ev = {"item": item}
         for key, (c, _) in ([("event", q.event)] if q.event else []) + [(c, (c, v)) for c, v in q.side]:
-            values, other = _split_lists(t, c, path)
+            values, other = _split_lists(t, c, path, first_row)
             if (other != lengths).any():
                 row = int(np.flatnonzero(other != lengths)[0])
-                raise KunlunError(f"{path}: column {c!r} has {other[row]} values at data row {row + 1}, "
+                raise KunlunError(f"{path}: column {c!r} has {other[row]} values at data row {first_row + row + 1}, "
                                   f"but {q.item!r} has {lengths[row]}; they must be equally long")
             ev[key] = values
         end = np.cumsum(lengths)
@@ -361,12 +434,13 @@ def read_bars_file(spec: BarsSet, path: Path, labels: bool = True) -> tuple[RawS
 BARS_VALID_SHARE, BARS_VALID_SEED = 0.1, 2018  # valid: a fixed random tenth of train.csv's rows
 
 
-def _rows(split: RawSplit, mask: np.ndarray) -> RawSplit:
-    """The rows of ``split`` where ``mask`` holds, with their history ranges (source rows kept in ``row``)."""
+def _rows(split: RawSplit, mask: np.ndarray, first_row: int = 0) -> RawSplit:
+    """The rows of ``split`` where ``mask`` holds, with their history ranges (source rows kept in ``row``; ``first_row``:
+    the file's rows before ``split``)."""
     rows = np.flatnonzero(mask)
     return RawSplit(columns={c: v[rows] for c, v in split.columns.items()},
                     seq_start={k: v[rows] for k, v in split.seq_start.items()},
-                    seq_end={k: v[rows] for k, v in split.seq_end.items()}, row=rows)
+                    seq_end={k: v[rows] for k, v in split.seq_end.items()}, row=first_row + rows)
 
 
 def load_bars(spec: BarsSet, folder: Path, file: Path | None = None, labels: bool = True) -> RawData:
@@ -397,6 +471,33 @@ def load_bars(spec: BarsSet, folder: Path, file: Path | None = None, labels: boo
     joined = {q: {k: np.concatenate(v) for k, v in ev.items()} for q, ev in events.items()}
     has_labels = all(r[2] for r in read.values())
     return RawData(spec.schema, splits, joined, source=str(file or folder), has_labels=has_labels)
+
+
+class BarsChunks:
+    """``load_bars(spec, folder)`` as a ``kunlun.data.stream.ChunkSource``: train.csv then test.csv, ``rows`` rows at a
+    time, histories appended to the event tables as they come; a train.csv row goes to valid by the same draws
+    (``BARS_VALID_SEED``'s generator, one draw per row in file order, so the blocks draw what one call draws)."""
+
+    def __init__(self, spec: BarsSet, folder: Path, rows: int):
+        self.spec, self.schema, self.source = spec, spec.schema, str(folder)
+        self.files = [TableChunks(folder / f, **bars_layout(spec), rows=rows) for f in spec.files]
+
+    def chunks(self) -> Iterator[Chunk]:
+        offset = {q.name: 0 for q in self.spec.sequences}
+        draws = np.random.default_rng(BARS_VALID_SEED)
+        for k, f in enumerate(self.files):
+            for first, t in f:
+                split, events, _ = bars_block(self.spec, t, f.path, first)
+                for q in self.spec.sequences:
+                    split.seq_start[q.name] += offset[q.name]
+                    split.seq_end[q.name] += offset[q.name]
+                    offset[q.name] += len(events[q.name]["item"])
+                if k == 0:
+                    is_valid = draws.random(len(split)) < BARS_VALID_SHARE
+                    splits = {"train": _rows(split, ~is_valid, first), "valid": _rows(split, is_valid, first)}
+                else:
+                    splits = {"test": split}
+                yield Chunk(splits, events)
 
 
 def _bars_loader(spec: BarsSet, download: str):

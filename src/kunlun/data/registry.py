@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import platformdirs
 from kunlun.data import movielens, public, synthetic, tabular
 from kunlun.data.prepare import Encoder, Prepared, cache_key, load_prepared, save_prepared
 from kunlun.data.schema import RawData
-from kunlun.data.stream import prepare_chunked
+from kunlun.data.stream import ChunkSource, prepare_chunked
 from kunlun.errors import KunlunError
 
 EMBEDDED = Path(__file__).parent / "embedded"
@@ -28,58 +29,63 @@ class DatasetSpec:
     load: Callable[..., RawData]  # (folder, optional single file to score, labels=required?) -> raw
     description: str
     title: str = ""  # how tables and reports name it, when not simply the name (e.g. a subset of a known dataset)
+    # (folder, rows per chunk) -> the dataset as chunks (kunlun.data.stream); None: read whole only
+    chunks: Callable[[Path, int], ChunkSource] | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "ml-latest-small": DatasetSpec(
         "ml-latest-small", ("ratings.csv", "movies.csv"), movielens.load_latest_small,
-        "MovieLens latest-small, CTR (rating >= 4) with histories; embedded in the package",
+        "MovieLens latest-small, CTR (rating >= 4) with histories; embedded in the package", chunks=movielens.latest_small_chunks,
     ),
     "ml-100k": DatasetSpec(
         "ml-100k", ("u.data", "u.item", "u.user"), movielens.load_100k,
-        "MovieLens 100K, CTR (rating >= 4) with histories and user/item features",
+        "MovieLens 100K, CTR (rating >= 4) with histories and user/item features", chunks=movielens.ml100k_chunks,
     ),
     "ml-1m": DatasetSpec(
         "ml-1m", movielens.ML1M_FILES, movielens.load_1m,
         "MovieLens 1M (official '::' files), CTR (rating >= 4) with histories, user and movie features",
-        "ML-1M",
+        "ML-1M", movielens.ml1m_chunks,
     ),
     # the same adapter on the first 487,650 lines of the official ratings.dat: quote it as a subset, never as ML-1M
     "ml-1m-first-half": DatasetSpec(
         "ml-1m-first-half", movielens.ML1M_FILES, movielens.load_1m,
         "ML-1M users 1-2999 only (official layout), CTR (rating >= 4) with histories, user and movie features",
-        "ML-1M users 1–2999",
+        "ML-1M users 1–2999", movielens.ml1m_chunks,
     ),
     "frappe_x1": DatasetSpec(
         "frappe_x1", tuple(tabular.FRAPPE_SPLITS.values()), tabular.load_frappe,
-        "Frappe_x1 (BARS split), context features only",
+        "Frappe_x1 (BARS split), context features only", chunks=tabular.FrappeChunks,
     ),
     "criteo": DatasetSpec(
         "criteo", public.CRITEO_FILES, public.load_criteo,
         "Criteo Kaggle Display Advertising train.txt, CTR, 13 log-transformed numeric + 26 categorical fields, "
-        "random 8:1:1 split (seed 2018)", "Criteo",
+        "random 8:1:1 split (seed 2018)", "Criteo", public.CriteoChunks,
     ),
     "taobao-userbehavior": DatasetSpec(
         "taobao-userbehavior", public.TAOBAO_UB_FILES, public.load_user_behavior,
         "Taobao UserBehavior, label = cart/fav/buy vs pv, histories of earlier events with type and category",
-        "Taobao UserBehavior",
+        "Taobao UserBehavior", public.user_behavior_chunks,
     ),
     "kuairand-pure": DatasetSpec(
         "kuairand-pure", public.KUAIRAND_LOGS, public.load_kuairand_pure,
         "KuaiRand-Pure standard logs, CTR (is_click) with histories of earlier exposures (liked/clicked/skipped, tab)",
-        "KuaiRand-Pure",
+        "KuaiRand-Pure", public.kuairand_chunks,
     ),
     "amazonelectronics_x1": DatasetSpec(
         "amazonelectronics_x1", public.AMAZON_ELECTRONICS_X1.files, public.load_amazonelectronics_x1,
         "AmazonElectronics_x1 (BARS split; valid = test as in BARS), item/category histories per row", "AmazonElectronics_x1",
+        partial(public.BarsChunks, public.AMAZON_ELECTRONICS_X1),
     ),
     "taobaoad_x1": DatasetSpec(
         "taobaoad_x1", public.TAOBAOAD_X1.files, public.load_taobaoad_x1,
         "TaobaoAd_x1 (BARS split; valid = test as in BARS), category/brand/behaviour histories per row", "TaobaoAd_x1",
+        partial(public.BarsChunks, public.TAOBAOAD_X1),
     ),
     "kuaivideo_x1": DatasetSpec(
         "kuaivideo_x1", public.KUAIVIDEO_X1.files, public.load_kuaivideo_x1,
         "KuaiVideo_x1 (BARS split; valid = test as in BARS), clicked / not-clicked item histories per row", "KuaiVideo_x1",
+        partial(public.BarsChunks, public.KUAIVIDEO_X1),
     ),
 }
 
@@ -137,6 +143,9 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
 
 
 STREAM_ROWS = 2_000_000  # synthetic sets with more examples are prepared chunk by chunk (kunlun.data.stream)
+# other datasets whose files read add up to more bytes are prepared chunk by chunk, when their adapter can: read whole,
+# such files take tens of times their size in RAM (ml-1m-first-half: 21 MB of files, 0.7 GB at the peak)
+STREAM_BYTES = 256 << 20
 CHUNK_ROWS = 1 << 16  # rows per chunk (one synthetic row group): ~30 MB of working memory, and no slower than larger chunks
 
 
@@ -146,9 +155,11 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
 
     ``use_cache=False`` neither reads nor writes the cache (a set prepared chunk by chunk still goes through a temporary
     directory, removed at once: its memory maps stay valid); ``rebuild`` ignores a cached copy but writes a new one.
-    A synthetic set of more than ``STREAM_ROWS`` examples, or any synthetic set when ``chunk_rows`` is given, is
-    prepared chunk by chunk in bounded memory; other datasets are read whole. Both give byte-identical caches."""
-    synth = None
+    A dataset is prepared chunk by chunk in bounded memory when ``chunk_rows`` is given, or when it is large: a synthetic
+    set of more than ``STREAM_ROWS`` examples, other datasets whose files add up to more than ``STREAM_BYTES``; else it
+    is read whole. Both give byte-identical caches. Datasets whose adapter reads whole only (``DatasetSpec.chunks``
+    None) refuse ``chunk_rows``."""
+    synth = sf = folder = None
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
         missing = [f"{split}: {f}" for split, f in sf.files.items() if not f.is_file()]
@@ -160,8 +171,8 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
     else:
         folder = dataset_folder(dataset, data_dir)
         files, name = [folder / f for f in DATASETS[dataset].files], dataset
-    if chunk_rows and synth is None:
-        raise KunlunError(f"--chunk-rows: {dataset} is read whole; only synthetic data sets (kunlun data synth) are prepared in chunks")
+    if chunk_rows and synth is None and sf is None and DATASETS[dataset].chunks is None:
+        raise KunlunError(f"--chunk-rows: {dataset} is read whole; only datasets with a chunked reader are prepared in chunks")
     key = cache_key(name, files, {"split": list(movielens.SPLIT_FRACTIONS)})
     target = cache_root() / f"{name}-{key}"
     if use_cache and not rebuild and (target / "dataset.json").is_file():
@@ -173,11 +184,15 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
         except (OSError, KeyError, ValueError, KunlunError) as exc:  # unreadable cache: rebuild it, don't fail the run
             if log:
                 log(f"cache {target} unreadable ({exc}); rebuilding")
-    if synth is not None and (chunk_rows or synthetic.read_manifest(synth)["examples"] > STREAM_ROWS):
+    if synth is not None:
+        large = synthetic.read_manifest(synth)["examples"] > STREAM_ROWS
+    else:
+        large = (sf is not None or DATASETS[dataset].chunks is not None) and sum(f.stat().st_size for f in files) > STREAM_BYTES
+    if chunk_rows or large:
         rows = chunk_rows or CHUNK_ROWS
         if log:
             log(f"preparing {name} chunk by chunk ({rows:,} rows at a time; cached afterwards)")
-        source = synthetic.SyntheticChunks(synth, rows)
+        source = chunk_source(dataset, synth, sf, folder, rows)
         if use_cache:
             prepare_chunked(source, name, target)
             return load_prepared(target)
@@ -192,6 +207,17 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
         save_prepared(prepared, target)
         return load_prepared(target)  # memory maps, like every later run's: the encoded copy in RAM is freed
     return prepared
+
+
+def chunk_source(dataset: str, synth: Path | None, sf: tabular.SchemaFile | None, folder: Path | None, rows: int) -> ChunkSource:
+    """The chunked reader of a dataset (``prepare_dataset`` resolved which kind it is)."""
+    if synth is not None:
+        return synthetic.SyntheticChunks(synth, rows)
+    if sf is not None:
+        return tabular.SchemaChunks(sf, rows)
+    make = DATASETS[dataset].chunks
+    assert make is not None and folder is not None
+    return make(folder, rows)
 
 
 def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True) -> Prepared:

@@ -1,7 +1,11 @@
 """Preparing a dataset chunk by chunk, in memory bounded by the chunk rather than by the dataset.
 
-A ``ChunkSource`` (e.g. ``synthetic.SyntheticChunks`` over Parquet shards) yields ``Chunk``s: the rows of each split
-that the chunk holds, in order, and the rows it appends to each sequence's event table. A row's history range
+A ``ChunkSource`` yields ``Chunk``s: the rows of each split that the chunk holds, in order, and the rows it appends to
+each sequence's event table. Sources: ``synthetic.SyntheticChunks`` (Parquet shards), ``tabular.SchemaChunks`` (a schema
+file's CSV blocks or Parquet row groups), ``tabular.FrappeChunks``, ``public.CriteoChunks``, ``public.BarsChunks``
+(files read through ``io.TableChunks``: each block with the whole file's column types), ``movielens.Impressions`` and
+``public.TimelineExamples`` (per-user timelines: the sorted events held as compact columns, the examples made a range of
+rows at a time). A row's history range
 ``[start, end)`` indexes the *whole* event table (every chunk's events, concatenated). ``prepare_chunked`` reads
 the source three times:
 
@@ -14,10 +18,11 @@ the source three times:
    files (``CacheWriter``) inside the atomic temporary directory.
 
 The cache is byte-identical to the one ``Encoder.fit`` + ``Encoder.prepare`` + ``save_prepared`` write for the same
-rows (tests/test_out_of_core.py). Memory held besides one chunk: the vocabularies and per-split group values
-(O(distinct ids)), and the merged history intervals (O(users) for per-user timelines). Id columns must come as
-integers or text (the adapters' ``id_column`` gives nothing else): a float column's normalisation (integral → int64,
-else text) would otherwise depend on which values a chunk holds.
+rows (tests/test_out_of_core.py, tests/test_chunked_adapters.py). Memory held besides one chunk: the vocabularies and
+per-split group values (O(distinct ids)), the merged history intervals (O(users) for per-user timelines), and what a
+source keeps (Criteo's split: a byte per row; per-user timelines' sorted events: ≈ 17–25 bytes per event). Id columns
+must come as integers or text (the adapters' ``id_column`` gives nothing else): a float column's normalisation
+(integral → int64, else text) would otherwise depend on which values a chunk holds.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ and data row.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -46,8 +47,9 @@ import pyarrow.compute as pc
 import yaml
 
 from kunlun.config import UniqueKeyLoader, yaml_problem
-from kunlun.data.io import id_column, numeric_column, optional_label, read_table, show
+from kunlun.data.io import TableChunks, id_column, numeric_column, optional_label, read_table, show
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
+from kunlun.data.stream import Chunk
 from kunlun.errors import KunlunError
 
 FRAPPE_FIELDS = ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city"]
@@ -55,9 +57,14 @@ FRAPPE_FIELDS = ["user", "item", "daytime", "weekday", "isweekend", "homework", 
 
 def read_frappe_file(path: Path, labels: bool = True) -> tuple[RawSplit, bool]:
     t = read_table(path, required=(["label"] if labels else []) + FRAPPE_FIELDS, optional=["label"])
-    label, has_labels = optional_label(t, "label", path, labels)
+    return frappe_block(t, path, labels)
+
+
+def frappe_block(t: pa.Table, path: Path, labels: bool = True, first_row: int = 0) -> tuple[RawSplit, bool]:
+    """``read_frappe_file`` of a table: a whole file, or a block of one (``first_row``: data rows before it)."""
+    label, has_labels = optional_label(t, "label", path, labels, first_row)
     cols = {"label": label}
-    cols.update({f: id_column(t, f, path) for f in FRAPPE_FIELDS})
+    cols.update({f: id_column(t, f, path, first_row) for f in FRAPPE_FIELDS})
     return RawSplit(columns=cols), has_labels
 
 
@@ -77,6 +84,20 @@ def load_frappe(folder: Path, file: Path | None = None, labels: bool = True) -> 
         return RawData(FRAPPE_SCHEMA, {"file": split}, source=str(file), has_labels=has_labels)
     splits = {name: read_frappe_file(folder / f)[0] for name, f in FRAPPE_SPLITS.items()}
     return RawData(FRAPPE_SCHEMA, splits, source=str(folder))
+
+
+class FrappeChunks:
+    """``load_frappe(folder)`` as a ``kunlun.data.stream.ChunkSource``, ``rows`` rows of a file at a time."""
+
+    def __init__(self, folder: Path, rows: int):
+        self.schema, self.source = FRAPPE_SCHEMA, str(folder)
+        self.files = {name: TableChunks(folder / f, required=["label", *FRAPPE_FIELDS], optional=["label"], rows=rows)
+                      for name, f in FRAPPE_SPLITS.items()}
+
+    def chunks(self) -> Iterator[Chunk]:
+        for name, f in self.files.items():
+            for first, t in f:
+                yield Chunk({name: frappe_block(t, f.path, True, first)[0]}, {})
 
 
 # ----------------------------------------------------------------------------- generic
@@ -327,69 +348,156 @@ class SchemaFile:
         targets = {"file": file} if file is not None else self.files
         has_labels = True
         splits: dict[str, RawSplit] = {}
-        events: dict[str, dict[str, list]] = {s.name: {"item": [], "event": [], "time": [], **{c: [] for c, _ in s.side}}
-                                              for s in self.sequences}
+        events: dict[str, dict[str, list]] = {s.name: {} for s in self.sequences}
         offset = {s.name: 0 for s in self.sequences}
         list_columns = [c for s in self.sequences for c in s.list_columns]
         for split_name, path in targets.items():
             t = read_table(path, required=self.columns(labels), optional=[self.label], text=list_columns)
-            label, has_labels = optional_label(t, self.label, path, labels)
-            cols = {self.label: label}
-            cols.update({c: id_column(t, c, path) for c, _ in self.categorical})
-            cols.update({c: numeric_column(t, c, path, float32=True) for c in self.numeric})
-            if self.group and self.group not in cols:
-                cols[self.group] = id_column(t, self.group, path)
-            split = RawSplit(columns=cols, time=numeric_column(t, self.time, path, integer=True) if self.time else None)
+            split, ev, has_labels = self.read_block(t, path, labels)
             for s in self.sequences:
-                ev = events[s.name]
-                if s.types:
-                    lengths = _merge_types(t, s, path, ev)
-                else:
-                    items, lengths = _list_column(t, s.item, s.separator, path)
-                    ev["item"].append(_list_ids(items, s.item, lengths, path))
-                    for key, column in [("event", s.event), ("time", s.time), *[(c, c) for c, _ in s.side]]:
-                        if column:
-                            vals = _aligned(t, column, s.separator, path, s.item, lengths)
-                            ev[key].append(_list_times(vals, column, lengths, path) if key == "time" else _list_ids(vals, column, lengths, path))
-                ends = offset[s.name] + np.cumsum(lengths)
-                split.seq_start[s.name] = ends - lengths
-                split.seq_end[s.name] = ends
-                offset[s.name] = int(ends[-1]) if len(ends) else offset[s.name]
+                split.seq_start[s.name] += offset[s.name]
+                split.seq_end[s.name] += offset[s.name]
+                offset[s.name] += len(ev[s.name]["item"])
+                for k, v in ev[s.name].items():
+                    events[s.name].setdefault(k, []).append(v)
             splits[split_name] = split
-        raw_events = {
-            name: {k: _concat(v) for k, v in ev.items() if v} for name, ev in events.items()
-        }
+        raw_events = {name: {k: _concat(v) for k, v in ev.items()} for name, ev in events.items()}
         return RawData(self.schema, splits, raw_events, source=str(self.path), has_labels=has_labels)
 
+    def read_block(self, t: pa.Table, path: Path, labels: bool = True, first_row: int = 0,
+                   ints: dict[str, bool] | None = None) -> tuple[RawSplit, dict[str, dict[str, np.ndarray]], bool]:
+        """The rows of ``t`` (a whole file, or a block of one starting at data row ``first_row + 1``) as a split whose
+        history ranges index its own events (from 0), those events (sequence → item, event, time and side columns that
+        the sequence has), and whether the label was there. ``ints``: list column → whether its ids become integers,
+        when decided for the whole file (``SchemaChunks``); by default each column's values decide (``_list_ids``)."""
+        label, has_labels = optional_label(t, self.label, path, labels, first_row)
+        cols = {self.label: label}
+        cols.update({c: id_column(t, c, path, first_row) for c, _ in self.categorical})
+        cols.update({c: numeric_column(t, c, path, float32=True, first_row=first_row) for c in self.numeric})
+        if self.group and self.group not in cols:
+            cols[self.group] = id_column(t, self.group, path, first_row)
+        time = numeric_column(t, self.time, path, integer=True, first_row=first_row) if self.time else None
+        split = RawSplit(columns=cols, time=time)
+        ints = ints or {}
+        events: dict[str, dict[str, np.ndarray]] = {}
+        for s in self.sequences:
+            ev: dict[str, np.ndarray] = {}
+            if s.types:
+                lengths = _merge_types(t, s, path, ev, first_row, ints)
+            else:
+                items, lengths = _list_column(t, s.item, s.separator, path, first_row)
+                ev["item"] = _list_ids(items, s.item, lengths, path, first_row, ints.get(s.item))
+                for key, column in [("event", s.event), ("time", s.time), *[(c, c) for c, _ in s.side]]:
+                    if column:
+                        vals = _aligned(t, column, s.separator, path, s.item, lengths, first_row)
+                        ev[key] = (_list_times(vals, column, lengths, path, first_row) if key == "time"
+                                   else _list_ids(vals, column, lengths, path, first_row, ints.get(column)))
+            ends = np.cumsum(lengths)
+            split.seq_start[s.name], split.seq_end[s.name] = ends - lengths, ends
+            events[s.name] = ev
+        return split, events, has_labels
 
-def _aligned(t: pa.Table, column: str, separator: str, path: Path, item: str, lengths: np.ndarray) -> pa.Array:
+    def id_lists(self) -> dict[tuple[str, str], list[str]]:
+        """(sequence, event key) → the list columns whose ids make up that key's event column (``_list_ids`` reads them)."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for s in self.sequences:
+            if s.types:
+                out[s.name, "item"] = [item for _, item, _ in s.types]
+                continue
+            out[s.name, "item"] = [s.item]
+            if s.event:
+                out[s.name, "event"] = [s.event]
+            for c, _ in s.side:
+                out[s.name, c] = [c]
+        return out
+
+
+class SchemaChunks:
+    """The data set of ``SchemaFile(path).load()`` as a ``kunlun.data.stream.ChunkSource``: each split's file read
+    ``rows`` data rows at a time (``TableChunks``: Parquet row groups or CSV blocks, with the whole file's column types).
+
+    What ``load`` decides from whole columns is decided first, in a scan of the files: whether a list column's text ids
+    are all integers (``_list_ids``: then they become int64), and per event column whether any file gives text (then
+    every file's ids are text, as ``_concat`` makes them). The scan reads only files with text list columns (every CSV
+    with sequences; Parquet with string lists). Memory: one block, and per file its column types."""
+
+    def __init__(self, sf: SchemaFile, rows: int):
+        self.sf, self.schema, self.source = sf, sf.schema, str(sf.path)
+        text = [c for s in sf.sequences for c in s.list_columns]
+        self.files = {split: TableChunks(path, required=sf.columns(True), optional=[sf.label], text=text, rows=rows)
+                      for split, path in sf.files.items()}
+        self.ints = {split: self._scan_ids(f) for split, f in self.files.items()}
+        # an event column is text when any file's ids for it are (as np.concatenate makes them in load)
+        self.text_keys = {key for key, cols in sf.id_lists().items() for ints in self.ints.values() if not all(ints[c] for c in cols)}
+        self.text_keys |= {(s.name, "event") for s in sf.sequences if s.types}
+
+    def _scan_ids(self, f: TableChunks) -> dict[str, bool]:
+        """List column → whether ``_list_ids`` makes the whole file's ids integers: integer lists always, text lists when
+        the file has ids and every one is an ASCII integer (so a text list column is read to the end while that holds)."""
+        separator = {c: s.separator for s in self.sf.sequences for c in s.list_columns}
+        undecided = [c for cols in self.sf.id_lists().values() for c in cols]
+        ints: dict[str, bool] = {}
+        has_ids = dict.fromkeys(undecided, False)
+        for first, t in f if undecided else ():
+            for c in list(undecided):
+                flat, _ = _list_column(t, c, separator[c], f.path, first)
+                if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
+                    values = np.unique(np.asarray(flat.to_numpy(zero_copy_only=False)).astype(str))
+                    has_ids[c] |= len(values) > 0
+                    if _all_ascii_ints(values):
+                        continue
+                    ints[c] = False
+                else:
+                    ints[c] = pa.types.is_integer(flat.type)
+                undecided.remove(c)
+            if not undecided:
+                break
+        return ints | {c: has_ids[c] for c in undecided}
+
+    def chunks(self) -> Iterator[Chunk]:
+        offset = {s.name: 0 for s in self.sf.sequences}
+        for split_name, f in self.files.items():
+            for first, t in f:
+                split, ev, _ = self.sf.read_block(t, f.path, True, first, self.ints[split_name])
+                for s in self.sf.sequences:
+                    split.seq_start[s.name] += offset[s.name]
+                    split.seq_end[s.name] += offset[s.name]
+                    offset[s.name] += len(ev[s.name]["item"])
+                    for k, v in ev[s.name].items():
+                        if (s.name, k) in self.text_keys and v.dtype.kind != "U":
+                            ev[s.name][k] = v.astype(str)
+                yield Chunk({split_name: split}, ev)
+
+
+def _aligned(t: pa.Table, column: str, separator: str, path: Path, item: str, lengths: np.ndarray, first_row: int = 0) -> pa.Array:
     """The flat values of list column ``column``, which must have ``lengths`` entries per row like ``item``."""
-    vals, lens = _list_column(t, column, separator, path)
+    vals, lens = _list_column(t, column, separator, path, first_row)
     if not np.array_equal(lens, lengths):
         row = int(np.flatnonzero(lens != lengths)[0])
         raise KunlunError(f"{path}: column {column!r} must have as many entries per row as {item!r}; "
-                          f"data row {row + 1} has {lens[row]} and {lengths[row]}")
+                          f"data row {first_row + row + 1} has {lens[row]} and {lengths[row]}")
     return vals
 
 
-def _merge_types(t: pa.Table, s: SequenceColumns, path: Path, ev: dict[str, list]) -> np.ndarray:
+def _merge_types(t: pa.Table, s: SequenceColumns, path: Path, ev: dict[str, np.ndarray], first_row: int = 0,
+                 ints: dict[str, bool] | None = None) -> np.ndarray:
     """One list column per event type → one history per row, its events in time order (ties: types in the order
-    listed, then list order); appends item, event (the type's name) and time to ``ev``; returns entries per row."""
+    listed, then list order); sets item, event (the type's name) and time in ``ev``; returns entries per row."""
     n = t.num_rows
     items, times, kinds, rows, lengths = [], [], [], [], np.zeros(n, dtype=np.int64)
     for k, (_, item_col, time_col) in enumerate(s.types):
-        flat, lens = _list_column(t, item_col, s.separator, path)
-        items.append(_list_ids(flat, item_col, lens, path))
-        times.append(_list_times(_aligned(t, time_col, s.separator, path, item_col, lens), time_col, lens, path))
+        flat, lens = _list_column(t, item_col, s.separator, path, first_row)
+        items.append(_list_ids(flat, item_col, lens, path, first_row, (ints or {}).get(item_col)))
+        times.append(_list_times(_aligned(t, time_col, s.separator, path, item_col, lens, first_row), time_col, lens, path, first_row))
         kinds.append(np.full(len(items[-1]), k))
         rows.append(np.repeat(np.arange(n), lens))
         lengths += lens
     row, time, kind = np.concatenate(rows), np.concatenate(times), np.concatenate(kinds)
     order = np.lexsort((np.arange(len(row)), kind, time, row))  # by row, then time, then type, then list position
     names = np.asarray([name for name, _, _ in s.types])
-    ev["item"].append(_concat(items)[order])
-    ev["event"].append(names[kind[order]])
-    ev["time"].append(time[order])
+    ev["item"] = _concat(items)[order]
+    ev["event"] = names[kind[order]]
+    ev["time"] = time[order]
     return lengths
 
 
@@ -405,7 +513,7 @@ def _kind(value: Any) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def _list_column(t: pa.Table, column: str, separator: str, path: Path) -> tuple[pa.Array, np.ndarray]:
+def _list_column(t: pa.Table, column: str, separator: str, path: Path, first_row: int = 0) -> tuple[pa.Array, np.ndarray]:
     """A list column (Parquet list, or separated text) → (flat values, entries per row)."""
     arr = t.column(column).combine_chunks()
     if pa.types.is_dictionary(arr.type):
@@ -428,7 +536,7 @@ def _list_column(t: pa.Table, column: str, separator: str, path: Path) -> tuple[
             flat = flat.filter(pa.array(~empty))
     if flat.null_count:
         row = int(np.repeat(np.arange(len(lengths)), lengths)[np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0]])
-        raise KunlunError(f"{path}: column {column!r} has a missing value inside its list at data row {row + 1}")
+        raise KunlunError(f"{path}: column {column!r} has a missing value inside its list at data row {first_row + row + 1}")
     return flat, lengths
 
 
@@ -440,26 +548,32 @@ def _row_of(position: int, lengths: np.ndarray) -> int:
 ASCII_INT = re.compile(r"-?[0-9]{1,18}")
 
 
-def _list_ids(flat: pa.Array, column: str, lengths: np.ndarray, path: Path) -> np.ndarray:
-    """Ids of a list column: integers stay int64, text of ASCII integers becomes int64, other text stays str."""
+def _all_ascii_ints(values: np.ndarray) -> bool:
+    return all(ASCII_INT.fullmatch(v) for v in values)
+
+
+def _list_ids(flat: pa.Array, column: str, lengths: np.ndarray, path: Path, first_row: int = 0, as_int: bool | None = None) -> np.ndarray:
+    """Ids of a list column: integers stay int64, text of ASCII integers becomes int64 (when all of them are: the
+    values decide, or ``as_int`` where the whole file decided), other text stays str."""
     t = flat.type
     if pa.types.is_integer(t):
         return flat.to_numpy().astype(np.int64)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         values = np.asarray(flat.to_numpy(zero_copy_only=False)).astype(str)
-        if len(values) and all(ASCII_INT.fullmatch(v) for v in np.unique(values)):
+        if as_int if as_int is not None else len(values) and _all_ascii_ints(np.unique(values)):
             return values.astype(np.int64)
         return values
     if pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t):
         if pa.types.is_floating(t):
             bad = ~np.isfinite(flat.to_numpy(zero_copy_only=False))
             if bad.any():
-                raise KunlunError(f"{path}: column {column!r} has a NaN/inf id at data row {_row_of(int(np.flatnonzero(bad)[0]), lengths)}")
+                row = first_row + _row_of(int(np.flatnonzero(bad)[0]), lengths)
+                raise KunlunError(f"{path}: column {column!r} has a NaN/inf id at data row {row}")
         return np.asarray(flat.cast(pa.string()).to_numpy(zero_copy_only=False)).astype(str)
     raise KunlunError(f"{path}: column {column!r} must be a list of ids (text or integers), found entries of type {t}")
 
 
-def _list_times(flat: pa.Array, column: str, lengths: np.ndarray, path: Path) -> np.ndarray:
+def _list_times(flat: pa.Array, column: str, lengths: np.ndarray, path: Path, first_row: int = 0) -> np.ndarray:
     """Event times of a list column: integers (unix seconds)."""
     t = flat.type
     if pa.types.is_integer(t):
@@ -468,15 +582,15 @@ def _list_times(flat: pa.Array, column: str, lengths: np.ndarray, path: Path) ->
         values = np.asarray(flat.to_numpy(zero_copy_only=False)).astype(str)
         bad = [i for i, v in enumerate(values) if not ASCII_INT.fullmatch(v)][:1]
         if bad:
-            raise KunlunError(f"{path}: column {column!r} must hold integer times, found {show(values[bad[0]])} "
-                              f"at data row {_row_of(bad[0], lengths)}")
+            raise KunlunError(f"{path}: column {column!r} must hold integer times, found {show(str(values[bad[0]]))} "
+                              f"at data row {first_row + _row_of(bad[0], lengths)}")
         return values.astype(np.int64)
     if pa.types.is_floating(t):
         values = flat.to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2**62))
         if len(bad):
             raise KunlunError(f"{path}: column {column!r} must hold integer times, found {values[bad[0]]} "
-                              f"at data row {_row_of(int(bad[0]), lengths)}")
+                              f"at data row {first_row + _row_of(int(bad[0]), lengths)}")
         return values.astype(np.int64)
     raise KunlunError(f"{path}: column {column!r} must be a list of integer times, found entries of type {t}")
 

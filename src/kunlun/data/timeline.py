@@ -1,0 +1,101 @@
+"""Examples on per-user timelines (MovieLens; Taobao UserBehavior and KuaiRand share the construction): events sorted
+by user, time and file order; an example's history is the user's events strictly earlier in time (same-second events
+excluded); split per user in time order (the first 80 % of a user's events train, the next 10 % valid, the rest test).
+
+``Timeline`` holds the sorted events as compact numpy columns and computes the positions of a *range* of sorted rows
+(where the user's events start, where the history ends, the split): the in-memory path takes the whole range, the
+chunked one (``kunlun.data.stream``) successive ranges. Every value of a row comes from the sorted columns, never from
+the rows before it in the range, so both give the same rows.
+
+What is bounded, and what is not: the sort needs every event at once, so the sorted columns are held whole (int32
+where the values fit, else int64: about 4 bytes per column per event, plus 4–8 for the permutation); everything made
+per example — features, strings, per-split copies, encodings — exists one range at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kunlun.errors import KunlunError
+
+SPLIT_FRACTIONS = (0.8, 0.9)  # cumulative: train < 0.8 <= valid < 0.9 <= test
+SPLITS = ("train", "valid", "test")
+CHECK_ROWS = 1 << 20  # rows per range when checking that no split is empty
+
+
+def compact(a: np.ndarray) -> np.ndarray:
+    """Wide integers in int32 when every value fits (read back with ``.astype(np.int64)``: the same values), else as
+    they are."""
+    a = np.asarray(a)
+    if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and (not len(a) or (a.min() >= -(1 << 31) and a.max() < (1 << 31))):
+        return a.astype(np.int32)
+    return a
+
+
+@dataclass
+class Positions:
+    """Rows ``[i, j)`` of a ``Timeline``, each as an index of the sorted events [j - i]: the user's first event
+    (``user_start``; the history starts there), the first event of the same user and second (``hist_end``: the history
+    ends before it), the previous event's time (the row's own when it has no history), and the split (0, 1, 2)."""
+
+    idx: np.ndarray
+    user_start: np.ndarray
+    hist_end: np.ndarray
+    ts: np.ndarray
+    prev_ts: np.ndarray
+    assign: np.ndarray
+
+
+class Timeline:
+    """Events sorted by user, then time, then file order. ``user`` and ``ts`` [n] are the events in file order;
+    ``fields`` (name → [n] array) are sorted along (compact them first: they are held whole). ``split=False``: one split
+    (0) for every row (a single file to score)."""
+
+    def __init__(self, user: np.ndarray, ts: np.ndarray, fields: dict[str, np.ndarray], *, split: bool = True):
+        n = len(user)
+        order = np.lexsort((np.arange(n), ts, user))  # by user, then time, then file order
+        self.n, self.split = n, split
+        self.order = compact(order)
+        del order
+        self.user = compact(user[self.order])
+        self.ts = compact(ts[self.order])
+        self.fields = {k: v[self.order] for k, v in fields.items()}
+
+    def positions(self, i: int, j: int) -> Positions:
+        idx = np.arange(i, j)
+        user = self.user[i:j]
+        ts = self.ts[i:j].astype(np.int64)
+        user_start = np.searchsorted(self.user, user, "left")
+        user_count = np.searchsorted(self.user, user, "right") - user_start
+        # the first event of each (user, second): where the row before differs (for the range's first row, the row
+        # before the range); a range that starts inside a run takes the run's start, found among the user's times
+        new_moment = np.r_[True, (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])]
+        base = 0
+        if i > 0 and j > i and self.user[i - 1] == user[0] and self.ts[i - 1] == ts[0]:
+            new_moment[0] = False
+            s, e = int(user_start[0]), i
+            base = s + int(np.searchsorted(self.ts[s:e], ts[0], "left"))
+        hist_end = np.maximum.accumulate(np.where(new_moment, idx, base))
+        hist_len = hist_end - user_start
+        prev_ts = np.where(hist_len > 0, self.ts[np.maximum(hist_end - 1, 0)].astype(np.int64), ts)
+        if self.split:
+            frac = (idx - user_start) / user_count
+            assign = np.where(frac < SPLIT_FRACTIONS[0], 0, np.where(frac < SPLIT_FRACTIONS[1], 1, 2))
+        else:
+            assign = np.zeros(j - i, dtype=np.int64)
+        return Positions(idx, user_start, hist_end, ts, prev_ts, assign)
+
+    def check_splits(self, source: str, what: str) -> None:
+        """A one-line error when a split would be empty (users with too few events for 80/10/10), before any work."""
+        if not self.split:
+            return
+        seen = np.zeros(3, dtype=bool)
+        for i in range(0, self.n, CHECK_ROWS):
+            seen[np.unique(self.positions(i, min(self.n, i + CHECK_ROWS)).assign)] = True
+        if not seen.all():
+            starts = np.flatnonzero(np.r_[True, self.user[1:] != self.user[:-1]])
+            most = int(np.diff(np.r_[starts, self.n]).max()) if self.n else 0
+            raise KunlunError(f"{source}: the {SPLITS[int(np.flatnonzero(~seen)[0])]} split is empty: users need more {what} "
+                              f"for an 80/10/10 split (the most any user has is {most})")
