@@ -42,7 +42,10 @@ def history(values: np.ndarray, start: np.ndarray, count: np.ndarray, dtype) -> 
     """Per row i, ``values[start[i] : start[i] + count[i]]`` as a list column."""
     offsets = np.r_[0, np.cumsum(count)]
     take = np.repeat(start - offsets[:-1], count) + np.arange(offsets[-1])
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[take].astype(dtype)))
+    flat = pa.array(values[take].astype(dtype))
+    if isinstance(flat, pa.ChunkedArray):  # pyarrow cuts text from numpy into chunks
+        flat = flat.combine_chunks()
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat)
 
 
 def main() -> None:
