@@ -304,6 +304,29 @@ def test_a_bad_value_in_a_later_block_names_file_column_and_row_and_leaves_no_ca
     assert no_cache_left("clicks")
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda lines: lines.__setitem__(1300, lines[1300] + ",7"), "line 1301 has 14 fields, expected 13 like the header"),
+    (lambda lines: lines.__setitem__(1400, lines[1400].replace(",", ",\udcff", 1)),  # a byte 0xff in item_id
+     "column 'item_id' has text that is not valid UTF-8 at data row 1400"),
+    (lambda lines: lines.__setitem__(1450, lines[1450].replace("|", "||x|", 1)), "data row 1450"),  # one list one longer
+])
+def test_a_damaged_csv_gives_the_whole_file_paths_message_from_a_later_block(tmp_path, small_csv_blocks, damage, needle):
+    """A ragged line, bytes that are not UTF-8, a list that no longer matches its neighbour: met in a late block, the
+    chunked path says what the whole-file path says (file, column, line or data row of the file)."""
+    write_csv(tmp_path / "train.csv", click_rows(1500, 9))
+    write_csv(tmp_path / "valid.csv", click_rows(100, 10))
+    lines = (tmp_path / "train.csv").read_text().split("\n")
+    damage(lines)
+    (tmp_path / "train.csv").write_bytes("\n".join(lines).encode("utf-8", "surrogateescape"))
+    sf = tabular.SchemaFile(schema_folder(tmp_path, "csv"))
+    with pytest.raises(KunlunError) as whole:
+        sf.load()
+    with pytest.raises(KunlunError) as chunked:
+        prepare_chunked(tabular.SchemaChunks(sf, 100), "d", tmp_path / "cache")
+    assert str(chunked.value) == str(whole.value) and needle in str(whole.value), (str(chunked.value), str(whole.value))
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".cache*"))
+
+
 @needs_shared
 def test_a_bad_line_late_in_ratings_dat_names_its_line_and_leaves_no_cache(tmp_path):
     folder = tmp_path / "ml-1m"
