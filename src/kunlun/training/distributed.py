@@ -135,15 +135,16 @@ def check_world(t: TrainConfig, world: World) -> None:
                           "(or use train.embedding_sharding=row)")
     if not world.distributed:
         return
-    if t.embedding_optimizer.startswith("sparse_"):
+    if t.embedding_sharding == "torchrec":
+        from kunlun.training.torchrec_sharding import check_config
+
+        check_config(t)
+    elif t.embedding_optimizer.startswith("sparse_"):
         raise KunlunError(f"train.embedding_optimizer={t.embedding_optimizer} is for one process: data-parallel training "
                           f"reduces dense gradients (use adam or adagrad, or train.embedding_sharding=row for large tables)")
     if t.embedding_sharding != "none" and t.distributed == "fsdp":
         raise KunlunError(f"train.embedding_sharding={t.embedding_sharding} goes with train.distributed=ddp: with fsdp every "
                           f"parameter, the tables included, is sharded already")
-    if t.embedding_sharding == "torchrec":
-        raise KunlunError("train.embedding_sharding=torchrec: kunlun's TorchRec path is not built yet (its models look up "
-                          "plain nn.Embedding tables, not TorchRec's EmbeddingCollection); use train.embedding_sharding=row")
     if t.batch_size % world.size:
         near = t.batch_size // world.size * world.size or world.size
         raise KunlunError(f"train.batch_size={t.batch_size} does not split over {world.size} processes: every rank takes an "
@@ -245,8 +246,9 @@ class ShardTrainModel(TrainModel):
 
 def wrap_for_training(model: RankingModel, t: TrainConfig, world: World) -> nn.Module:
     """The module a rank's ``TrainStep`` runs: ``model`` (already on its device) in a ``ShardTrainModel``, replicated
-    with DDP or sharded in place with FSDP2's ``fully_shard`` (``train.distributed``). With fsdp, build the optimizers
-    after this call: their parameters are the sharded ones."""
+    with DDP or sharded in place with FSDP2's ``fully_shard`` (``train.distributed``), its vocabulary tables split by
+    rows (``train.embedding_sharding=row``) or moved into TorchRec (``torchrec``). Build the optimizers after this call:
+    their parameters are the sharded ones (fsdp), or no longer hold the tables (torchrec)."""
     inner = ShardTrainModel(model, t.bf16, world.size)
     device = next(model.parameters()).device
     if t.embedding_sharding == "row":
@@ -254,6 +256,10 @@ def wrap_for_training(model: RankingModel, t: TrainConfig, world: World) -> nn.M
 
         sharded = shard_rows(model, device)  # each rank keeps its rows: DDP must neither average nor broadcast them
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(inner, [f"model.{n}" for n in sharded])
+    elif t.embedding_sharding == "torchrec":
+        from kunlun.training.torchrec_sharding import shard_with_torchrec
+
+        shard_with_torchrec(model, t, device)  # the tables leave the model's parameters: DDP never sees them
     if t.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
