@@ -29,6 +29,7 @@ from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.training.checkpoint import load_weights
 from kunlun.training.distributed import World, check_world, shard_scale
+from kunlun.training.distributed import shares as rank_rows
 from kunlun.training.runner import evaluate_run, load_trained, train_run
 from kunlun.training.step import set_seed
 from kunlun.training.trainer import Trainer, build
@@ -209,6 +210,8 @@ def test_every_rank_takes_its_share_of_each_global_batch():
             scale, mine, rows = shard_scale(i, len(b), cfg.train, World(r, 4))
             assert (mine, rows, scale) == (len(shares[r][i]), len(batch), 4 / len(batch))
     assert [len(s[-1]) for s in shares] == [512, 512, 512, 394]
+    # what predict_shard preallocates and gather_predictions interleaves: each rank's rows of each global batch
+    assert rank_rows(len(b), 512, World(0, 4)).tolist() == [[len(s[i]) for s in shares] for i in range(len(whole))]
 
 
 def test_a_batch_size_that_does_not_split_over_the_ranks_is_one_line():

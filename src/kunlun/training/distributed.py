@@ -288,32 +288,54 @@ def shard_scale(step_in_epoch: int, rows: int, t: TrainConfig, world: World) -> 
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def shares(rows: int, batch_size: int, world: World) -> np.ndarray:
+    """Rows of each rank in each global evaluation batch of a split of ``rows`` rows: [G, W] int64, G = ⌈rows / (B·W)⌉
+    (global batch g holds rank 0's ``batch_size`` rows, then rank 1's, …; a short last one leaves later ranks fewer)."""
+    starts = np.arange(0, rows, batch_size * world.size, dtype=np.int64)
+    return np.clip(rows - starts[:, None] - np.arange(world.size)[None, :] * batch_size, 0, batch_size)
+
+
 @torch.no_grad()
-def predict_shard(model: RankingModel, batcher: Batcher, batch_size: int, world: World, bf16: bool = False) -> list[tuple[np.ndarray, ...]]:
-    """(probabilities, labels, groups) of each of this rank's evaluation batches: batches rank, rank + W, … of
-    ``batch_size`` rows, in order (an empty one where the split has run out)."""
+def predict_shard(model: RankingModel, batcher: Batcher, batch_size: int, world: World, bf16: bool = False) -> tuple[np.ndarray, ...]:
+    """(probabilities, labels, groups) of this rank's rows of the split, [n_r] float32, float32, int64: those of its
+    evaluation batches rank, rank + W, … of ``batch_size`` rows, in order. Written into arrays of this rank's row count
+    as batches come (16 bytes per row), as ``trainer.predict`` does, for the same reason (memory)."""
     model.eval()
     device = next(model.parameters()).device
-    parts = []
+    n = int(shares(len(batcher), batch_size, world)[:, world.rank].sum())
+    probs, labels, groups = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int64)
+    done = 0
     for batch in batcher.iterate(batch_size * world.size, rank=world.rank, world=world.size):
-        n = len(batch)
+        k = len(batch)
         # an empty share still runs the model, on a stand-in row: under FSDP every forward is a collective
-        run = batch if n else batcher.batch(np.zeros(1, np.int64))
+        run = batch if k else batcher.batch(np.zeros(1, np.int64))
         with autocast(device, bf16):
             logits = model(run.to(device))
-        parts.append((torch.sigmoid(logits.float()).cpu().numpy()[:n], batch.label.numpy(), batch.group.numpy()))
-    return parts
+        probs[done : done + k] = torch.sigmoid(logits.float()).cpu().numpy()[:k]
+        labels[done : done + k] = batch.label.numpy()
+        groups[done : done + k] = batch.group.numpy()
+        done += k
+    return probs, labels, groups
 
 
-def gather_predictions(parts: list[tuple[np.ndarray, ...]], world: World) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Every rank's ``predict_shard`` output, put back in row order on rank 0 (interleaving the ranks' batches:
-    global batch g holds rank 0's g-th batch, then rank 1's, …); None on the other ranks."""
+def gather_predictions(parts: tuple[np.ndarray, ...], batch_size: int, world: World) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every rank's ``predict_shard`` output, put back in row order on rank 0 (interleaving the ranks' rows batch by
+    batch: global batch g holds rank 0's g-th batch, then rank 1's, …); None on the other ranks."""
     gathered = gather_to_main(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL), world)
     if gathered is None:
         return None
     by_rank = [pickle.loads(g) for g in gathered]
-    ordered = [by_rank[r][g] for g in range(len(by_rank[0])) for r in range(world.size)]
-    return tuple(np.concatenate([p[i] for p in ordered]) for i in range(3))  # type: ignore[return-value]
+    counts = shares(sum(len(p[0]) for p in by_rank), batch_size, world)
+    ends = np.cumsum(counts, axis=0)  # [G, W]: where each rank's g-th batch ends in its own arrays
+    out = tuple(np.empty(int(counts.sum()), by_rank[0][i].dtype) for i in range(3))
+    at = 0
+    for g in range(len(counts)):
+        for r in range(world.size):
+            k = int(counts[g, r])
+            for i in range(3):
+                out[i][at : at + k] = by_rank[r][i][ends[g, r] - k : ends[g, r]]
+            at += k
+    return out  # type: ignore[return-value]
 
 
 def evaluate_sharded(model: RankingModel, data: Prepared, split: str, max_len: int, batch_size: int, world: World,
@@ -321,7 +343,7 @@ def evaluate_sharded(model: RankingModel, data: Prepared, split: str, max_len: i
     """Metrics of ``split``, every rank scoring its share of the evaluation batches; the same numbers, bit for bit,
     as ``kunlun.training.trainer.evaluate`` of one process, returned on every rank."""
     parts = predict_shard(model, Batcher(data, split, max_len, model.event_windows), batch_size, world, bf16)
-    joined = gather_predictions(parts, world)
+    joined = gather_predictions(parts, batch_size, world)
     metrics = None
     if joined is not None:
         probs, labels, groups = joined
