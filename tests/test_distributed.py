@@ -43,9 +43,9 @@ NE_TOL = 1e-5
 AUC_TOL = 1e-4  # ~9 of the ~10⁵ positive-negative pairs of the 629 validation rows ordered the other way
 
 
-def torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(root: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KUNLUN_CACHE": str(root / "cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -333,10 +333,14 @@ def test_torchrec_tables_train_as_one_process(torchrec_root, optimizer, tmp_path
 @NO_TORCHREC
 def test_a_torchrec_run_resumes_exactly_and_its_checkpoints_load_in_one_process(torchrec_root, tmp_path):
     """Killed at step 14 and resumed from step 12 on 2 ranks: the metrics of the uninterrupted run, bit for bit (the
-    tables and their Adagrad sums are in checkpoints/last). ``checkpoints/best`` is one safetensors file of the whole
-    tables: one process scores the run as the run did. A one-process run does not resume it (one line)."""
+    tables and their Adagrad sums are in checkpoints/last); on 4 ranks (the checkpoint's shards resharded): the same
+    up to float summation order. ``checkpoints/best`` is one safetensors file of the whole tables: one process scores
+    the run as the run did. A one-process run does not resume it (one line)."""
     root, runs = torchrec_root
     assert runs["resumed"] == runs["adagrad"]["metrics"]
+    r = torchrun(root, str(HERE / "torchrec_scenario.py"), str(root), "resume", processes=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_metrics_close(json.loads((root / "resumed-4.json").read_text()), runs["adagrad"]["metrics"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

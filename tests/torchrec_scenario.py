@@ -4,14 +4,16 @@ holding the synthetic world ``w`` and the configs ``sgd.yaml`` and ``adagrad.yam
 
 1. each config trained into ``ROOT/sgd`` and ``ROOT/adagrad``, with each rank's rows of the ``item`` table;
 2. the Adagrad run's tables' accumulators at the end, gathered whole (``ROOT/adagrad-momentum.pt``);
-3. the Adagrad config killed at step 14 (after the checkpoint of step 12) and resumed on these 2 ranks.
+3. the Adagrad config killed at step 14 (after the checkpoint of step 12), a copy kept, and resumed on these 2 ranks.
 
-Rank 0 writes ``ROOT/torchrec.json``.
+Rank 0 writes ``ROOT/torchrec.json``. With ``resume`` after ROOT (on 4 processes): the copy resumed, its metrics in
+``ROOT/resumed-4.json``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,6 +77,9 @@ def main(root: Path) -> None:
     except KeyboardInterrupt:
         pass
     D.barrier(world)
+    if world.main:
+        shutil.copytree(root / "killed", root / "killed-for-4-ranks")
+    D.barrier(world)
     out["resumed"] = train_run(every, root / "killed", resume=True, progress=False, logger=quiet)["metrics"]
     if world.main:
         (root / "torchrec.json").write_text(json.dumps(out))
@@ -82,5 +87,15 @@ def main(root: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+def resume(root: Path) -> None:
+    torch.set_num_threads(1)
+    world = D.init_from_env()
+    every = load_config(root / "adagrad.yaml", ["train.checkpoint_every_steps=12"])
+    metrics = train_run(every, root / "killed-for-4-ranks", resume=True, progress=False, logger=quiet)["metrics"]
+    if world.main:
+        (root / "resumed-4.json").write_text(json.dumps(metrics))
+    D.leave(world)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (resume if sys.argv[2:] == ["resume"] else main)(Path(sys.argv[1]))

@@ -29,8 +29,9 @@ gradient, hence no change. What differs from one process:
 
 Checkpoints: the tables are in the model's ``state_dict`` under their usual names (``inputs.tables.<vocab>.weight``)
 as TorchRec's ``ShardedTensor``s, so ``checkpoints/last`` (DCP) holds them, with the tables' optimizer state beside
-the others, and ``checkpoints/best`` is one safetensors file of the whole tables: ``kunlun eval``, ``export`` and
-``serve`` read either in one process.
+the others (``Trainer.tables_state``), and resumes on any number of processes that shard the tables with TorchRec
+(DCP reshards); ``checkpoints/best`` is one safetensors file of the whole tables. ``kunlun eval``, ``export`` and
+``serve`` read either in one process, without TorchRec.
 """
 
 from __future__ import annotations
