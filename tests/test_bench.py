@@ -126,6 +126,8 @@ def test_speed_bench_reports_loader_step_and_trainer_rates(tmp_path):
                              "train.eval_batch_size=128", "train.threads=1"])
     r = run_speed_bench(cfg, steps=2, repeats=1)
     assert r["loader_examples_per_s"] > 0 and r["useful_flops_per_example"] < r["flops_per_example"]
+    from kunlun.runs import code_version
+    assert r["code"] == code_version()["label"]  # the report names the code it measured
     for dtype in ("fp32", "bf16"):
         m = r[dtype]
         assert m["train_examples_per_s"] > 0 and m["trainer_examples_per_s"] > 0 and m["infer_examples_per_s"] > 0

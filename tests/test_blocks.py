@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kunlun.blocks.attention import MultiHeadAttention
@@ -84,16 +85,19 @@ def test_wukong_fm_block_is_pairwise_interactions():
     assert WukongLayer(7, 2, 3, 4, 3, 8)(torch.randn(2, 7, 4)).shape == (2, 5, 4)
 
 
-def test_rotary_scores_depend_only_on_time_differences():
-    from kunlun.blocks.attention import rotary
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_rotary_scores_depend_only_on_time_differences(impl):
+    from kunlun import ops
+    from kunlun.ops.attention import rotary
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
     tau = torch.tensor([[0.5, 2.0]])
-    s1 = rotary(q, tau) @ rotary(k, tau).transpose(-1, -2)
-    s2 = rotary(q, tau + 3.7) @ rotary(k, tau + 3.7).transpose(-1, -2)  # shift every time equally
-    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(rotary(q, tau), q)
+    with ops.using(impl):
+        q1, k1 = rotary(tau, 10.0, q, k)
+        q2, k2 = rotary(tau + 3.7, 10.0, q, k)  # shift every time equally
+    torch.testing.assert_close(q1 @ k1.transpose(-1, -2), q2 @ k2.transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(q1, q)
 
 
 def test_gdpa_per_head_activations():

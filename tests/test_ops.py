@@ -7,7 +7,7 @@ import torch
 
 from kunlun import ops
 from kunlun.errors import KunlunError
-from kunlun.ops.attention import band_mask, band_pairs, blocked_pays, gdpa, softmax_attention, softmax_attention_reference
+from kunlun.ops.attention import band_mask, band_pairs, blocked_pays, gdpa, rotary, rotary_reference, softmax_attention, softmax_attention_reference
 
 
 def ragged_mask(b: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -201,3 +201,31 @@ def test_fast_dropout_is_seeded_by_torch_and_falls_back_to_the_reference():
         want = F.dropout(x, 0.3)
         torch.manual_seed(4)
         torch.testing.assert_close(dropout(x, 0.3), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("b,h,length,dh", [(3, 2, 51, 16), (2, 1, 1, 2), (4, 3, 17, 8), (1, 4, 200, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotary_fast_matches_reference(b, h, length, dh, dtype):
+    gen = torch.Generator().manual_seed(b * 100 + length)
+    # q as split_heads leaves it (a transposed view, not contiguous); times of any size, as log gaps are
+    q = torch.randn(b, length, h, dh, generator=gen, dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, h, length, dh, generator=gen, dtype=dtype)
+    tau = torch.rand(b, length, generator=gen) * 12
+    (ref, ref_grads), (fast, fast_grads) = run_both(lambda q, k: torch.cat(rotary(tau, 10.0, q, k), -1), q, k)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-6, "atol": 1e-6}  # angles are float32 in both
+    torch.testing.assert_close(fast, ref, **tol)
+    for a, g in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, g, **tol)
+    assert fast.dtype == dtype and not torch.allclose(fast[..., :dh], q)
+
+
+def test_rotary_bf16_close_to_fp32_reference():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 51, 16, generator=gen)
+    tau = torch.rand(3, 51, generator=gen) * 12
+    exact = rotary_reference(q, tau)
+    (fast,) = rotary(tau, 10.0, q.bfloat16())
+    ref = rotary_reference(q.bfloat16(), tau)
+    assert fast.dtype == torch.bfloat16
+    # the fast path rotates in float32 and rounds once: no further from fp32 than the bf16 reference
+    assert (fast.float() - exact).abs().max() <= (ref.float() - exact).abs().max()

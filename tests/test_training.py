@@ -219,6 +219,20 @@ def test_train_step_owns_loss_clipping_and_schedule(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
 
 
+def test_eval_and_predict_score_with_the_runs_thread_count(tmp_path):
+    """The thread count splits GEMM sums differently: re-scoring reproduces final.json only with the run's count."""
+    from kunlun.training.runner import evaluate_run, train_run
+
+    before = torch.get_num_threads()
+    try:
+        final = train_run(tiny("train.threads=1"), tmp_path / "r", progress=False, logger=lambda m: None)
+        torch.set_num_threads(2)  # what a 2-core user's process starts with
+        assert evaluate_run(tmp_path / "r") == final["metrics"]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_python_api_trains_and_scores_a_run_like_the_cli(tmp_path):
     from kunlun.training.runner import evaluate_run, load_trained, train_run
 

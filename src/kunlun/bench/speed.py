@@ -37,6 +37,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRESETS: dict[str, list[str]] = {
     "default": [],
     "d128": ["model.d_model=128", "model.num_heads=4", "model.gdpa_activation=[silu,gelu,silu,gelu]"],
+    # a GPU size: on a 24 GiB CPU machine its activations (1024 × 512 tokens × 4 layers) run out of memory; there
+    # add train.batch_size=64 train.eval_batch_size=128 (the README's CPU row)
     "production": ["model.d_model=256", "model.num_layers=4", "model.num_heads=4",
                    "model.gdpa_activation=[silu,gelu,silu,gelu]", "data.max_seq_len=512", "train.batch_size=1024"],
 }
@@ -126,6 +128,7 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
         "steps": steps,
         "repeats": repeats,
         "compile": t.compile,  # training steps through torch.compile (train.compile); inference stays eager
+        "code": environment()["code"]["label"],  # the commit (and source hash) every number below comes from
     }
     log("bench loader: batch assembly alone …")
     result["loader_examples_per_s"] = loader_examples_per_s(batcher, t.batch_size)
@@ -275,7 +278,7 @@ def speed_table(r: dict[str, Any]) -> None:
 
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
                       f"{r['useful_flops_per_example'] / 1e6:.2f} useful / {r['flops_per_example'] / 1e6:.2f} executed MFLOPs/example "
-                      "forward (MFU: useful FLOPs; HFU: executed, padding included)")
+                      "forward (MFU: useful FLOPs; HFU: executed, padding included); code " + r["code"])
     cols = ["dtype", "GEMM GFLOP/s", "train ex/s", "trainer ex/s", "train MFU", "train HFU", "infer ex/s", "infer MFU", "infer HFU"]
     datasheet = any("train_mfu_datasheet" in r[name] for name in DTYPES)
     for col in cols + (["MFU vs datasheet"] if datasheet else []):

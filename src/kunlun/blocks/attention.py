@@ -8,7 +8,7 @@ from torch import nn
 
 from kunlun.blocks.common import linear_flops
 from kunlun.formats.gemm import MatMul
-from kunlun.ops.attention import band_pairs, softmax_attention
+from kunlun.ops.attention import band_pairs, rotary, softmax_attention
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -21,20 +21,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, L, dh] → [B, L, H·dh]."""
     b, h, length, dh = x.shape
     return x.transpose(1, 2).reshape(b, length, h * dh)
-
-
-def rotary(x: torch.Tensor, tau: torch.Tensor, base: float = 10.0) -> torch.Tensor:
-    """Rotary encoding with continuous positions: rotate channel pairs of x by angle τ·θ_i, θ_i = base^(-2i/dh).
-
-    x: [B, H, L, dh] (dh even); tau: [B, L] float → [B, H, L, dh]. Used with τ = log(1 + Δt / t_scale)
-    (rotary temporal encoding of log time gaps): q·k then depends on the difference of the two events' τ.
-    """
-    dh = x.shape[-1]
-    theta = base ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)  # [dh/2]
-    angle = (tau.float()[:, None, :, None] * theta).to(x.dtype)  # [B, 1, L, dh/2]
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -60,7 +46,7 @@ class MultiHeadAttention(nn.Module):
         q = split_heads(self.q(query) if self.q is not None else query, self.heads)
         k, v = split_heads(self.k(kv), self.heads), split_heads(self.v(kv), self.heads)
         if tau is not None:
-            q, k = rotary(q, tau, self.rotary_base), rotary(k, tau, self.rotary_base)
+            q, k = rotary(tau, self.rotary_base, q, k)
         return self.o(merge_heads(softmax_attention(q, k, v, key_mask, self.window, self.matmul.emulated_or_none())))
 
     def flops(self, lq: int, lk: int) -> int:

@@ -7,6 +7,11 @@ block attends to its own and its two neighbouring key blocks (3b keys, the band 
 grows as L·3b instead of L². At the default size (L ≈ 51, W = 16) the band covers most keys and the dense
 masked kernel is faster; the blocked layout wins once L is over 4 × 3b (``blocked_pays``).
 
+``rotary`` — rotary encoding with continuous positions. Reference: channel pairs sliced out, rotated with
+cos / sin, stacked back (four products, two strided slices whose backward zero-fills and copies). Fast: each pair
+is one complex number and the rotation one complex product (one kernel forward and backward), computed once for
+the queries and keys that share it; in float32, so a bf16 input comes back rounded once instead of at every step.
+
 ``gdpa`` — generalised dot-product attention (an element-wise activation instead of the softmax, one per
 head or one for all, no row normalisation). Its fast path applies per-head activations through one
 ``torch.where`` over head groups instead of stacking per-head copies.
@@ -47,6 +52,36 @@ def blocked_pays(length: int, window: int) -> bool:
     and smaller kernels cost more than they save (measured on CPU, ``benchmarks/ops_attention.py``: at
     batch 256, 2 heads × 16, L = 128 and W = 16 the two tie; at L = 256 blocked is 1.3× faster, at 512 2×)."""
     return bool(window) and 4 * 3 * block_size(window) <= length
+
+
+def rotary_angles(tau: torch.Tensor, dh: int, base: float) -> torch.Tensor:
+    """τ·θ_i with θ_i = base^(-2i/dh), i < dh/2. tau: [B, L] → [B, 1, L, dh/2] float32."""
+    theta = base ** (-torch.arange(0, dh, 2, device=tau.device, dtype=torch.float32) / dh)
+    return tau.float()[:, None, :, None] * theta
+
+
+def rotary(tau: torch.Tensor, base: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rotate channel pairs (2i, 2i+1) of each x by the angle τ·θ_i (``rotary_angles``).
+
+    tau: [B, L] float; each x: [B, H, L, dh] (dh even) → the rotated xs, same shapes and dtypes. Used with
+    τ = log(1 + Δt / t_scale) (rotary temporal encoding of log time gaps): q·k then depends on τ_q − τ_k.
+    """
+    if ops.current() == "reference":
+        return tuple(rotary_reference(x, tau, base) for x in xs)
+    dh = xs[0].shape[-1]
+    work = torch.promote_types(xs[0].dtype, torch.float32)  # complex64 for fp32 / bf16 inputs, complex128 for fp64
+    angle = rotary_angles(tau, dh, base).to(work)
+    turn = torch.polar(torch.ones_like(angle), angle)  # e^{iτθ}: [B, 1, L, dh/2] complex
+    return tuple(torch.view_as_real(torch.view_as_complex(x.to(work).unflatten(-1, (dh // 2, 2))) * turn).flatten(-2).to(x.dtype)
+                 for x in xs)
+
+
+def rotary_reference(x: torch.Tensor, tau: torch.Tensor, base: float = 10.0) -> torch.Tensor:
+    """The plain form of ``rotary`` for one x [B, H, L, dh]: (x₁, x₂) → (x₁cos − x₂sin, x₁sin + x₂cos), in x's dtype."""
+    angle = rotary_angles(tau, x.shape[-1], base).to(x.dtype)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 def softmax_attention(

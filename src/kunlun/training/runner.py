@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
@@ -218,12 +219,20 @@ def load_trained(path: Path) -> tuple[Config, Encoder, RankingModel]:
     return cfg, encoder, model
 
 
+def _threads_as_trained(cfg: Config) -> None:
+    """Score with the run's ``train.threads``: the thread count splits the GEMMs' sums differently, so the metrics
+    of ``final.json`` are reproduced bit for bit only with the count that computed them."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
 def evaluate_run(path: Path, splits: list[str] | tuple[str, ...] = (), data_dir: str | None = None) -> dict[str, dict[str, float]]:
     """Metrics by split of a trained run (directory or checkpoint) on its dataset, encoded with the run's own
     vocabularies and scored as training scored it (a bf16-trained run under bf16 autocast). Default splits: valid, test.
     The prepared cache (memory-mapped: a dataset larger than memory) serves when its encoder is the run's, which gives
     the same encoding; otherwise the raw files are re-encoded in memory."""
     cfg, encoder, model = load_trained(path)
+    _threads_as_trained(cfg)
     data = prepare_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir)
     if not data.encoder().same_as(encoder):
         # the files changed since training (other vocabularies): encode them with the run's own, in memory
@@ -241,6 +250,7 @@ def evaluate_run(path: Path, splits: list[str] | tuple[str, ...] = (), data_dir:
 def evaluate_file(path: Path, file: Path, data_dir: str | None = None) -> dict[str, float]:
     """Metrics of a trained run on one file with the training schema (labels required)."""
     cfg, encoder, model = load_trained(path)
+    _threads_as_trained(cfg)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder)
     return evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
 
@@ -256,6 +266,7 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None)
     if Path(file).is_file() and out.exists() and out.samefile(file):
         raise KunlunError(f"--out {out}: is the input file; write the predictions elsewhere")
     cfg, encoder, model = load_trained(path)
+    _threads_as_trained(cfg)
     data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
     probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
