@@ -222,7 +222,8 @@ def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizers: list[torc
                 weights, optim = get_state_dict(model, optimizers)
                 both = {"model": weights, "optimizers": optim, **(extra or {})}
                 dcp.load(both, checkpoint_id=checkpoint / SHARDED)
-                (extra or {}).update({k: both[k] for k in extra or {}})
+                if extra:  # DCP reads tensors in place and replaces other values: hand those back
+                    extra.update((k, both[k]) for k in extra)
                 set_state_dict(model, optimizers, model_state_dict=both["model"], optim_state_dict=both["optimizers"])
             else:
                 only = {"model": get_model_state_dict(model)}
