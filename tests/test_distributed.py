@@ -246,6 +246,15 @@ def test_torchrec_shards_a_table_row_wise_and_trains_it_on_cpu_over_gloo(tmp_pat
     assert r.returncode == 0 and "torchrec probe ok" in r.stdout, r.stderr[-3000:]
 
 
+@NO_TORCHREC
+def test_every_model_looks_up_torchrec_tables_as_its_plain_tables(tmp_path):
+    """tests/torchrec_models.py, one process: each model with its tables in TorchRec gives the logits of the plain
+    model bit for bit (fields, sequences, per-type windows, candidates), and its fused SGD (Adagrad) step equals plain
+    SGD (Adagrad)."""
+    r = torchrun(tmp_path, str(HERE / "torchrec_models.py"), processes=1)
+    assert r.returncode == 0 and "torchrec models ok" in r.stdout, r.stderr[-3000:]
+
+
 def test_what_torchrec_tables_cannot_do_as_one_process_is_one_line():
     """train.embedding_sharding=torchrec takes embedding optimizers sgd and adagrad only, without weight decay or L2, and
     not train.compile (kunlun.training.torchrec_sharding); checked before TorchRec is imported, so this runs without it
