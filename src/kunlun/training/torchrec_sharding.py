@@ -32,6 +32,9 @@ as TorchRec's ``ShardedTensor``s, so ``checkpoints/last`` (DCP) holds them, with
 the others (``Trainer.tables_state``), and resumes on any number of processes that shard the tables with TorchRec
 (DCP reshards); ``checkpoints/best`` is one safetensors file of the whole tables. ``kunlun eval``, ``export`` and
 ``serve`` read either in one process, without TorchRec.
+
+Tested on CPU processes over gloo (tests/test_distributed.py); on GPUs the planner and kernels are TorchRec's CUDA ones,
+untried.
 """
 
 from __future__ import annotations
