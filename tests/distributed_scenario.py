@@ -38,19 +38,16 @@ def quiet(message: str) -> None:
 
 def metric_reduction(world: D.World) -> dict:
     """Random (probability, label, group) rows of a 1,000-row split, each rank holding the rows of its evaluation
-    batches (batches of 96: rank r has batches r, r + 2, …, the last one short, one share empty), gathered by
+    batches in order (batches of 96: rank r has batches r, r + 2, …, the last one short, one share empty), gathered by
     ``gather_predictions`` and scored; against the whole split scored at once. Ties included (rounded scores)."""
     rng = np.random.default_rng(7)
     n, batch = 1000, 96
     probs = np.round(rng.random(n), 2).astype(np.float32)
     labels = (rng.random(n) < probs).astype(np.float32)
     groups = rng.integers(0, 40, n)
-    parts = []
-    for g in range(0, n, batch * world.size):
-        lo = min(n, g + world.rank * batch)
-        hi = min(n, lo + batch)
-        parts.append((probs[lo:hi], labels[lo:hi], groups[lo:hi]))
-    joined = D.gather_predictions(parts, world)
+    mine = np.concatenate([np.arange(min(n, g + world.rank * batch), min(n, g + (world.rank + 1) * batch))
+                           for g in range(0, n, batch * world.size)])
+    joined = D.gather_predictions((probs[mine], labels[mine], groups[mine]), batch, world)
     if joined is None:
         return {}
     acc = MetricAccumulator(0.4)

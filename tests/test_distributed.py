@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import TINY_MODEL
 from kunlun.config import load_config
@@ -28,6 +29,7 @@ from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.training.checkpoint import load_weights
 from kunlun.training.distributed import World, check_world, shard_scale
+from kunlun.training.distributed import shares as rank_rows
 from kunlun.training.runner import evaluate_run, load_trained, train_run
 from kunlun.training.step import set_seed
 from kunlun.training.trainer import Trainer, build
@@ -41,9 +43,9 @@ NE_TOL = 1e-5
 AUC_TOL = 1e-4  # ~9 of the ~10⁵ positive-negative pairs of the 629 validation rows ordered the other way
 
 
-def torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(root: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KUNLUN_CACHE": str(root / "cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -208,6 +210,8 @@ def test_every_rank_takes_its_share_of_each_global_batch():
             scale, mine, rows = shard_scale(i, len(b), cfg.train, World(r, 4))
             assert (mine, rows, scale) == (len(shares[r][i]), len(batch), 4 / len(batch))
     assert [len(s[-1]) for s in shares] == [512, 512, 512, 394]
+    # what predict_shard preallocates and gather_predictions interleaves: each rank's rows of each global batch
+    assert rank_rows(len(b), 512, World(0, 4)).tolist() == [[len(s[i]) for s in shares] for i in range(len(whole))]
 
 
 def test_a_batch_size_that_does_not_split_over_the_ranks_is_one_line():
@@ -231,15 +235,135 @@ def test_torchrec_sharding_without_torchrec_is_one_line():
                             "(or use train.embedding_sharding=row)")
 
 
-@pytest.mark.skipif(not HAS_TORCHREC, reason='TorchRec is not installed (pip install "kunlun[torchrec]"; see pyproject.toml for the '
-                                             "versions that load with torch 2.13)")
+NO_TORCHREC = pytest.mark.skipif(not HAS_TORCHREC, reason='TorchRec is not installed (pip install "kunlun[torchrec]"; see '
+                                 "pyproject.toml for the versions that load with torch 2.13)")
+
+
+@NO_TORCHREC
 def test_torchrec_shards_a_table_row_wise_and_trains_it_on_cpu_over_gloo(tmp_path):
-    """The probe: TorchRec's planner and DistributedModelParallel on 2 CPU processes (kunlun's models do not use it
-    yet: ``train.embedding_sharding=torchrec`` says so in one line; ``row`` is the tested path)."""
+    """The probe: TorchRec's planner and DistributedModelParallel on 2 CPU processes, by themselves."""
     r = torchrun(tmp_path, str(HERE / "torchrec_probe.py"))
     assert r.returncode == 0 and "torchrec probe ok" in r.stdout, r.stderr[-3000:]
-    with pytest.raises(KunlunError, match="kunlun's TorchRec path is not built yet"):
-        check_world(load_config(None, ["train.embedding_sharding=torchrec"]).train, World(0, 2))
+
+
+@NO_TORCHREC
+def test_every_model_looks_up_torchrec_tables_as_its_plain_tables(tmp_path):
+    """tests/torchrec_models.py, one process: each model with its tables in TorchRec gives the logits of the plain
+    model bit for bit (fields, sequences, per-type windows, candidates), and its fused SGD (Adagrad) step equals plain
+    SGD (Adagrad)."""
+    r = torchrun(tmp_path, str(HERE / "torchrec_models.py"), processes=1)
+    assert r.returncode == 0 and "torchrec models ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_what_torchrec_tables_cannot_do_as_one_process_is_one_line():
+    """train.embedding_sharding=torchrec takes embedding optimizers sgd and adagrad only, without weight decay or L2, and
+    not train.compile (kunlun.training.torchrec_sharding); checked before TorchRec is imported, so this runs without it
+    too."""
+    from kunlun.training.torchrec_sharding import check_config
+
+    for ok in ("sgd", "adagrad"):
+        check_config(load_config(None, ["train.embedding_sharding=torchrec", f"train.embedding_optimizer={ok}"]).train)
+    for bad, why in (("adam", "fbgemm's CPU kernels have no Adam and its GPU Adam is lazy, unlike kunlun's adam"),
+                     ("sparse_adagrad", "the fused tables update only the rows of each batch already")):
+        with pytest.raises(KunlunError) as e:
+            check_config(load_config(None, ["train.embedding_sharding=torchrec", f"train.embedding_optimizer={bad}"]).train)
+        assert str(e.value) == (f"train.embedding_optimizer={bad} with train.embedding_sharding=torchrec: TorchRec updates its "
+                                f"tables in the backward with fbgemm's fused optimizers, and {why}; use "
+                                f"train.embedding_optimizer=adagrad or sgd")
+    with pytest.raises(KunlunError, match="fbgemm's fused SGD and Adagrad have no weight decay; set them to 0$"):
+        check_config(load_config(None, ["train.embedding_optimizer=sgd", "train.embedding_l2=1e-6"]).train)
+    with pytest.raises(KunlunError, match="^train.compile with train.embedding_sharding=torchrec: not built"):
+        check_config(load_config(None, ["train.embedding_optimizer=sgd", "train.compile=true"]).train)
+
+
+# TorchRec's fused optimizers are SGD and Adagrad (kunlun.training.torchrec_sharding); grad_clip 0: with TorchRec it clips
+# the dense gradients only, so the runs compare with one process only unclipped. Learning rates that move the tables
+# far from their start in 18 steps, so that the comparison of the tables measures something.
+TORCHREC = {"sgd": [*CFG, "train.grad_clip=0", "train.embedding_optimizer=sgd", "train.embedding_lr=0.5"],
+            "adagrad": [*CFG, "train.grad_clip=0", "train.embedding_optimizer=adagrad", "train.embedding_lr=0.02"]}
+
+
+@pytest.fixture(scope="module")
+def torchrec_root(tmp_path_factory):
+    """The world of ``root`` and the 2-rank runs of ``tests/torchrec_scenario.py`` (TORCHREC, each with
+    train.embedding_sharding=torchrec): (ROOT, its torchrec.json)."""
+    root = tmp_path_factory.mktemp("torchrec")
+    S.generate(root / "w", 6000, seed=3, world=S.World(items=2000, events_per_user=30))
+    for name, overrides in TORCHREC.items():
+        cfg = load_config(None, [*overrides, "train.embedding_sharding=torchrec"], dataset=str(root / "w"))
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    r = torchrun(root, str(HERE / "torchrec_scenario.py"), str(root))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, json.loads((root / "torchrec.json").read_text())
+
+
+def train_one_process(cfg, d: Path) -> tuple[Trainer, dict]:
+    """``cfg`` trained by one process: (its trainer holding the last state, final.json)."""
+    one = Trainer(cfg, prepare_dataset(cfg.data.dataset, use_cache=False), d, progress=False, logger=lambda m: None)
+    one.start_record()
+    final = one.fit()
+    one.resume(d / "checkpoints" / "last")  # fit() ends holding the best weights; the last state is here
+    return one, final
+
+
+@NO_TORCHREC
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_torchrec_tables_train_as_one_process(torchrec_root, optimizer, tmp_path):
+    """train.embedding_sharding=torchrec: each rank holds half of every vocabulary table in TorchRec's fused tables,
+    and after 18 steps the weights (tables included) and the tables' Adagrad sums equal those of one process training
+    with plain nn.Embedding tables (the same embedding optimizer), up to float summation order; so do the metrics.
+    SGD's update is proportional to the gradient: a table gradient averaged otherwise (not divided by the world size,
+    or divided twice) would move the tables by another amount."""
+    root, runs = torchrec_root
+    run = runs[optimizer]
+    assert run["item_rows"] == [[1067, 534], [1067, 533]]
+    cfg = load_config(root / f"{optimizer}.yaml")
+    one, final1 = train_one_process(cfg, tmp_path / "one")
+    assert_metrics_close(final1["metrics"], run["metrics"])
+    two = build(cfg, one.data)
+    load_weights(root / optimizer / "checkpoints" / "last", two)  # the 2-rank DCP checkpoint, TorchRec's tables included
+    set_seed(cfg.train.seed)
+    start = build(cfg, one.data).state_dict()
+    mine, theirs = one.model.state_dict(), two.state_dict()
+    assert mine.keys() == theirs.keys()
+    tables = [k for k in mine if k.startswith("inputs.tables.")]
+    for keys in (list(mine), tables):
+        a, b, s = (flat(sd[k] for k in keys) for sd in (mine, theirs, start))
+        assert float((a - b).norm() / (a - s).norm()) < REL_TOL, keys
+    if optimizer == "adagrad":  # the accumulated squared gradients: Adagrad's update alone is nearly scale-free
+        momentum = torch.load(root / "adagrad-momentum.pt", weights_only=True)
+        names = {id(p): n for n, p in one.model.named_parameters()}
+        sums = {names[id(p)]: st["sum"] for o in one.optimizers for p, st in o.state.items() if "sum" in st}
+        for k in tables:
+            x, y = sums[k], momentum[f"{k.split('.')[2]}.momentum1"]
+            assert float((x - y).norm() / x.norm()) < REL_TOL, k
+
+
+@NO_TORCHREC
+def test_a_torchrec_run_resumes_exactly_and_its_checkpoints_load_in_one_process(torchrec_root, tmp_path):
+    """Killed at step 14 and resumed from step 12 on 2 ranks: the metrics of the uninterrupted run, bit for bit (the
+    tables and their Adagrad sums are in checkpoints/last); on 4 ranks (the checkpoint's shards resharded): the same
+    up to float summation order. ``checkpoints/best`` is one safetensors file of the whole tables: one process scores
+    the run as the run did. A one-process run does not resume it (one line)."""
+    root, runs = torchrec_root
+    assert runs["resumed"] == runs["adagrad"]["metrics"]
+    r = torchrun(root, str(HERE / "torchrec_scenario.py"), str(root), "resume", processes=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_metrics_close(json.loads((root / "resumed-4.json").read_text()), runs["adagrad"]["metrics"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert evaluate_run(root / "adagrad") == runs["adagrad"]["metrics"]
+    finally:
+        torch.set_num_threads(threads)
+    cfg = load_config(root / "adagrad.yaml")
+    one = Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path, progress=False, logger=lambda m: None)
+    last = root / "adagrad" / "checkpoints" / "last"
+    with pytest.raises(KunlunError) as e:
+        one.resume(last)
+    assert str(e.value) == (f"{last}: written with train.embedding_sharding=torchrec, whose tables' optimizer state is TorchRec's: "
+                            f"it resumes with train.embedding_sharding=torchrec on several processes (its weights load anywhere: "
+                            f"kunlun eval, export)")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"NCCL needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}")

@@ -166,9 +166,10 @@ def is_sharded(checkpoint: Path) -> bool:
 
 
 def save_sharded(target: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], config: dict, state: dict[str, Any],
-                 info: dict[str, Any], world) -> None:
+                 info: dict[str, Any], world, extra: dict[str, Any] | None = None) -> None:
     """Write the checkpoint ``target`` from every rank of ``world`` (a collective: every rank calls it): the weights and
-    optimizer states as a DCP folder (each rank its shard), then, by rank 0, config.yaml, ``state`` (the trainer's
+    optimizer states as a DCP folder (each rank its shard), with ``extra`` (more sharded state, e.g. TorchRec's fused
+    optimizer's, under its own top-level keys), then, by rank 0, config.yaml, ``state`` (the trainer's
     plain state, as in a one-process checkpoint) and the manifest of every file; then the directory is swapped into
     place as ``save_checkpoint`` does. Every rank returns once the new checkpoint is in place."""
     import torch.distributed.checkpoint as dcp
@@ -181,7 +182,7 @@ def save_sharded(target: Path, model: torch.nn.Module, optimizers: list[torch.op
     tmp = Path(broadcast(str(temporary_dir(target)) if world.main else None, world))
     done = False
     try:
-        dcp.save({"model": weights, "optimizers": optim}, checkpoint_id=tmp / SHARDED)
+        dcp.save({"model": weights, "optimizers": optim, **(extra or {})}, checkpoint_id=tmp / SHARDED)
         if world.main:
             files = {"config.yaml": yaml.safe_dump(config, sort_keys=False).encode()}
             buf = io.BytesIO()
@@ -204,9 +205,11 @@ def save_sharded(target: Path, model: torch.nn.Module, optimizers: list[torch.op
     barrier(world)
 
 
-def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
     """Weights (and, given ``optimizers``, their states) from a checkpoint's DCP folder into ``model`` as it is laid
-    out in this process — replicated, FSDP-sharded, or one process without a process group. Every rank calls it."""
+    out in this process — replicated, FSDP-sharded, or one process without a process group. Every rank calls it.
+    ``extra``: more state saved by ``save_sharded(extra=)``, read in place (its tensors) and returned in it."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -217,8 +220,10 @@ def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizers: list[torc
             warnings.simplefilter("ignore", UserWarning)
             if optimizers:
                 weights, optim = get_state_dict(model, optimizers)
-                both = {"model": weights, "optimizers": optim}
+                both = {"model": weights, "optimizers": optim, **(extra or {})}
                 dcp.load(both, checkpoint_id=checkpoint / SHARDED)
+                if extra:  # DCP reads tensors in place and replaces other values: hand those back
+                    extra.update((k, both[k]) for k in extra)
                 set_state_dict(model, optimizers, model_state_dict=both["model"], optim_state_dict=both["optimizers"])
             else:
                 only = {"model": get_model_state_dict(model)}

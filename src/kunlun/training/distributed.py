@@ -135,15 +135,16 @@ def check_world(t: TrainConfig, world: World) -> None:
                           "(or use train.embedding_sharding=row)")
     if not world.distributed:
         return
-    if t.embedding_optimizer.startswith("sparse_"):
+    if t.embedding_sharding == "torchrec":
+        from kunlun.training.torchrec_sharding import check_config
+
+        check_config(t)
+    elif t.embedding_optimizer.startswith("sparse_"):
         raise KunlunError(f"train.embedding_optimizer={t.embedding_optimizer} is for one process: data-parallel training "
                           f"reduces dense gradients (use adam or adagrad, or train.embedding_sharding=row for large tables)")
     if t.embedding_sharding != "none" and t.distributed == "fsdp":
         raise KunlunError(f"train.embedding_sharding={t.embedding_sharding} goes with train.distributed=ddp: with fsdp every "
                           f"parameter, the tables included, is sharded already")
-    if t.embedding_sharding == "torchrec":
-        raise KunlunError("train.embedding_sharding=torchrec: kunlun's TorchRec path is not built yet (its models look up "
-                          "plain nn.Embedding tables, not TorchRec's EmbeddingCollection); use train.embedding_sharding=row")
     if t.batch_size % world.size:
         near = t.batch_size // world.size * world.size or world.size
         raise KunlunError(f"train.batch_size={t.batch_size} does not split over {world.size} processes: every rank takes an "
@@ -245,8 +246,9 @@ class ShardTrainModel(TrainModel):
 
 def wrap_for_training(model: RankingModel, t: TrainConfig, world: World) -> nn.Module:
     """The module a rank's ``TrainStep`` runs: ``model`` (already on its device) in a ``ShardTrainModel``, replicated
-    with DDP or sharded in place with FSDP2's ``fully_shard`` (``train.distributed``). With fsdp, build the optimizers
-    after this call: their parameters are the sharded ones."""
+    with DDP or sharded in place with FSDP2's ``fully_shard`` (``train.distributed``), its vocabulary tables split by
+    rows (``train.embedding_sharding=row``) or moved into TorchRec (``torchrec``). Build the optimizers after this call:
+    their parameters are the sharded ones (fsdp), or no longer hold the tables (torchrec)."""
     inner = ShardTrainModel(model, t.bf16, world.size)
     device = next(model.parameters()).device
     if t.embedding_sharding == "row":
@@ -254,6 +256,10 @@ def wrap_for_training(model: RankingModel, t: TrainConfig, world: World) -> nn.M
 
         sharded = shard_rows(model, device)  # each rank keeps its rows: DDP must neither average nor broadcast them
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(inner, [f"model.{n}" for n in sharded])
+    elif t.embedding_sharding == "torchrec":
+        from kunlun.training.torchrec_sharding import shard_with_torchrec
+
+        shard_with_torchrec(model, t, device)  # the tables leave the model's parameters: DDP never sees them
     if t.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -282,32 +288,54 @@ def shard_scale(step_in_epoch: int, rows: int, t: TrainConfig, world: World) -> 
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def shares(rows: int, batch_size: int, world: World) -> np.ndarray:
+    """Rows of each rank in each global evaluation batch of a split of ``rows`` rows: [G, W] int64, G = ⌈rows / (B·W)⌉
+    (global batch g holds rank 0's ``batch_size`` rows, then rank 1's, …; a short last one leaves later ranks fewer)."""
+    starts = np.arange(0, rows, batch_size * world.size, dtype=np.int64)
+    return np.clip(rows - starts[:, None] - np.arange(world.size)[None, :] * batch_size, 0, batch_size)
+
+
 @torch.no_grad()
-def predict_shard(model: RankingModel, batcher: Batcher, batch_size: int, world: World, bf16: bool = False) -> list[tuple[np.ndarray, ...]]:
-    """(probabilities, labels, groups) of each of this rank's evaluation batches: batches rank, rank + W, … of
-    ``batch_size`` rows, in order (an empty one where the split has run out)."""
+def predict_shard(model: RankingModel, batcher: Batcher, batch_size: int, world: World, bf16: bool = False) -> tuple[np.ndarray, ...]:
+    """(probabilities, labels, groups) of this rank's rows of the split, [n_r] float32, float32, int64: those of its
+    evaluation batches rank, rank + W, … of ``batch_size`` rows, in order. Written into arrays of this rank's row count
+    as batches come (16 bytes per row), as ``trainer.predict`` does, for the same reason (memory)."""
     model.eval()
     device = next(model.parameters()).device
-    parts = []
+    n = int(shares(len(batcher), batch_size, world)[:, world.rank].sum())
+    probs, labels, groups = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int64)
+    done = 0
     for batch in batcher.iterate(batch_size * world.size, rank=world.rank, world=world.size):
-        n = len(batch)
+        k = len(batch)
         # an empty share still runs the model, on a stand-in row: under FSDP every forward is a collective
-        run = batch if n else batcher.batch(np.zeros(1, np.int64))
+        run = batch if k else batcher.batch(np.zeros(1, np.int64))
         with autocast(device, bf16):
             logits = model(run.to(device))
-        parts.append((torch.sigmoid(logits.float()).cpu().numpy()[:n], batch.label.numpy(), batch.group.numpy()))
-    return parts
+        probs[done : done + k] = torch.sigmoid(logits.float()).cpu().numpy()[:k]
+        labels[done : done + k] = batch.label.numpy()
+        groups[done : done + k] = batch.group.numpy()
+        done += k
+    return probs, labels, groups
 
 
-def gather_predictions(parts: list[tuple[np.ndarray, ...]], world: World) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Every rank's ``predict_shard`` output, put back in row order on rank 0 (interleaving the ranks' batches:
-    global batch g holds rank 0's g-th batch, then rank 1's, …); None on the other ranks."""
+def gather_predictions(parts: tuple[np.ndarray, ...], batch_size: int, world: World) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every rank's ``predict_shard`` output, put back in row order on rank 0 (interleaving the ranks' rows batch by
+    batch: global batch g holds rank 0's g-th batch, then rank 1's, …); None on the other ranks."""
     gathered = gather_to_main(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL), world)
     if gathered is None:
         return None
     by_rank = [pickle.loads(g) for g in gathered]
-    ordered = [by_rank[r][g] for g in range(len(by_rank[0])) for r in range(world.size)]
-    return tuple(np.concatenate([p[i] for p in ordered]) for i in range(3))  # type: ignore[return-value]
+    counts = shares(sum(len(p[0]) for p in by_rank), batch_size, world)
+    ends = np.cumsum(counts, axis=0)  # [G, W]: where each rank's g-th batch ends in its own arrays
+    out = tuple(np.empty(int(counts.sum()), by_rank[0][i].dtype) for i in range(3))
+    at = 0
+    for g in range(len(counts)):
+        for r in range(world.size):
+            k = int(counts[g, r])
+            for i in range(3):
+                out[i][at : at + k] = by_rank[r][i][ends[g, r] - k : ends[g, r]]
+            at += k
+    return out  # type: ignore[return-value]
 
 
 def evaluate_sharded(model: RankingModel, data: Prepared, split: str, max_len: int, batch_size: int, world: World,
@@ -315,7 +343,7 @@ def evaluate_sharded(model: RankingModel, data: Prepared, split: str, max_len: i
     """Metrics of ``split``, every rank scoring its share of the evaluation batches; the same numbers, bit for bit,
     as ``kunlun.training.trainer.evaluate`` of one process, returned on every rank."""
     parts = predict_shard(model, Batcher(data, split, max_len, model.event_windows), batch_size, world, bf16)
-    joined = gather_predictions(parts, world)
+    joined = gather_predictions(parts, batch_size, world)
     metrics = None
     if joined is not None:
         probs, labels, groups = joined

@@ -62,6 +62,7 @@ from kunlun.training.checkpoint import (
     load_sharded,
     load_trainer_state,
     load_weights,
+    read_manifest,
     save_checkpoint,
     save_sharded,
     verify_checkpoint,
@@ -90,6 +91,7 @@ from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_opt
     make_schedulers,
     set_seed,
 )
+from kunlun.training.torchrec_sharding import sharded_tables
 
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
 SYNC_SECONDS = 0.5  # the training loop reads the loss from the device (a host sync) at most this often, and before
@@ -194,8 +196,10 @@ class Trainer:
         set_seed(t.seed)
         self.device = w.device() if w.distributed else default_device()
         self.model = build(cfg, data).to(self.device)
-        # some parameters are sharded over the ranks (DTensors): all with FSDP, the vocabulary tables with row sharding
-        self.sharded = w.distributed and (t.distributed == "fsdp" or t.embedding_sharding == "row")
+        self.parameter_counts = self.model.num_parameters()  # before TorchRec takes the tables out of the model
+        # some parameters are sharded over the ranks: all with FSDP, the vocabulary tables with row sharding (DTensors)
+        # or TorchRec (ShardedTensors)
+        self.sharded = w.distributed and (t.distributed == "fsdp" or t.embedding_sharding in ("row", "torchrec"))
         if w.distributed:
             if w.rank:  # the same weights everywhere (built from the seed), independent dropout draws
                 torch.manual_seed(rank_seed(t.seed, w.rank))
@@ -203,15 +207,18 @@ class Trainer:
         else:
             self.train_model = TrainModel(self.model, t.bf16)
         self.optimizers = make_optimizers(self.model, t)  # after FSDP sharding: the optimizers hold the shards
+        # TorchRec's tables update themselves in the backward; their optimizer is here for its learning-rate schedule
+        self.tables = sharded_tables(self.model) if w.distributed and t.embedding_sharding == "torchrec" else None
+        fused = [self.tables.optimizer] if self.tables is not None else []
         self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows, t.shuffle_block_rows,
                                      t.shuffle_window_blocks)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
-        self.schedulers = make_schedulers(self.optimizers, t, self.total_steps)
+        self.schedulers = make_schedulers(self.optimizers + fused, t, self.total_steps)
         if t.compile:  # the same module and parameters, run through Inductor; evaluation stays eager
             self.train_model = torch.compile(self.train_model)
-        self.train_step = TrainStep(self.train_model, self.optimizers, self.schedulers, t.grad_clip,
+        self.train_step = TrainStep(self.train_model, self.optimizers + fused, self.schedulers, t.grad_clip,
                                     check_finite=False,  # the epoch loop watches the loss (NonFiniteWatch)
                                     clip=clip_sharded_grad_norm if w.distributed and t.embedding_sharding == "row" else None)
         if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
@@ -267,11 +274,22 @@ class Trainer:
         checked against its manifest first."""
         verify_checkpoint(checkpoint)
         sharded = is_sharded(checkpoint)
+        torchrec = bool((read_manifest(checkpoint) or {}).get("torchrec_tables"))
+        if torchrec != (self.tables is not None):
+            raise KunlunError(f"{checkpoint}: written with train.embedding_sharding=torchrec, whose tables' optimizer state is "
+                              f"TorchRec's: it resumes with train.embedding_sharding=torchrec on several processes (its weights "
+                              f"load anywhere: kunlun eval, export)" if torchrec else
+                              f"{checkpoint}: not written with train.embedding_sharding=torchrec: a TorchRec run resumes its own "
+                              f"checkpoints only")
         if sharded:  # written by several processes: weights and optimizer states resharded to this world
-            load_sharded(checkpoint, self.model, self.optimizers)
+            extra = self.tables_state()
+            load_sharded(checkpoint, self.model, self.optimizers, extra)
+            if self.tables is not None:
+                self.tables.optimizer.load_state_dict(extra["table_optimizer"])
         elif self.sharded:
             raise KunlunError(f"{checkpoint}: a one-process checkpoint does not resume with sharded parameters "
-                              f"(train.distributed=fsdp or train.embedding_sharding=row); resume it with plain ddp first")
+                              f"(train.distributed=fsdp or train.embedding_sharding=row or torchrec); resume it with plain "
+                              f"ddp first")
         else:
             load_weights(checkpoint, self.model)
         st = load_trainer_state(checkpoint)
@@ -283,6 +301,9 @@ class Trainer:
                     o.load_state_dict(s)
             for sch, s in zip(self.schedulers, st["schedulers"], strict=True):
                 sch.load_state_dict(s)
+            if self.tables is not None:  # its learning rate is not in its state (the dense optimizers' is): the schedule's
+                for group, lr in zip(self.tables.optimizer.param_groups, self.schedulers[-1].get_last_lr(), strict=True):
+                    group["lr"] = lr
             ranks = st.get("rank_rng") or []
             if len(ranks) == w.size:  # the same world size: every rank continues its own random stream
                 torch.set_rng_state(ranks[w.rank][0])
@@ -315,12 +336,19 @@ class Trainer:
     def save_last(self) -> None:
         s = self.state
         info = {"epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step}
+        if self.tables is not None:
+            info["torchrec_tables"] = True
         if self.world.distributed:  # every rank writes its shard
             save_sharded(self.run_dir / "checkpoints" / "last", self.model, self.optimizers, self.recorded, self.checkpoint_state(),
-                         info, self.world)
+                         info, self.world, self.tables_state())
         else:
             save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.recorded, self.checkpoint_state(), info=info)
         self.last_saved = time.monotonic()
+
+    def tables_state(self) -> dict[str, Any]:
+        """What a distributed checkpoint holds besides the model and its optimizers: the state of TorchRec's fused
+        optimizer (ShardedTensors, written and read in place), if the tables are TorchRec's."""
+        return {"table_optimizer": self.tables.optimizer.state_dict()} if self.tables is not None else {}
 
     def save_best(self) -> None:
         """``checkpoints/best``: one safetensors file of the whole weights, written by rank 0 (FSDP: gathered first,
@@ -511,7 +539,7 @@ class Trainer:
             "useful_train_compute": TRAIN_FLOPS_FACTOR * self.useful_flops * self.state.train_examples,
             "useful_train_compute_at_best": TRAIN_FLOPS_FACTOR * self.useful_flops * self.state.best_examples,
             "flops_by_component": self.model.flops_by_component(),
-            "parameters": self.model.num_parameters(),
+            "parameters": self.parameter_counts,
             "wall_time_s": wall,
             "train_examples_per_s": self.state.train_examples / max(self.state.train_seconds, 1e-9),
             "eval_examples_per_s": eval_examples / max(eval_seconds, 1e-9),
