@@ -78,7 +78,7 @@ def test_torchrun_kunlun_train_writes_one_run_record_from_rank_0(root):
     final = json.loads((run / "final.json").read_text())
     assert out.strip().splitlines() == [json.dumps(final["metrics"])]  # one JSON object: rank 0's
     assert err.count("run record:") == 1 and err.count("epoch 2: train loss") == 1  # logs from rank 0 only
-    assert final["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "ddp"}
+    assert final["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "ddp", "embedding_sharding": "none"}
     assert json.loads((run / "environment.json").read_text())["distributed"]["world_size"] == 2
     assert final["steps"] == 18 and final["train_examples"] == 2 * 4876  # global steps and examples, as one process counts
     assert len((run / "epochs.jsonl").read_text().splitlines()) == 2

@@ -232,6 +232,11 @@ class Trainer:
             raise KunlunError(f"dataset {data.name!r} has no validation split for early stopping")
 
     # ------------------------------------------------------------------ record
+    def distributed_record(self) -> dict:
+        """How this run is spread: world size and ranks, dense strategy (ddp / fsdp) and table sharding."""
+        t = self.cfg.train
+        return {**self.world.describe(), "strategy": t.distributed, "embedding_sharding": t.embedding_sharding}
+
     def start_record(self) -> None:
         """Write the run's config, environment and encoder, and no epoch records yet (a run started over from the
         beginning drops those of its earlier, never checkpointed start)."""
@@ -240,7 +245,7 @@ class Trainer:
         d = self.run_dir
         env = {**environment(), "data": self.data.fingerprint()}
         if self.world.distributed:
-            env["distributed"] = {**self.world.describe(), "strategy": self.cfg.train.distributed}
+            env["distributed"] = self.distributed_record()
         with writing(d):
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_text(d / "config.yaml", yaml.safe_dump(self.recorded, sort_keys=False))
@@ -545,7 +550,7 @@ class Trainer:
             "eval_examples_per_s": eval_examples / max(eval_seconds, 1e-9),
         }
         if self.world.distributed:
-            final["distributed"] = {**self.world.describe(), "strategy": cfg.train.distributed}
+            final["distributed"] = self.distributed_record()
         if self.world.main:
             with writing(self.run_dir / "final.json"):
                 atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
