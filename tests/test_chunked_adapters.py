@@ -132,6 +132,27 @@ def test_generic_csv_in_blocks_writes_the_whole_file_cache(tmp_path, small_csv_b
     assert_same_cache(raw, lambda rows: tabular.SchemaChunks(sf, rows), tmp_path, (7, 333, 10**6))
 
 
+@pytest.mark.parametrize("stamp", ["2024-01-0%dT00:00:00Z", "2024-01-0%dT00:00:00.123456789Z", "2024-01-0%d 08:00:00"])
+def test_csv_blocks_settle_timestamp_columns_that_turn_to_text_like_the_whole_file(tmp_path, small_csv_blocks, stamp):
+    """Time-zone (and nanosecond) timestamps for many blocks, then text: each block gets the whole file's types."""
+    lines = ["a,t,u"] + [f"{r},{stamp % (1 + r % 7) if r < 300 else 'unknown'},{stamp % (1 + r % 7)}" for r in range(400)]
+    (tmp_path / "f.csv").write_text("\n".join(lines) + "\n")
+    whole = io.read_table(tmp_path / "f.csv", required=["a", "t", "u"])
+    blocks = list(io.TableChunks(tmp_path / "f.csv", rows=37, required=["a", "t", "u"]))
+    assert whole.schema.field("t").type == pa.string() and pa.types.is_timestamp(whole.schema.field("u").type)
+    for _, block in blocks:
+        assert block.schema == whole.schema
+    assert pa.concat_tables([b for _, b in blocks]).equals(whole)
+
+
+def test_text_in_a_numeric_column_names_the_value_arrow_cannot_read(tmp_path):
+    """Python's float() reads "1_000" and " 5", Arrow's cast does not: the message names that value and its row."""
+    pq.write_table(pa.table({"p": ["1", "2", "1_000", "4"]}), tmp_path / "f.parquet")
+    table = pq.read_table(tmp_path / "f.parquet")
+    with pytest.raises(KunlunError, match=r"column 'p' must be numeric, found text '1_000' at data row 3$"):
+        io.numeric_column(table, "p", tmp_path / "f.parquet")
+
+
 def test_generic_parquet_in_row_groups_writes_the_whole_file_cache(tmp_path):
     """List columns of integers and of text (all integers in train: they become int64 there, as whole), row groups
     smaller and larger than the chunks."""

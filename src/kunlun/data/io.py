@@ -169,6 +169,15 @@ def _is_number(value: str) -> bool:
     return True
 
 
+def _arrow_number(value: str) -> bool:
+    """Whether Arrow's cast reads ``value`` as a float64 (stricter than Python's ``float``: no "1_000", no " 5")."""
+    try:
+        pa.array([value], pa.string()).cast(pa.float64())
+    except pa.ArrowException:
+        return False
+    return True
+
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -188,7 +197,8 @@ def numeric_column(table: pa.Table, column: str, path: Path, *, integer: bool = 
             # every value a number: a block of a file whose text lies in another block (TableChunks), which names it
             arr = arr.cast(pa.float64())
         except (ValueError, pa.ArrowException):
-            row = row or 0
+            if row is None:  # Python's float() took every value, Arrow's cast did not ("1_000", " 5"): find which
+                row = next((i for i, v in enumerate(values) if not _arrow_number(v)), 0)
             raise KunlunError(f"{path}: column {column!r} must be numeric, found text {show(values[row])} "
                               f"at data row {first_row + row + 1}") from None
     if pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type):
@@ -252,7 +262,7 @@ def optional_label(t: pa.Table, column: str, path: Path, labels: bool, first_row
 # pyarrow's CSV type inference, in its order (arrow/csv/inference_internal.h, without dictionary encoding): a column
 # gets the first of these that converts every value
 CSV_INFERENCE = (pa.null(), pa.int64(), pa.bool_(), pa.date32(), pa.time32("s"), pa.timestamp("s"), pa.timestamp("ns"),
-                 pa.float64(), pa.string(), pa.binary())
+                 pa.timestamp("s", "UTC"), pa.timestamp("ns", "UTC"), pa.float64(), pa.string(), pa.binary())
 CSV_BLOCK = 1 << 22  # bytes the CSV reader parses at a time
 
 
@@ -332,7 +342,10 @@ class TableChunks:
                     raise self._problem(exc) from None
                 column = self.header[int(m[1])]
                 current = self.types[column] if column in self.types else reader.schema.field(column).type
-                self.types[column] = CSV_INFERENCE[CSV_INFERENCE.index(current) + 1]  # binary, the last, converts anything
+                # the next type of pyarrow's order (binary, the last, converts anything); a type outside the order
+                # (a future pyarrow's) steps to text, what the whole-file read gives a column of mixed values
+                after = CSV_INFERENCE.index(current) + 1 if current in CSV_INFERENCE else CSV_INFERENCE.index(pa.string())
+                self.types[column] = CSV_INFERENCE[after]
             except (UnicodeDecodeError, pa.ArrowException, OSError) as exc:
                 raise self._problem(exc) from None
 
