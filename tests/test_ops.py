@@ -229,3 +229,19 @@ def test_rotary_bf16_close_to_fp32_reference():
     assert fast.dtype == torch.bfloat16
     # the fast path rotates in float32 and rounds once: no further from fp32 than the bf16 reference
     assert (fast.float() - exact).abs().max() <= (ref.float() - exact).abs().max()
+
+
+def test_compiled_rotary_takes_the_plain_form_inductor_can_fuse():
+    """Inductor has no code generation for complex numbers (it warns and runs slower kernels): compiled and exported
+    models get the reference's element-wise form, with the eager fast path's values."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
+    tau = torch.rand(2, 9, generator=gen) * 12
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(lambda q, k, tau: rotary(tau, 10.0, q, k), fullgraph=True)(q, k, tau)
+    assert not [w for w in caught if "complex" in str(w.message)]
+    for a, b in zip(compiled, rotary(tau, 10.0, q, k)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

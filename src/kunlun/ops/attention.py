@@ -11,6 +11,7 @@ masked kernel is faster; the blocked layout wins once L is over 4 × 3b (``block
 cos / sin, stacked back (four products, two strided slices whose backward zero-fills and copies). Fast: each pair
 is one complex number and the rotation one complex product (one kernel forward and backward), computed once for
 the queries and keys that share it; in float32, so a bf16 input comes back rounded once instead of at every step.
+Compiled or exported code gets the reference, which Inductor fuses (it has no code generation for complex numbers).
 
 ``gdpa`` — generalised dot-product attention (an element-wise activation instead of the softmax, one per
 head or one for all, no row normalisation). Its fast path applies per-head activations through one
@@ -66,7 +67,9 @@ def rotary(tau: torch.Tensor, base: float, *xs: torch.Tensor) -> tuple[torch.Ten
     tau: [B, L] float; each x: [B, H, L, dh] (dh even) → the rotated xs, same shapes and dtypes. Used with
     τ = log(1 + Δt / t_scale) (rotary temporal encoding of log time gaps): q·k then depends on τ_q − τ_k.
     """
-    if ops.current() == "reference":
+    # under torch.compile / torch.export the plain form: Inductor fuses its element-wise steps, but generates no
+    # code for complex operators (it warns and falls back to slower kernels)
+    if ops.current() == "reference" or torch.compiler.is_compiling():
         return tuple(rotary_reference(x, tau, base) for x in xs)
     dh = xs[0].shape[-1]
     work = torch.promote_types(xs[0].dtype, torch.float32)  # complex64 for fp32 / bf16 inputs, complex128 for fp64
