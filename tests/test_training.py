@@ -221,7 +221,8 @@ def test_train_step_owns_loss_clipping_and_schedule(tmp_path):
 
 def test_eval_and_predict_score_with_the_runs_thread_count(tmp_path):
     """The thread count splits GEMM sums differently: re-scoring reproduces final.json only with the run's count."""
-    from kunlun.training.runner import evaluate_run, train_run
+    from kunlun.data.registry import EMBEDDED
+    from kunlun.training.runner import evaluate_file, evaluate_run, predict_file, train_run
 
     before = torch.get_num_threads()
     try:
@@ -229,6 +230,14 @@ def test_eval_and_predict_score_with_the_runs_thread_count(tmp_path):
         torch.set_num_threads(2)  # what a 2-core user's process starts with
         assert evaluate_run(tmp_path / "r") == final["metrics"]
         assert torch.get_num_threads() == 1
+        src = EMBEDDED / "ml-latest-small"  # a file of the run's schema: 300 ratings, histories from the file itself
+        (tmp_path / "movies.csv").write_text((src / "movies.csv").read_text())
+        (tmp_path / "ratings.csv").write_text("\n".join((src / "ratings.csv").read_text().splitlines()[:301]) + "\n")
+        for score in (lambda: evaluate_file(tmp_path / "r", tmp_path / "ratings.csv"),
+                      lambda: predict_file(tmp_path / "r", tmp_path / "ratings.csv", tmp_path / "p.csv")):
+            torch.set_num_threads(2)
+            score()
+            assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
