@@ -61,16 +61,20 @@ class MultiHeadAttention(nn.Module):
 
 class SequenceSelfAttention(nn.Module):
     """Pre-norm residual self-attention over a sequence: s + MHA(LN(s)). [B, L, D], mask [B, L],
-    optional rotary positions tau [B, L] → [B, L, D]. ``rotary_base``: θ_i = base^(-2i/dh) of the rotary encoding."""
+    optional rotary positions tau [B, L] → [B, L, D]. ``rotary_base``: θ_i = base^(-2i/dh) of the rotary encoding.
+    The attention output of a padding slot (a query) is zeroed, unless ``zero_padding=False`` (for a caller that
+    never reads padding slots: one multiply fewer each way); padding keys are masked either way."""
 
-    def __init__(self, dim: int, heads: int, window: int = 0, rotary_base: float = 10.0):
+    def __init__(self, dim: int, heads: int, window: int = 0, rotary_base: float = 10.0, zero_padding: bool = True):
         super().__init__()
+        self.zero_padding = zero_padding
         self.norm = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, window=window, rotary_base=rotary_base)
 
     def forward(self, s: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(s)
-        return s + self.attn(h, h, mask, tau) * mask.unsqueeze(-1)
+        a = self.attn(h, h, mask, tau)
+        return s + (a * mask.unsqueeze(-1) if self.zero_padding else a)
 
     def flops(self, length: int) -> int:
         return self.attn.flops(length, length)

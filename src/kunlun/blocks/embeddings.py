@@ -159,7 +159,9 @@ class EventTokens(nn.Module):
         if candidate and seq.event_vocab:
             self.candidate_event = nn.Parameter(torch.randn(emb_dim) * 0.05)
 
-    def forward(self, tables: nn.ModuleDict, s: SequenceBatch) -> torch.Tensor:
+    def forward(self, tables: nn.ModuleDict, s: SequenceBatch, zero_padding: bool = True) -> torch.Tensor:
+        """``zero_padding=False``: padding slots keep what the projection gives them (for a caller that never
+        reads them: one multiply fewer each way)."""
         parts = [tables[self.seq.item_vocab](s.item)]
         if self.seq.event_vocab:
             parts.append(tables[self.seq.event_vocab](s.event))
@@ -169,7 +171,7 @@ class EventTokens(nn.Module):
             x = x + self.position[-x.shape[1] :]
         if self.time is not None:
             x = x + self.time(time_bucket(s.gap, self.time_buckets))
-        return x * s.mask.unsqueeze(-1)
+        return x * s.mask.unsqueeze(-1) if zero_padding else x
 
     def candidate(self, tables: nn.ModuleDict, cat: torch.Tensor) -> torch.Tensor:
         """The candidate item's token. cat: [B, F] long (the non-sequence fields) → [B, D]."""

@@ -22,11 +22,15 @@ from kunlun.ops.attention import gdpa
 
 
 class GDPAPFFN(nn.Module):
-    """s: [B, L, D], summary: [B, T, D_kv], mask: [B, L] bool → [B, L, D]. D_kv defaults to D (a narrower
-    event sequence under event-level personalisation reads the full-width summary)."""
+    """s: [B, L, D], summary: [B, T, D_kv], mask: [B, L] bool → [B, L, D], padding slots 0. D_kv defaults to D
+    (a narrower event sequence under event-level personalisation reads the full-width summary). Each slot is
+    transformed on its own: the mask only zeroes the padding slots, and ``zero_padding=False`` leaves them as
+    computed (for a caller that never reads them: one multiply fewer each way)."""
 
-    def __init__(self, dim: int, heads: int, act: str | list[str] = "silu", kv_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, act: str | list[str] = "silu", kv_dim: int | None = None,
+                 zero_padding: bool = True):
         super().__init__()
+        self.zero_padding = zero_padding
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.dim, self.heads, self.act = dim, heads, act
@@ -41,7 +45,8 @@ class GDPAPFFN(nn.Module):
         q_n = self.norm_q(s)
         k, v = split_heads(self.k(summary), self.heads), split_heads(self.v(summary), self.heads)
         h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act, matmul=self.matmul.emulated_or_none())) + q_n
-        return (self.norm_out(h) + s) * mask.unsqueeze(-1)
+        out = self.norm_out(h) + s
+        return out * mask.unsqueeze(-1) if self.zero_padding else out
 
     def flops(self, length: int, summary_tokens: int) -> int:
         return linear_flops(summary_tokens, self.kv_dim, 2 * self.dim) + 2 * 2 * length * summary_tokens * self.dim

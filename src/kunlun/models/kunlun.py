@@ -139,8 +139,11 @@ class StreamBlocks(nn.Module):
         self.use_pffn, self.use_attn, self.use_pool = layer_plan(cfg, index, st.layers)
         # an attention-only last layer pools once more after the interaction, so its work reaches the output
         self.final_pool = index == st.layers - 1 and self.use_attn and not self.use_pool
-        self.pffn = GDPAPFFN(st.dim, st.heads, head_activations(cfg, st.heads), kv_dim=cfg.d_model) if self.use_pffn else None
-        self.attn = SequenceSelfAttention(st.dim, st.heads, st.window, cfg.rotary_base) if self.use_attn else None
+        # padding slots are never read (see Kunlun.forward): left unmasked
+        self.pffn = (GDPAPFFN(st.dim, st.heads, head_activations(cfg, st.heads), kv_dim=cfg.d_model, zero_padding=False)
+                     if self.use_pffn else None)
+        self.attn = (SequenceSelfAttention(st.dim, st.heads, st.window, cfg.rotary_base, zero_padding=False)
+                     if self.use_attn else None)
         if self.use_pool or self.final_pool:
             self.pool = (SeedPooling(st.dim, st.heads, st.tokens) if cfg.seq_pooling == "pma"
                          else HierarchicalSeedPooling(st.dim, st.heads, st.seeds, st.tokens, cfg.kron_rank))
@@ -272,14 +275,18 @@ class Kunlun(RankingModel):
         merged = {}  # each sequence's merged window, embedded once for the streams carved from it
         keep_of = {st.name: st.length - int(cfg.target_in_sequence) for st in self.streams}
         seqs = {}
+        # A stream's padding slots are never read by a real slot: the ops that mix slots (self-attention, seed
+        # pooling) mask their keys, and the others (projections, norms, GDPA-PFFN) work slot by slot. So they are
+        # not zeroed on the way (their values, finite, reach no output and get zero gradients): a step of this
+        # size is bound by operator count, and each mask costs a multiply each way.
         for st in self.streams:
             if st.event_code is not None and self.event_windows:
                 sb = self.own_window(batch, st)
-                s, mask, gap = inputs.events[st.source](inputs.tables, sb), sb.mask, sb.gap
+                s, mask, gap = inputs.events[st.source](inputs.tables, sb, zero_padding=False), sb.mask, sb.gap
             else:
                 if st.source not in merged:
                     sq = batch.seqs[st.source]
-                    merged[st.source] = (inputs.events[st.source](inputs.tables, sq), sq.mask, sq.gap)
+                    merged[st.source] = (inputs.events[st.source](inputs.tables, sq, zero_padding=False), sq.mask, sq.gap)
                 s, mask, gap = merged[st.source]
                 if st.event_code is not None:  # merged: this type's events among the window's, compacted
                     s, mask, gap = select_events(s, mask, batch.seqs[st.source].event, st.event_code, keep_of[st.name], gap)
@@ -288,7 +295,7 @@ class Kunlun(RankingModel):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 gap = torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1)
             if st.name in self.narrow:
-                s = self.narrow[st.name](s) * mask.unsqueeze(-1)
+                s = self.narrow[st.name](s)
             seqs[st.name] = (s, mask, time_positions(gap, cfg.time_scale) if cfg.rotary_time else None)
         summaries: dict[str, torch.Tensor] = {}
         for layer in self.layers:
