@@ -1,7 +1,8 @@
 """Attention ops: softmax attention with a key mask and an optional sliding window, and GDPA.
 
 ``softmax_attention`` — reference: explicit Q·Kᵀ, masked softmax, ·V over every key (the band is a mask).
-Fast: ``scaled_dot_product_attention`` (fused, no L×L score tensor kept for backward); a sliding window
+Fast: ``scaled_dot_product_attention`` (fused, no L×L score tensor kept for backward), the dense mask given to it
+as the additive float mask it reads, built from its key and band factors; a sliding window
 narrow enough for it to pay runs *blocked*: the sequence is cut into blocks of ``b ≥ W`` queries and each
 block attends to its own and its two neighbouring key blocks (3b keys, the band masked inside), so the work
 grows as L·3b instead of L². At the default size (L ≈ 51, W = 16) the band covers most keys and the dense
@@ -105,10 +106,17 @@ def softmax_attention(
         q = q.expand(k.shape[0], *q.shape)
     if blocked_pays(k.shape[-2], window):
         return _blocked_band(q, k, v, key_mask, window)
-    visible = key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+    # the mask as the additive float one the kernel reads (a boolean one it converts with a pass of its own), built
+    # from its [B, Lk] and [L, L] factors with one add, and each query's "sees some key" from prefix counts of the
+    # key mask: no pass over a boolean [B, L, L] (band & keys, any, or, where)
+    bias = _additive(key_mask, q.dtype)[:, None, None, :]  # [B, 1, 1, Lk]
     if window:
-        visible = visible & band_mask(q.shape[-2], k.shape[-2], window, k.device)  # [B, 1, L, L]
-    return _sdpa(q, k, v, visible)
+        bias = bias + _additive(band_mask(q.shape[-2], k.shape[-2], window, k.device), q.dtype)  # [B, 1, L, L]
+        seen = _band_seen(key_mask, window)[:, None, :, None]  # [B, 1, L, 1]
+    else:
+        seen = key_mask.any(-1)[:, None, None, None]  # [B, 1, 1, 1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out * seen.to(out.dtype)
 
 
 def softmax_attention_reference(q, k, v, key_mask, window: int = 0, matmul=None) -> torch.Tensor:
@@ -121,6 +129,23 @@ def softmax_attention_reference(q, k, v, key_mask, window: int = 0, matmul=None)
     scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     attn = torch.softmax(scores, dim=-1) * visible.to(scores.dtype)
     return mm(attn, v)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool → float mask to add to scores: 0 where visible, else half the dtype's lowest value (finite, so a row
+    with no visible key stays finite, and two of them add up without overflow; a hidden key's weight is exactly 0
+    in any row with a visible key, whose score is larger by ~|lowest| / 2)."""
+    hidden = torch.finfo(dtype).min / 2
+    return torch.where(visible, torch.zeros((), dtype=dtype, device=visible.device), hidden)
+
+
+def _band_seen(key_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, L] bool: query i sees a key j with |i − j| ≤ window and key_mask[j] (self-attention; key_mask [B, L]),
+    from prefix counts of the key mask."""
+    length = key_mask.shape[-1]
+    before = F.pad(key_mask.cumsum(-1), (1, 0))  # [B, L + 1]: visible keys before slot j
+    i = torch.arange(length, device=key_mask.device)
+    return before[:, (i + window + 1).clamp(max=length)] > before[:, (i - window).clamp(min=0)]
 
 
 def _sdpa(q, k, v, visible: torch.Tensor) -> torch.Tensor:
