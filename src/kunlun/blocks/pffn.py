@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kunlun.blocks.attention import merge_heads, split_heads
 from kunlun.blocks.common import RMSNorm, linear_flops
 from kunlun.formats.gemm import MatMul
-from kunlun.ops.attention import gdpa
+from kunlun.ops.attention import gdpa_heads
 
 
 class GDPAPFFN(nn.Module):
@@ -43,8 +42,7 @@ class GDPAPFFN(nn.Module):
 
     def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q_n = self.norm_q(s)
-        k, v = split_heads(self.k(summary), self.heads), split_heads(self.v(summary), self.heads)
-        h = merge_heads(gdpa(split_heads(q_n, self.heads), k, v, self.act, matmul=self.matmul.emulated_or_none())) + q_n
+        h = gdpa_heads(q_n, self.k(summary), self.v(summary), self.heads, self.act, matmul=self.matmul.emulated_or_none()) + q_n
         out = self.norm_out(h) + s
         return out * mask.unsqueeze(-1) if self.zero_padding else out
 

@@ -16,7 +16,11 @@ Compiled or exported code gets the reference, which Inductor fuses (it has no co
 
 ``gdpa`` — generalised dot-product attention (an element-wise activation instead of the softmax, one per
 head or one for all, no row normalisation). Its fast path applies per-head activations through one
-``torch.where`` over head groups instead of stacking per-head copies.
+``torch.where`` over head groups instead of stacking per-head copies. ``gdpa_heads`` takes and returns the heads
+side by side ([B, L, H·dh], as projections give them). Reference: split into heads, ``gdpa``, merge (a
+transposed copy each way, forward and backward). Fast: each head's keys and values are placed in a block-diagonal
+[H·dh, H·Lk] / [H·Lk, H·dh] matrix (Lk, the summary tokens, is small), so both products are single batched GEMMs
+on the merged layout and no head is ever transposed; the zero blocks add H× the (small) product FLOPs.
 """
 
 from __future__ import annotations
@@ -195,6 +199,39 @@ def head_activation(scores: torch.Tensor, act: str | list[str] | tuple[str, ...]
         y = ACTIVATIONS[name](scores)
         out = y if out is None else torch.where(heads, y, out)
     return out
+
+
+def gdpa_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, act: str | list[str] = "silu", matmul=None,
+) -> torch.Tensor:
+    """``gdpa`` (scale 1/√dh, no key mask) on merged heads: q [B, Lq, H·dh], k, v [B, Lk, H·dh] → [B, Lq, H·dh];
+    head h reads and writes channels [h·dh, (h+1)·dh). ``matmul``: an emulated matmul (then the reference runs)."""
+    if matmul is not None or ops.current() == "reference" or heads == 1:  # one head: the splits are views
+        b, lq, d = q.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
+
+        return gdpa(split(q), split(k), split(v), act, matmul=matmul).transpose(1, 2).reshape(b, lq, d)
+    lk, d = k.shape[-2:]
+    dh = d // heads
+    channel_head = torch.arange(d, device=k.device) // dh
+    column_head = torch.arange(heads * lk, device=k.device) // lk
+    block = (channel_head[:, None] == column_head[None, :]).to(k.dtype)  # [H·dh, H·Lk]: head h's rows × its columns
+    kb = k.transpose(1, 2).repeat(1, 1, heads) * block  # [B, H·dh, H·Lk]: column h·Lk + j = key j of head h
+    vb = v.repeat(1, heads, 1) * block.T  # [B, H·Lk, H·dh]
+    scores = torch.matmul(q, kb)  # [B, Lq, H·Lk]: head h's scores in its Lk columns
+    if isinstance(act, str):
+        a = ACTIVATIONS[act](scores)
+    else:
+        if len(act) != heads:
+            raise ValueError(f"{len(act)} activations given for {heads} heads")
+        a = None
+        for name in dict.fromkeys(act):
+            cols = torch.tensor([act[h] == name for h in range(heads)], device=k.device)[column_head]  # [H·Lk]
+            y = ACTIVATIONS[name](scores)
+            a = y if a is None else torch.where(cols, y, a)
+    return torch.matmul(a * (1.0 / math.sqrt(dh)), vb)
 
 
 def gdpa(
