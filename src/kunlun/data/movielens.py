@@ -22,9 +22,8 @@ import pyarrow.compute as pc
 
 from kunlun.data.io import TableChunks, id_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
-from kunlun.data.stream import Chunk
 from kunlun.data.timeline import SPLIT_FRACTIONS as SPLIT_FRACTIONS  # the registry keys its cache on them
-from kunlun.data.timeline import SPLITS, Timeline, compact
+from kunlun.data.timeline import SPLITS, Timeline, TimelineSource, compact
 from kunlun.errors import KunlunError
 
 
@@ -69,7 +68,7 @@ def build(ratings: Ratings, items: ItemTable, users: UserTable | None, source: s
     return Impressions(ratings.user, ratings.item, ratings.rating >= 4, ratings.ts, items, users, source, split=split).raw()
 
 
-class Impressions:
+class Impressions(TimelineSource):
     """Ratings as impressions on per-user timelines (``kunlun.data.timeline``): ``raw()`` makes every row at once (the
     in-memory path), ``chunks()`` ``rows`` sorted rows at a time (a ``kunlun.data.stream.ChunkSource``); both make each
     row by ``block``, so they give the same rows. Held whole: the sorted (user, movie, liked, time) columns and the
@@ -80,7 +79,7 @@ class Impressions:
         self.timeline = Timeline(user, ts, {"item": compact(item), "liked": np.asarray(liked, dtype=bool)}, split=split)
         self.timeline.check_splits(source, "ratings")
         self.items, self.users, self.source, self.rows = items, users, source, rows
-        self.names = list(SPLITS) if split else ["file"]
+        self.split_names = list(SPLITS) if split else ["file"]
         cat = [("user", "user"), ("item", "item"), ("genre", "genre"), ("year", "year"), ("hour", "hour"), ("weekday", "weekday")]
         numeric = ["log_history", "log_gap_hours"] + [f"is_{g}" for g in items.genre_names]
         if users is not None:
@@ -124,21 +123,7 @@ class Impressions:
             for col, vals in self.users.numeric.items():
                 columns[col] = _lookup(self.users.user, vals, user, 0.0)
         events = {"history": {"item": item, "event": np.where(label > 0, "liked", "not_liked"), "genre": genre, "time": ts}}
-        row = tl.order[i:j].astype(np.int64)
-        splits = {}
-        for k, name in enumerate(self.names):
-            m = p.assign == k
-            splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={"history": p.user_start[m]},
-                                    seq_end={"history": p.hist_end[m]}, time=ts[m], row=row[m])
-        return splits, events
-
-    def raw(self) -> RawData:
-        splits, events = self.block(0, self.timeline.n)
-        return RawData(schema=self.schema, splits=splits, events=events, source=self.source)
-
-    def chunks(self) -> Iterator[Chunk]:
-        for i in range(0, self.timeline.n, self.rows):
-            yield Chunk(*self.block(i, min(self.timeline.n, i + self.rows)))
+        return self.splits_of(i, j, p, columns, "history"), events
 
 
 def read_in_blocks(blocks: Iterator[Ratings]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from kunlun.data.io import TableChunks, id_column, label_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.data.stream import Chunk
-from kunlun.data.timeline import SPLITS, Timeline, compact
+from kunlun.data.timeline import SPLITS, Timeline, TimelineSource, compact
 from kunlun.errors import KunlunError
 
 # ----------------------------------------------------------------------------- Criteo
@@ -208,7 +208,7 @@ def _compact_blocks(blocks) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-class TimelineExamples:
+class TimelineExamples(TimelineSource):
     """Events (one example each) on per-user timelines, the MovieLens construction (``kunlun.data.timeline``): sorted by
     user, time and file order; history = the user's events strictly earlier in time; hour and weekday in Beijing time
     (UTC+8); log history length and log hours since the previous event; split per user 80/10/10 in time order (or one
@@ -241,21 +241,7 @@ class TimelineExamples:
             "log_gap_hours": np.log1p(np.maximum(ts - p.prev_ts, 0) / 3600.0),
         }
         events = {k: self._field(f, i, j) for k, f in self.events.items()} | {"time": ts}
-        row = self.timeline.order[i:j].astype(np.int64)
-        splits = {}
-        for k, name in enumerate(self.split_names):
-            m = p.assign == k
-            splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={seq: p.user_start[m]},
-                                    seq_end={seq: p.hist_end[m]}, time=ts[m], row=row[m])
-        return splits, {seq: events}
-
-    def raw(self) -> RawData:
-        splits, events = self.block(0, self.timeline.n)
-        return RawData(schema=self.schema, splits=splits, events=events, source=self.source)
-
-    def chunks(self) -> Iterator[Chunk]:
-        for i in range(0, self.timeline.n, self.rows):
-            yield Chunk(*self.block(i, min(self.timeline.n, i + self.rows)))
+        return self.splits_of(i, j, p, columns, seq), {seq: events}
 
 
 # ----------------------------------------------------------------------------- KuaiRand-Pure

@@ -14,10 +14,13 @@ per example — features, strings, per-split copies, encodings — exists one ra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from kunlun.data.schema import RawData, RawSplit, Schema
+from kunlun.data.stream import Chunk
 from kunlun.errors import KunlunError
 
 SPLIT_FRACTIONS = (0.8, 0.9)  # cumulative: train < 0.8 <= valid < 0.9 <= test
@@ -99,3 +102,36 @@ class Timeline:
             most = int(np.diff(np.r_[starts, self.n]).max()) if self.n else 0
             raise KunlunError(f"{source}: the {SPLITS[int(np.flatnonzero(~seen)[0])]} split is empty: users need more {what} "
                               f"for an 80/10/10 split (the most any user has is {most})")
+
+
+class TimelineSource:
+    """What the timeline adapters share: ``block(i, j)`` (a subclass's) makes sorted rows ``[i, j)``; ``raw()`` takes
+    every row at once (the in-memory path), ``chunks()`` ``rows`` at a time (a ``kunlun.data.stream.ChunkSource``), so
+    both give the same rows. Subclasses set ``timeline``, ``schema``, ``source``, ``rows`` and ``split_names``."""
+
+    timeline: Timeline
+    schema: Schema
+    source: str
+    rows: int
+    split_names: list[str]
+
+    def block(self, i: int, j: int) -> tuple[dict[str, RawSplit], dict[str, dict[str, np.ndarray]]]:
+        raise NotImplementedError
+
+    def splits_of(self, i: int, j: int, p: Positions, columns: dict[str, np.ndarray], seq: str) -> dict[str, RawSplit]:
+        """Rows ``[i, j)`` (positions ``p``, example ``columns``) divided into their splits; history ranges of ``seq``."""
+        row = self.timeline.order[i:j].astype(np.int64)
+        splits = {}
+        for k, name in enumerate(self.split_names):
+            m = p.assign == k
+            splits[name] = RawSplit(columns={c: v[m] for c, v in columns.items()}, seq_start={seq: p.user_start[m]},
+                                    seq_end={seq: p.hist_end[m]}, time=p.ts[m], row=row[m])
+        return splits
+
+    def raw(self) -> RawData:
+        splits, events = self.block(0, self.timeline.n)
+        return RawData(schema=self.schema, splits=splits, events=events, source=self.source)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for i in range(0, self.timeline.n, self.rows):
+            yield Chunk(*self.block(i, min(self.timeline.n, i + self.rows)))
