@@ -3,14 +3,7 @@
 # of 2,048 rows, one thread per process), trained by one process, then by 2 ranks with DDP, with row-sharded tables
 # and with FSDP2; then 2 DDP ranks killed inside epoch 2 and resumed by one process. Prints one line per run.
 # Usage: bash benchmarks/distributed.sh [OUT]   (OUT: where the run directories go; default a new temporary folder)
-set -euo pipefail
-OUT=${1:-$(mktemp -d)}
-mkdir -p "$OUT"
-export OMP_NUM_THREADS=1
-PY=${PYTHON:-python}
-CFG="model.d_model=16 model.num_layers=1 model.num_heads=2 model.num_seeds=4 model.seq_summary_tokens=2 model.summary_tokens=2
-     model.fm_hidden=32 model.output_hidden=[32] data.max_seq_len=8 train.batch_size=2048 train.warmup_steps=5 train.epochs=2
-     train.patience=0 train.threads=1"
+source "$(dirname "$0")/tiny_kunlun.sh"
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc-per-node 2"
 $PY -m kunlun train --run-dir "$OUT/one" --quiet --json $CFG > /dev/null
 $TORCHRUN -m kunlun train --run-dir "$OUT/ddp" --quiet --json $CFG > /dev/null

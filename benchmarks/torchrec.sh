@@ -4,14 +4,8 @@
 # have (Adagrad) and no gradient clipping, trained by one process (plain nn.Embedding tables) and by 2 ranks with the
 # tables in TorchRec. Needs TorchRec (pip install "kunlun[torchrec]"). Prints one line per run.
 # Usage: bash benchmarks/torchrec.sh [OUT]   (OUT: where the run directories go; default a new temporary folder)
-set -euo pipefail
-OUT=${1:-$(mktemp -d)}
-mkdir -p "$OUT"
-export OMP_NUM_THREADS=1
-PY=${PYTHON:-python}
-CFG="model.d_model=16 model.num_layers=1 model.num_heads=2 model.num_seeds=4 model.seq_summary_tokens=2 model.summary_tokens=2
-     model.fm_hidden=32 model.output_hidden=[32] data.max_seq_len=8 train.batch_size=2048 train.warmup_steps=5 train.epochs=2
-     train.patience=0 train.threads=1 train.embedding_optimizer=adagrad train.embedding_lr=0.02 train.grad_clip=0"
+source "$(dirname "$0")/tiny_kunlun.sh"
+CFG="$CFG train.embedding_optimizer=adagrad train.embedding_lr=0.02 train.grad_clip=0"
 $PY -m kunlun train --run-dir "$OUT/one" --quiet --json $CFG > /dev/null
 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m kunlun train --run-dir "$OUT/torchrec" --quiet --json $CFG \
   train.embedding_sharding=torchrec > /dev/null
