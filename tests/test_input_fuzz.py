@@ -430,19 +430,18 @@ VALID_SPEC = {  # a valid document of each kind: the fuzzed ones are it with key
 }
 
 
-def load_spec_file(kind: str, path: Path) -> None:
+def load_spec_file(kind: str, path: Path):
     if kind == "sweep":
         from kunlun.scaling.sweep import load_sweep
 
-        load_sweep(path)
-    elif kind == "quality":
+        return load_sweep(path)
+    if kind == "quality":
         from kunlun.bench.quality import load_spec
 
-        load_spec(path)
-    else:
-        from kunlun.bench.formats import load_formats_spec
+        return load_spec(path)
+    from kunlun.bench.formats import load_formats_spec
 
-        load_formats_spec(path)
+    return load_formats_spec(path)
 
 
 @settings(FUZZ, max_examples=150)
@@ -463,7 +462,11 @@ def test_sweep_and_benchmark_spec_files_load_or_fail_in_one_line(kind, data):
 def test_valid_spec_files_load(kind, tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(VALID_SPEC[kind]))
-    load_spec_file(kind, path)
+    spec = load_spec_file(kind, path)
+    seeds = spec.seeds if kind == "sweep" else spec["seeds"]
+    assert seeds == VALID_SPEC[kind]["seeds"]  # the document's values came through, not only "no exception"
+    if kind != "sweep":
+        assert spec["datasets"] == VALID_SPEC[kind]["datasets"]
 
 
 FIT_COLUMNS = ["compute", "ne", "family", "seed", "layers", "flops_per_example", "x"]

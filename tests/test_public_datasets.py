@@ -125,11 +125,17 @@ UB = """1,100,7,pv,100
 """
 
 
-def ub_folder(root, text=UB):
-    folder = root / "taobao-userbehavior"
+def dataset_folder(root, name, files):
+    """root/name holding ``files`` ({file name: text}): a dataset folder in an adapter's layout."""
+    folder = root / name
     folder.mkdir(exist_ok=True)
-    (folder / "UserBehavior.csv").write_text(text)
+    for f, text in files.items():
+        (folder / f).write_text(text)
     return folder
+
+
+def ub_folder(root, text=UB):
+    return dataset_folder(root, "taobao-userbehavior", {"UserBehavior.csv": text})
 
 
 def test_user_behavior_labels_histories_and_chronological_split(tmp_path):
@@ -304,11 +310,7 @@ KR = {
 
 
 def kr_folder(root, files=KR):
-    folder = root / "kuairand-pure"
-    folder.mkdir(exist_ok=True)
-    for f, text in files.items():
-        (folder / f).write_text(text)
-    return folder
+    return dataset_folder(root, "kuairand-pure", files)
 
 
 def test_kuairand_pure_joins_both_logs_on_one_timeline(tmp_path):

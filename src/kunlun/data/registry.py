@@ -74,17 +74,17 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "amazonelectronics_x1": DatasetSpec(
         "amazonelectronics_x1", public.AMAZON_ELECTRONICS_X1.files, public.load_amazonelectronics_x1,
-        "AmazonElectronics_x1 (BARS split; valid = test as in BARS), item/category histories per row", "AmazonElectronics_x1",
+        "AmazonElectronics_x1 (BARS train/test; valid = a fixed random tenth of train.csv), item/category histories per row", "AmazonElectronics_x1",
         partial(public.BarsChunks, public.AMAZON_ELECTRONICS_X1),
     ),
     "taobaoad_x1": DatasetSpec(
         "taobaoad_x1", public.TAOBAOAD_X1.files, public.load_taobaoad_x1,
-        "TaobaoAd_x1 (BARS split; valid = test as in BARS), category/brand/behaviour histories per row", "TaobaoAd_x1",
+        "TaobaoAd_x1 (BARS train/test; valid = a fixed random tenth of train.csv), category/brand/behaviour histories per row", "TaobaoAd_x1",
         partial(public.BarsChunks, public.TAOBAOAD_X1),
     ),
     "kuaivideo_x1": DatasetSpec(
         "kuaivideo_x1", public.KUAIVIDEO_X1.files, public.load_kuaivideo_x1,
-        "KuaiVideo_x1 (BARS split; valid = test as in BARS), clicked / not-clicked item histories per row", "KuaiVideo_x1",
+        "KuaiVideo_x1 (BARS train/test; valid = a fixed random tenth of train.csv), clicked / not-clicked item histories per row", "KuaiVideo_x1",
         partial(public.BarsChunks, public.KUAIVIDEO_X1),
     ),
 }
