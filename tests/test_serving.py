@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -261,7 +263,7 @@ def file_rows_through_server(package: Path, raw, chunks: list[int], newest: int 
         assert all(status == 200 for status, _, _ in answers), [a for a in answers if a[0] != 200][:1]
         return np.concatenate([a["probabilities"] for _, a, _ in answers])
 
-    probs = serve_and(load_scorer(package), ServeOptions(max_batch=64, max_wait_ms=5), work)
+    probs = serve_and(load_scorer(package), ServeOptions(max_batch=64, max_wait_ms=5, workers=1), work)  # scored in a child
     out = np.empty(len(probs))
     out[rows] = probs
     return out
@@ -329,7 +331,7 @@ def test_bad_requests_get_4xx_naming_the_field_and_leave_others_alone(kunlun_run
             schema = await r.json()
         return answers[:20] + answers[20 + len(bad):], answers[20 : 20 + len(bad)], health, schema
 
-    good_answers, bad_answers, health, schema = serve_and(scorer, ServeOptions(max_queue=100, max_body_mb=1), work)
+    good_answers, bad_answers, health, schema = serve_and(scorer, ServeOptions(max_queue=100, max_body_mb=1, workers=0), work)
     for (status, body, _), w in zip(good_answers, want):
         assert status == 200 and abs(body["probabilities"][0] - w) <= 1e-6
     for (status, body, _), (_, want_status, field) in zip(bad_answers, bad):
@@ -390,11 +392,39 @@ def test_concurrent_single_requests_are_batched_and_scored_alone_equal(kunlun_ru
         async with s.get(url + "/health") as r:
             return answers, await r.json()
 
-    answers, health = serve_and(scorer, ServeOptions(max_wait_ms=20, max_batch=64), work)
+    answers, health = serve_and(scorer, ServeOptions(max_wait_ms=20, max_batch=64, workers=0), work)
     got = np.array([a["probabilities"][0] for _, a, _ in answers])
     assert np.abs(got - alone).max() <= 1e-6
     assert health["requests"] == 60 and health["batches"] < 60  # several requests shared a model call
     assert health["split_batches"] == 0 and health["failed"] == 0  # no batch had to be split up
+
+
+def test_a_scoring_process_that_dies_is_replaced_and_a_bad_target_is_named(kunlun_run):
+    from kunlun.serving.workers import ScoringProcess, ScoringProcessError
+
+    scorer = load_scorer(kunlun_run)
+    ex = examples_from_raw(load_raw("ml-latest-small", None), "test", np.arange(12), newest=8)
+    want = scorer.score_payload(ex)
+
+    async def work(s, url):
+        async def health():
+            async with s.get(url + "/health") as r:
+                return await r.json()
+
+        first = await post(s, url, {"examples": ex})
+        pid = (await health())["scoring_processes"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            await asyncio.sleep(0.05)  # dead (a zombie until the server reaps it)
+        return first, pid, await post(s, url, {"examples": ex}), await health()
+
+    first, pid, again, health = serve_and(scorer, ServeOptions(workers=1, threads=1), work)
+    assert first[0] == again[0] == 200
+    assert np.abs(np.array(first[1]["probabilities"]) - want).max() <= 1e-6
+    assert np.abs(np.array(again[1]["probabilities"]) - want).max() <= 1e-6
+    assert health["scoring_processes"][0]["pid"] not in (None, pid) and health["failed"] == 0
+    with pytest.raises(ScoringProcessError, match="no-such-run"):
+        ScoringProcess(str(kunlun_run.parent / "no-such-run"), "auto", 1)
 
 
 # ------------------------------------------------------------------------------------------ the commands
@@ -414,6 +444,7 @@ def test_export_and_serve_commands(kunlun_run, tmp_path):
     for args, needle in [
         (("export", tmp_path / "nothing", "--out", tmp_path / "x.pt2"), "nothing"),
         (("serve", kunlun_run / "config.yaml", "--max-batch", "0"), "--max-batch"),
+        (("serve", kunlun_run, "--workers", "-1"), "--workers"),
     ]:
         err = kunlun_cmd(*args, cwd=tmp_path, expect=2).stderr.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err

@@ -579,6 +579,7 @@ def _serve_options(f):
     for name, typ, text in reversed([
         ("--runtime", click.Choice(["auto", "aoti", "exported_program"]), "A package's program: auto = AOTInductor where it loads, else exported."),
         ("--threads", int, "torch threads for scoring (0: torch's default)."),
+        ("--workers", int, "Scoring processes (0: score in the server process, which then parses requests only between model calls)."),
         ("--max-batch", int, "Examples per model call."),
         ("--max-wait-ms", float, "Latency budget: how long the oldest queued request waits for others to join its batch."),
         ("--max-queue", int, "Examples queued at most; beyond it a request gets 503 with Retry-After."),

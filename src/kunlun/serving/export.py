@@ -32,7 +32,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,7 @@ class Scorer:
     meta: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 4096  # rows per model call (a larger micro-batch is scored in slices)
     event_windows: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the model's (RankingModel.event_windows)
+    source: str | None = None  # the package or run it was loaded from (``load_scorer``): what a scoring process loads
 
     @torch.inference_mode()
     def score_batch(self, batch: Batch) -> np.ndarray:
@@ -199,12 +200,12 @@ def load_scorer(path: Path, runtime: str = "auto", threads: int = 0) -> Scorer:
     if threads:
         torch.set_num_threads(threads)
     if is_package(path):
-        return load_package(path, runtime)
+        return replace(load_package(path, runtime), source=str(path))
     if path.is_file():
         raise KunlunError(f"{path}: not a kunlun package (a zip file written by `kunlun export`) nor a run directory")
     run, _ = resolve_run(path)
     cfg, encoder, model = load_trained(path)
-    return eager_scorer(cfg, encoder, model, run_meta(cfg, run, model))
+    return replace(eager_scorer(cfg, encoder, model, run_meta(cfg, run, model)), source=str(path))
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -12,14 +12,16 @@ with; the alternative (Starlette + uvicorn, plus httpx for the client) is three.
 ``pip install "kunlun[serve]"``: training, evaluation and export need no web server, and a model exported here
 can be served by anything that loads a PT2 package.
 
-Micro-batching: request handlers (on the event loop) parse and validate their examples, then queue them;
-one scoring thread takes queued requests together — up to ``max_batch`` examples, waiting at most
-``max_wait_ms`` after the oldest request arrived for more to join (the latency budget) — encodes them in one
-pass with the run's encoder and scores them in one model call; torch releases the GIL, so the loop keeps
-accepting requests meanwhile. The queue is bounded in examples (``max_queue``): a request that does not fit
-gets 503 with ``Retry-After`` instead of growing memory. A request is validated before it is queued, so a
-malformed one never reaches a batch; if a batch still fails, its requests are scored one by one so only the
-one at fault gets the error.
+Micro-batching: request handlers (on the event loop) parse and validate their examples, then queue them; a
+scoring thread takes queued requests together — up to ``max_batch`` examples, waiting at most ``max_wait_ms``
+after the oldest request arrived for more to join (the latency budget) — encodes them in one pass with the run's
+encoder and has them scored in one model call by its scoring process (``--workers``, ``kunlun.serving.workers``:
+a model call in this process would hold up request parsing, see there); it waits on the pipe with the GIL free,
+so the loop keeps accepting requests meanwhile. ``--workers 0`` (or a scorer built in memory) scores on a thread
+of this process. The queue is bounded in examples (``max_queue``): a request that does not fit gets 503 with
+``Retry-After`` instead of growing memory. A request is validated before it is queued, so a malformed one never
+reaches a batch; if a batch still fails, its requests are scored one by one so only the one at fault gets the
+error.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ from kunlun.errors import KunlunError
 from kunlun.serving.examples import ExampleError, RawExamples, concat_examples, parse_examples
 from kunlun.serving.export import Scorer
 from kunlun.serving.options import ServeOptions
+from kunlun.serving.workers import ScoringProcess
 
 try:
     from aiohttp import web
@@ -75,8 +78,18 @@ class MicroBatcher:
         self.cond = threading.Condition()
         self.stopped = False
         self.stats = {"requests": 0, "examples": 0, "batches": 0, "rejected_full": 0, "failed": 0, "split_batches": 0}
-        self.thread = threading.Thread(target=self._run, name="kunlun-scorer", daemon=True)
-        self.thread.start()
+        # one scoring thread per scoring process (it encodes, sends and waits, so the GIL is free meanwhile); a
+        # scorer not loaded from a file (built in memory) is scored on one thread of this process
+        self.processes = []
+        if opts.workers and getattr(scorer, "source", None):
+            runtime = scorer.runtime if scorer.runtime in ("aoti", "exported_program") else "auto"
+            for _ in range(opts.workers):
+                self.processes.append(ScoringProcess(scorer.source, runtime, opts.threads))
+        scorers = [replace(scorer, fn=p) for p in self.processes] or [scorer]
+        self.threads = [threading.Thread(target=self._run, args=(s,), name=f"kunlun-scorer-{i}", daemon=True)
+                        for i, s in enumerate(scorers)]
+        for t in self.threads:
+            t.start()
 
     def submit(self, examples: RawExamples) -> asyncio.Future:
         """Queue ``examples``; the returned future gets their probabilities. Raises QueueFull."""
@@ -94,7 +107,14 @@ class MicroBatcher:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        self.thread.join(timeout=10)
+        for t in self.threads:
+            t.join(timeout=10)
+        for p in self.processes:
+            p.close()
+
+    def peak_rss_mb(self) -> float:
+        """This process's peak RSS plus each scoring process's (as last reported)."""
+        return peak_rss_mb() + sum(p.peak_rss_mb for p in self.processes)
 
     def _take(self) -> list[Pending] | None:
         """The next batch: wait for a request, then up to max_wait_ms (from its arrival) for more."""
@@ -118,22 +138,22 @@ class MicroBatcher:
             self.queued -= n
             return batch
 
-    def _run(self) -> None:
+    def _run(self, scorer: Scorer) -> None:
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)
         while (batch := self._take()) is not None:
             live = [p for p in batch if not p.future.done()]  # a client that gave up (timeout, disconnect) is skipped
             if live:
-                self._score(live)
+                self._score(live, scorer)
 
-    def _score(self, batch: list[Pending]) -> None:
+    def _score(self, batch: list[Pending], scorer: Scorer) -> None:
         try:
-            probs = self.scorer.score_examples(concat_examples([p.examples for p in batch]))
+            probs = scorer.score_examples(concat_examples([p.examples for p in batch]))
         except Exception as exc:
             if len(batch) > 1:  # isolate the request at fault; the others are scored alone
                 self.stats["split_batches"] += 1
                 for p in batch:
-                    self._score([p])
+                    self._score([p], scorer)
                 return
             self.stats["failed"] += 1
             self._resolve(batch[0].future, exc)
@@ -220,7 +240,8 @@ def make_app(scorer: Scorer, opts: ServeOptions | None = None):
     async def health(request):
         b: MicroBatcher = request.app["batcher"]
         return web.json_response({"status": "ok", **info, "uptime_s": round(time.time() - started, 1), "queued_examples": b.queued,
-                                  "max_queue": opts.max_queue, **b.stats, "peak_rss_mb": round(peak_rss_mb(), 1),
+                                  "max_queue": opts.max_queue, **b.stats, "peak_rss_mb": round(b.peak_rss_mb(), 1),
+                                  "scoring_processes": [p.stats() for p in b.processes],
                                   "options": asdict(opts)})
 
     async def schema_view(request):
