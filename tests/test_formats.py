@@ -40,11 +40,14 @@ def test_e8m0_nan_code_and_non_finite_blocks():
     assert torch.isnan(quantize(x, "nvfp4")[0, :16]).all() and torch.isfinite(quantize(x, "nvfp4")[0, 16:]).all()
 
 
-def test_ragged_reduction_axis_is_zero_padded():
-    x = torch.randn(5, 40)
-    padded = torch.nn.functional.pad(x, (0, 24))
+@pytest.mark.parametrize("n", [3, 8, 12, 20, 40])
+def test_ragged_reduction_axis_is_zero_padded(n):
+    # an axis shorter than a block (n < 16, 32 or 64) is quantized as a block of its own length: the same values as
+    # zero-padding it to the full block
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n)) * torch.logspace(-3, 3, 5)[:, None]
+    padded = torch.nn.functional.pad(x, (0, 64 - n))
     for fmt in ("mxfp4", "nvfp4", "hif4"):
-        assert torch.equal(quantize(x, fmt), quantize(padded, fmt)[:, :40])
+        assert torch.equal(quantize(x, fmt), quantize(padded, fmt)[:, :n]), fmt
         assert torch.equal(quantize(x.T.contiguous(), fmt, axis=0), quantize(x, fmt).T)
 
 

@@ -70,10 +70,17 @@ def e8m0_value(code: torch.Tensor) -> torch.Tensor:
     return torch.where(code == 255, torch.nan, torch.exp2(code - 127))
 
 
-def _blocks(x: torch.Tensor, axis: int, block: int) -> tuple[torch.Tensor, tuple]:
-    """Move ``axis`` last, zero-pad it to a multiple of ``block`` and split it: [..., n_blocks, block]."""
+def _blocks(x: torch.Tensor, axis: int, block: int, granule: int = 1) -> tuple[torch.Tensor, tuple]:
+    """Move ``axis`` last, zero-pad it to a multiple of ``block`` and split it: [..., n_blocks, block].
+
+    An axis shorter than one block is one block of its own length (rounded up to ``granule``, the format's
+    smallest sub-block) instead of being padded to the full block: the padding zeros change neither a block's
+    maximum nor its other elements, so the values are the same, and a short reduction axis (attention's head
+    width of 8 against HiF4's 64-unit) no longer costs block / n times the work."""
     x = x.float().movedim(axis, -1)
     n = x.shape[-1]
+    if 0 < n < block:
+        block = -(-n // granule) * granule
     pad = (-n) % block
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
@@ -143,8 +150,8 @@ def hif4(x, axis=-1, stochastic=False, generator=None):
     value and a BF16 value is exact, so each rounding the spec names happens once on the exact value: in float32,
     m64 · BF16(1/7) would be rounded twice (to float32, then BF16), and |x| · r could land on a rounding tie that
     the exact product misses. A unit holding NaN or Inf decodes to NaN, as a 4-bit block's overflow never clips."""
-    b, info = _blocks(x, axis, BLOCK["hif4"])
-    u = b.reshape(*b.shape[:-1], 8, 2, 4)  # 64 = 8 groups of 8 = 16 groups of 4
+    b, info = _blocks(x, axis, BLOCK["hif4"], granule=8)
+    u = b.reshape(*b.shape[:-1], -1, 2, 4)  # 64 = 8 groups of 8 = 16 groups of 4 (a short axis: fewer groups of 8)
     a = u.abs()
     m4 = a.amax(-1, keepdim=True).double()  # [..., 8, 2, 1]
     m8 = m4.amax(-2, keepdim=True)  # [..., 8, 1, 1]
