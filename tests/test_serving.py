@@ -419,7 +419,7 @@ def test_a_scoring_process_that_dies_is_replaced_and_a_bad_target_is_named(kunlu
         return first, pid, await post(s, url, {"examples": ex}), await health()
 
     first, pid, again, health = serve_and(scorer, ServeOptions(workers=1, threads=1), work)
-    assert first[0] == again[0] == 200
+    assert first[0] == again[0] == 200, (first[1].get("error"), again[1].get("error"))
     assert np.abs(np.array(first[1]["probabilities"]) - want).max() <= 1e-6
     assert np.abs(np.array(again[1]["probabilities"]) - want).max() <= 1e-6
     assert health["scoring_processes"][0]["pid"] not in (None, pid) and health["failed"] == 0

@@ -10,7 +10,7 @@ a millisecond to pass).
 
 ``ScoringProcess`` is a drop-in ``Scorer.fn``: called with ``ScoringModule``'s arguments it sends them to its
 child and returns the probabilities; the child loads the same package or run (``load_scorer``) once at start.
-A child that dies is started again on the next call (the batch it held fails; the server answers it 500).
+A child that dies is started again and the batch it held is sent once more.
 """
 
 from __future__ import annotations
@@ -90,20 +90,35 @@ class ScoringProcess:
             raise ScoringProcessError(f"scoring process could not load {self.target}: {detail}")
 
     def __call__(self, *inputs) -> torch.Tensor:
-        """``ScoringModule``'s arguments (CPU tensors) → probabilities [B] float32, scored in the child."""
+        """``ScoringModule``'s arguments (CPU tensors) → probabilities [B] float32, scored in the child. A child found
+        dead, or dying with the batch, is replaced and the batch sent once more (a batch that kills two children in
+        a row fails with ScoringProcessError)."""
+        arrays = tree_map(lambda t: t.numpy() if isinstance(t, torch.Tensor) else t, inputs)
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self.close()
-                self.start()
-            try:
-                self.conn.send(tree_map(lambda t: t.numpy() if isinstance(t, torch.Tensor) else t, inputs))
-                reply = self.conn.recv()
-            except (EOFError, BrokenPipeError, ConnectionResetError):
-                raise ScoringProcessError(f"scoring process exited (code {self.proc.wait(5)})") from None
+            for attempt in range(2):
+                if self.proc is None or self.proc.poll() is not None:
+                    self.close()
+                    self.start()
+                try:
+                    self.conn.send(arrays)
+                    reply = self.conn.recv()
+                    break
+                except (EOFError, OSError):
+                    code = self._reap()
+                    if attempt:
+                        raise ScoringProcessError(f"scoring process exited (code {code}) twice on this batch") from None
         if reply[0] != "ok":
             raise ScoringProcessError(reply[1])
         self.peak_rss_mb = max(self.peak_rss_mb, reply[2])
         return torch.from_numpy(np.asarray(reply[1]))
+
+    def _reap(self) -> int | None:
+        """The exit code of a child that closed its end (killing it if it has not exited within 5 s)."""
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
 
     def close(self) -> None:
         if self.proc is None:
