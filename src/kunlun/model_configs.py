@@ -157,6 +157,7 @@ class DINConfig(ModelConfig):
     dropout: float = 0.1
     time_buckets: int = 16  # time-gap bucket embedding on history tokens; 0 = off
     position_embedding: bool = True
+    target_in_sequence: bool = False  # the candidate also among the history tokens target attention pools
 
     def validate(self) -> None:
         check_positive(self, "d_model", "attention_hidden", "hidden")
@@ -176,6 +177,7 @@ class BSTConfig(ModelConfig):
     time_buckets: int = 16
     hidden: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.1
+    target_in_sequence: bool = True  # the candidate as the last Transformer token (the paper's design)
 
     def validate(self) -> None:
         check_positive(self, "d_model", "num_heads", "num_layers", "ffn_mult", "time_buckets", "hidden")
@@ -204,6 +206,7 @@ class InterFormerConfig(ModelConfig):
     time_scale: float = 3600.0  # seconds
     rotary_base: float = 10.0
     summary_gate: str = "interformer"  # Gating of X_sum and S_sum: interformer σ(Z ⊙ MLP(Z)) | glu | none
+    target_in_sequence: bool = False  # the candidate also as the newest sequence token (Kunlun's input; not the paper's)
 
     def validate(self) -> None:
         check_positive(self, "d_model", "num_layers", "num_heads", "summary_tokens", "cls_tokens", "pma_tokens",

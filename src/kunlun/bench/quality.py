@@ -53,7 +53,7 @@ SPEC_FIELDS = {  # the quality / ablation spec file (configs/quality.yaml): key 
     "datasets": list[str], "seeds": list[int], "models": dict[str, list[str]],
     "dataset_overrides": dict[str, list[str]] | None, "ablation": dict[str, Any] | None,
 }
-ABLATION_FIELDS = {"dataset": str, "variants": dict[str, list[str]]}
+ABLATION_FIELDS = {"dataset": str, "model": str, "variants": dict[str, list[str]]}
 
 
 def _read_spec(path: Path | None) -> dict[str, Any]:
@@ -208,12 +208,15 @@ def write_quality(results: dict, out: Path) -> None:
 def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False) -> dict[str, Any]:
     ab = spec.get("ablation") or {}
     dataset = ab.get("dataset", "ml-100k")
+    model = ab.get("model", "kunlun")
+    if model not in MODELS:
+        raise KunlunError(f"ablation.model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
     variants = {"full": [], **(ab.get("variants") or {})}
     data = prepare_dataset(dataset, data_dir, log=log)
-    base = point_overrides(spec, dataset, "kunlun")
+    base = point_overrides(spec, dataset, model)
     finals = {}
     for name, overrides in variants.items():
-        finals[name] = [run_point(dataset, data, "kunlun", base + list(overrides), s, out / "runs" / dataset / f"kunlun-{name}" / f"seed{s}",
+        finals[name] = [run_point(dataset, data, model, base + list(overrides), s, out / "runs" / dataset / f"{model}-{name}" / f"seed{s}",
                                   data_dir, threads, reuse_stale) for s in spec["seeds"]]
     split = report_split(finals["full"][0]["metrics"])
     full_ne = np.array([f["metrics"][split]["ne"] for f in finals["full"]])
@@ -232,13 +235,14 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
             "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
             "code": r["code"], "stale_seeds": r["stale_seeds"],
         }
-    result = {"environment": environment(), "dataset": dataset, "split": split, "seeds": spec["seeds"], "rows": rows}
+    result = {"environment": environment(), "model": model, "dataset": dataset, "split": split, "seeds": spec["seeds"], "rows": rows}
     write_tables(out, "ablation", result, ablation_markdown(result))
     return result
 
 
 def ablation_markdown(r: dict) -> str:
-    lines = [f"Kunlun ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}; ΔNE is paired by seed (negative = better).", "",
+    model = {"kunlun": "Kunlun"}.get(r.get("model", "kunlun"), r.get("model"))
+    lines = [f"{model} ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}; ΔNE is paired by seed (negative = better).", "",
              "| variant | NE | ΔNE % | MFLOPs/ex useful / executed | Δ executed FLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         lines.append(f"| {name}{stale_mark(row)} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "

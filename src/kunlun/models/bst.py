@@ -7,7 +7,8 @@ through a Transformer layer (multi-head self-attention and a LeakyReLU feed-forw
 History and candidate tokens come from the block every sequence model shares (``EventTokens``): the
 same projection of item, event type and side features; the time-gap bucket is BST's position (the
 paper's only positional signal, so no learned position embedding); the candidate gets a "candidate"
-event type and gap 0."""
+event type and gap 0. ``target_in_sequence=false`` leaves the candidate out of the sequence (it is still a
+non-sequence field): for ablations, not the paper's model."""
 
 from __future__ import annotations
 
@@ -51,21 +52,22 @@ class BST(RankingModel):
         super().__init__()
         self.config, self.info = cfg, info
         d = cfg.d_model
-        self.inputs = Inputs(info, d, positions=False, time_buckets=cfg.time_buckets, candidates=True)
+        self.inputs = Inputs(info, d, positions=False, time_buckets=cfg.time_buckets, candidates=cfg.target_in_sequence)
         self.blocks = nn.ModuleDict(
             {q.name: nn.ModuleList(TransformerLayer(d, cfg.num_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.num_layers))
              for q in info.sequences}
         )
-        width = (info.n_tokens + len(info.sequences) * (info.max_len + 1)) * d
+        width = (info.n_tokens + len(info.sequences) * (info.max_len + int(cfg.target_in_sequence))) * d
         self.mlp = MLP([width, *cfg.hidden, 1], act="leaky_relu", dropout=cfg.dropout)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x, seqs = self.inputs(batch)
-        targets = self.inputs.candidate_tokens(batch)
+        targets = self.inputs.candidate_tokens(batch) if self.config.target_in_sequence else {}
         outs = [x.flatten(1)]
         for n, (s, m, _) in seqs.items():
-            s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)  # the candidate, time gap 0
-            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+            if self.config.target_in_sequence:
+                s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)  # the candidate, time gap 0
+                m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
             for layer in self.blocks[n]:
                 s = layer(s, m) * m.unsqueeze(-1)
             outs.append(s.flatten(1))
@@ -75,7 +77,8 @@ class BST(RankingModel):
         return {n: s.mask.sum(1) for n, s in batch.seqs.items() if n in self.blocks}
 
     def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
-        real = lambda n: (self.info.max_len if lengths is None else lengths[n]) + 1  # noqa: E731  (+ the candidate)
+        target = int(self.config.target_in_sequence)
+        real = lambda n: (self.info.max_len if lengths is None else lengths[n]) + target  # noqa: E731  (+ the candidate)
         # the MLP reads every (flattened) sequence slot; only the real ones carry data
         width = (self.info.n_tokens + sum(real(n) for n in self.blocks)) * self.config.d_model
         return {"tokens": self.inputs.flops(lengths),

@@ -7,7 +7,9 @@ As in the paper, the activation unit compares two embeddings of the same kind: e
 and the candidate's token come from one block (``EventTokens``) — the same projection of item and side
 features, the candidate with a "candidate" event type and time gap 0. History tokens carry the same
 inputs as in the other sequence models (time-gap bucket and position embeddings; ``time_buckets=0``
-and ``position_embedding=false`` give the paper's id-only inputs)."""
+and ``position_embedding=false`` give the paper's id-only inputs). ``target_in_sequence`` (off by default: the
+paper pools the history only) also puts the candidate's token among the pooled ones, as Kunlun's newest stream
+token."""
 
 from __future__ import annotations
 
@@ -45,7 +47,12 @@ class DIN(RankingModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         x, seqs = self.inputs(batch)
         targets = self.inputs.candidate_tokens(batch)
-        pooled = [self.attention[n](s, targets[n], m) for n, (s, m, _) in seqs.items()]
+        pooled = []
+        for n, (s, m, _) in seqs.items():
+            if self.config.target_in_sequence:  # the candidate among the pooled tokens too (Kunlun's input)
+                s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)
+                m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+            pooled.append(self.attention[n](s, targets[n], m))
         h = torch.cat([x.flatten(1), *pooled], dim=1)
         for layer, act in zip(self.layers, self.acts):
             h = self.drop(act(layer(h)))
@@ -55,6 +62,7 @@ class DIN(RankingModel):
         return {n: s.mask.sum(1) for n, s in batch.seqs.items() if n in self.attention}
 
     def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
-        real = lambda n: self.info.max_len if lengths is None else lengths[n]  # noqa: E731
+        target = int(self.config.target_in_sequence)
+        real = lambda n: (self.info.max_len if lengths is None else lengths[n]) + target  # noqa: E731
         return {"tokens": self.inputs.flops(lengths), "target_attention": sum(a.flops(real(n)) for n, a in self.attention.items()),
                 "mlp": sum(linear_flops(1, a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))}

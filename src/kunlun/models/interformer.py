@@ -15,6 +15,9 @@ Per layer, three arches with bidirectional information flow:
                     Kunlun, the rotary positions are log time gaps τ = log(1 + Δt / time_scale) (CLS
                     tokens at τ = 0; ``rotary_time=false`` turns it off).
 Output: MLP over the last layer's non-sequence tokens and sequence summary.
+``target_in_sequence`` (off by default, as in the paper, where the candidate is a non-sequence field) also
+appends the candidate item as the newest sequence token, at time gap 0, built as Kunlun builds it
+(``EventTokens.candidate``): the input Kunlun gets, for a comparison of architectures on the same inputs.
 
 Shared with Kunlun: embeddings and history tokens (item, event type, side features, time-gap bucket,
 position; ``EventTokens``), the non-sequence summary (LCE + MLP + gate), PMA, self-attention with
@@ -110,7 +113,7 @@ class InterFormer(RankingModel):
         self.config, self.info = cfg, info
         d, n = cfg.d_model, info.n_tokens
         names = [q.name for q in info.sequences]
-        self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets)
+        self.inputs = Inputs(info, d, cfg.position_embedding, cfg.time_buckets, candidates=cfg.target_in_sequence)
         self.cls = nn.ParameterDict({q: nn.Parameter(torch.randn(cfg.cls_tokens, d) * 0.05) for q in names})
         t = len(names) * cfg.seq_summary_tokens
         self.x_summary = nn.ModuleList(NonSequenceSummary(n, cfg.summary_tokens, d, cfg.summary_gate) for _ in range(cfg.num_layers))
@@ -128,8 +131,13 @@ class InterFormer(RankingModel):
     def forward(self, batch: Batch) -> torch.Tensor:
         cfg = self.config
         x, embedded = self.inputs(batch)
+        candidates = self.inputs.candidate_tokens(batch) if cfg.target_in_sequence else {}
         seqs, taus = {}, {}
         for q, (s, m, gap) in embedded.items():
+            if cfg.target_in_sequence:  # the candidate as the newest token, at time gap 0 (Kunlun's input)
+                s = torch.cat([s, candidates[q].unsqueeze(1)], dim=1)
+                m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+                gap = torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1)
             cls = self.cls[q].expand(s.shape[0], -1, -1)
             c = cls.shape[1]
             seqs[q] = (torch.cat([cls, s], dim=1), torch.cat([torch.ones_like(m[:, :c]), m], dim=1))
@@ -147,7 +155,8 @@ class InterFormer(RankingModel):
         return {n: s.mask.sum(1) for n, s in batch.seqs.items() if n in self.cls}
 
     def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:
-        real = lambda q: (self.info.max_len if lengths is None else lengths[q]) + self.config.cls_tokens  # noqa: E731
+        extra = self.config.cls_tokens + int(self.config.target_in_sequence)  # CLS tokens and the candidate slot
+        real = lambda q: (self.info.max_len if lengths is None else lengths[q]) + extra  # noqa: E731
         layers = range(self.config.num_layers)
         return {
             "tokens": self.inputs.flops(lengths),
