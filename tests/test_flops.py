@@ -169,6 +169,7 @@ def test_useful_flops_are_what_an_unpadded_example_costs(model_cfg):
 
 def test_kunlun_stream_token_counts_match_the_forward_selection():
     from kunlun.blocks.embeddings import select_events
+    from kunlun.models.kunlun import TokenKey
 
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 30))
@@ -177,12 +178,14 @@ def test_kunlun_stream_token_counts_match_the_forward_selection():
     for st in model.streams:
         sq = batch.seqs[st.source]
         _, mask, _ = select_events(torch.zeros(*sq.mask.shape, 1), sq.mask, sq.event, st.event_code, st.length - 1)
-        torch.testing.assert_close(counts[f"stream:{st.name}"], mask.sum(1) + 1)
-    assert torch.equal(counts["events:" + model.streams[0].source], batch.seqs[model.streams[0].source].mask.sum(1))
+        torch.testing.assert_close(counts[TokenKey.stream(st.name)], mask.sum(1) + 1)
+    assert torch.equal(counts[TokenKey.window(model.streams[0].source)], batch.seqs[model.streams[0].source].mask.sum(1))
     assert model.useful_flops_per_example([batch]) < model.flops_per_example()
 
 
 def test_kunlun_own_window_token_counts_are_the_streams_real_events():
+    from kunlun.models.kunlun import TokenKey
+
     p = prepare_dataset("ml-latest-small")
     model = build_model(model_from_dict({"name": "kunlun", "stream_window": "own"}), FeatureInfo.from_encoder(p.encoder(), 30))
     assert model.event_windows
@@ -190,9 +193,9 @@ def test_kunlun_own_window_token_counts_are_the_streams_real_events():
     counts = model.token_counts(batch)
     for st in model.streams:
         window = batch.windows[st.source][st.event_code]
-        torch.testing.assert_close(counts[f"stream:{st.name}"], window.mask[:, -(st.length - 1):].sum(1) + 1)
+        torch.testing.assert_close(counts[TokenKey.stream(st.name)], window.mask[:, -(st.length - 1):].sum(1) + 1)
     light = next(st for st in model.streams if st.length < 31)  # a light stream holds fewer of its events
-    assert (counts[f"stream:{light.name}"] < batch.windows[light.source][light.event_code].mask.sum(1) + 1).any()
+    assert (counts[TokenKey.stream(light.name)] < batch.windows[light.source][light.event_code].mask.sum(1) + 1).any()
     assert model.useful_flops_per_example([batch]) < model.flops_per_example()
 
 
