@@ -59,6 +59,6 @@ class RMSNorm(nn.RMSNorm):
     path) and normalise in bf16. [..., D] → [..., D]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype in (torch.float32, torch.float64):  # only a low-precision input is normalised in float32
             return super().forward(x)
         return nn.functional.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)

@@ -73,7 +73,8 @@ class SequenceSummary(nn.Module):
 
     def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c, k = self.cfg.cls_tokens, self.cfg.recent_tokens
-        return self.gate(torch.cat([s[:, :c], self.pma(s, mask), s[:, -k:]], dim=1))
+        recent = s[:, -k:] * mask[:, -k:, None]  # a sequence shorter than K: its padded slots contribute zeros
+        return self.gate(torch.cat([s[:, :c], self.pma(s, mask), recent], dim=1))
 
     def flops(self, length: int) -> int:
         return self.pma.flops(length) + self.gate.flops(self.cfg.seq_summary_tokens)
@@ -86,7 +87,8 @@ class DHENInteraction(nn.Module):
     def __init__(self, n_tokens: int, seq_tokens: int, dim: int, cross_layers: int):
         super().__init__()
         self.n, self.nz, self.dim = n_tokens, n_tokens + seq_tokens, dim
-        self.pairs = torch.triu_indices(self.nz, self.nz, offset=1)
+        # a buffer, so it moves with the module (a plain attribute stays on the CPU: a copy and a sync each step)
+        self.register_buffer("pairs", torch.triu_indices(self.nz, self.nz, offset=1), persistent=False)
         self.cross = CrossNetV2(self.nz * dim, cross_layers)
         self.combine = nn.Linear(self.pairs.shape[1] + self.nz * dim, n_tokens * dim)
         self.norm = nn.LayerNorm(dim)
