@@ -8,6 +8,7 @@ import torch
 from kunlun import ops
 from kunlun.errors import KunlunError
 from kunlun.ops.attention import (
+    activation_heads,
     band_mask,
     band_pairs,
     blocked_pays,
@@ -126,21 +127,48 @@ def test_gdpa_fast_matches_reference(act):
 
 
 @pytest.mark.parametrize("act,heads", [("gelu", 2), (["silu", "gelu"], 2), (["relu", "identity", "silu"], 3), ("silu", 1),
-                                       (["relu2", "silu"], 2)])
+                                       (["relu2", "silu"], 2), (["silu", "gelu", "silu", "gelu"], 4), (["gelu", "gelu"], 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gdpa_heads_fast_matches_reference(act, heads, dtype):
-    """Merged-head GDPA (block-diagonal keys and values) against split heads → gdpa → merge, forward and backward."""
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_gdpa_heads_fast_matches_reference(act, heads, dtype, with_mask):
+    """Merged-head GDPA, with and without a prebuilt head mask, against its reference, forward and backward."""
     gen = torch.Generator().manual_seed(heads)
     dh = 8
     q = torch.randn(3, 21, heads * dh, generator=gen, dtype=dtype)
     k, v = (torch.randn(3, 4, heads * dh, generator=gen, dtype=dtype) for _ in range(2))
-    (ref, ref_grads), (fast, fast_grads) = run_both(lambda q, k, v: gdpa_heads(q, k, v, heads, act), q, k, v)
+    head_mask = activation_heads(act, heads) if with_mask else None
+    (ref, ref_grads), (fast, fast_grads) = run_both(
+        lambda q, k, v: gdpa_heads(q, k, v, heads, act, head_mask=head_mask), q, k, v)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype is torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(fast, ref, **tol)
     for g_fast, g_ref in zip(fast_grads, ref_grads):
         torch.testing.assert_close(g_fast, g_ref, **tol)
     split = [x.unflatten(-1, (heads, dh)).transpose(1, 2) for x in (q, k, v)]  # the reference is gdpa on split heads
     torch.testing.assert_close(ref, gdpa(*split, act).transpose(1, 2).flatten(-2), **tol)
+
+
+def test_activation_heads():
+    assert activation_heads("silu", 3) is None and activation_heads(["gelu", "gelu"], 2) is None
+    assert activation_heads(["silu", "gelu", "silu"], 3).tolist() == [[True, False, True], [False, True, False]]
+    with pytest.raises(ValueError):
+        activation_heads(["silu", "gelu"], 3)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 8])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_gdpa_heads_executes_per_head_flops(heads, impl):
+    """Both products are per head: 2·Lq·Lk·D multiply-adds each per example, forward, and twice that backward
+    (what a FLOP counter reports as executed work; no zero blocks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, lq, lk, d = 2, 11, 4, heads * 8
+    q, k, v = (torch.randn(b, n, d, requires_grad=True) for n in (lq, lk, lk))
+    with ops.using(impl), FlopCounterMode(display=False) as counter:
+        out = gdpa_heads(q, k, v, heads, ["silu", "gelu"] * (heads // 2) if heads > 1 else "silu")
+        forward = counter.get_total_flops()
+        out.sum().backward()
+    assert forward == 2 * (2 * b * lq * lk * d)
+    assert counter.get_total_flops() == 3 * forward
 
 
 def test_emulated_matmul_runs_the_reference():

@@ -17,7 +17,7 @@ from torch import nn
 
 from kunlun.blocks.common import RMSNorm, linear_flops
 from kunlun.formats.gemm import MatMul
-from kunlun.ops.attention import gdpa_heads
+from kunlun.ops.attention import activation_heads, gdpa_heads
 
 
 class GDPAPFFN(nn.Module):
@@ -33,6 +33,8 @@ class GDPAPFFN(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.dim, self.heads, self.act = dim, heads, act
+        # which heads use which activation, built once (not a tensor made from a list in every forward)
+        self.register_buffer("head_mask", activation_heads(act, heads), persistent=False)
         self.kv_dim = kv_dim or dim
         self.norm_q = nn.LayerNorm(dim)
         self.k = nn.Linear(self.kv_dim, dim)
@@ -42,7 +44,8 @@ class GDPAPFFN(nn.Module):
 
     def forward(self, s: torch.Tensor, summary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q_n = self.norm_q(s)
-        h = gdpa_heads(q_n, self.k(summary), self.v(summary), self.heads, self.act, matmul=self.matmul.emulated_or_none()) + q_n
+        h = gdpa_heads(q_n, self.k(summary), self.v(summary), self.heads, self.act, matmul=self.matmul.emulated_or_none(),
+                       head_mask=self.head_mask) + q_n
         out = self.norm_out(h) + s
         return out * mask.unsqueeze(-1) if self.zero_padding else out
 

@@ -16,11 +16,17 @@ Compiled or exported code gets the reference, which Inductor fuses (it has no co
 
 ``gdpa`` — generalised dot-product attention (an element-wise activation instead of the softmax, one per
 head or one for all, no row normalisation). Its fast path applies per-head activations through one
-``torch.where`` over head groups instead of stacking per-head copies. ``gdpa_heads`` takes and returns the heads
-side by side ([B, L, H·dh], as projections give them). Reference: split into heads, ``gdpa``, merge (a
-transposed copy each way, forward and backward). Fast: each head's keys and values are placed in a block-diagonal
-[H·dh, H·Lk] / [H·Lk, H·dh] matrix (Lk, the summary tokens, is small), so both products are single batched GEMMs
-on the merged layout and no head is ever transposed; the zero blocks add H× the (small) product FLOPs.
+``torch.where`` per distinct activation over a boolean [A, H] head mask (``activation_heads``: built once by the
+calling module as a buffer, so no tensor is made from Python data in a step) instead of stacking per-head copies.
+``gdpa_heads`` takes and returns the heads side by side ([B, L, H·dh], as projections give them): split into
+heads (views), ``gdpa``, merge — both products batched over [B, H] (the matmul copies q's transposed heads once,
+the merge copies the output once), exactly 2·Lq·Lk·D multiply-adds per product and example, which is what a
+FLOP counter sees as executed work; reference and fast differ only in ``gdpa``'s per-head activations. A
+block-diagonal form (each head's keys and values in a [H·dh, H·Lk] / [H·Lk, H·dh] block-diagonal matrix: one GEMM
+per example on the merged layout, no transposes, H× the multiply-adds) was the fast path before; on a CPU it is
+faster on the op alone only while H·Lk is small, is not measurably faster in a whole Kunlun training step at the
+default size, and falls behind as H·Lk grows: ``benchmarks/ops_attention.py --gdpa`` times both
+(``benchmarks/results/ops_attention_gdpa.md``).
 """
 
 from __future__ import annotations
@@ -185,67 +191,77 @@ def _blocked_band(q, k, v, key_mask, window: int) -> torch.Tensor:
     return out.view(bsz, heads, nb * b, dh)[:, :, :length]
 
 
-def head_activation(scores: torch.Tensor, act: str | list[str] | tuple[str, ...]) -> torch.Tensor:
-    """Element-wise activation of scores [B, H, Lq, Lk]; ``act`` one name, or one name per head."""
+def activation_heads(act: str | list[str] | tuple[str, ...], heads: int, device=None) -> torch.Tensor | None:
+    """[A, H] bool: row i marks the heads that use the i-th distinct activation of ``act`` (in first-use order);
+    None for one activation shared by every head. Filled on ``device`` one head at a time (no Python data is
+    copied to it); a module builds it once as a buffer and passes it to ``head_activation`` / ``gdpa_heads``."""
+    if isinstance(act, str):
+        return None
+    if len(act) != heads:
+        raise ValueError(f"{len(act)} activations given for {heads} heads")
+    names = list(dict.fromkeys(act))
+    if len(names) == 1:
+        return None
+    mask = torch.zeros(len(names), heads, dtype=torch.bool, device=device)
+    for h, a in enumerate(act):
+        mask[names.index(a)].select(0, h).fill_(True)
+    return mask
+
+
+def head_activation(
+    scores: torch.Tensor, act: str | list[str] | tuple[str, ...], head_mask: torch.Tensor | None = None, dim: int = 1,
+) -> torch.Tensor:
+    """Element-wise activation of scores with the heads along ``dim`` ([B, H, Lq, Lk] by default); ``act`` one
+    name, or one name per head. ``head_mask``: ``activation_heads(act, H)`` on the scores' device (built here,
+    a few small fills, when not given)."""
     if isinstance(act, str):
         return ACTIVATIONS[act](scores)
-    if len(act) != scores.shape[1]:
-        raise ValueError(f"{len(act)} activations given for {scores.shape[1]} heads")
+    heads = scores.shape[dim]
+    if len(act) != heads:
+        raise ValueError(f"{len(act)} activations given for {heads} heads")
     if ops.current() == "reference":
-        return torch.stack([ACTIVATIONS[a](scores[:, h]) for h, a in enumerate(act)], dim=1)
+        return torch.stack([ACTIVATIONS[a](scores.select(dim, h)) for h, a in enumerate(act)], dim=dim)
+    if len(set(act)) == 1:
+        return ACTIVATIONS[act[0]](scores)
+    if head_mask is None:
+        head_mask = activation_heads(act, heads, scores.device)
+    trailing = scores.dim() - 1 - (dim % scores.dim())
     out = None
-    for name in dict.fromkeys(act):  # each distinct activation once, over the heads that use it
-        heads = torch.tensor([a == name for a in act], device=scores.device)[:, None, None]  # [H, 1, 1]
+    for i, name in enumerate(dict.fromkeys(act)):  # each distinct activation once, over the heads that use it
         y = ACTIVATIONS[name](scores)
-        out = y if out is None else torch.where(heads, y, out)
+        out = y if out is None else torch.where(head_mask[i].view(-1, *(1,) * trailing), y, out)
     return out
 
 
 def gdpa_heads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, act: str | list[str] = "silu", matmul=None,
+    head_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``gdpa`` (scale 1/√dh, no key mask) on merged heads: q [B, Lq, H·dh], k, v [B, Lk, H·dh] → [B, Lq, H·dh];
-    head h reads and writes channels [h·dh, (h+1)·dh). ``matmul``: an emulated matmul (then the reference runs)."""
-    if matmul is not None or ops.current() == "reference" or heads == 1:  # one head: the splits are views
-        b, lq, d = q.shape
+    head h reads and writes channels [h·dh, (h+1)·dh). ``matmul``: an emulated matmul (then the reference runs).
+    ``head_mask``: ``activation_heads(act, heads)`` (a module's buffer) for per-head activations."""
+    b, lq, d = q.shape
 
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, L, H·dh] → [B, H, L, dh], a view
+        return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
 
-        return gdpa(split(q), split(k), split(v), act, matmul=matmul).transpose(1, 2).reshape(b, lq, d)
-    lk, d = k.shape[-2:]
-    dh = d // heads
-    channel_head = torch.arange(d, device=k.device) // dh
-    column_head = torch.arange(heads * lk, device=k.device) // lk
-    block = (channel_head[:, None] == column_head[None, :]).to(k.dtype)  # [H·dh, H·Lk]: head h's rows × its columns
-    kb = k.transpose(1, 2).repeat(1, 1, heads) * block  # [B, H·dh, H·Lk]: column h·Lk + j = key j of head h
-    vb = v.repeat(1, heads, 1) * block.T  # [B, H·Lk, H·dh]
-    scores = torch.matmul(q, kb)  # [B, Lq, H·Lk]: head h's scores in its Lk columns
-    if isinstance(act, str):
-        a = ACTIVATIONS[act](scores)
-    else:
-        if len(act) != heads:
-            raise ValueError(f"{len(act)} activations given for {heads} heads")
-        a = None
-        for name in dict.fromkeys(act):
-            cols = torch.tensor([act[h] == name for h in range(heads)], device=k.device)[column_head]  # [H·Lk]
-            y = ACTIVATIONS[name](scores)
-            a = y if a is None else torch.where(cols, y, a)
-    return torch.matmul(a * (1.0 / math.sqrt(dh)), vb)
+    # both products batched over [B, H]: 2·Lq·Lk·dh multiply-adds per head and product, nothing more
+    return gdpa(split(q), split(k), split(v), act, matmul=matmul, head_mask=head_mask).transpose(1, 2).reshape(b, lq, d)
 
 
 def gdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, act: str | list[str] = "silu", scale: float | None = None,
-    key_mask: torch.Tensor | None = None, matmul=None,
+    key_mask: torch.Tensor | None = None, matmul=None, head_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generalised dot-product attention: O = (act(Q·Kᵀ) · scale) · V, rows not normalised.
 
     q: [B, H, Lq, dh]; k, v: [B, H, Lk, dh]; key_mask: [B, Lk] bool or None → [B, H, Lq, dh]. ``scale``
-    defaults to 1/√dh. ``matmul``: the calling module's (emulated) matmul, else ``torch.matmul``.
+    defaults to 1/√dh. ``matmul``: the calling module's (emulated) matmul, else ``torch.matmul``. ``head_mask``:
+    ``activation_heads(act, H)`` for per-head activations (built per call when not given).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mm = matmul or torch.matmul
-    a = head_activation(mm(q, k.transpose(-1, -2)), act) * scale
+    a = head_activation(mm(q, k.transpose(-1, -2)), act, head_mask) * scale
     if key_mask is not None:
         a = a * key_mask[:, None, None, :].to(a.dtype)
     return mm(a, v)
