@@ -143,7 +143,8 @@ def test_values_in_padded_slots_change_no_logit(ml, name):
     ("kunlun", {}), ("kunlun", {"event_split": False}), ("kunlun", {"stream_window": "own"}),
     ("kunlun", {"compskip": False, "num_layers": 3}), ("kunlun", {"seq_pooling": "pma", "window": 0}),
     ("kunlun", {"target_in_sequence": False}),
-    ("interformer", {}), ("interformer", {"target_in_sequence": True}), ("bst", {}), ("din", {}), ("din", {"target_in_sequence": True}),
+    ("interformer", {}), ("interformer", {"target_in_sequence": True}), ("bst", {}), ("bst", {"rotary_time": True, "position_embedding": True}),
+    ("din", {}), ("din", {"target_in_sequence": True}),
 ])
 def test_no_sequence_block_reads_a_padded_token(ml, name, cfg):
     """Inside the model: large random values written into the padded slots of every sequence block's input tokens
@@ -382,7 +383,7 @@ def test_rotary_time_attention_depends_on_time_differences_only(impl):
         assert not torch.allclose(blk(s, mask, None), out)
 
 
-@pytest.mark.parametrize("name", ["kunlun", "interformer"])
+@pytest.mark.parametrize("name", ["kunlun", "interformer", "bst"])
 def test_rotary_time_is_the_only_way_gaps_reach_the_model_without_time_buckets(ml, name):
     """With the time-gap buckets off, scaling every gap changes the logits through the rotary encoding of
     τ = log(1 + Δt / scale) when ``rotary_time`` is on, and changes nothing when it is off."""
@@ -725,3 +726,18 @@ def test_gdpa_heads_and_attention_heads_split_channels_the_same_way():
     torch.testing.assert_close(merge_heads(heads), x)
     mha = MultiHeadAttention(8, 2)
     assert mha.heads == 2
+
+
+@pytest.mark.parametrize("name", ["dnn", "dcnv2", "wukong"])
+def test_tabular_models_pool_a_history_as_the_mean_of_its_real_events(ml, name):
+    """DNN, DCNv2 and Wukong read a sequence as one token: the mean of its real event tokens (not of every slot)."""
+    from kunlun.models.dnn import pooled_tokens
+
+    info, batch = ml
+    model = build(info, name)
+    with torch.no_grad():
+        tokens = pooled_tokens(model.inputs, batch)
+        _, seqs = model.inputs(batch)
+    s, mask, _ = seqs["history"]
+    for b in range(len(batch)):
+        torch.testing.assert_close(tokens[b, -1], s[b][mask[b]].mean(0))

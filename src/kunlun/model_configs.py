@@ -178,11 +178,19 @@ class BSTConfig(ModelConfig):
     hidden: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.1
     target_in_sequence: bool = True  # the candidate as the last Transformer token (the paper's design)
+    # Kunlun's other history inputs, off by default (the paper's positions are the time-gap buckets alone): a learned
+    # position embedding, and the rotary encoding of τ = log(1 + Δt / time_scale) in self-attention
+    position_embedding: bool = False
+    rotary_time: bool = False
+    time_scale: float = 3600.0  # seconds
+    rotary_base: float = 10.0
 
     def validate(self) -> None:
-        check_positive(self, "d_model", "num_heads", "num_layers", "ffn_mult", "time_buckets", "hidden")
+        check_positive(self, "d_model", "num_heads", "num_layers", "ffn_mult", "hidden")
+        check_non_negative(self, "time_buckets")
         check_heads(self)
         check_dropout(self)
+        check_rotary_time(self)
 
 
 @dataclass(frozen=True)

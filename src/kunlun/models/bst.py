@@ -8,7 +8,9 @@ History and candidate tokens come from the block every sequence model shares (``
 same projection of item, event type and side features; the time-gap bucket is BST's position (the
 paper's only positional signal, so no learned position embedding); the candidate gets a "candidate"
 event type and gap 0. ``target_in_sequence=false`` leaves the candidate out of the sequence (it is still a
-non-sequence field): for ablations, not the paper's model."""
+non-sequence field): for ablations, not the paper's model. ``position_embedding`` and ``rotary_time`` (both off, as in
+the paper) give BST the other history inputs Kunlun gets: a learned position embedding, and the rotary encoding of
+log time gaps in self-attention."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.common import MLP
-from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
 from kunlun.data.batches import Batch
 from kunlun.model_configs import BSTConfig
 from kunlun.models.base import RankingModel, register
@@ -27,15 +29,16 @@ from kunlun.ops.dropout import Dropout
 class TransformerLayer(nn.Module):
     """Post-norm Transformer layer as in BST. s: [B, L, D], mask: [B, L] → [B, L, D]."""
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float):
+    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float, rotary_base: float = 10.0):
         super().__init__()
-        self.attn = MultiHeadAttention(dim, heads)
+        self.attn = MultiHeadAttention(dim, heads, rotary_base=rotary_base)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ffn = MLP([dim, ffn_mult * dim, dim], act="leaky_relu")
         self.drop = Dropout(dropout)
 
-    def forward(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        s = self.norm1(s + self.drop(self.attn(s, s, mask)))
+    def forward(self, s: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor | None = None) -> torch.Tensor:
+        """``tau`` [B, L]: rotary positions (``rotary_time``), else None."""
+        s = self.norm1(s + self.drop(self.attn(s, s, mask, tau)))
         return self.norm2(s + self.drop(self.ffn(s)))
 
     def flops(self, length: int) -> int:
@@ -52,9 +55,10 @@ class BST(RankingModel):
         super().__init__()
         self.config, self.info = cfg, info
         d = cfg.d_model
-        self.inputs = Inputs(info, d, positions=False, time_buckets=cfg.time_buckets, candidates=cfg.target_in_sequence)
+        self.inputs = Inputs(info, d, positions=cfg.position_embedding, time_buckets=cfg.time_buckets, candidates=cfg.target_in_sequence)
         self.blocks = nn.ModuleDict(
-            {q.name: nn.ModuleList(TransformerLayer(d, cfg.num_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.num_layers))
+            {q.name: nn.ModuleList(TransformerLayer(d, cfg.num_heads, cfg.ffn_mult, cfg.dropout, cfg.rotary_base)
+                                   for _ in range(cfg.num_layers))
              for q in info.sequences}
         )
         width = (info.n_tokens + len(info.sequences) * (info.max_len + int(cfg.target_in_sequence))) * d
@@ -64,12 +68,14 @@ class BST(RankingModel):
         x, seqs = self.inputs(batch)
         targets = self.inputs.candidate_tokens(batch) if self.config.target_in_sequence else {}
         outs = [x.flatten(1)]
-        for n, (s, m, _) in seqs.items():
+        for n, (s, m, gap) in seqs.items():
             if self.config.target_in_sequence:
                 s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)  # the candidate, time gap 0
                 m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+                gap = torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1)
+            tau = time_positions(gap, self.config.time_scale) if self.config.rotary_time else None
             for layer in self.blocks[n]:
-                s = layer(s, m) * m.unsqueeze(-1)
+                s = layer(s, m, tau) * m.unsqueeze(-1)
             outs.append(s.flatten(1))
         return self.mlp(torch.cat(outs, dim=1)).squeeze(-1)
 
