@@ -2,8 +2,11 @@
 
 MFU = achieved model FLOPs/s ÷ the dense GEMM FLOP/s this machine reaches at the same dtype, measured
 in the same process with a large square matmul (so it is relative to what this machine really does,
-not a datasheet). Model FLOPs follow the convention in ``kunlun.blocks.common``: forward = analytic
-matmul FLOPs per example; training = 3 × forward (backward ≈ 2 × forward). Timings are medians of
+not a datasheet). FLOPs follow the project's convention (matrix products only, 2 per multiply-add; README
+"FLOPs"): MFU counts *useful* FLOPs (analytic, each example's real tokens, over the batches timed), HFU
+*executed* FLOPs — counted from the aten ops one forward of the timed model dispatches on the selected op
+implementation (``kunlun.models.flop_count``: every padded slot, every pair a dense masked attention kernel
+scores). Training = 3 × forward (backward ≈ 2 × forward). Timings are medians of
 ``repeats`` runs; shared machines are noisy, so compare ratios measured in one run. A timed training step
 is the trainer's own (``kunlun.training.step.TrainStep``: loss, clipping, optimizers and their schedules).
 
@@ -30,7 +33,7 @@ from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.runs import environment
 from kunlun.training.step import TrainModel, TrainStep, autocast, default_device, make_optimizers, make_schedulers, set_seed
-from kunlun.training.trainer import build
+from kunlun.training.trainer import build, executed_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -134,9 +137,10 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
     result["loader_examples_per_s"] = loader_examples_per_s(batcher, t.batch_size)
     for name, dtype in DTYPES.items():
         log(f"bench {name}: GEMM peak, training and inference timing …")
-        result[name] = _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps, repeats)
-        result["flops_per_example"] = result[name].pop("flops_per_example")
-        result["useful_flops_per_example"] = result[name].pop("useful_flops_per_example")
+        result[name] = _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps, repeats, batcher)
+        for key in ("flops_per_example", "useful_flops_per_example", "analytic_flops_per_example"):
+            result[key] = result[name].pop(key)  # the same at both dtypes
+        result["executed_flops_per_example"] = result["flops_per_example"]
         peak = datasheet_peak(result["device"], name) if device.type == "cuda" else None
         if peak:
             result[name]["datasheet_peak_flops_per_s"] = peak
@@ -216,12 +220,12 @@ def profile_training(cfg: Config, out: Any, steps: int = 10) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
-def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int, repeats: int) -> dict[str, float]:
-    """Median training / inference examples/s of a fresh model at ``dtype`` (autocast for bf16), and MFU."""
+def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int, repeats: int, batcher) -> dict[str, float]:
+    """Median training / inference examples/s of a fresh model at ``dtype`` (autocast for bf16), MFU and HFU."""
     t = cfg.train
     set_seed(t.seed)
     model = build(cfg, data).to(device)
-    flops = model.flops_per_example()  # executed: every padded slot
+    flops = executed_flops(model, batcher, device)  # executed: counted from one forward's ops, every padded slot
     with torch.no_grad():  # useful: each example's real tokens, over the batches being timed
         useful = model.useful_flops_per_example(train_batches)
     bf16 = dtype is torch.bfloat16
@@ -263,6 +267,7 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
     return {
         "flops_per_example": flops,
         "useful_flops_per_example": useful,
+        "analytic_flops_per_example": model.flops_per_example(),
         "gemm_flops_per_s": peak,
         "train_examples_per_s": train_eps,
         "train_mfu": 3 * useful * train_eps / peak,
@@ -277,8 +282,9 @@ def speed_table(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     tab = Table(title=f"{r['model']} on {r['dataset']} — {r['device']}, {r['threads']} threads, "
-                      f"{r['useful_flops_per_example'] / 1e6:.2f} useful / {r['flops_per_example'] / 1e6:.2f} executed MFLOPs/example "
-                      "forward (MFU: useful FLOPs; HFU: executed, padding included); code " + r["code"])
+                      f"{r['useful_flops_per_example'] / 1e6:.2f} useful (analytic) / {r['flops_per_example'] / 1e6:.2f} executed "
+                      "(counted) MFLOPs/example forward (MFU: useful FLOPs; HFU: executed, padding and masked attention "
+                      "pairs included); code " + r["code"])
     cols = ["dtype", "GEMM GFLOP/s", "train ex/s", "trainer ex/s", "train MFU", "train HFU", "infer ex/s", "infer MFU", "infer HFU"]
     datasheet = any("train_mfu_datasheet" in r[name] for name in DTYPES)
     for col in cols + (["MFU vs datasheet"] if datasheet else []):

@@ -14,14 +14,20 @@ from torch import nn
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.data.batches import Batch
 from kunlun.model_configs import ModelConfig
+from kunlun.models import flop_count
 
 
 class RankingModel(nn.Module):
     """A model maps a Batch to logits [B] and reports its forward FLOPs per example by component.
 
-    FLOPs come in two kinds. *Executed* FLOPs (``lengths=None``) count every padded sequence slot, as the
-    dense kernels compute them; *useful* FLOPs count only the real tokens of each example
-    (``token_counts``), i.e. what a jagged kernel would compute. They differ only for sequence models."""
+    FLOPs come in two kinds (README "FLOPs"; matrix products only, 2 per multiply-add). *Useful* FLOPs are analytic,
+    the model's work: ``flops_by_component`` at each example's real token counts (``token_counts``;
+    ``useful_flops_per_example`` averages them over batches), i.e. what a jagged kernel would compute; at
+    ``lengths=None`` the same formulas over every padded slot (a sliding window still counted as its band).
+    *Executed* FLOPs are counted, not declared: the aten ops one real forward dispatches on the selected op
+    implementation (``executed_flops_per_example``, ``kunlun.models.flop_count``) — every padded slot, and all the
+    pairs a dense masked attention kernel scores (the blocked band: 3b keys per query). HFU is built on executed
+    FLOPs, MFU and scaling compute on useful ones."""
 
     config: ModelConfig
     info: FeatureInfo
@@ -33,12 +39,19 @@ class RankingModel(nn.Module):
         raise NotImplementedError
 
     def flops_by_component(self, lengths: dict[str, int] | None = None) -> dict[str, int]:  # pragma: no cover - abstract
-        """Forward FLOPs of one example by component. ``lengths``: real tokens per key of ``token_counts``
-        (useful FLOPs of an example with those lengths); None: every padded slot (executed FLOPs)."""
+        """Analytic forward FLOPs of one example by component. ``lengths``: real tokens per key of ``token_counts``
+        (useful FLOPs of an example with those lengths); None: the same formulas at every padded slot (what the
+        kernels execute beyond that is counted, not declared: ``executed_flops_per_example``)."""
         raise NotImplementedError
 
     def flops_per_example(self, lengths: dict[str, int] | None = None) -> int:
+        """Analytic forward FLOPs of one example: at ``lengths`` real tokens (useful), or every padded slot (None)."""
         return sum(self.flops_by_component(lengths).values())
+
+    def executed_flops_per_example(self, batch: Batch) -> float:
+        """Executed forward FLOPs per example, counted from the ops one forward on ``batch`` dispatches (its padded
+        length, the op implementation selected now) ÷ its size; counted once per configuration and batch shape."""
+        return flop_count.executed_flops_per_example(self, batch)
 
     def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Real (unpadded) tokens per example, by the keys ``flops_by_component`` reads: here the real

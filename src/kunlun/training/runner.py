@@ -144,8 +144,8 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
                 _resume(trainer, changes, logger)
             else:
                 trainer.start_record()
-            logger(f"run {target}: {cfg.model.name} on {data.name}, {trainer.model.flops_per_example() / 1e6:.2f} "
-                   f"MFLOPs/example, {trainer.parameter_counts['total']:,} parameters")
+            logger(f"run {target}: {cfg.model.name} on {data.name}, {trainer.useful_flops / 1e6:.2f} useful / "
+                   f"{trainer.executed_flops / 1e6:.2f} executed MFLOPs/example, {trainer.parameter_counts['total']:,} parameters")
             final = trainer.fit()
         except BaseException:
             # nothing worth keeping yet (no checkpoint): remove the half-made run directory (and runs/ if it made that)

@@ -165,6 +165,22 @@ def build_from_info(cfg: Config, info: FeatureInfo) -> RankingModel:
 
 
 USEFUL_FLOPS_SAMPLE = 100_000  # rows: exact below this, a fixed random sample above (a full pass over 100M rows is not worth it)
+# what each FLOP figure of a run record is (recorded beside them, so a record says which is which)
+FLOPS_KINDS = {
+    "flops_per_example": "executed: counted from the aten ops one forward dispatches, every padded slot (= executed_flops_per_example)",
+    "useful_flops_per_example": "useful: analytic, each example's real tokens, mean over the training split",
+    "analytic_flops_per_example": "analytic at every padded slot (a sliding window counted as its band)",
+    "flops_by_component": "analytic at every padded slot, by component",
+    "train_compute": "3 x executed x training examples", "useful_train_compute": "3 x useful x training examples",
+}
+EXECUTED_FLOPS_ROWS = 8  # rows of the forward executed FLOPs are counted on (per example they do not depend on it: tests)
+
+
+def executed_flops(model: RankingModel, batcher: Batcher, device: torch.device | str = "cpu") -> float:
+    """Executed forward FLOPs per example (``kunlun.models.flop_count``): counted over one forward of ``model`` on the
+    split's first rows, padded as every batch is (``max_len``), with the op implementation selected now."""
+    batch = batcher.batch(np.arange(min(EXECUTED_FLOPS_ROWS, len(batcher)))).to(device)
+    return model.executed_flops_per_example(batch)
 
 
 @torch.no_grad()
@@ -224,6 +240,11 @@ class Trainer:
         if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
             self.stand_in = self.train_batches.batch(np.zeros(1, np.int64)).to(self.device)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
+        # counted on the run's own model, or in a distributed run on an unwrapped copy (its forward would gather
+        # sharded parameters; TorchRec has taken its tables out), built without touching the random streams
+        with torch.random.fork_rng(devices=[]):
+            counted = build(cfg, data).to(self.device) if w.distributed else self.model
+        self.executed_flops = executed_flops(counted, self.train_batches, self.device)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
         self.recorded = cfg.to_dict()  # what the run and its checkpoints record
@@ -532,15 +553,19 @@ class Trainer:
             "epochs_run": self.state.epoch,
             "steps": self.state.step,
             "train_ctr": self.data.train_ctr,
-            # FLOPs (README "FLOPs"): executed = every padded sequence slot, as the dense kernels compute them;
-            # useful = only each example's real tokens (mean over the training split). Training compute C =
-            # forward FLOPs/example × 3 (forward + backward) × training examples processed (in all, and up to the
-            # best checkpoint); embedding lookups count 0 FLOPs.
-            "flops_per_example": self.model.flops_per_example(),
+            # FLOPs (README "FLOPs"): executed = counted from the ops one forward of the run's model dispatches, every
+            # padded slot as the kernels compute it (``flops_per_example``, the key older records hold the analytic
+            # figure under); useful = analytic, each example's real tokens (mean over the training split). Training
+            # compute C = forward FLOPs/example × 3 (forward + backward) × training examples processed (in all, and
+            # up to the best checkpoint); embedding lookups count 0 FLOPs.
+            "flops_per_example": self.executed_flops,
+            "executed_flops_per_example": self.executed_flops,
             "useful_flops_per_example": self.useful_flops,
+            "analytic_flops_per_example": self.model.flops_per_example(),
+            "flops_kinds": FLOPS_KINDS,
             "train_examples": self.state.train_examples,
-            "train_compute": TRAIN_FLOPS_FACTOR * self.model.flops_per_example() * self.state.train_examples,
-            "train_compute_at_best": TRAIN_FLOPS_FACTOR * self.model.flops_per_example() * self.state.best_examples,
+            "train_compute": TRAIN_FLOPS_FACTOR * self.executed_flops * self.state.train_examples,
+            "train_compute_at_best": TRAIN_FLOPS_FACTOR * self.executed_flops * self.state.best_examples,
             "useful_train_compute": TRAIN_FLOPS_FACTOR * self.useful_flops * self.state.train_examples,
             "useful_train_compute_at_best": TRAIN_FLOPS_FACTOR * self.useful_flops * self.state.best_examples,
             "flops_by_component": self.model.flops_by_component(),
