@@ -7,9 +7,12 @@ import sys
 
 import pytest
 
-from conftest import SHARED_DATA, TINY_MODEL, needs_shared
+from conftest import LEARNS, SHARED_DATA, TINY_MODEL, needs_shared
 
-TINY = TINY_MODEL + ["train.max_steps=30", "train.epochs=1"]
+TINY = TINY_MODEL + LEARNS + ["train.max_steps=30", "train.epochs=1"]
+# this run's model scores test NE 0.9946 untrained and 0.9464 after its 30 steps (seed 0; conftest.LEARNS has the
+# other seeds): a CLI that trains nothing, or scores another model, lands above the bound
+TRAINED_NE_BOUND = 0.975
 
 
 def kunlun(*args, cwd, expect=0):
@@ -30,7 +33,7 @@ def test_train_json_is_metrics_by_split(trained_run):
     d, out = trained_run
     assert set(out) == {"valid", "test"}
     assert {"ne", "logloss", "auc", "gauc", "calibration"} <= set(out["test"])
-    assert 0.5 < out["test"]["ne"] < 1.1
+    assert 0.5 < out["test"]["ne"] < TRAINED_NE_BOUND
 
 
 def test_eval_reproduces_training_metrics_and_scores_files(trained_run, tmp_path):
