@@ -11,6 +11,9 @@ CPU as well:
   and buffers, the batch): a constant kept as a plain attribute, which ``Module.to`` would leave on the CPU;
 * a copy to another device (``aten._to_copy`` / ``aten.copy_`` between devices), and on a GPU any op reading
   tensors of two devices (a CPU scalar tensor with a CUDA one is allowed by PyTorch and copies);
+* a tensor made on another device than the step's: the step runs with the default device set to "meta", so a
+  factory called without ``device=`` (``torch.arange(n)``, which on a GPU step makes a CPU tensor to copy) fails
+  on a CPU too;
 * a read back to the host or an output whose size depends on the data: ``.item()`` / ``bool(t)``
   (``aten._local_scalar_dense``), ``nonzero``, ``masked_select``, boolean-mask indexing.
 
@@ -18,6 +21,8 @@ On a GPU the models also run under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -48,10 +53,13 @@ class HostSync(AssertionError):
 
 class HostSyncCheck(TorchDispatchMode):
     """Raises ``HostSync`` on host work inside the ``with`` block (see the module docstring). ``known``: tensors
-    made before the block that ops may read (parameters, buffers, inputs)."""
+    made before the block that ops may read (parameters, buffers, inputs); ``device``: where every tensor made in
+    the block must be (a factory called without ``device=`` makes its tensor on the default device, which
+    ``checked`` sets to "meta" so that a forgotten ``device=`` shows on a CPU too)."""
 
-    def __init__(self, known=()):
+    def __init__(self, known=(), device: torch.device | str = "cpu"):
         super().__init__()
+        self.device = torch.device(device)
         self.seen = WeakIdKeyDictionary()
         for t in known:
             self.seen[t] = True
@@ -78,8 +86,19 @@ class HostSyncCheck(TorchDispatchMode):
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
+                if t.device != self.device:
+                    raise HostSync(f"{func} made a tensor on {t.device}, not on the step's {self.device} (a factory "
+                                   "without device=, or a copy)")
                 self.seen[t] = True
         return out
+
+
+def checked(known=(), device: torch.device | str = "cpu"):
+    """``HostSyncCheck`` with the default device set to "meta" (see there)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.device("meta"))
+    stack.enter_context(HostSyncCheck(known, device))
+    return stack
 
 
 def batch_tensors(batch) -> list[torch.Tensor]:
@@ -90,7 +109,7 @@ def batch_tensors(batch) -> list[torch.Tensor]:
 def step(model: TrainModel, batch, device: torch.device) -> None:
     """One forward and backward inside ``HostSyncCheck`` (made outside it, so its setup is not checked)."""
     known = [*model.parameters(), *model.buffers(), *batch_tensors(batch)]
-    with HostSyncCheck(known):
+    with checked(known, device):
         loss, _ = model(batch)
         loss.backward()
 
@@ -165,6 +184,8 @@ def bad_snippets():
         "tuple index": lambda x: x[:, (0, 2)],
         "plain-attribute constant": lambda x: x * c,
         "copy to another device": lambda x: x.to("meta"),
+        "factory without device=": lambda x: x + torch.arange(4),
+        "zeros without device=": lambda x: x * torch.ones(4),
         "item": lambda x: x * x.sum().item(),
         "bool of a tensor": lambda x: x if bool((x > 0).any()) else -x,
         "boolean mask index": lambda x: x[x > 0],
@@ -188,15 +209,17 @@ class ScaleGrad(torch.autograd.Function):
 @pytest.mark.parametrize("name", list(bad_snippets()))
 def test_check_catches(name):
     x = torch.randn(3, 4, requires_grad=True)
-    with pytest.raises(HostSync), HostSyncCheck([x]):
-        bad_snippets()[name](x).sum().backward()
+    snippet = bad_snippets()[name]
+    with pytest.raises(HostSync) as caught, checked([x]):
+        snippet(x).sum().backward()
+    print(name, "→", caught.value)
 
 
 def test_check_passes_device_work():
     """Factories, scalars, slices and buffers are device work: not flagged."""
     x = torch.randn(3, 4, requires_grad=True)
     buf = torch.arange(4)
-    with HostSyncCheck([x, buf]):
-        y = (x * 0.5 + torch.arange(4, device=x.device)) [:, buf] + x[:, 1::2].sum() + x.new_zeros(()) + torch.full((1,), 2.0)
+    with checked([x, buf]):
+        y = (x * 0.5 + torch.arange(4, device=x.device)) [:, buf] + x[:, 1::2].sum() + x.new_zeros(()) + torch.full((1,), 2.0, device=x.device)
         idx = torch.triu_indices(3, 3, 1, device=x.device)
         (y[:, idx[0]].sum() + y.to(torch.float64).sum()).backward()
