@@ -4,9 +4,8 @@
 The two differ by exactly the documented padding of the attention kernels, which the checks below add to the
 analytic figure from each attention module's *declared* window (``self.window``) and the lengths it is really called
 with: a dense masked kernel scores all L² query–key pairs, the blocked band nb·b·3b, where the model's work is the
-band's ``band_pairs(L, W)``; a block-diagonal GDPA form, where one runs, multiplies H× its per-head products (the
-zero blocks; measured on the op alone, ``gdpa_product_factor``); every other matrix product runs exactly as counted
-analytically. A second check reads the
+band's ``band_pairs(L, W)``; every other matrix product runs exactly as counted analytically (GDPA included: its
+per-head products, no block-diagonal zero blocks). A second check reads the
 masks the attention kernels are given (key padding forced off, so only the band masks): executed − hidden must be the
 band the module declares — the window the forward *applies*, not the one it declares, decides the count.
 """
@@ -18,14 +17,12 @@ import torch
 from kunlun import ops
 from kunlun.blocks.attention import MultiHeadAttention, SequenceSelfAttention
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.blocks.pffn import GDPAPFFN
 from kunlun.config import model_from_dict
 from kunlun.data.batches import Batch, Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.models import build_model
 from kunlun.models.flop_count import UncountedOp, count_flops, executed_count, executed_flops_per_example
-from kunlun.ops import attention as attention_ops
 from kunlun.ops.attention import band_pairs, block_size, blocked_pays, softmax_attention
 
 
@@ -55,27 +52,10 @@ def applied_pairs(length: int, window: int) -> int:
     return band_pairs(length, window) if window else length * length
 
 
-def gdpa_product_factor(heads: int, act) -> int:
-    """Multiply-adds ``gdpa_heads``'s selected form spends per multiply-add of GDPA's per-head products, counted on
-    the op alone: 1 for per-head products, H for a block-diagonal form (each head's keys in a block of an
-    [H·dh, H·Lk] matrix, the zero blocks multiplied too). Nothing else is allowed."""
-    q, k, v = torch.randn(2, 3, heads * 4), torch.randn(2, 5, heads * 4), torch.randn(2, 5, heads * 4)
-
-    class One(torch.nn.Module):
-        def forward(self, batch):
-            return attention_ops.gdpa_heads(q, k, v, heads, act)
-
-    one = Batch(torch.zeros(2), torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2), {})
-    factor, rest = divmod(count_flops(One(), one).flops, 2 * 2 * 2 * 3 * 5 * heads * 4)
-    assert rest == 0 and factor in (1, heads)
-    return factor
-
-
-def recorded_calls(model, run, full_keys: bool = False):
-    """Run ``run()`` recording every MultiHeadAttention call (module, batch, Lq, Lk) and the FLOPs of the zero
-    blocks of every block-diagonal GDPA call; ``full_keys``: every attention key mask all True (the ops dispatched
-    depend on shapes only, not on the mask's values)."""
-    calls, zero_blocks = [], []
+def attention_calls(model, run, full_keys: bool = False):
+    """Run ``run()`` recording every MultiHeadAttention call (module, batch, Lq, Lk); ``full_keys``: every key
+    mask all True (the ops dispatched depend on shapes only, not on the mask's values)."""
+    calls = []
 
     def attention(m, args, kwargs):
         query, kv, key_mask = args[:3]
@@ -83,46 +63,31 @@ def recorded_calls(model, run, full_keys: bool = False):
         if full_keys:
             return (query, kv, torch.ones_like(key_mask), *args[3:]), kwargs
 
-    # each GDPA module's factor, measured before ``run`` (a count inside it would be counted by it too)
-    factors = {m: gdpa_product_factor(m.heads, m.act) for m in model.modules() if isinstance(m, GDPAPFFN)}
-
-    def gdpa(m, args):
-        s, summary = args[:2]
-        if m.matmul.emulated_or_none() is None:
-            zero_blocks.append(2 * 2 * s.shape[0] * s.shape[1] * summary.shape[1] * m.dim * (factors[m] - 1))
-
     hooks = [m.register_forward_pre_hook(attention, with_kwargs=True) for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    hooks += [m.register_forward_pre_hook(gdpa) for m in model.modules() if isinstance(m, GDPAPFFN)]
     try:
         out = run()
     finally:
         for h in hooks:
             h.remove()
-    return out, calls, sum(zero_blocks)
-
-
-def attention_calls(model, run):
-    out, calls, _ = recorded_calls(model, run)
     return out, calls
 
 
 def check_executed(model, batch) -> None:
-    """Counted executed FLOPs = analytic (every padded slot) + what the attention kernels compute outside the band
-    (+ the zero blocks of a block-diagonal GDPA)."""
-    count, calls, zero_blocks = recorded_calls(model, lambda: count_flops(model, batch))
+    """Counted executed FLOPs = analytic (every padded slot) + what the attention kernels compute outside the band."""
+    count, calls = attention_calls(model, lambda: count_flops(model, batch))
     padding = sum(4 * m.dim * b * (kernel_pairs(lk, m.window) - band_pairs(lk, m.window))
                   for m, b, lq, lk in calls if m.window and lq == lk)
-    assert count.flops == len(batch) * model.flops_per_example() + padding + zero_blocks, (count.by_op, model.flops_by_component())
+    assert count.flops == len(batch) * model.flops_per_example() + padding, (count.by_op, model.flops_by_component())
     assert count.flops >= len(batch) * model.flops_per_example()
 
 
 def check_applied(model, batch) -> None:
     """Counted FLOPs less the pairs the kernels' masks hide (no padding key) = analytic + the blocked layout's
     padded query slots: the band the forward applies is the one the model declares."""
-    count, calls, zero_blocks = recorded_calls(model, lambda: count_flops(model, batch), full_keys=True)
+    count, calls = attention_calls(model, lambda: count_flops(model, batch), full_keys=True)
     extra = sum(4 * m.dim * b * (applied_pairs(lk, m.window) - band_pairs(lk, m.window))
                 for m, b, lq, lk in calls if m.window and lq == lk)
-    assert count.flops - count.hidden == len(batch) * model.flops_per_example() + extra + zero_blocks
+    assert count.flops - count.hidden == len(batch) * model.flops_per_example() + extra
 
 
 def check_counts(model, batch) -> None:
