@@ -133,3 +133,22 @@ def test_eval_of_a_bf16_run_reproduces_its_own_metrics(tmp_path):
     out = json.loads(kunlun("train", "--run-dir", tmp_path / "run", "--json", "--quiet", *TINY, "train.bf16=true", cwd=tmp_path).stdout)
     again = json.loads(kunlun("eval", tmp_path / "run", "--json", cwd=tmp_path).stdout)
     assert again == out  # bit for bit: scored under the same bf16 autocast as at the end of training
+
+
+def test_a_config_error_is_named_before_torch_is_imported(tmp_path):
+    """A mistyped key is named in well under a second: `kunlun train` loads and checks its config before anything
+    imports torch (which alone takes seconds)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "kunlun", "train", "model.nope=1"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    message = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+    assert r.returncode == 2 and len(message) == 1 and "config key model.nope is not known" in message[0], message
+    assert "kunlun.config" in imported and "torch" not in imported
+
+
+def test_log_lines_are_not_wrapped_when_stderr_is_not_a_terminal(capsys):
+    from kunlun.console import log
+
+    line = "train: " + ", ".join(f"{i}.02 MFLOPs/example" for i in range(20))  # far wider than 80 columns
+    log(line)
+    assert capsys.readouterr().err == line + "\n"

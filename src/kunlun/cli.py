@@ -75,10 +75,11 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
 
     OVERRIDES are config keys, e.g.  model.d_model=64  train.lr=3e-4  data.max_seq_len=100
     """
-    from kunlun.config import load_config
-    from kunlun.training.runner import resume_config_path, train_run
+    from kunlun.config import load_config  # no torch: a mistyped key is named at once, not after torch loads
 
     if resume:
+        from kunlun.training.runner import resume_config_path
+
         if config_path:
             raise KunlunError("--config: not used with --resume (a resumed run continues with its own config.yaml)")
         if run_dir and run_dir.resolve() != resume.resolve():
@@ -86,6 +87,8 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
         config_path = resume_config_path(resume)
     cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
                       precision=precision)
+    from kunlun.training.runner import train_run
+
     final = train_run(cfg, resume or run_dir, resume=bool(resume), use_cache=not no_cache, progress=not quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints the results
         return

@@ -12,8 +12,9 @@ stderr = Console(stderr=True)
 
 
 def log(msg: str) -> None:
-    """One line of progress on stderr, printed as is (no markup, no highlighting)."""
-    stderr.print(msg, highlight=False, markup=False)
+    """One line of progress on stderr, printed as is (no markup, no highlighting). Not wrapped when stderr is not a
+    terminal: a log file or pipe gets the whole line, not a line cut at 80 columns."""
+    stderr.print(msg, highlight=False, markup=False, soft_wrap=not stderr.is_terminal)
 
 
 def out_console() -> Console:
