@@ -149,6 +149,19 @@ def test_training_step_has_no_host_sync(ml, spec, monkeypatch):
     step(model, batch, torch.device("cpu"))
 
 
+def test_blocked_band_step_has_no_host_sync(monkeypatch):
+    """Kunlun with a window narrow enough for the blocked sliding-window layout (longer histories)."""
+    from kunlun.ops.attention import blocked_pays
+
+    monkeypatch.setattr(kunlun.ops.dropout, "dropout", lambda x, p, training=True: F.dropout(x, p, training))
+    p = prepare_dataset("ml-latest-small")
+    info = FeatureInfo.from_encoder(p.encoder(), 100)
+    batch = Batcher(p, "valid", 100, event_windows=True).batch(np.arange(8))
+    assert blocked_pays(101, 1)
+    model, batch = model_and_batch((info, batch), {"name": "kunlun", "window": 1}, torch.device("cpu"))
+    step(model, batch, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("spec", VARIANTS, ids=spec_id)
 def test_step_buffers_stay_out_of_checkpoints(ml, spec):
     """The constants made buffers for the step (head masks, pair indices) are not persistent: state_dict keys
