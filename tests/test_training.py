@@ -415,3 +415,28 @@ def test_plateau_rate_floor_and_unknown_monitor(tmp_path):
         tiny("train.monitor=logloss")
     with pytest.raises(KunlunError, match="train.schedule: expected one of cosine, linear, constant, plateau"):
         tiny("train.schedule=step")
+
+
+def test_progress_bar_shows_no_loss_before_the_first_step(tmp_path, monkeypatch):
+    """The bar as first drawn, before any step: a dash where the running loss goes, not ``loss nan``."""
+    from rich.progress import TextColumn
+
+    from kunlun.training import trainer
+
+    shown = []
+
+    class Drawn(Exception):
+        pass
+
+    class FirstFrame(trainer.Progress):
+        def add_task(self, *args, **kwargs):
+            task = self._tasks[super().add_task(*args, **kwargs)]
+            shown.append(" ".join(str(c.render(task)) for c in self.columns if isinstance(c, TextColumn)))
+            raise Drawn
+
+    monkeypatch.setattr(trainer, "Progress", FirstFrame)
+    cfg = tiny()
+    t = Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path / "r", progress=True, logger=lambda m: None)
+    with pytest.raises(Drawn):
+        t.fit()
+    assert "nan" not in shown[0] and "loss –" in shown[0], shown

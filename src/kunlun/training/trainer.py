@@ -421,9 +421,10 @@ class Trainer:
         steps = min(self.steps_per_epoch, self.total_steps - (s.step - s.epoch_step))  # this epoch's steps in all
         start, n_seen = s.epoch_step, 0
         columns = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[speed]:>7.0f} ex/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+                   TextColumn("{task.fields[speed]:>7.0f} ex/s  loss {task.fields[loss]}"), TimeRemainingColumn()]
         with Progress(*columns, console=stderr, disable=not self.progress, transient=False) as bar:
-            task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0, loss=float("nan"))
+            task = bar.add_task("train", total=steps, completed=start, epoch=epoch + 1, speed=0.0,
+                                loss=running_loss_text(s.epoch_loss_sum, s.epoch_examples))
             t0 = mark = last_sync = time.perf_counter()
             # several processes: each watch sums its own rank's losses from here on; the ranks' sums are added at sync
             base_loss = s.epoch_loss_sum
@@ -447,7 +448,7 @@ class Trainer:
                         f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
                     )
-                bar.update(task, loss=s.epoch_loss_sum / max(s.epoch_examples, 1))
+                bar.update(task, loss=running_loss_text(s.epoch_loss_sum, s.epoch_examples))
                 return due
 
             shares = {"rank": w.rank, "world": w.size} if w.distributed else {}  # one process: the call as it always was
@@ -581,6 +582,11 @@ class Trainer:
                 atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=1))
         barrier(self.world)
         return final
+
+
+def running_loss_text(loss_sum: float, examples: int) -> str:
+    """The progress bar's running loss: a dash until a step has been trained (not ``nan``)."""
+    return f"{loss_sum / examples:.4f}" if examples else "–"
 
 
 def _silent(message: str) -> None:
