@@ -152,3 +152,38 @@ def test_log_lines_are_not_wrapped_when_stderr_is_not_a_terminal(capsys):
     line = "train: " + ", ".join(f"{i}.02 MFLOPs/example" for i in range(20))  # far wider than 80 columns
     log(line)
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_runs_are_listed_by_start_time_and_a_run_in_progress_shows_its_config(tmp_path):
+    """Newest first by when each run started (environment.json; config.yaml's time where that is missing), not by
+    directory name; a run without final.json names its model, dataset and seed from its config, and says whether a
+    process is training it now."""
+    import yaml
+
+    from kunlun.processes import lock_run_dir
+
+    def record(name, model, started=None, final=False, mtime=None):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "ml-100k"}, "train": {"seed": 3}, "model": {"name": model}}))
+        if started:
+            (d / "environment.json").write_text(json.dumps({"started": started}))
+        if final:
+            (d / "final.json").write_text(json.dumps({"model": model, "dataset": "ml-100k", "seed": 3, "metrics": {}}))
+        if mtime:
+            os.utime(d / "config.yaml", (mtime, mtime))
+        return d
+
+    record("a-oldest", "dnn", "2026-01-01T10:00:00+0000", final=True)
+    record("b-newer", "dcnv2", "2026-03-01T10:00:00+0000", final=True)
+    record("c-middle", "din", "2026-02-01T10:00:00+0100")
+    running = record("0-newest", "kunlun", mtime=1775044800)  # 2026-04-01, no environment.json yet
+    with lock_run_dir(running):
+        rows = json.loads(kunlun("runs", "--root", tmp_path / "runs", "--json", cwd=tmp_path).stdout)["runs"]
+        table = kunlun("runs", "--root", tmp_path / "runs", cwd=tmp_path).stdout
+    assert [r["run"] for r in rows] == ["0-newest", "b-newer", "c-middle", "a-oldest"]
+    assert [r["status"] for r in rows] == ["running", "complete", "incomplete", "complete"]
+    assert (rows[0]["model"], rows[0]["dataset"], rows[0]["seed"]) == ("kunlun", "ml-100k", 3)
+    assert rows[2]["model"] == "din"
+    line = next(line for line in table.splitlines() if "0-newest" in line)
+    assert "running" in line and "kunlun" in line and "ml-100k" in line

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import yaml
 
 from kunlun.config import model_from_dict, model_to_dict
 from kunlun.errors import KunlunError
+from kunlun.processes import lock_holder
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -262,21 +264,51 @@ def provenance_line(codes: list[dict[str, Any]], stale: int = 0) -> str:
     return line
 
 
+def started_at(run_dir: Path) -> float:
+    """When the run started (seconds since the epoch): environment.json's ``started``, else config.yaml's time."""
+    env = read_json(run_dir / "environment.json")
+    started = env.get("started") if isinstance(env, dict) else None
+    try:
+        return datetime.strptime(started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (TypeError, ValueError):
+        return (run_dir / "config.yaml").stat().st_mtime
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
-    """Summaries of the runs under ``root`` (newest first)."""
+    """Summaries of the runs under ``root``, newest first (by start time). A run without final.json is ``running``
+    while a process holds its lock, else ``incomplete``; its model, dataset and seed come from its config.yaml."""
     if not root.is_dir():
         return []
     rows = []
-    for d in sorted(root.iterdir(), reverse=True):
+    for d in root.iterdir():
         if not d.is_dir() or not (d / "config.yaml").is_file():
             continue
         final = read_json(d / "final.json")
-        row: dict[str, Any] = {"run": d.name, "path": str(d), "status": "complete" if final else "incomplete"}
+        status = "complete" if final else "running" if lock_holder(d) else "incomplete"
+        started = started_at(d)
+        row: dict[str, Any] = {"run": d.name, "path": str(d), "status": status,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))}
         if final:
             row.update(
                 model=final.get("model"), dataset=final.get("dataset"), seed=final.get("seed"),
                 metrics=final.get("metrics", {}), flops_per_example=final.get("flops_per_example"),
                 train_examples_per_s=final.get("train_examples_per_s"), wall_time_s=final.get("wall_time_s"),
             )
-        rows.append(row)
-    return rows
+        else:
+            row.update({k: v for k, v in _config_summary(d).items() if v is not None})
+        rows.append((started, d.name, row))
+    return [row for *_, row in sorted(rows, key=lambda r: r[:2], reverse=True)]
+
+
+def _config_summary(run_dir: Path) -> dict[str, Any]:
+    """Model, dataset and seed as a run's config.yaml names them (None for what it does not)."""
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        cfg = None
+
+    def get(section: str, key: str) -> Any:
+        part = cfg.get(section) if isinstance(cfg, dict) else None
+        return part.get(key) if isinstance(part, dict) else None
+
+    return {"model": get("model", "name"), "dataset": get("data", "dataset"), "seed": get("train", "seed")}
