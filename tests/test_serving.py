@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,27 @@ def test_kunlun_package_scores_as_training(kunlun_run, kunlun_package):
     assert meta["dynamic"]["batch"][0] == 1 and meta["dynamic"]["seq_len"] == [1, 8]
     assert [i["name"] for i in meta["inputs"]][:3] == ["cat", "num", "history.item"]
     assert_package_scores_as_training(kunlun_run, kunlun_package, "test", ("aoti", "exported_program"), FP32_TOL)
+
+
+def test_export_says_what_it_is_doing_while_it_compiles(kunlun_run, tmp_path, monkeypatch):
+    """A compile of minutes is not silent: a line as each stage starts, then one every HEARTBEAT_SECONDS with the
+    time elapsed, until the stage ends."""
+    from kunlun.serving import export
+
+    def slow_compile(program):
+        time.sleep(0.6)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(export, "compile_aoti", slow_compile)
+    monkeypatch.setattr(export, "HEARTBEAT_SECONDS", 0.1)
+    lines = []
+    export_package(kunlun_run, tmp_path / "m.pt2", "auto", logger=lines.append)
+    assert lines[0].startswith("export: loading") and lines[1].startswith("export: tracing kunlun with torch.export")
+    start = next(i for i, line in enumerate(lines) if line.startswith("export: compiling with AOTInductor"))
+    end = next(i for i, line in enumerate(lines) if "AOTInductor failed (RuntimeError: no compiler here)" in line)
+    ticks = lines[start + 1:end]
+    assert len(ticks) >= 2 and all(re.fullmatch(r"export: still compiling with AOTInductor, \d+s elapsed", t) for t in ticks), lines
+    assert not any("still" in line for line in lines[end:]), lines  # the ticks stop with the stage
 
 
 def test_compiled_model_is_not_run_on_a_cpu_without_its_instructions(kunlun_run, kunlun_package, monkeypatch):

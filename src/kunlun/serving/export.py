@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from kunlun.config import Config
-from kunlun.console import log
+from kunlun.console import log, stage
 from kunlun.data.batches import Batch, SequenceBatch
 from kunlun.data.prepare import Encoder
 from kunlun.errors import KunlunError
@@ -57,6 +57,7 @@ ENCODER = "kunlun/encoder/"
 MAX_BATCH = 1 << 16  # the largest batch the exported program accepts (the dynamic batch dimension's bound)
 SEQUENCE_TENSORS = ("item", "event", "side", "gap", "mask")
 RUNTIMES = ("auto", "aoti", "exported_program")
+HEARTBEAT_SECONDS = 30.0  # while tracing or compiling, a line saying so this often
 
 
 class ScoringModule(nn.Module):
@@ -289,13 +290,15 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
     if Path(out).is_dir():
         raise KunlunError(f"{out}: --out is a directory; give a file name such as model.pt2")
     run_dir, _ = resolve_run(run)
+    logger(f"export: loading {run} …")
     cfg, encoder, model = load_trained(run)
     if cfg.precision.format not in ("fp32", "bf16"):
         logger(f"export: the run emulates {cfg.precision.format} GEMMs; the program exports that emulation as traced")
     reference = eager_scorer(cfg, encoder, model)
     batch = example_batch(encoder, cfg.data.max_seq_len, event_windows=reference.event_windows)
     t0 = time.perf_counter()
-    program, dynamic_len = export_program(reference.fn, batch, cfg.data.max_seq_len, dynamic_len)
+    with stage(f"export: tracing {cfg.model.name} with torch.export …", "export: still tracing with torch.export", HEARTBEAT_SECONDS, logger):
+        program, dynamic_len = export_program(reference.fn, batch, cfg.data.max_seq_len, dynamic_len)
     logger(f"export: traced {cfg.model.name} with torch.export in {time.perf_counter() - t0:.1f}s "
            f"(dynamic batch{', dynamic sequence length' if dynamic_len else ''})")
     want = reference.score_batch(batch)
@@ -307,7 +310,9 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
     if compile != "none":
         t0 = time.perf_counter()
         try:
-            aoti_files = compile_aoti(program)
+            with stage("export: compiling with AOTInductor (can take minutes) …", "export: still compiling with AOTInductor",
+                       HEARTBEAT_SECONDS, logger):
+                aoti_files = compile_aoti(program)
             logger(f"export: compiled with AOTInductor in {time.perf_counter() - t0:.1f}s")
         except Exception as exc:  # no compiler, an unsupported op, …: the exported program still serves
             aoti_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
