@@ -157,7 +157,9 @@ class DINConfig(ModelConfig):
     dropout: float = 0.1
     time_buckets: int = 16  # time-gap bucket embedding on history tokens; 0 = off
     position_embedding: bool = True
-    target_in_sequence: bool = False  # the candidate also among the history tokens target attention pools
+    # the candidate also among the history tokens target attention pools: Kunlun's input (not the paper's); on, so the
+    # sequence models compare on the same inputs — measured neutral for DIN (README, Models: which inputs each model gets)
+    target_in_sequence: bool = True
 
     def validate(self) -> None:
         check_positive(self, "d_model", "attention_hidden", "hidden")
@@ -214,7 +216,9 @@ class InterFormerConfig(ModelConfig):
     time_scale: float = 3600.0  # seconds
     rotary_base: float = 10.0
     summary_gate: str = "interformer"  # Gating of X_sum and S_sum: interformer σ(Z ⊙ MLP(Z)) | glu | none
-    target_in_sequence: bool = False  # the candidate also as the newest sequence token (Kunlun's input; not the paper's)
+    # the candidate also as the newest sequence token: Kunlun's input (not the paper's); on, so the sequence models
+    # compare on the same inputs — measured neutral for InterFormer (README, Models: which inputs each model gets)
+    target_in_sequence: bool = True
 
     def validate(self) -> None:
         check_positive(self, "d_model", "num_layers", "num_heads", "summary_tokens", "cls_tokens", "pma_tokens",
