@@ -124,7 +124,8 @@ def test_speed_bench_reports_loader_step_and_trainer_rates(tmp_path):
 
     cfg = load_config(None, ["model.d_model=8", "model.num_heads=2", "model.fm_hidden=16", "train.batch_size=64",
                              "train.eval_batch_size=128", "train.threads=1"])
-    r = run_speed_bench(cfg, steps=2, repeats=1)
+    r = run_speed_bench(cfg, steps=2, repeats=1, dtypes=["fp32", "bf16"])  # bf16 asked for: timed on any CPU
+    assert r["dtypes"] == ["fp32", "bf16"]
     assert r["loader_examples_per_s"] > 0 and r["useful_flops_per_example"] < r["flops_per_example"]
     from kunlun.runs import code_version
     assert r["code"] == code_version()["label"]  # the report names the code it measured
@@ -138,3 +139,25 @@ def test_speed_bench_reports_loader_step_and_trainer_rates(tmp_path):
         load_config(None, preset)
     table = profile_training(cfg, tmp_path / "trace.json", steps=2)
     assert "aten::" in table and (tmp_path / "trace.json").stat().st_size > 0
+
+
+def test_speed_bench_times_bf16_only_where_the_cpu_runs_it_fast(monkeypatch):
+    """By default a CPU whose bf16 GEMM is many times slower than fp32 (no AVX-512 BF16 / AMX) times fp32 only; the
+    GEMM peak on a CPU is sized so a slow dtype costs a fraction of a second, not minutes."""
+    import torch
+
+    from kunlun.bench import speed
+
+    cpu = torch.device("cpu")
+    rate = {torch.float32: 1.0, torch.bfloat16: 70.0}  # seconds per GEMM, by dtype: bf16 70× slower
+    monkeypatch.setattr(speed, "_gemm_seconds", lambda n, dtype, device: rate[dtype] * (n / 256) ** 3 * 1e-3)
+    assert speed.speed_dtypes(cpu) == ["fp32"]
+    rate[torch.bfloat16] = 1.5  # a CPU with a native bf16 unit
+    assert speed.speed_dtypes(cpu) == ["fp32", "bf16"]
+    assert speed.speed_dtypes(cpu, ["bf16"]) == ["bf16"]
+    with pytest.raises(KunlunError, match="--dtypes: unknown 'fp8'"):
+        speed.speed_dtypes(cpu, ["fp8"])
+    monkeypatch.undo()
+    t0 = __import__("time").perf_counter()
+    assert speed.gemm_flops_per_s(torch.bfloat16, cpu, repeats=1) > 0
+    assert __import__("time").perf_counter() - t0 < 30  # 2048³ in bf16 took ~60 s per matmul on an AVX2 CPU

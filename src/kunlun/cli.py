@@ -321,11 +321,12 @@ def bench(ctx, as_json):
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed training steps per dtype.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timing repeats; medians are reported.")
 @click.option("--no-trainer", is_flag=True, help="Skip the end-to-end timing through the trainer.")
+@click.option("--dtypes", help="Comma-separated dtypes to time (fp32,bf16; default: fp32, and bf16 where it is fast).")
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path),
               help="Instead of timing: trace 10 training steps into this Chrome-trace JSON and print the top operators.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("overrides", nargs=-1)
-def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps=30, repeats=3, no_trainer=False,
+def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps=30, repeats=3, no_trainer=False, dtypes=None,
           profile_path=None, as_json=False, overrides=()):
     """Training / inference examples/s and MFU (fp32 and bf16) against this machine's measured GEMM peak."""
     from kunlun.bench.speed import PRESETS, profile_training, run_speed_bench, speed_table
@@ -337,7 +338,7 @@ def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps
         click.echo(table)
         click.echo(f"trace written to {profile_path}")
         return
-    result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=not no_trainer)
+    result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=not no_trainer, dtypes=_list(dtypes, str))
     result["preset"] = preset
     emit_json(result) if as_json else speed_table(result)
 

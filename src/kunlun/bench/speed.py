@@ -1,4 +1,5 @@
-"""Speed report: examples/s and model-FLOPs utilisation (MFU), fp32 and bf16.
+"""Speed report: examples/s and model-FLOPs utilisation (MFU), fp32 and bf16 (bf16 on a CPU only where it has a
+native bf16 unit, unless asked for: ``speed_dtypes``).
 
 MFU = achieved model FLOPs/s ÷ the dense GEMM FLOP/s this machine reaches at the same dtype, measured
 in the same process with a large square matmul (so it is relative to what this machine really does,
@@ -31,6 +32,7 @@ from kunlun.config import Config
 from kunlun.console import log, out_console
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
+from kunlun.errors import KunlunError
 from kunlun.runs import environment
 from kunlun.training.step import TrainModel, TrainStep, autocast, default_device, make_optimizers, make_schedulers, set_seed
 from kunlun.training.trainer import build, executed_flops
@@ -69,8 +71,14 @@ def _sync(device: torch.device) -> None:
 
 
 def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, n: int | None = None, repeats: int = 5) -> float:
-    """Median FLOP/s of an n×n @ n×n matmul (2n³ FLOPs) at ``dtype``."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    """Median FLOP/s of an n×n @ n×n matmul (2n³ FLOPs) at ``dtype``. Default n: 8192 on a GPU; on a CPU the smallest
+    of 256, 512, 1024, 2048 whose matmul takes at least ``CPU_GEMM_SECONDS`` — large enough to reach the kernel's
+    rate, and not minutes on a CPU that runs the dtype many times slower (bf16 without AVX-512 BF16 / AMX)."""
+    if n is None and device.type != "cuda":
+        n = 256
+        while n < 2048 and _gemm_seconds(n, dtype, device) < CPU_GEMM_SECONDS:
+            n *= 2
+    n = n or 8192
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b  # warm-up
@@ -82,6 +90,41 @@ def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, n: int | None = N
         _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
+
+
+CPU_GEMM_SECONDS = 0.05
+# a dtype whose GEMMs run this many times slower than fp32 on the CPU at hand is not timed by default: the CPU has no
+# native unit for it (bf16 on a CPU without AVX-512 BF16 / AMX runs ~70× slower), and its row would cost minutes
+SLOW_DTYPE_RATIO = 2.0
+
+
+def _gemm_seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    a @ a
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def speed_dtypes(device: torch.device, requested: list[str] | None = None) -> list[str]:
+    """The dtypes to time: ``requested`` when given; else fp32, and bf16 on a GPU or on a CPU whose bf16 GEMM is
+    within ``SLOW_DTYPE_RATIO`` of its fp32 one (measured: a 256³ matmul each, a fraction of a second)."""
+    if requested:
+        unknown = [d for d in requested if d not in DTYPES]
+        if unknown:
+            raise KunlunError(f"--dtypes: unknown {unknown[0]!r}; known: {', '.join(DTYPES)}")
+        return list(dict.fromkeys(requested))
+    if device.type == "cuda":
+        return list(DTYPES)
+    ratio = min(_gemm_seconds(256, torch.bfloat16, device) for _ in range(3)) / min(_gemm_seconds(256, torch.float32, device)
+                                                                                     for _ in range(3))
+    if ratio > SLOW_DTYPE_RATIO:
+        log(f"bench: bf16 not timed: this CPU multiplies bf16 matrices {ratio:.0f}× slower than fp32 (no native bf16 "
+            "unit such as AVX-512 BF16 or AMX); --dtypes fp32,bf16 times it anyway")
+        return ["fp32"]
+    return list(DTYPES)
 
 
 def loader_examples_per_s(batcher: Batcher, batch_size: int, seconds: float = 2.0) -> float:
@@ -110,7 +153,9 @@ def trainer_examples_per_s(cfg: Config, steps: int) -> float:
     return final["train_examples_per_s"]
 
 
-def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: bool = True) -> dict[str, Any]:
+def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: bool = True,
+                    dtypes: list[str] | None = None) -> dict[str, Any]:
+    """``dtypes``: the dtypes to time (default: ``speed_dtypes``'s choice for this device)."""
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -135,7 +180,9 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
     }
     log("bench loader: batch assembly alone …")
     result["loader_examples_per_s"] = loader_examples_per_s(batcher, t.batch_size)
-    for name, dtype in DTYPES.items():
+    result["dtypes"] = speed_dtypes(device, dtypes)
+    for name in result["dtypes"]:
+        dtype = DTYPES[name]
         log(f"bench {name}: GEMM peak, training and inference timing …")
         result[name] = _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps, repeats, batcher)
         for key in ("flops_per_example", "useful_flops_per_example", "analytic_flops_per_example"):
@@ -286,10 +333,11 @@ def speed_table(r: dict[str, Any]) -> None:
                       "(counted) MFLOPs/example forward (MFU: useful FLOPs; HFU: executed, padding and masked attention "
                       "pairs included); code " + r["code"])
     cols = ["dtype", "GEMM GFLOP/s", "train ex/s", "trainer ex/s", "train MFU", "train HFU", "infer ex/s", "infer MFU", "infer HFU"]
-    datasheet = any("train_mfu_datasheet" in r[name] for name in DTYPES)
+    timed = [name for name in DTYPES if name in r]
+    datasheet = any("train_mfu_datasheet" in r[name] for name in timed)
     for col in cols + (["MFU vs datasheet"] if datasheet else []):
         tab.add_column(col, justify="right")
-    for name in DTYPES:
+    for name in timed:
         m = r[name]
         row = [name, f"{m['gemm_flops_per_s'] / 1e9:.1f}", f"{m['train_examples_per_s']:.0f}",
                f"{m['trainer_examples_per_s']:.0f}" if "trainer_examples_per_s" in m else "–", f"{100 * m['train_mfu']:.2f} %",
@@ -300,4 +348,4 @@ def speed_table(r: dict[str, Any]) -> None:
         tab.add_row(*row)
     out_console().print(tab)
     out_console().print(f"loader alone: {r['loader_examples_per_s']:,.0f} examples/s "
-                        f"({r['loader_examples_per_s'] / max(r[n]['train_examples_per_s'] for n in DTYPES):.0f}× the fastest training step)")
+                        f"({r['loader_examples_per_s'] / max(r[n]['train_examples_per_s'] for n in timed):.0f}× the fastest training step)")
