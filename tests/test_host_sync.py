@@ -41,8 +41,11 @@ from kunlun.models import MODELS, build_model
 from kunlun.training.step import TrainModel
 
 FROM_PYTHON = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-              torch.ops.aten.masked_select.default, torch.ops.aten.item.default}
+aten = torch.ops.aten
+# ops whose result the host must wait for (a value, or an output size that depends on the data)
+HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.item.default,
+              aten.equal.default, aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default,
+              aten.bincount.default, aten.repeat_interleave.Tensor}
 COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.copy.default,
           torch.ops.aten._copy_from.default}
 

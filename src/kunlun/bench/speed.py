@@ -94,7 +94,7 @@ def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, n: int | None = N
 
 CPU_GEMM_SECONDS = 0.05
 # a dtype whose GEMMs run this many times slower than fp32 on the CPU at hand is not timed by default: the CPU has no
-# native unit for it (bf16 on a CPU without AVX-512 BF16 / AMX runs ~70× slower), and its row would cost minutes
+# native unit for it (bf16 on a CPU without AVX-512 BF16 / AMX), and its row would cost minutes
 SLOW_DTYPE_RATIO = 2.0
 
 

@@ -243,6 +243,14 @@ class Inputs(nn.Module):
         return f + (sum(e.candidate_flops() for e in self.events.values()) if self.candidates else 0)
 
 
+def append_candidate(tokens: torch.Tensor, mask: torch.Tensor, gap: torch.Tensor, candidate: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidate as a sequence's newest slot, real and at time gap 0 (the sequence models' ``target_in_sequence``).
+    tokens [B, L, D], mask [B, L] bool, gap [B, L], candidate [B, D] → tokens [B, L + 1, D], mask, gap [B, L + 1]."""
+    return (torch.cat([tokens, candidate.unsqueeze(1)], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
+            torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1))
+
+
 def masked_mean(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the real tokens. s: [B, L, D], mask: [B, L] → [B, D] (0 for an empty sequence)."""
     m = mask.unsqueeze(-1).to(s.dtype)

@@ -19,7 +19,7 @@ from torch import nn
 
 from kunlun.blocks.attention import MultiHeadAttention
 from kunlun.blocks.common import MLP
-from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, append_candidate, time_positions
 from kunlun.data.batches import Batch
 from kunlun.model_configs import BSTConfig
 from kunlun.models.base import RankingModel, register
@@ -70,9 +70,7 @@ class BST(RankingModel):
         outs = [x.flatten(1)]
         for n, (s, m, gap) in seqs.items():
             if self.config.target_in_sequence:
-                s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)  # the candidate, time gap 0
-                m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
-                gap = torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1)
+                s, m, gap = append_candidate(s, m, gap, targets[n])
             tau = time_positions(gap, self.config.time_scale) if self.config.rotary_time else None
             for layer in self.blocks[n]:
                 s = layer(s, m, tau) * m.unsqueeze(-1)

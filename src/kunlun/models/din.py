@@ -8,8 +8,8 @@ and the candidate's token come from one block (``EventTokens``) — the same pro
 features, the candidate with a "candidate" event type and time gap 0. History tokens carry the same
 inputs as in the other sequence models (time-gap bucket and position embeddings; ``time_buckets=0``
 and ``position_embedding=false`` give the paper's id-only inputs). ``target_in_sequence`` (off by default: the
-paper pools the history only) also puts the candidate's token among the pooled ones, as Kunlun's newest stream
-token."""
+paper pools the history only; the quality benchmark turns it on, for input parity) also puts the candidate's token
+among the pooled ones, as Kunlun's newest stream token."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kunlun.blocks.common import linear_flops
-from kunlun.blocks.embeddings import FeatureInfo, Inputs
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, append_candidate
 from kunlun.blocks.interaction import Dice, TargetAttention
 from kunlun.data.batches import Batch
 from kunlun.model_configs import DINConfig
@@ -48,10 +48,9 @@ class DIN(RankingModel):
         x, seqs = self.inputs(batch)
         targets = self.inputs.candidate_tokens(batch)
         pooled = []
-        for n, (s, m, _) in seqs.items():
+        for n, (s, m, gap) in seqs.items():
             if self.config.target_in_sequence:  # the candidate among the pooled tokens too (Kunlun's input)
-                s = torch.cat([s, targets[n].unsqueeze(1)], dim=1)
-                m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+                s, m, _ = append_candidate(s, m, gap, targets[n])
             pooled.append(self.attention[n](s, targets[n], m))
         h = torch.cat([x.flatten(1), *pooled], dim=1)
         for layer, act in zip(self.layers, self.acts):

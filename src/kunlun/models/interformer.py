@@ -15,7 +15,8 @@ Per layer, three arches with bidirectional information flow:
                     Kunlun, the rotary positions are log time gaps τ = log(1 + Δt / time_scale) (CLS
                     tokens at τ = 0; ``rotary_time=false`` turns it off).
 Output: MLP over the last layer's non-sequence tokens and sequence summary.
-``target_in_sequence`` (off by default, as in the paper, where the candidate is a non-sequence field) also
+``target_in_sequence`` (off by default, as in the paper, where the candidate is a non-sequence field; the quality
+benchmark turns it on, for input parity) also
 appends the candidate item as the newest sequence token, at time gap 0, built as Kunlun builds it
 (``EventTokens.candidate``): the input Kunlun gets, for a comparison of architectures on the same inputs.
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import MLP, linear_flops
-from kunlun.blocks.embeddings import FeatureInfo, Inputs, time_positions
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, append_candidate, time_positions
 from kunlun.blocks.interaction import CrossNetV2
 from kunlun.blocks.summary import NonSequenceSummary, SeedPooling, SelfGate
 from kunlun.data.batches import Batch
@@ -137,9 +138,7 @@ class InterFormer(RankingModel):
         seqs, taus = {}, {}
         for q, (s, m, gap) in embedded.items():
             if cfg.target_in_sequence:  # the candidate as the newest token, at time gap 0 (Kunlun's input)
-                s = torch.cat([s, candidates[q].unsqueeze(1)], dim=1)
-                m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
-                gap = torch.cat([gap, torch.zeros_like(gap[:, :1])], dim=1)
+                s, m, gap = append_candidate(s, m, gap, candidates[q])
             cls = self.cls[q].expand(s.shape[0], -1, -1)
             c = cls.shape[1]
             seqs[q] = (torch.cat([cls, s], dim=1), torch.cat([torch.ones_like(m[:, :c]), m], dim=1))

@@ -68,7 +68,7 @@ from torch import nn
 
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.common import MLP, linear_flops
-from kunlun.blocks.embeddings import FeatureInfo, Inputs, select_events, time_positions
+from kunlun.blocks.embeddings import FeatureInfo, Inputs, append_candidate, select_events, time_positions
 from kunlun.blocks.pffn import GDPAPFFN
 from kunlun.blocks.summary import HierarchicalSeedPooling, NonSequenceSummary, SeedPooling
 from kunlun.blocks.wukong import MixtureOfWukongExperts
@@ -330,9 +330,7 @@ class CandidateInsertion(nn.Module):
     def forward(self, windows: dict[str, StreamWindow], candidates: dict[str, torch.Tensor]) -> dict[str, StreamWindow]:
         out = {}
         for name, w in windows.items():
-            out[name] = StreamWindow(torch.cat([w.tokens, candidates[self.source[name]].unsqueeze(1)], dim=1),
-                                     torch.cat([w.mask, torch.ones_like(w.mask[:, :1])], dim=1),
-                                     torch.cat([w.gap, torch.zeros_like(w.gap[:, :1])], dim=1))
+            out[name] = StreamWindow(*append_candidate(w.tokens, w.mask, w.gap, candidates[self.source[name]]))
         return out
 
     def flops(self, inputs: Inputs) -> int:
@@ -487,6 +485,9 @@ class Kunlun(RankingModel):
         """``lengths``: real tokens per key of ``token_counts`` (useful FLOPs); None: every slot (executed)."""
         d = self.config.d_model
         lengths = lengths or {}
+        unknown = [k for k in lengths if not isinstance(k, TokenKey)]
+        if unknown:  # e.g. an old-style "stream:<name>" string: it would silently count every slot
+            raise ValueError(f"lengths keys must be TokenKeys (Kunlun.token_counts), got {unknown[0]!r}")
         inputs = self.inputs
         tokens = inputs.features.flops() + self.windows.flops(inputs, lengths)
         if self.insert_candidate is not None:

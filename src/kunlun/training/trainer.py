@@ -176,11 +176,20 @@ FLOPS_KINDS = {
 EXECUTED_FLOPS_ROWS = 8  # rows of the forward executed FLOPs are counted on (per example they do not depend on it: tests)
 
 
-def executed_flops(model: RankingModel, batcher: Batcher, device: torch.device | str = "cpu") -> float:
+def executed_flops(model: RankingModel, batcher: Batcher, device: torch.device | str = "cpu",
+                   logger: Callable[[str], None] = log) -> float:
     """Executed forward FLOPs per example (``kunlun.models.flop_count``): counted over one forward of ``model`` on the
-    split's first rows, padded as every batch is (``max_len``), with the op implementation selected now."""
+    split's first rows, padded as every batch is (``max_len``), with the op implementation selected now. A forward
+    that runs a matrix-product op the counter has no formula for (a kernel of some other device or torch release) does
+    not stop the run: the analytic figure at every padded slot stands in, and the log says so."""
+    from kunlun.models.flop_count import UncountedOp
+
     batch = batcher.batch(np.arange(min(EXECUTED_FLOPS_ROWS, len(batcher)))).to(device)
-    return model.executed_flops_per_example(batch)
+    try:
+        return model.executed_flops_per_example(batch)
+    except UncountedOp as e:
+        logger(f"executed FLOPs not counted ({e}); the analytic figure at every padded slot stands in")
+        return float(model.flops_per_example())
 
 
 @torch.no_grad()
@@ -213,6 +222,11 @@ class Trainer:
         self.device = w.device() if w.distributed else default_device()
         self.model = build(cfg, data).to(self.device)
         self.parameter_counts = self.model.num_parameters()  # before TorchRec takes the tables out of the model
+        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows, t.shuffle_block_rows,
+                                     t.shuffle_window_blocks)
+        # counted on the whole model before any wrapping shards it (its forward would gather sharded parameters;
+        # TorchRec takes its tables out)
+        self.executed_flops = executed_flops(self.model, self.train_batches, self.device, logger)
         # some parameters are sharded over the ranks: all with FSDP, the vocabulary tables with row sharding (DTensors)
         # or TorchRec (ShardedTensors)
         self.sharded = w.distributed and (t.distributed == "fsdp" or t.embedding_sharding in ("row", "torchrec"))
@@ -226,8 +240,6 @@ class Trainer:
         # TorchRec's tables update themselves in the backward; their optimizer is here for its learning-rate schedule
         self.tables = sharded_tables(self.model) if w.distributed and t.embedding_sharding == "torchrec" else None
         fused = [self.tables.optimizer] if self.tables is not None else []
-        self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows, t.shuffle_block_rows,
-                                     t.shuffle_window_blocks)
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
@@ -240,11 +252,6 @@ class Trainer:
         if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
             self.stand_in = self.train_batches.batch(np.zeros(1, np.int64)).to(self.device)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
-        # counted on the run's own model, or in a distributed run on an unwrapped copy (its forward would gather
-        # sharded parameters; TorchRec has taken its tables out), built without touching the random streams
-        with torch.random.fork_rng(devices=[]):
-            counted = build(cfg, data).to(self.device) if w.distributed else self.model
-        self.executed_flops = executed_flops(counted, self.train_batches, self.device)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
         self.recorded = cfg.to_dict()  # what the run and its checkpoints record
