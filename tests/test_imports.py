@@ -108,3 +108,19 @@ def test_no_import_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the search finds one
     cycle = find_cycle(imports())
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+def test_importing_kunlun_asks_openmp_for_a_passive_wait_before_torch_starts():
+    """``import kunlun`` sets OMP_WAIT_POLICY=PASSIVE (unless the user set it) and does not import torch, so the policy
+    is in place when torch's OpenMP pool starts: spinning pool threads collapse throughput on a busy machine."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys, kunlun; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["ACTIVE", "False"]  # the user's choice stands

@@ -20,7 +20,15 @@ Layers, lowest first; a module imports only from its own layer or the ones below
 11. ``cli`` (and ``__main__``) — a thin layer of commands over the library
 """
 
-from kunlun.errors import KunlunError
+import os
+
+# Before torch starts its OpenMP pool (every module that uses torch imports it after this): a pool thread waiting for
+# work sleeps instead of spinning. On a machine whose cores are busy with other work, spinning threads wait on a
+# descheduled peer and burn the core it needs — a short training run took minutes instead of seconds (README,
+# "Threads on a busy machine", has the measurement). Set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from kunlun.errors import KunlunError  # noqa: E402
 
 try:  # written by setuptools-scm at build time: 0.1.1.devN+g<commit>[.d<date> when built from a dirty tree]
     from kunlun._version import __version__
