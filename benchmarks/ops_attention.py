@@ -104,12 +104,17 @@ def run_gdpa(args) -> None:
                 out = A.gdpa_heads(q, k, v, args.heads, act, head_mask=head_mask)
         out.sum().backward()
 
+    print(f"gdpa_heads {args.gdpa}: {per_call_ms(once, args.iters):.3f} ms per forward+backward "
+          f"(batch {args.batch}, {args.heads} heads × {args.dh}, Lq {args.lq}, Lk {args.lk}, {args.threads} threads)")
+
+
+def per_call_ms(once, iters: int) -> float:
+    """Milliseconds per call of ``once`` over ``iters`` calls, after one warm-up call."""
     once()
     t0 = time.perf_counter()
-    for _ in range(args.iters):
+    for _ in range(iters):
         once()
-    print(f"gdpa_heads {args.gdpa}: {1e3 * (time.perf_counter() - t0) / args.iters:.3f} ms per forward+backward "
-          f"(batch {args.batch}, {args.heads} heads × {args.dh}, Lq {args.lq}, Lk {args.lk}, {args.threads} threads)")
+    return 1e3 * (time.perf_counter() - t0) / iters
 
 
 def run_kunlun_step(args) -> None:
@@ -139,11 +144,8 @@ def run_kunlun_step(args) -> None:
         loss.backward()
 
     with ops.using("reference" if args.gdpa == "reference" else "fast"):
-        once()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            once()
-    print(f"kunlun step, gdpa {args.gdpa}: {1e3 * (time.perf_counter() - t0) / args.iters:.1f} ms per step "
+        ms = per_call_ms(once, args.iters)
+    print(f"kunlun step, gdpa {args.gdpa}: {ms:.1f} ms per step "
           f"(batch {args.batch}, history {args.lq - 1}, {args.threads} threads)")
 
 

@@ -45,6 +45,19 @@ def assert_learned(untrained_ne: float, trained_ne: float) -> None:
         f"test NE {trained_ne:.4f} after training is not clearly below the untrained model's {untrained_ne:.4f}")
 
 
+def ml_rows(rows: int, max_len: int = 12, split: str = "valid"):
+    """(FeatureInfo, Batch) of the first ``rows`` rows of the embedded MovieLens latest-small, histories of ``max_len``
+    events with every per-event-type window: the small real batch the model tests run on."""
+    import numpy as np
+
+    from kunlun.blocks.embeddings import FeatureInfo
+    from kunlun.data.batches import Batcher
+    from kunlun.data.registry import prepare_dataset
+
+    p = prepare_dataset("ml-latest-small")
+    return FeatureInfo.from_encoder(p.encoder(), max_len), Batcher(p, split, max_len, event_windows=True).batch(np.arange(rows))
+
+
 def resume_cfg(*extra):
     """The resume tests' run: 2 epochs of 40 steps, no early stop."""
     from kunlun.config import load_config

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,10 +32,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 import kunlun.ops.dropout
-from kunlun.blocks.embeddings import FeatureInfo
+from conftest import ml_rows
 from kunlun.config import model_from_dict
-from kunlun.data.batches import Batcher
-from kunlun.data.registry import prepare_dataset
 from kunlun.models import MODELS, build_model
 from kunlun.training.step import TrainModel
 
@@ -119,10 +116,7 @@ def step(model: TrainModel, batch, device: torch.device) -> None:
 
 @pytest.fixture(scope="module")
 def ml():
-    p = prepare_dataset("ml-latest-small")
-    info = FeatureInfo.from_encoder(p.encoder(), 12)
-    batch = Batcher(p, "valid", 12, event_windows=True).batch(np.arange(16))
-    return info, batch
+    return ml_rows(16)
 
 
 VARIANTS = [{"name": name} for name in sorted(MODELS)] + [
@@ -157,11 +151,8 @@ def test_blocked_band_step_has_no_host_sync(monkeypatch):
     from kunlun.ops.attention import blocked_pays
 
     monkeypatch.setattr(kunlun.ops.dropout, "dropout", lambda x, p, training=True: F.dropout(x, p, training))
-    p = prepare_dataset("ml-latest-small")
-    info = FeatureInfo.from_encoder(p.encoder(), 100)
-    batch = Batcher(p, "valid", 100, event_windows=True).batch(np.arange(8))
     assert blocked_pays(101, 1)
-    model, batch = model_and_batch((info, batch), {"name": "kunlun", "window": 1}, torch.device("cpu"))
+    model, batch = model_and_batch(ml_rows(8, max_len=100), {"name": "kunlun", "window": 1}, torch.device("cpu"))
     step(model, batch, torch.device("cpu"))
 
 

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from torch.nn import functional as F
 
+from conftest import ml_rows
 from kunlun.blocks.attention import SequenceSelfAttention
 from kunlun.blocks.embeddings import FeatureInfo, Inputs
 from kunlun.blocks.interaction import TargetAttention
 from kunlun.blocks.summary import NonSequenceSummary
 from kunlun.config import model_from_dict, set_dotted
-from kunlun.data.batches import Batcher, SequenceBatch
-from kunlun.data.registry import prepare_dataset
+from kunlun.data.batches import SequenceBatch
 from kunlun.models import build_model
 
 SMALL = {"d_model": 16, "num_seeds": 4, "seq_summary_tokens": 2, "summary_tokens": 2, "fm_hidden": 16,
@@ -29,10 +28,7 @@ SMALL = {"d_model": 16, "num_seeds": 4, "seq_summary_tokens": 2, "summary_tokens
 
 @pytest.fixture(scope="module")
 def ml():
-    p = prepare_dataset("ml-latest-small")
-    info = FeatureInfo.from_encoder(p.encoder(), 12)
-    batch = Batcher(p, "valid", 12, event_windows=True).batch(np.arange(24))
-    return info, batch
+    return ml_rows(24)
 
 
 def kunlun(info, **cfg):
