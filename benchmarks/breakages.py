@@ -41,7 +41,7 @@ MUTATIONS = {
  "InterFormer recent tokens unmasked": ("models/interformer.py", "recent = s[:, -k:] * mask[:, -k:, None]", "recent = s[:, -k:]"),
  "DIN weights softmax-normalised": ("blocks/interaction.py", "w = self.out(h).squeeze(-1) * mask.to(history.dtype)", "w = torch.softmax(self.out(h).squeeze(-1).masked_fill(~mask, -1e9), -1)"),
  "DIN Dice without its alpha branch": ("blocks/interaction.py", "return p * x + (1 - p) * self.alpha * x", "return p * x"),
- "BST pre-norm instead of post-norm": ("models/bst.py", "s = self.norm1(s + self.drop(self.attn(s, s, mask)))", "s = s + self.drop(self.attn(self.norm1(s), self.norm1(s), mask))"),
+ "BST pre-norm instead of post-norm": ("models/bst.py", "s = self.norm1(s + self.drop(self.attn(s, s, mask, tau)))", "s = s + self.drop(self.attn(self.norm1(s), self.norm1(s), mask, tau))"),
  "DCNv2 cross multiplies x_l instead of x_0": ("blocks/interaction.py", "x = x0 * layer(x) + x", "x = x * layer(x) + x"),
  "Wukong layers each read the embeddings": ("models/wukong.py", "x = pooled_tokens(self.inputs, batch)\n        for layer in self.layers:\n            x = layer(x)", "x0 = x = pooled_tokens(self.inputs, batch)\n        for layer in self.layers:\n            x = layer(x0)"),
  "pooled history averages padding (DNN, DCNv2, Wukong)": ("blocks/embeddings.py", "m = mask.unsqueeze(-1).to(s.dtype)", "m = torch.ones_like(mask).unsqueeze(-1).to(s.dtype)"),
