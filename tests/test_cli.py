@@ -83,6 +83,8 @@ def test_frappe_train_and_eval_of_a_held_out_file(tmp_path):
     out = json.loads(kunlun("train", "--dataset", "frappe_x1", "--data-dir", SHARED_DATA, "--run-dir", tmp_path / "run",
                             "--json", "--quiet", *TINY, cwd=tmp_path).stdout)
     assert set(out) == {"valid"}  # Frappe_x1's test split is held out
+    # this model scores valid NE 1.137 untrained and 0.776 after its 30 steps (seeds 1, 2: 1.059 → 0.655, 1.233 → 0.690)
+    assert out["valid"]["ne"] < 0.9
     m = json.loads(kunlun("eval", tmp_path / "run", "--file", tmp_path / "test.csv", "--json", cwd=tmp_path).stdout)
     assert m["examples"] == 2000
     # eval's numbers agree with an independent computation over predict's output for the same file
