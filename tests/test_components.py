@@ -734,3 +734,24 @@ def test_tabular_models_pool_a_history_as_the_mean_of_its_real_events(ml, name):
     s, mask, _ = seqs["history"]
     for b in range(len(batch)):
         torch.testing.assert_close(tokens[b, -1], s[b][mask[b]].mean(0))
+
+
+def test_din_dice_takes_its_training_statistics_over_real_events_only():
+    """In training, Dice's batch norm normalises by the mean and variance of the real events (padding slots, any
+    value, change nothing) and folds them into its running statistics as BatchNorm1d does; evaluation reads those."""
+    from kunlun.blocks.interaction import Dice
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=torch.float64) * 2 + 1
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False, False, False, False, True]])
+    dice, ref = Dice(4).double().train(), torch.nn.BatchNorm1d(4, affine=False).double().train()
+    with torch.no_grad():
+        dice.alpha.uniform_(0.1, 0.5)
+    out = dice(x, mask)
+    real = x[mask]  # [9, 4]: the rows a plain BatchNorm1d would be given
+    p = torch.sigmoid(ref(real))
+    torch.testing.assert_close(out[mask], p * real + (1 - p) * dice.alpha * real)
+    torch.testing.assert_close(dice.bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(dice.bn.running_var, ref.running_var)
+    noisy = torch.where(mask.unsqueeze(-1), x, torch.randn_like(x) * 100)
+    torch.testing.assert_close(Dice(4).double().train()(noisy, mask)[mask], Dice(4).double().train()(x, mask)[mask])

@@ -29,16 +29,32 @@ class CrossNetV2(nn.Module):
 
 
 class Dice(nn.Module):
-    """DIN's data-adaptive activation: p(s)·s + (1 − p(s))·α·s, p = σ(BN(s)) (Zhou et al., arXiv 1706.06978)."""
+    """DIN's data-adaptive activation: p(s)·s + (1 − p(s))·α·s, p = σ(BN(s)) (Zhou et al., arXiv 1706.06978).
+    x: [..., D], optional ``mask`` [...] bool → [..., D]. The batch-norm statistics (training) are taken over the rows
+    ``mask`` marks — a history's real events, not its padding slots — and fold into the running ones as
+    ``nn.BatchNorm1d`` folds them (momentum, unbiased variance); evaluation reads the running statistics."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False)
         self.alpha = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
-        p = torch.sigmoid(self.bn(x.reshape(-1, shape[-1]))).reshape(shape)
+        if mask is None or not self.training:
+            p = torch.sigmoid(self.bn(x.reshape(-1, shape[-1]))).reshape(shape)
+            return p * x + (1 - p) * self.alpha * x
+        w = mask.reshape(-1, 1).to(x.dtype)  # [N, 1]: the rows the statistics are taken over
+        flat = x.reshape(-1, shape[-1])
+        n = w.sum()
+        mean = (flat * w).sum(0) / n.clamp(min=1)
+        var = ((flat - mean).square() * w).sum(0) / n.clamp(min=1)
+        with torch.no_grad():  # as nn.BatchNorm1d: momentum update, unbiased variance
+            m = self.bn.momentum
+            self.bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.bn.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+            self.bn.num_batches_tracked.add_(1)
+        p = torch.sigmoid((flat - mean) / torch.sqrt(var + self.bn.eps)).reshape(shape)
         return p * x + (1 - p) * self.alpha * x
 
 
@@ -61,7 +77,7 @@ class TargetAttention(nn.Module):
         t = target.unsqueeze(1).expand_as(history)
         h = torch.cat([history, t, history - t, history * t], dim=-1)
         for layer, act in zip(self.layers, self.acts):
-            h = act(layer(h))
+            h = act(layer(h), mask)  # batch statistics over the real events only
         w = self.out(h).squeeze(-1) * mask.to(history.dtype)  # [B, L]
         return self.matmul(w.unsqueeze(1), history).squeeze(1)
 
