@@ -755,3 +755,13 @@ def test_din_dice_takes_its_training_statistics_over_real_events_only():
     torch.testing.assert_close(dice.bn.running_var, ref.running_var)
     noisy = torch.where(mask.unsqueeze(-1), x, torch.randn_like(x) * 100)
     torch.testing.assert_close(Dice(4).double().train()(noisy, mask)[mask], Dice(4).double().train()(x, mask)[mask])
+
+
+def test_din_target_attention_in_training_ignores_padded_events():
+    """In training too (batch statistics), what sits in a padded history slot changes no pooled output."""
+    torch.manual_seed(0)
+    att = TargetAttention(4, [6, 3]).double().train()
+    h, t = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False, False, False, False, True]])
+    noisy = torch.where(mask.unsqueeze(-1), h, torch.randn_like(h) * 100)
+    torch.testing.assert_close(att(noisy, t, mask), att(h, t, mask))
