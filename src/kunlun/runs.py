@@ -4,6 +4,8 @@
     <run>/environment.json   code version (git commit, dirty flag, source hash), versions, device, threads,
                              command line, dataset fingerprint
     <run>/encoder/           schema, vocabularies and numeric statistics (to score new files)
+                             and, for a dataset described by a schema file, a copy of that file (schema.yaml):
+                             scoring a file reads the copy, so the run scores after its dataset folder moves
     <run>/epochs.jsonl       one JSON line per epoch: train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
     <run>/checkpoints/best   weights with the best validation NE (safetensors + config + manifest of checksums)
@@ -39,6 +41,7 @@ from kunlun.errors import KunlunError
 from kunlun.processes import lock_holder
 
 DEFAULT_RUNS_DIR = Path("runs")
+SCHEMA_COPY = "schema.yaml"  # <run>/encoder/schema.yaml: the run's copy of its dataset's schema file
 
 
 def new_run_dir(root: Path, model: str, dataset: str) -> Path:

@@ -31,12 +31,12 @@ from kunlun.config import Config, load_config
 from kunlun.console import log
 from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Encoder
-from kunlun.data.registry import load_raw, prepare_dataset, prepare_file
+from kunlun.data.registry import is_schema_file, load_raw, prepare_dataset, prepare_file
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write, atomic_write_text, check_output_file, os_reason, recover_dir
 from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
-from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, code_version, new_run_dir, read_json, resolve_run
+from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, code_version, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
@@ -247,11 +247,19 @@ def evaluate_run(path: Path, splits: list[str] | tuple[str, ...] = (), data_dir:
     return {s: evaluate(model, data, s, cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16) for s in splits}
 
 
+def scoring_dataset(path: Path, cfg: Config) -> str:
+    """The dataset a file to score is read as: for a dataset described by a schema file, the run's own copy of it
+    (``encoder/schema.yaml``), so that the run scores after its dataset folder is moved or deleted; the recorded
+    schema path for a run trained before runs kept a copy."""
+    copy = resolve_run(path)[0] / "encoder" / SCHEMA_COPY
+    return str(copy) if is_schema_file(cfg.data.dataset) and copy.is_file() else cfg.data.dataset
+
+
 def evaluate_file(path: Path, file: Path, data_dir: str | None = None) -> dict[str, float]:
     """Metrics of a trained run on one file with the training schema (labels required)."""
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
-    data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder)
+    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder)
     return evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
 
 
@@ -267,7 +275,7 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None)
         raise KunlunError(f"--out {out}: is the input file; write the predictions elsewhere")
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
-    data = prepare_file(cfg.data.dataset, data_dir or cfg.data.data_dir, file, encoder, labels=False)
+    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, labels=False)
     probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}

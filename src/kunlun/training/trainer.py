@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,12 +51,13 @@ from kunlun.config import Config
 from kunlun.console import log, stderr
 from kunlun.data.batches import Batcher, Prefetcher
 from kunlun.data.prepare import Prepared
+from kunlun.data.registry import is_schema_file
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_dir, atomic_write_text, os_error_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
-from kunlun.runs import code_version, environment
+from kunlun.runs import SCHEMA_COPY, code_version, environment
 from kunlun.training.checkpoint import (
     full_state_dict,
     is_sharded,
@@ -278,8 +280,15 @@ class Trainer:
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_text(d / "config.yaml", yaml.safe_dump(self.recorded, sort_keys=False))
             atomic_write_text(d / "environment.json", json.dumps(env, indent=1))
-            atomic_dir(d / "encoder", self.data.encoder().save)
+            atomic_dir(d / "encoder", self.save_encoder)
             (d / "epochs.jsonl").unlink(missing_ok=True)
+
+    def save_encoder(self, directory: Path) -> None:
+        """The encoder, and the schema file of a dataset that has one: scoring a file reads the run's copy
+        (``encoder/schema.yaml``), not the dataset folder, which may have moved since."""
+        self.data.encoder().save(directory)
+        if is_schema_file(self.cfg.data.dataset):
+            shutil.copyfile(self.cfg.data.dataset, directory / SCHEMA_COPY)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything ``resume`` needs besides the weights: tensors and plain values only (loaded with weights_only).
