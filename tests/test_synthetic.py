@@ -201,4 +201,10 @@ def test_a_tiny_synthetic_world_trains_end_to_end(tmp_path):
     assert test["ne"] < 1.09
     assert evaluate_run(tmp_path / "run", ["test"])["test"]["ne"] == pytest.approx(test["ne"])
     # one shard scored as a file: every row, histories from the file itself
-    assert evaluate_file(tmp_path / "run", out / "part-00000.parquet")["examples"] == 4000
+    shard = tmp_path / "part-00000.parquet"
+    shard.write_bytes((out / "part-00000.parquet").read_bytes())
+    scored = evaluate_file(tmp_path / "run", shard)
+    assert scored["examples"] == 4000
+    # the same after the world's folder is moved: scoring a file reads the run and the file alone
+    out.rename(tmp_path / "moved")
+    assert evaluate_file(tmp_path / "run", shard) == scored

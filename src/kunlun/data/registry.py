@@ -139,6 +139,10 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
     synth = synthetic_folder(dataset, data_dir)
     if synth is not None:
         return synthetic.load_synthetic(synth, file, labels)
+    if file is not None and dataset not in DATASETS:
+        # a file scored by a run whose dataset is neither registered nor a schema file, so a synthetic data set, which
+        # has been moved or deleted since: scoring a shard reads the file alone
+        return synthetic.load_synthetic(Path(dataset), file, labels)
     return DATASETS[dataset].load(dataset_folder(dataset, data_dir), file, labels)
 
 
