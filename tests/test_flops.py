@@ -410,3 +410,23 @@ def test_the_run_record_says_which_flops_are_which(tmp_path):
     (tmp_path / "runs" / "r" / "final.json").write_text(json.dumps(old, default=str))
     assert list_runs(tmp_path / "runs")[0]["flops_per_example"] == final["flops_per_example"]
     assert load_points([tmp_path / "runs" / "r"])[0].compute == pt.compute
+
+
+def test_a_forward_the_counter_cannot_count_still_trains_and_says_so(tmp_path, monkeypatch):
+    """An op without a FLOP formula (a kernel of another device or torch release) does not stop a run: the analytic
+    figure at every padded slot stands in for the executed one, and the log and ``flops_kinds`` say it was not counted."""
+    from kunlun.config import load_config
+    from kunlun.models.base import RankingModel
+    from kunlun.training.runner import train_run
+
+    def uncountable(self, batch):
+        raise UncountedOp("aten.some_new_kernel runs in this forward and has no FLOP formula")
+
+    monkeypatch.setattr(RankingModel, "executed_flops_per_example", uncountable)
+    cfg = load_config(None, ["model.d_model=8", "model.num_layers=1", "train.max_steps=1", "train.batch_size=32",
+                             "train.threads=1", "data.max_seq_len=8"], epochs=1)
+    lines = []
+    final = train_run(cfg, tmp_path / "r", progress=False, logger=lines.append)
+    assert final["flops_per_example"] == final["analytic_flops_per_example"]
+    assert "NOT counted" in final["flops_kinds"]["flops_per_example"]
+    assert any("executed FLOPs not counted" in line and "some_new_kernel" in line for line in lines)

@@ -272,7 +272,7 @@ def _time_dtype(cfg, data, train_batches, eval_batch, dtype, device, steps: int,
     t = cfg.train
     set_seed(t.seed)
     model = build(cfg, data).to(device)
-    flops = executed_flops(model, batcher, device)  # executed: counted from one forward's ops, every padded slot
+    flops, _ = executed_flops(model, batcher, device)  # executed: counted from one forward's ops, every padded slot
     with torch.no_grad():  # useful: each example's real tokens, over the batches being timed
         useful = model.useful_flops_per_example(train_batches)
     bf16 = dtype is torch.bfloat16

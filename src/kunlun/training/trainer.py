@@ -179,19 +179,28 @@ EXECUTED_FLOPS_ROWS = 8  # rows of the forward executed FLOPs are counted on (pe
 
 
 def executed_flops(model: RankingModel, batcher: Batcher, device: torch.device | str = "cpu",
-                   logger: Callable[[str], None] = log) -> float:
+                   logger: Callable[[str], None] = log) -> tuple[float, bool]:
     """Executed forward FLOPs per example (``kunlun.models.flop_count``): counted over one forward of ``model`` on the
     split's first rows, padded as every batch is (``max_len``), with the op implementation selected now. A forward
     that runs a matrix-product op the counter has no formula for (a kernel of some other device or torch release) does
-    not stop the run: the analytic figure at every padded slot stands in, and the log says so."""
+    not stop the run: the analytic figure at every padded slot stands in, and the log says so.
+    → (FLOPs per example, whether they were counted)."""
     from kunlun.models.flop_count import UncountedOp
 
     batch = batcher.batch(np.arange(min(EXECUTED_FLOPS_ROWS, len(batcher)))).to(device)
     try:
-        return model.executed_flops_per_example(batch)
+        return model.executed_flops_per_example(batch), True
     except UncountedOp as e:
         logger(f"executed FLOPs not counted ({e}); the analytic figure at every padded slot stands in")
-        return float(model.flops_per_example())
+        return float(model.flops_per_example()), False
+
+
+def flops_kinds(counted: bool) -> dict[str, str]:
+    """``FLOPS_KINDS``, saying so where the executed figure is the analytic stand-in (``executed_flops``'s fallback)."""
+    if counted:
+        return FLOPS_KINDS
+    return {**FLOPS_KINDS, "flops_per_example": "executed, NOT counted (an op of the forward had no FLOP formula): the "
+                                                "analytic figure at every padded slot (= executed_flops_per_example)"}
 
 
 @torch.no_grad()
@@ -228,7 +237,7 @@ class Trainer:
                                      t.shuffle_window_blocks)
         # counted on the whole model before any wrapping shards it (its forward would gather sharded parameters;
         # TorchRec takes its tables out)
-        self.executed_flops = executed_flops(self.model, self.train_batches, self.device, logger)
+        self.executed_flops, self.executed_counted = executed_flops(self.model, self.train_batches, self.device, logger)
         # some parameters are sharded over the ranks: all with FSDP, the vocabulary tables with row sharding (DTensors)
         # or TorchRec (ShardedTensors)
         self.sharded = w.distributed and (t.distributed == "fsdp" or t.embedding_sharding in ("row", "torchrec"))
@@ -579,7 +588,7 @@ class Trainer:
             "executed_flops_per_example": self.executed_flops,
             "useful_flops_per_example": self.useful_flops,
             "analytic_flops_per_example": self.model.flops_per_example(),
-            "flops_kinds": FLOPS_KINDS,
+            "flops_kinds": flops_kinds(self.executed_counted),
             "train_examples": self.state.train_examples,
             "train_compute": TRAIN_FLOPS_FACTOR * self.executed_flops * self.state.train_examples,
             "train_compute_at_best": TRAIN_FLOPS_FACTOR * self.executed_flops * self.state.best_examples,
