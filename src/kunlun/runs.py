@@ -41,6 +41,7 @@ from kunlun.errors import KunlunError
 from kunlun.processes import lock_holder
 
 DEFAULT_RUNS_DIR = Path("runs")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # every time a run record writes (local time with its UTC offset)
 SCHEMA_COPY = "schema.yaml"  # <run>/encoder/schema.yaml: the run's copy of its dataset's schema file
 
 
@@ -165,7 +166,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "device": device_name(),
         "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": time.strftime(TIME_FORMAT),
     }
     return env
 
@@ -272,7 +273,7 @@ def started_at(run_dir: Path) -> float:
     env = read_json(run_dir / "environment.json")
     started = env.get("started") if isinstance(env, dict) else None
     try:
-        return datetime.strptime(started, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        return datetime.strptime(started, TIME_FORMAT).timestamp()
     except (TypeError, ValueError):
         return (run_dir / "config.yaml").stat().st_mtime
 
@@ -290,7 +291,7 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
         status = "complete" if final else "running" if lock_holder(d) else "incomplete"
         started = started_at(d)
         row: dict[str, Any] = {"run": d.name, "path": str(d), "status": status,
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))}
+                               "started": time.strftime(TIME_FORMAT, time.localtime(started))}
         if final:
             row.update(
                 model=final.get("model"), dataset=final.get("dataset"), seed=final.get("seed"),

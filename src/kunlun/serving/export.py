@@ -47,7 +47,7 @@ from kunlun.data.prepare import Encoder
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write
 from kunlun.models import RankingModel
-from kunlun.runs import code_version, cpu_name, resolve_run
+from kunlun.runs import TIME_FORMAT, code_version, cpu_name, resolve_run
 from kunlun.serving.examples import RawExamples, encode_examples, parse_examples, request_schema
 from kunlun.training.runner import load_trained
 
@@ -330,7 +330,7 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
         "request_schema": request_schema(encoder, cfg.data.max_seq_len),
         "code_version": code_version(),
         "torch": torch.__version__,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "exported_at": time.strftime(TIME_FORMAT),
     }
     extra = {META: json.dumps(meta, indent=1), **encoder_files(encoder)}
     from torch.export.pt2_archive._package import package_pt2

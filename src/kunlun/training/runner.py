@@ -36,7 +36,7 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_write, atomic_write_text, check_output_file, os_reason, recover_dir
 from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
-from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, code_version, new_run_dir, read_json, resolve_run
+from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, TIME_FORMAT, code_version, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
@@ -194,7 +194,7 @@ def _resume(trainer: Trainer, changes: dict[str, list[Any]], logger: Callable[[s
     s = trainer.state
     if not world.main:
         return
-    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step,
+    line = json.dumps({"time": time.strftime(TIME_FORMAT), "epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step,
                        "code": code_version()["label"], "changed": changes, "argv": sys.argv, "world_size": world.size})
     path = run / "resumes.jsonl"
     with writing(path):
