@@ -63,6 +63,23 @@ def test_softmax_attention_fast_matches_reference(b, h, length, dh, window, dtyp
     assert (fast[0] == 0).all()  # the empty history: no visible key → exactly 0
 
 
+def test_blocked_band_takes_any_output_layout_of_the_fused_kernel(monkeypatch):
+    """On a GPU, scaled_dot_product_attention (memory-efficient / flash) returns its output with the head and
+    query dimensions swapped in memory; the blocked band must not assume the CPU kernel's contiguous layout."""
+    import torch.nn.functional as F
+
+    plain = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: plain(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+    b, h, length, dh, window = 2, 3, 200, 8, 16
+    assert blocked_pays(length, window)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, h, length, dh, generator=gen) for _ in range(3))
+    mask = ragged_mask(b, length, gen)
+    (ref, _), (fast, _) = run_both(lambda q, k, v: softmax_attention(q, k, v, mask, window), q, k, v)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_cases_cover_both_fast_paths():
     assert {blocked_pays(length, w) for _, _, length, _, w in CASES} == {True, False}
 

@@ -188,7 +188,8 @@ def _blocked_band(q, k, v, key_mask, window: int) -> torch.Tensor:
     band = (r[:, None] + b - c[None, :]).abs() <= window  # query r of a block against key c of its 3 blocks
     visible = (mk[:, None, :, None, :] & band).expand(bsz, heads, nb, b, 3 * b).reshape(bsz, heads * nb, b, 3 * b)
     out = _sdpa(qq, kk, vv, visible)  # [B, H·nb, b, dh]
-    return out.view(bsz, heads, nb * b, dh)[:, :, :length]
+    # reshape, not view: a GPU's fused kernels return their output in [B, b, H·nb, dh] memory order
+    return out.reshape(bsz, heads, nb * b, dh)[:, :, :length]
 
 
 def activation_heads(act: str | list[str] | tuple[str, ...], heads: int, device=None) -> torch.Tensor | None:
