@@ -60,6 +60,8 @@ class HostSyncCheck(TorchDispatchMode):
     def __init__(self, known=(), device: torch.device | str = "cpu"):
         super().__init__()
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors say cuda:0, never bare cuda
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.seen = WeakIdKeyDictionary()
         for t in known:
             self.seen[t] = True
