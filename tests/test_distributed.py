@@ -43,8 +43,12 @@ NE_TOL = 1e-5
 AUC_TOL = 1e-4  # ~9 of the ~10⁵ positive-negative pairs of the 629 validation rows ordered the other way
 
 
-def torchrun(root: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(root: Path, *args: str, processes: int = 2, gpus: bool = False) -> subprocess.CompletedProcess:
+    """``processes`` ranks under torchrun; on CPUs (gloo) unless ``gpus``, also on a machine that has a GPU (where
+    each rank would otherwise take one, and a second rank on a one-GPU machine stops with exit status 2)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KUNLUN_CACHE": str(root / "cache")}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
@@ -370,7 +374,7 @@ def test_a_torchrec_run_resumes_exactly_and_its_checkpoints_load_in_one_process(
 def test_two_gpus_nccl_train_as_one(tmp_path):
     root = tmp_path
     S.generate(root / "w", 6000, seed=3, world=S.World(items=2000, events_per_user=30))
-    r = torchrun(root, "-m", "kunlun", "train", "--dataset", str(root / "w"), "--run-dir", str(root / "gpu"), "--json", "--quiet", *CFG)
+    r = torchrun(root, "-m", "kunlun", "train", "--dataset", str(root / "w"), "--run-dir", str(root / "gpu"), "--json", "--quiet", *CFG, gpus=True)
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((root / "gpu" / "final.json").read_text())
     assert final["distributed"]["backend"] == "nccl"

@@ -411,7 +411,7 @@ def test_inf_in_a_quantized_block_stops_training_and_keeps_checkpoint(tmp_path):
     resumed = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
     resumed.resume(ckpt / "last")  # the checkpoint loads, at the end of epoch 1
     assert (resumed.state.epoch, resumed.state.step) == (1, 4)
-    assert all(torch.equal(v, last[k]) for k, v in resumed.model.state_dict().items())
+    assert all(torch.equal(v.cpu(), last[k]) for k, v in resumed.model.state_dict().items())
 
 
 def token_net(fmt, seed=0, **kw):
@@ -516,7 +516,7 @@ def test_stochastic_rounding_run_resumes_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         killed.fit()
     last = tmp_path / "killed" / "checkpoints" / "last"
-    assert set(load_trainer_state(last)["precision_rng"][0]) == {"cpu"}
+    assert set(load_trainer_state(last)["precision_rng"][0]) == {str(torch.empty(0, device=killed.device).device)}  # cpu, cuda:0
     resumed = trainer("killed")
     resumed.resume(last)
     final = resumed.fit()

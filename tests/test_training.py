@@ -115,11 +115,11 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, m
     from kunlun.training.checkpoint import load_file
 
     last = load_file(str(ckpt / "last" / "model.safetensors"))
-    assert any(not torch.equal(v, last[k]) for k, v in t.model.state_dict().items())  # memory moved on; the files did not
+    assert any(not torch.equal(v.cpu(), last[k]) for k, v in t.model.state_dict().items())  # memory moved on; the files did not
     resumed = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
     resumed.resume(ckpt / "last")  # the checkpoint loads, at the end of epoch 1
     assert (resumed.state.epoch, resumed.state.step) == (1, t.steps_per_epoch)
-    assert all(torch.equal(v, last[k]) for k, v in resumed.model.state_dict().items())
+    assert all(torch.equal(v.cpu(), last[k]) for k, v in resumed.model.state_dict().items())
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -200,7 +200,7 @@ def test_train_step_owns_loss_clipping_and_schedule(tmp_path):
     cfg = tiny("train.warmup_steps=4", "train.grad_clip=0.000001")
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None)
-    batch = Batcher(data, "train", cfg.data.max_seq_len, event_windows=True).batch(torch.arange(64).numpy())
+    batch = Batcher(data, "train", cfg.data.max_seq_len, event_windows=True).batch(torch.arange(64).numpy()).to(t.device)
     loss, logits = TrainModel(t.model)(batch)
     assert loss.shape == () and logits.shape == (64,)
     assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label))
@@ -301,9 +301,9 @@ def test_sparse_embedding_optimizers_touch_only_the_rows_of_the_batch(tmp_path):
         t = Trainer(cfg, data, tmp_path / name, progress=False, logger=lambda m: None)
         batcher = Batcher(data, "train", cfg.data.max_seq_len, t.model.event_windows)
         table = t.model.inputs.tables["item"]
-        t.train_step(batcher.batch(np.arange(0, 64)))  # every optimizer has state now
+        t.train_step(batcher.batch(np.arange(0, 64)).to(t.device))  # every optimizer has state now
         before = table.weight.detach().clone()
-        batch = batcher.batch(np.arange(64, 72))
+        batch = batcher.batch(np.arange(64, 72)).to(t.device)
         used = torch.unique(torch.cat([batch.cat.flatten(), batch.seqs["history"].item.flatten()]))
         loss, _ = t.train_step(batch)
         assert torch.isfinite(loss)
@@ -361,7 +361,7 @@ def test_compiled_training_step_matches_eager(tmp_path):
     cfg = tiny("train.max_steps=4", "train.epochs=1")
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "eager", progress=False, logger=lambda m: None)
-    batch = Batcher(data, "train", cfg.data.max_seq_len, t.model.event_windows).batch(np.arange(300))
+    batch = Batcher(data, "train", cfg.data.max_seq_len, t.model.event_windows).batch(np.arange(300)).to(t.device)
     assert isinstance(t.train_step.train_model, TrainModel)  # eager unless asked
     compiled = Trainer(tiny("train.compile=true"), data, tmp_path / "c", progress=False, logger=lambda m: None).train_step.train_model
     compiled._orig_mod.model = t.model  # the compiled wrapper around the same weights
