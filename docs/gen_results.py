@@ -1,0 +1,322 @@
+"""Results tables of the documentation, generated from the files in ``benchmarks/results/`` at build time.
+
+MkDocs runs this file as a hook (``hooks:`` in ``mkdocs.yml``):
+
+* a page line ``<!-- results-table: NAME -->`` is replaced by the table ``TABLES[NAME]`` builds from the JSON / CSV
+  files of ``benchmarks/results/`` (an unknown name or a missing file fails the build), so a table in the docs cannot
+  drift from the files it reports;
+* every file of ``benchmarks/results/`` other than Markdown (JSON, CSV, PNG plots, HTML reports, scripts) is published
+  under ``results/data/`` of the site, so pages link to the raw files (``data/quality.json``) and show the plots.
+
+The Markdown tables that the benchmark commands write themselves (``quality.md``, ``ablation.md``, …) are not
+rebuilt here: pages include them whole with ``--8<-- "quality.md"`` (pymdownx.snippets, base path
+``benchmarks/results``). Run ``python docs/gen_results.py [NAME ...]`` to print the generated tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SITE_PREFIX = "results/data"  # where benchmarks/results/ appears in the site (and, for links, under docs/)
+MARKER = re.compile(r"^([ \t]*)<!-- results-table: ([\w-]+) -->[ \t]*$", re.MULTILINE)  # indented: inside a list item
+
+
+class ResultsError(Exception):
+    pass
+
+
+def _json(rel: str) -> dict:
+    path = RESULTS / rel
+    if not path.is_file():
+        raise ResultsError(f"benchmarks/results/{rel} not found")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _csv(rel: str) -> list[dict[str, str]]:
+    path = RESULTS / rel
+    if not path.is_file():
+        raise ResultsError(f"benchmarks/results/{rel} not found")
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _mflops(x: float) -> str:
+    return f"{x / 1e6:.3g}" if x < 1e8 else _int(x / 1e6)
+
+
+# ----------------------------------------------------------------------------------------------- speed
+
+SPEED_ROWS = [  # (row label, file, dtypes shown)
+    ("default", "speed/speed-default.json", ["fp32", "bf16"]),
+    ("default, `train.compile=true`", "speed/speed-default-compile.json", ["fp32"]),
+    ("d128", "speed/speed-d128.json", ["fp32", "bf16"]),
+    ("production, batch 64", "speed/speed-production.json", ["fp32", "bf16"]),
+]
+
+
+def speed() -> str:
+    """``kunlun bench speed --json`` of each preset (``speed/speed-*.json``)."""
+    rows = []
+    for label, rel, dtypes in SPEED_ROWS:
+        d = _json(rel)
+        for i, dt in enumerate(dtypes):
+            r = d[dt]
+            flops = f"{_mflops(d['useful_flops_per_example'])} / {_mflops(d['flops_per_example'])}" if i == 0 else ""
+            trainer = _int(r["trainer_examples_per_s"]) if "trainer_examples_per_s" in r else "–"
+            infer = "(eager)" if d.get("compile") else _int(r["infer_examples_per_s"])
+            rows.append([label if i == 0 else "", flops, dt, _int(r["gemm_flops_per_s"] / 1e9), _int(r["train_examples_per_s"]),
+                         trainer, f"{100 * r['train_mfu']:.1f} % / {100 * r['train_hfu']:.1f} %", infer])
+    return _table(["preset", "MFLOPs/ex useful / executed", "dtype", "GEMM GFLOP/s", "step ex/s", "trainer ex/s",
+                   "train MFU / HFU", "infer ex/s"], rows)
+
+
+def speed_loader() -> str:
+    """The loader alone, per preset."""
+    rows = [[label, _int(_json(rel)["loader_examples_per_s"]), _int(_json(rel)["loader_examples_per_s"] / _json(rel)["fp32"]["train_examples_per_s"]) + "×"]
+            for label, rel, _ in SPEED_ROWS]
+    return _table(["preset", "loader ex/s", "loader / training step"], rows)
+
+
+def _end_to_end(rel: str) -> str:
+    rows = [[r["run"], f"`{r['code']}`", _int(float(r["train_examples_per_s"])), f"{float(r['test_ne']):.4f}", r["steps"]]
+            for r in _csv(rel)]
+    return _table(["run", "code", "train ex/s", "test NE", "steps"], rows)
+
+
+def end_to_end() -> str:
+    """300 steps through ``kunlun train``, old / new / new without the window (``speed/end_to_end-d18f94c.csv``)."""
+    return _end_to_end("speed/end_to_end-d18f94c.csv")
+
+
+def end_to_end_e26e8c2() -> str:
+    """The same comparison with the speed table's code (``speed/end_to_end.csv``)."""
+    return _end_to_end("speed/end_to_end.csv")
+
+
+# --------------------------------------------------------------------------------------------- threads
+
+THREAD_ROWS = [  # (wait policy, file, condition, rounds note)
+    ("passive (kunlun's default)", "threads/passive-6f1f271.json", "quiet"),
+    ("passive (kunlun's default)", "threads/passive-6f1f271.json", "loaded"),
+    ("unset (OpenMP's default)", "threads/unset-6f1f271.json", "loaded"),
+    ("`OMP_WAIT_POLICY=ACTIVE`", "threads/active-6f1f271.json", "loaded"),
+]
+
+
+def threads() -> str:
+    """Wall time of 30 training steps by wait policy and thread count (``threads/*.json``)."""
+    rows = []
+    for policy, rel, cond in THREAD_ROWS:
+        d = _json(rel)
+        m = d["medians"][cond]
+        cells = []
+        for key in ("default", "threads=1", "threads=2"):
+            c = m[key]
+            runs = len(c["runs"])
+            text = f"{c['seconds']:.1f} s"
+            text = f"**{text}** (best)" if c["vs_best"] == 1.0 else f"{text} ({c['vs_best']:.2f}×)"
+            cells.append(text + (f", {runs} run{'s' if runs > 1 else ''}" if runs != 3 else ""))
+        condition = "quiet" if cond == "quiet" else f"{d['busy']} busy processes"
+        rows.append([policy, condition, *cells])
+    return _table(["wait policy", "condition", "default threads", "`train.threads=1`", "`train.threads=2`"], rows)
+
+
+# --------------------------------------------------------------------------------------------- scaling
+
+def _sci(x: float) -> str:
+    m, e = f"{x:.1e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def _fit_row(d: dict) -> list[str]:
+    computes = [r["compute"] for r in d["runs"]]
+    sigma = "; ".join(f"{s['sigma']:.4f} at {_sci(s['compute'])}" for s in d["seed_sigma_by_compute"])
+    held = "; ".join(f"{h['ne']:.4f} → {h['predicted']:.4f} [{h['lower']:.4f}, {h['upper']:.4f}]" for h in d["holdout"])
+    form = d["forms"][d["chosen"]]
+    errors = ", ".join(f"{100 * h['error']:+.1f} %" for h in form["holdout"]).replace("-", "−")
+    verdict = ("law accepted" if d["accepted"] else "no law") + f" (errors {errors})"
+    return [d["family"], f"{_sci(min(computes))} – {_sci(max(computes))}", sigma, d["chosen"], held, verdict,
+            f"`{d['provenance']}`"]
+
+
+def scaling() -> str:
+    """The fit of each family (``scaling/kunlun.json``, ``scaling/interformer.json``)."""
+    rows = [_fit_row(_json(f"scaling/{f}.json")) for f in ("kunlun", "interformer")]
+    return _table(["family", "C range (useful FLOPs)", "seed σ (NE) where measured", "chosen",
+                   "held-out NE (measured → predicted [90 % PI])", "verdict", "runs' code"], rows)
+
+
+def scaling_rolling() -> str:
+    """Rolling-origin mean |error| of each form."""
+    rows = []
+    for f in ("kunlun", "interformer"):
+        d = _json(f"scaling/{f}.json")
+        rows.append([f] + [f"{100 * d['forms'][m]['rolling_mean_abs_error']:.1f} %" for m in ("M0", "M1", "M2")])
+    return _table(["family", "M0", "M1", "M2"], rows)
+
+
+def _compare(rel: str) -> str:
+    c = _json(rel)["comparison"]
+
+    def iv(k: str, fmt: str) -> str:
+        v = c[k]
+        return f"{v['value']:{fmt}} [{v['lower']:{fmt}}, {v['upper']:{fmt}}]"
+
+    dropped = c["compute_multiplier"].get("dropped_fraction", c["slope_ratio"]["dropped_fraction"])
+    rows = [[f"{c['a']} vs {c['b']}", c["form"], iv("eta_a", ".4f"), iv("eta_b", ".4f"), iv("slope_ratio", ".2f"),
+             f"{iv('compute_multiplier', '.3g')} at {_sci(c['at_compute'])} FLOPs", f"{100 * dropped:.1f} %"]]
+    return _table(["families", "form", "η (first)", "η (second)", "slope ratio", "effective-compute multiplier",
+                   "resamples undefined"], rows)
+
+
+def scaling_compare() -> str:
+    """``kunlun fit --compare kunlun interformer`` on the ml-latest-small sweeps (``scaling/compare.json``)."""
+    return _compare("scaling/compare.json")
+
+
+# ----------------------------------------------------------------------------------------------- width
+
+def width() -> str:
+    """The d_model sweep on ml-100k (``width/runs.csv``): per width, each family's FLOPs and NE (mean ± std over seeds)."""
+    by: dict[tuple[str, int], list[dict[str, str]]] = {}
+    for r in _csv("width/runs.csv"):
+        d_model = int(re.search(r"d_model(\d+)", r["point"]).group(1))
+        by.setdefault((r["family"], d_model), []).append(r)
+    widths = sorted({w for _, w in by})
+    codes = sorted({r["code"] for rs in by.values() for r in rs})
+
+    def cells(family: str, w: int) -> list[str]:
+        rs = by.get((family, w))
+        if not rs:
+            return ["", ""]
+        ne = [float(r["ne"]) for r in rs]
+        flops = f"{float(rs[0]['flops_per_example']) / 1e6:.2f} / {float(rs[0]['executed_flops_per_example']) / 1e6:.2f}"
+        ne_text = f"{statistics.mean(ne):.4f}" + (f" ± {statistics.stdev(ne):.4f} ({len(ne)} seeds)" if len(ne) > 1 else "")
+        return [flops, ne_text]
+
+    rows = [[str(w), *cells("kunlun", w), *cells("interformer", w)] for w in widths]
+    table = _table(["d_model", "Kunlun MFLOPs/ex useful / executed", "Kunlun test NE", "InterFormer MFLOPs/ex useful / executed",
+                    "InterFormer test NE"], rows)
+    return table + "\n\nRuns of code " + ", ".join(f"`{c}`" for c in codes) + "."
+
+
+def width_compare() -> str:
+    """``kunlun fit --compare`` of the width sweep (``width/compare.json``)."""
+    return _compare("width/compare.json")
+
+
+# ------------------------------------------------------------------------------------------------- gpu
+
+GPU = "gpu/h100-2026-12-06"
+
+
+def _log_json(rel: str) -> dict:
+    """The JSON object a ``--json`` command printed as the last line of its log."""
+    path = RESULTS / rel
+    if not path.is_file():
+        raise ResultsError(f"benchmarks/results/{rel} not found")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ResultsError(f"benchmarks/results/{rel}: no JSON line")
+    return json.loads(lines[-1])
+
+
+def gpu_speed() -> str:
+    """``kunlun bench speed --json`` on the H100 (the JSON line of ``speed_default.log``)."""
+    d = _log_json(f"{GPU}/speed_default.log")
+    dts = [dt for dt in ("fp32", "bf16") if dt in d]
+    rows = [
+        ["training step, examples/s", *(_int(d[dt]["train_examples_per_s"]) for dt in dts)],
+        ["through the trainer, examples/s", *(_int(d[dt]["trainer_examples_per_s"]) for dt in dts)],
+        ["inference, examples/s", *(_int(d[dt]["infer_examples_per_s"]) for dt in dts)],
+        ["measured GEMM peak, TFLOP/s", *(f"{d[dt]['gemm_flops_per_s'] / 1e12:.1f}" for dt in dts)],
+        ["training MFU / HFU (of the measured peak)", *(f"{100 * d[dt]['train_mfu']:.2g} % / {100 * d[dt]['train_hfu']:.2g} %" for dt in dts)],
+    ]
+    head = f"{d['device']}, {d['model']} on {d['dataset']}, batch {d['batch_size']}, histories of {d['max_seq_len']}, " \
+           f"{_mflops(d['useful_flops_per_example'])} useful / {_mflops(d['executed_flops_per_example'])} executed MFLOPs " \
+           f"per example; code `{d['code']}`."
+    return head + "\n\n" + _table(["", *dts], rows)
+
+
+def gpu_train() -> str:
+    """``kunlun train --json`` runs on the H100 (``train_*.log``): the models that finished."""
+    rows = []
+    for model in ("interformer", "kunlun"):
+        rel = f"{GPU}/train_{model}.log"
+        text = (RESULTS / rel).read_text(encoding="utf-8") if (RESULTS / rel).is_file() else ""
+        speed = re.search(r"\(([\d.]+)s, (\d+) train ex/s\)", text)
+        flops = re.search(r"([\d.]+) useful / ([\d.]+) executed MFLOPs/example, ([\d,]+) parameters", text)
+        if not text.strip():
+            raise ResultsError(f"benchmarks/results/{rel} not found or empty")
+        if "{" not in text:
+            rows.append([model, flops.group(1) + " / " + flops.group(2) if flops else "", "did not finish its epoch", "", "", ""])
+            continue
+        m = _log_json(rel)
+        rows.append([model, f"{flops.group(1)} / {flops.group(2)}" if flops else "", f"{speed.group(1)} s" if speed else "",
+                     _int(int(speed.group(2))) if speed else "", f"{m['valid']['ne']:.4f}", f"{m['test']['ne']:.4f}"])
+    return _table(["model", "MFLOPs/ex useful / executed", "wall (run)", "train ex/s", "valid NE", "test NE"], rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "speed": speed, "speed-loader": speed_loader, "end-to-end": end_to_end, "end-to-end-e26e8c2": end_to_end_e26e8c2,
+    "threads": threads, "scaling": scaling, "scaling-rolling": scaling_rolling, "scaling-compare": scaling_compare,
+    "width": width, "width-compare": width_compare, "gpu-speed": gpu_speed, "gpu-train": gpu_train,
+}
+
+
+def render(markdown: str, where: str = "page") -> str:
+    """``markdown`` with every results-table marker replaced by its table."""
+    def table(m: re.Match) -> str:
+        indent, name = m.group(1), m.group(2)
+        if name not in TABLES:
+            raise ResultsError(f"{where}: unknown results table {name!r}; known: {', '.join(TABLES)}")
+        return "\n".join(indent + line if line else line for line in TABLES[name]().splitlines())
+
+    out = MARKER.sub(table, markdown)
+    if re.search(r"^[ \t]*<!-- results-table", out, re.MULTILINE):
+        raise ResultsError(f"{where}: a results-table marker that is not of the form <!-- results-table: NAME -->")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- hooks
+
+def on_page_markdown(markdown, page, config, files, **kwargs):  # noqa: ARG001 (MkDocs hook signature)
+    from mkdocs.exceptions import PluginError
+
+    try:
+        return render(markdown, page.file.src_uri)
+    except (ResultsError, KeyError, ValueError) as exc:
+        raise PluginError(f"results tables: {exc}") from exc
+
+
+def on_files(files, config, **kwargs):  # noqa: ARG001
+    """Publish benchmarks/results/ (all but its Markdown, which pages include) under results/data/."""
+    from mkdocs.structure.files import File
+
+    for path in sorted(RESULTS.rglob("*")):
+        if path.is_file() and path.suffix != ".md":
+            files.append(File.generated(config, f"{SITE_PREFIX}/{path.relative_to(RESULTS).as_posix()}", abs_src_path=str(path)))
+    return files
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or TABLES:
+        print(f"## {name}\n\n{TABLES[name]()}\n")
