@@ -440,3 +440,92 @@ def test_progress_bar_shows_no_loss_before_the_first_step(tmp_path, monkeypatch)
     with pytest.raises(Drawn):
         t.fit()
     assert "nan" not in shown[0] and "loss –" in shown[0], shown
+
+
+# ------------------------------------------------------------------------------------------ validation inside an epoch
+
+
+def test_validation_every_n_steps_keeps_the_best_steps_checkpoint_and_stops_inside_an_epoch(tmp_path, monkeypatch):
+    """train.eval_every_steps=10 over epochs of 40 steps: validations at steps 10, 20, 30 and the epoch's end, each a
+    line of epochs.jsonl with its step and the examples seen. The scripted validation NE is best at step 30 (inside
+    epoch 1): checkpoints/best holds the weights of step 30, not of any later step; two worse validations after it
+    (train.patience=2 counts validations) stop the run at step 50, inside epoch 2, which ends there."""
+    from kunlun.training import trainer as trainer_module
+    from kunlun.training.checkpoint import load_file
+
+    nes = iter([0.9, 0.8, 0.7, 0.75, 0.71])
+    real_evaluate = trainer_module.evaluate
+    monkeypatch.setattr(trainer_module, "evaluate", lambda *a, **k: {**real_evaluate(*a, **k), "ne": next(nes, 0.5)})
+    cfg = tiny("train.max_steps=0", "train.epochs=3", "train.batch_size=2048", "train.eval_every_steps=10", "train.patience=2")
+    data = prepare_dataset(cfg.data.dataset)
+    weights = {}  # step → the model's weights at that validation
+    t = Trainer(cfg, data, tmp_path / "r", progress=False, logger=lambda m: None,
+                on_validation=lambda rec: weights.update({rec["step"]: {k: v.clone() for k, v in t.model.state_dict().items()}}))
+    assert t.steps_per_epoch == 40
+    t.start_record()
+    final = t.fit()
+    recs = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["epoch_step"], r["end_of_epoch"]) for r in recs] == [
+        (1, 10, 10, False), (1, 20, 20, False), (1, 30, 30, False), (1, 40, 40, True), (2, 50, 10, False)]
+    n = len(data.splits["train"])  # epoch 1's last batch is short
+    assert [r["examples"] for r in recs] == [10 * 2048, 20 * 2048, 30 * 2048, n, n + 10 * 2048]
+    assert [r["valid"]["ne"] for r in recs] == [0.9, 0.8, 0.7, 0.75, 0.71] and sorted(weights) == [10, 20, 30, 40, 50]
+    assert (final["best_step"], final["best_epoch"], final["epochs_run"], final["steps"], final["validations"]) == (30, 1, 2, 50, 5)
+    manifest = json.loads((tmp_path / "r" / "checkpoints" / "best" / "manifest.json").read_text())
+    assert (manifest["step"], manifest["epoch_step"]) == (30, 30)
+    best = load_file(str(tmp_path / "r" / "checkpoints" / "best" / "model.safetensors"))
+    assert all(torch.equal(best[k], v) for k, v in weights[30].items())
+    assert any(not torch.equal(best[k], v) for k, v in weights[40].items())  # the later validations moved on
+    last = json.loads((tmp_path / "r" / "checkpoints" / "last" / "manifest.json").read_text())
+    assert (last["epoch"], last["epoch_step"], last["step"]) == (2, 0, 50)  # the stopped epoch was closed: done
+    assert t.done()
+
+
+def test_resume_between_validations_inside_epochs_continues_exactly(tmp_path):
+    """Validation every 12 steps (epochs of 40), with dropout, so that a model left in eval mode after a validation
+    would train differently: killed at step 30 (last checkpoint: the validation at step 24) and again at step 57
+    (epoch 2's validation at step 52), each resumed, the run ends with the metrics and epoch records of one never
+    interrupted, bit for bit."""
+    cfg = load_config(None, TINY_MODEL + ["train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048",
+                                          "train.eval_every_steps=12", "model.dropout=0.2"])
+    data = prepare_dataset(cfg.data.dataset)
+
+    def records(run_dir):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+
+    straight = Trainer(cfg, data, tmp_path / "straight", progress=False, logger=lambda m: None)
+    straight.start_record()
+    reference = straight.fit()
+    assert [r["step"] for r in records(tmp_path / "straight")] == [12, 24, 36, 40, 52, 64, 76, 80]
+    t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+    t.start_record()
+    for kill, resumed_at in ((30, 24), (57, 52)):
+        interrupt_at_step(t, kill)
+        with pytest.raises(KeyboardInterrupt):
+            t.fit()
+        t = Trainer(cfg, data, tmp_path / "killed", progress=False, logger=lambda m: None)
+        t.resume(tmp_path / "killed" / "checkpoints" / "last")
+        assert t.state.step == resumed_at
+    final = t.fit()
+    assert final["metrics"] == reference["metrics"]
+    for key in ("steps", "epochs_run", "best_epoch", "best_step", "train_examples", "validations"):
+        assert final[key] == reference[key], key
+    assert records(tmp_path / "killed") == records(tmp_path / "straight")
+
+
+def test_one_pass_recipe_is_one_epoch_with_the_schedule_over_it_validated_ten_times(tmp_path):
+    """train.recipe=one_pass: one epoch whatever train.epochs says (recorded so), the cosine schedule reaching 0 at
+    the pass's last step (it spans the pass), and ONE_PASS_VALIDATIONS validations spread over it."""
+    from kunlun.config import ONE_PASS_VALIDATIONS
+
+    cfg = tiny("train.max_steps=0", "train.epochs=5", "train.batch_size=2048", "train.patience=0", "train.recipe=one_pass")
+    assert cfg.train.epochs == 1 and load_config(None, [], **{}).train.recipe == "epochs"
+    t, final = run(cfg, tmp_path / "r")
+    assert (t.total_steps, t.eval_every, final["epochs_run"], final["steps"]) == (40, 4, 1, 40)
+    recs = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    assert len(recs) == ONE_PASS_VALIDATIONS == 10 and [r["step"] for r in recs] == list(range(4, 41, 4))
+    assert final["train_examples"] == len(t.data.splits["train"])  # every example once
+    assert all(o.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) for o in t.optimizers)  # the schedule ended
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["train"]["epochs"] == 1
+    with pytest.raises(KunlunError, match="train.recipe: expected one of epochs, one_pass"):
+        tiny("train.recipe=two_pass")

@@ -51,6 +51,13 @@ EMBEDDING_SHARDING = ("none", "row", "torchrec")  # train.embedding_sharding
 EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "sgd", "sparse_adam", "sparse_adagrad")
 SCHEDULES = ("cosine", "linear", "constant", "plateau")
 MONITORS = ("ne", "auc")  # ne: lower is better; auc: higher is better
+# train.recipe — epochs: train.epochs passes over the training split, validated at each epoch's end (and every
+# train.eval_every_steps steps inside it). one_pass: each training example once, the way recommender models are trained
+# on a stream: train.epochs is 1 whatever it is set to, the warm-up + train.schedule span that one pass (as they span
+# every run's total steps), and the pass is validated ONE_PASS_VALIDATIONS times, evenly (unless train.eval_every_steps
+# sets the cadence), so that the best checkpoint is picked at step granularity
+RECIPES = ("epochs", "one_pass")
+ONE_PASS_VALIDATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,18 @@ class TrainConfig:
     embedding_weight_decay: float = 0.0  # decoupled weight decay on embedding tables (adam → AdamW); 0 = none
     embedding_l2: float = 0.0  # L2 penalty λ/2·‖E‖² on whole embedding tables (gradient λ·E on every row, every step)
     warmup_steps: int = 200
-    # after warm-up: cosine | linear (to 0 at the last step) | constant | plateau (constant, ×0.1 after every epoch
-    # in which train.monitor did not improve, down to 1e-6: FuxiCTR's reduce-on-plateau, the BARS protocol)
+    # after warm-up, over the run's total steps (train.epochs × steps per epoch, or train.max_steps if fewer): cosine |
+    # linear (to 0 at the last step) | constant | plateau (constant, ×0.1 after every validation at which
+    # train.monitor did not improve, down to 1e-6: FuxiCTR's reduce-on-plateau, the BARS protocol)
     schedule: str = "cosine"
     monitor: str = "ne"  # validation metric that picks the best checkpoint and drives early stopping: ne | auc
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    patience: int = 2  # epochs without validation-NE improvement before stopping
+    patience: int = 2  # validations without improvement of train.monitor before stopping (epochs, unless eval_every_steps)
+    # validation inside an epoch too: every N optimizer steps of the epoch, and at its end (0: at its end only). Each
+    # validation is a line of the run's epochs.jsonl (with its step and the training examples seen), checkpoints/best is
+    # written whenever train.monitor improves at one, and train.patience counts validations
+    eval_every_steps: int = 0
+    recipe: str = "epochs"  # epochs | one_pass (see RECIPES)
     bf16: bool = False  # autocast matmuls to bfloat16
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     ops: str = "auto"  # kunlun.ops implementation: fast | reference | auto ($KUNLUN_OPS, else fast)
@@ -100,14 +113,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.recipe == "one_pass" and self.epochs != 1:  # the recipe is one epoch: recorded as such (frozen: set once)
+            object.__setattr__(self, "epochs", 1)
 
     def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise KunlunError(f"config key train.recipe: expected one of {', '.join(RECIPES)}, got {self.recipe!r}")
         positive = ["batch_size", "eval_batch_size", "epochs", "shuffle_window_blocks"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise KunlunError(f"config key train.{key}: expected a positive integer, got {getattr(self, key)}")
         for key in ["max_steps", "warmup_steps", "patience", "threads", "checkpoint_every_steps", "checkpoint_every_minutes",
-                    "shuffle_block_rows"]:
+                    "shuffle_block_rows", "eval_every_steps"]:
             if getattr(self, key) < 0:
                 raise KunlunError(f"config key train.{key}: expected >= 0, got {getattr(self, key)}")
         for key in ["lr", "embedding_lr"]:

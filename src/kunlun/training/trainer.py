@@ -1,6 +1,14 @@
 """The training loop: two optimizers, warm-up + schedule, early stopping on validation NE (or AUC),
 optional bf16 autocast, checkpoints, resume, and a progress bar with examples/s and running loss.
 
+Validation: at every epoch's end and, with ``train.eval_every_steps`` = N, every N steps inside it (as recommender
+data wants: one pass over a large split is one long epoch). Each validation is a line of ``epochs.jsonl`` (epoch, step,
+training examples seen, running training loss, validation metrics), may write ``checkpoints/best`` (so the best
+checkpoint is kept at step granularity), counts towards early stopping (``train.patience`` validations without
+improvement; an early stop inside an epoch ends the epoch there) and, with ``train.schedule=plateau``, may lower the
+learning rates. ``train.recipe=one_pass`` is one epoch, the warm-up + schedule over it, validated
+``ONE_PASS_VALIDATIONS`` times unless ``train.eval_every_steps`` says otherwise (``kunlun.config.RECIPES``).
+
 Determinism: the epoch-e shuffle comes from ``seed + e`` (a full permutation, or with ``train.shuffle_block_rows`` a
 block-wise one for a split larger than memory: ``kunlun.data.batches.shuffled_rows``), torch's RNG is seeded from ``seed`` and saved
 in checkpoints (so are the stochastic-rounding generators of low-precision emulation), so the same seed and
@@ -47,7 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kunlun import ops
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.config import Config
+from kunlun.config import ONE_PASS_VALIDATIONS, Config
 from kunlun.console import log, stderr
 from kunlun.data.batches import Batcher, Prefetcher
 from kunlun.data.prepare import Prepared
@@ -83,6 +91,7 @@ from kunlun.training.distributed import (
 )
 from kunlun.training.sharding import clip_sharded_grad_norm
 from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_optimizers, set_seed: re-exported)
+    NonFiniteLoss,
     NonFiniteWatch,
     TrainModel,
     TrainStep,
@@ -140,8 +149,9 @@ class TrainState:
     step: int = 0
     best_ne: float = float("inf")  # valid NE of the best checkpoint (the best NE when train.monitor=ne)
     best_auc: float = float("-inf")  # valid AUC of the best checkpoint (the best AUC when train.monitor=auc)
-    best_epoch: int = 0
-    bad_epochs: int = 0
+    best_epoch: int = 0  # the epoch (1-based) of the best validation
+    best_step: int = 0  # the optimizer step of the best validation
+    bad_epochs: int = 0  # validations since the last improvement (epochs when validation is at epoch ends only)
     train_seconds: float = 0.0
     train_examples: int = 0
     best_examples: int = 0  # training examples seen when the best checkpoint was saved
@@ -218,9 +228,13 @@ class Trainer:
     """Trains ``cfg.model`` on ``data``, writing the run record into ``run_dir``."""
 
     def __init__(self, cfg: Config, data: Prepared, run_dir: Path, progress: bool = True, logger: Callable[[str], None] = log,
-                 world: World | None = None):
+                 world: World | None = None, on_validation: Callable[[dict[str, Any]], None] | None = None,
+                 final_splits: tuple[str, ...] = ("valid", "test")):
         """``world``: the processes training together (default: this process's process group, if any); only rank 0
-        logs, shows progress and writes the run record."""
+        logs, shows progress and writes the run record. ``on_validation``: called with each validation's record (the
+        line of epochs.jsonl) once it is written, checkpoints included; what it raises stops training (a tuner's
+        pruning). ``final_splits``: the splits final.json scores with the best checkpoint (a tuner: valid only)."""
+        self.on_validation, self.final_splits = on_validation, final_splits
         self.world = w = current() if world is None else world
         check_world(cfg.train, w)
         if not w.main:
@@ -254,6 +268,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_batches) / t.batch_size)
         total = t.epochs * self.steps_per_epoch
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        # validation every this many steps inside an epoch (0: at epoch ends only)
+        self.eval_every = t.eval_every_steps or (math.ceil(self.total_steps / ONE_PASS_VALIDATIONS) if t.recipe == "one_pass" else 0)
         self.schedulers = make_schedulers(self.optimizers + fused, t, self.total_steps)
         if t.compile:  # the same module and parameters, run through Inductor; evaluation stays eager
             self.train_model = torch.compile(self.train_model)
@@ -407,8 +423,8 @@ class Trainer:
         tensors = full_state_dict(self.model, sharded=True) if self.sharded else None
         if self.world.main:
             s = self.state
-            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, self.recorded, info={"epoch": s.epoch, "step": s.step},
-                            tensors=tensors)
+            info = {"epoch": s.epoch, "step": s.step, **({"epoch_step": s.epoch_step} if s.epoch_step else {})}
+            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, self.recorded, info=info, tensors=tensors)
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of ``split`` with the model as it stands (several processes: each scores a share, see
@@ -429,6 +445,48 @@ class Trainer:
         t, s = self.cfg.train, self.state
         return s.epoch_step == 0 and (s.epoch >= t.epochs or s.step >= self.total_steps or s.bad_epochs >= t.patience > 0)
 
+    def early_stopped(self) -> bool:
+        t = self.cfg.train
+        return self.state.bad_epochs >= t.patience > 0
+
+    def judge(self, valid: dict[str, float], epoch: int) -> bool:
+        """Book validation ``valid`` (during epoch ``epoch``, 0-based, at the current step): on an improvement of
+        ``train.monitor`` the best metrics, step and ``checkpoints/best``; otherwise one more bad validation (and, with
+        the plateau schedule, lower rates). → whether it improved."""
+        t, s = self.cfg.train, self.state
+        improved = valid["auc"] > s.best_auc if t.monitor == "auc" else valid["ne"] < s.best_ne
+        if improved:
+            s.best_ne, s.best_auc, s.best_epoch, s.best_step, s.bad_epochs = valid["ne"], valid["auc"], epoch + 1, s.step, 0
+            s.best_examples = s.train_examples
+            self.save_best()
+        else:
+            s.bad_epochs += 1
+            if t.schedule == "plateau":
+                self.lower_learning_rates()
+        return improved
+
+    def record(self, epoch: int, epoch_step: int, train_loss: float, valid: dict[str, float], seconds: float, end: bool,
+               improved: bool) -> dict[str, Any]:
+        """Append a validation's line to the run record (epochs.jsonl) and log it. ``seconds``: the epoch's training
+        time so far plus this validation's. ``epoch_step``: steps of the epoch done; ``end``: at the epoch's end."""
+        s, t = self.state, self.cfg.train
+        rec = {"epoch": epoch + 1, "step": s.step, "train_loss": train_loss, "valid": valid, "seconds": seconds,
+               "epoch_step": epoch_step, "end_of_epoch": end, "examples": s.train_examples}
+        self.history.append(rec)
+        self.write_epochs()
+        where = f"epoch {epoch + 1}" if end else f"epoch {epoch + 1} step {epoch_step}"
+        self.log(f"{where}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
+                 + ("  (best)" if improved else ""))
+        if self.early_stopped():
+            unit = "epoch(s)" if not self.eval_every else "validation(s)"
+            self.log(f"early stop: no validation {t.monitor.upper()} improvement for {t.patience} {unit}")
+        return rec
+
+    def close_epoch(self) -> None:
+        s = self.state
+        s.epoch += 1
+        s.epoch_step, s.epoch_loss_sum, s.epoch_examples, s.epoch_seconds = 0, 0.0, 0, 0.0
+
     def lower_learning_rates(self) -> None:
         """``train.schedule=plateau``: every base rate × PLATEAU_FACTOR (not below PLATEAU_MIN_LR), in force from the
         next step. Base rates are scheduler state, so checkpoints keep them and a resumed run goes on with them."""
@@ -439,7 +497,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_epoch(self, epoch: int) -> float:
-        """Train epoch ``epoch`` (0-based) from where the state stands in it; returns its mean training loss."""
+        """Train epoch ``epoch`` (0-based) from where the state stands in it, validating every ``eval_every`` steps
+        (not at its last step: ``fit`` validates there); returns its mean training loss. Returns early when a
+        validation inside it stops the run (``early_stopped``)."""
         t, s, w = self.cfg.train, self.state, self.world
         self.train_model.train()
         rng = np.random.default_rng(t.seed + epoch)
@@ -469,7 +529,7 @@ class Trainer:
                 else:
                     s.epoch_loss_sum, bad = watch.read()
                 if bad is not None:
-                    raise KunlunError(
+                    raise NonFiniteLoss(
                         f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
                     )
@@ -495,6 +555,16 @@ class Trainer:
                 n_seen += rows
                 now = time.perf_counter()
                 bar.update(task, advance=1, speed=n_seen / max(now - t0, 1e-9))
+                if self.eval_every and s.epoch_step % self.eval_every == 0 and s.epoch_step < steps:
+                    sync()  # every rank at the same step; weights after a non-finite step are never validated or saved
+                    s.train_seconds += now - mark
+                    s.epoch_seconds += now - mark
+                    self.validate_in_epoch(epoch)
+                    if self.early_stopped():
+                        break
+                    self.train_model.train()  # validation left the model in eval mode
+                    last_sync = mark = time.perf_counter()  # validation and checkpoint writing are not training time
+                    continue
                 if w.distributed:  # the same steps on every rank
                     due = bool(t.checkpoint_every_steps) and s.step % t.checkpoint_every_steps == 0
                     if due or s.step >= clock["next"]:
@@ -516,8 +586,21 @@ class Trainer:
         s.epoch_seconds += now - mark
         return s.epoch_loss_sum / max(s.epoch_examples, 1)
 
+    def validate_in_epoch(self, epoch: int) -> None:
+        """A validation inside epoch ``epoch`` at the current step: booked, recorded, ``checkpoints/last`` written
+        (unless it stopped the run: ``fit`` then ends the epoch and writes it), then ``on_validation``."""
+        s = self.state
+        v0 = time.perf_counter()
+        valid = self.evaluate("valid")
+        seconds = s.epoch_seconds + time.perf_counter() - v0
+        improved = self.judge(valid, epoch)
+        rec = self.record(epoch, s.epoch_step, s.epoch_loss_sum / max(s.epoch_examples, 1), valid, seconds, False, improved)
+        if not self.early_stopped():
+            self.save_last()
+        if self.on_validation is not None:
+            self.on_validation(rec)
+
     def fit(self) -> dict[str, Any]:
-        t = self.cfg.train
         code = code_version()
         if self.state.step and not self.state.code_versions:  # a checkpoint from before code versions were recorded
             self.state.code_versions.append({"commit": None, "source_sha256": None, "label": "unknown (before provenance)"})
@@ -534,27 +617,20 @@ class Trainer:
         while not self.done():
             epoch = s.epoch
             train_loss = self.train_epoch(epoch)
+            if s.epoch_step and self.early_stopped():  # stopped by a validation inside the epoch: it ends there
+                self.close_epoch()
+                self.save_last()
+                continue
             v0 = time.perf_counter()
             valid = self.evaluate("valid")
             seconds = s.epoch_seconds + time.perf_counter() - v0
-            s.epoch += 1
-            s.epoch_step, s.epoch_loss_sum, s.epoch_examples, s.epoch_seconds = 0, 0.0, 0, 0.0
-            improved = valid["auc"] > s.best_auc if t.monitor == "auc" else valid["ne"] < s.best_ne
-            if improved:
-                s.best_ne, s.best_auc, s.best_epoch, s.bad_epochs = valid["ne"], valid["auc"], epoch + 1, 0
-                s.best_examples = s.train_examples
-                self.save_best()
-            else:
-                s.bad_epochs += 1
-                if t.schedule == "plateau":
-                    self.lower_learning_rates()
-            self.history.append({"epoch": epoch + 1, "step": s.step, "train_loss": train_loss, "valid": valid, "seconds": seconds})
-            self.write_epochs()
+            epoch_step = s.epoch_step
+            self.close_epoch()
+            improved = self.judge(valid, epoch)
+            rec = self.record(epoch, epoch_step, train_loss, valid, seconds, True, improved)
             self.save_last()
-            self.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
-                     + ("  (best)" if improved else ""))
-            if s.bad_epochs >= t.patience > 0:
-                self.log(f"early stop: no validation {t.monitor.upper()} improvement for {t.patience} epoch(s)")
+            if self.on_validation is not None:
+                self.on_validation(rec)
         return self.finish(time.perf_counter() - wall0)
 
     def finish(self, wall: float) -> dict[str, Any]:
@@ -562,7 +638,7 @@ class Trainer:
         barrier(self.world)  # rank 0 has written checkpoints/best
         load_weights(self.run_dir / "checkpoints" / "best", self.model, sharded_model=self.sharded)
         metrics, eval_seconds, eval_examples = {}, 0.0, 0
-        for split in ("valid", "test"):
+        for split in self.final_splits:
             if split in self.data.splits:
                 e0 = time.perf_counter()
                 metrics[split] = self.evaluate(split)
@@ -576,6 +652,9 @@ class Trainer:
             "seed": cfg.train.seed,
             "metrics": metrics,
             "best_epoch": self.state.best_epoch,
+            "best_step": self.state.best_step,
+            "validations": len(self.history),
+            "eval_every_steps": self.eval_every,  # inside an epoch; 0: at epoch ends only
             "epochs_run": self.state.epoch,
             "steps": self.state.step,
             "train_ctr": self.data.train_ctr,
