@@ -6,44 +6,15 @@ User errors print one line and exit with status 2; nothing half-written is left 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
-import time
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import click
 
-from kunlun.console import log, out_console
-from kunlun.errors import KunlunError
-
-
-def emit_json(obj: Any) -> None:
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    click.echo(json.dumps(clean(obj)))
-
-
-def print_metrics(metrics: dict[str, dict[str, float]], title: str = "") -> None:
-    from rich.table import Table
-
-    table = Table(title=title or None)
-    table.add_column("split")
-    for col in ("NE", "logloss", "AUC", "gAUC", "calibration", "examples"):
-        table.add_column(col, justify="right")
-    for split, m in metrics.items():
-        table.add_row(split, f"{m['ne']:.4f}", f"{m['logloss']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}",
-                      f"{m['calibration']:.3f}", str(m["examples"]))
-    out_console().print(table)
+from kunlun.console import emit_json, log
+from kunlun.errors import KunlunError, user_error  # noqa: F401 (user_error: imported from here too)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +24,6 @@ def cli() -> None:
 
 
 # ---------------------------------------------------------------------------------------- train
-
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
 @click.option("--model", help="Model name, e.g. kunlun, logistic_regression.")
@@ -80,11 +50,7 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     if resume:
         from kunlun.training.runner import resume_config_path
 
-        if config_path:
-            raise KunlunError("--config: not used with --resume (a resumed run continues with its own config.yaml)")
-        if run_dir and run_dir.resolve() != resume.resolve():
-            raise KunlunError(f"--run-dir {run_dir}: not used with --resume {resume} (the run continues in its own directory)")
-        config_path = resume_config_path(resume)
+        config_path = resume_config_path(resume, config_path, run_dir)
     cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
                       precision=precision)
     from kunlun.training.runner import train_run
@@ -92,14 +58,13 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
     final = train_run(cfg, resume or run_dir, resume=bool(resume), use_cache=not no_cache, progress=not quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints the results
         return
-    if as_json:
-        emit_json(final["metrics"])
-    else:
-        print_metrics(final["metrics"], f"{final['model']} on {final['dataset']} (best epoch {final['best_epoch']})")
+    from kunlun.metrics import metrics_table
+
+    title = f"{final['model']} on {final['dataset']} (best epoch {final['best_epoch']})"
+    emit_json(final["metrics"]) if as_json else metrics_table(final["metrics"], title)
 
 
 # ---------------------------------------------------------------------------------------- eval / predict
-
 @cli.command(name="eval")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--file", "file", type=click.Path(path_type=Path), help="Score this file (same schema as training).")
@@ -108,15 +73,16 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the file's metrics, or metrics by split).")
 def eval_cmd(run, file, split, data_dir, as_json):
     """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits."""
+    from kunlun.metrics import metrics_table
     from kunlun.training.runner import evaluate_file, evaluate_run
 
     if file:
         m = evaluate_file(run, file, data_dir)
         log(f"scored {m['examples']} rows of {file}")
-        emit_json(m) if as_json else print_metrics({file.name: m})
+        emit_json(m) if as_json else metrics_table({file.name: m})
         return
     metrics = evaluate_run(run, split, data_dir)
-    emit_json(metrics) if as_json else print_metrics(metrics)
+    emit_json(metrics) if as_json else metrics_table(metrics)
 
 
 @cli.command()
@@ -133,7 +99,6 @@ def predict(run, file, out, data_dir):
 
 
 # ---------------------------------------------------------------------------------------- data
-
 @cli.group()
 def data() -> None:
     """Inspect and prepare datasets."""
@@ -154,47 +119,10 @@ def info(dataset_arg, dataset, data_dir, as_json):
 
     DATASET (or --dataset): a registered name, a schema .yaml, or a folder written by `kunlun data synth`.
     """
-    from rich.table import Table
-
-    from kunlun.data.registry import dataset_info
+    from kunlun.data.registry import dataset_info, info_tables
 
     summary = dataset_info(dataset_arg or dataset, data_dir, log=log)
-    if as_json:
-        emit_json(summary)
-        return
-    con = out_console()
-    title = f" ({summary['title']})" if summary.get("title") else ""
-    con.print(f"[bold]{summary['name']}[/]{title}  label={summary['label']}  train CTR={summary['train_ctr']:.4f}")
-    stats = lambda d: f"{d['min']} / {d['median']:g} / {d['p90']:g} / {d['max']}"
-    t = Table("split", "rows", "CTR", "groups", *[f"{q} length (min/median/p90/max)" for q in summary["sequences"]])
-    for name, r in summary["splits"].items():
-        t.add_row(name, f"{r['rows']:,}", f"{r['ctr']:.4f}", f"{r['groups']:,}", *[stats(r[f"{q}_length"]) for q in summary["sequences"]])
-    con.print(t)
-    for q in summary["sequences"]:
-        if summary["event_types"].get(q):
-            e = Table("split", *[f"{q}: {name}" for name in summary["event_types"][q].values()],
-                      title=f"events of each type in the {q} (min/median/p90/max)")
-            for name, r in summary["splits"].items():
-                e.add_row(name, *[stats(v) for v in r[f"{q}_by_event"].values()])
-            con.print(e)
-    f = Table("categorical field", "vocabulary", "size (incl. pad, OOV)")
-    for c, v in summary["categorical"].items():
-        f.add_row(c, v["vocab"], f"{v['size']:,}")
-    con.print(f)
-    con.print(f"numeric fields: {', '.join(summary['numeric']) or '(none)'}")
-    if summary.get("bayes"):
-        print_bayes(summary["bayes"])
-
-
-def print_bayes(bayes: dict) -> None:
-    from rich.table import Table
-
-    b = Table("split", "rows", "CTR", "Bayes NE", "± (s.e.)", "Bayes NE (own CTR)", "Bayes logloss",
-              title="NE of the true click probability (no model beats it in expectation)")
-    for name, r in bayes["splits"].items():
-        b.add_row(name, f"{r['rows']:,}", f"{r['ctr']:.4f}", f"{r['ne']:.4f}", f"{r['ne_std']:.4f}", f"{r['ne_own_ctr']:.4f}",
-                  f"{r['logloss']:.4f}")
-    out_console().print(b)
+    emit_json(summary) if as_json else info_tables(summary)
 
 
 def _count(ctx, param, value):
@@ -222,34 +150,11 @@ def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_us
     Train on it with `kunlun train --dataset OUT`; `kunlun data info OUT` shows its Bayes NE per split.
     What it models and what it does not: the docstring of kunlun.data.synthetic.
     """
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from kunlun.console import stderr
-    from kunlun.data.synthetic import World, check_request, generate, read_bayes
+    from kunlun.data.synthetic import World, bayes_table, generate_with_progress
 
     world = World(items=items, categories=categories, dim=dim, events_per_user=events_per_user)
-    check_request(out, examples, chunk_users, shard_rows)
-    columns = [TextColumn("synth"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=stderr, disable=quiet) as bar:
-        task = bar.add_task("synth", total=examples, rate="")
-        started, shown = time.perf_counter(), [0.0, 0]
-
-        def progress(rows: int, total: int) -> None:
-            shown[1] += rows
-            now = time.perf_counter()
-            if now - shown[0] > 0.2 or shown[1] >= total:  # rich redraws ~10 times a second; don't flood it
-                bar.update(task, completed=shown[1], rate=f"{shown[1] / max(now - started, 1e-9):,.0f} rows/s")
-                shown[0] = now
-
-        manifest = generate(out, examples, seed, world, chunk_users=chunk_users, shard_rows=shard_rows, progress=progress)
-    bayes = read_bayes(out)
-    log(f"wrote {manifest['examples']:,} impressions of {manifest['users']:,} users to {out} in {len(manifest['shards'])} "
-        f"shard(s), {manifest['seconds']:.1f}s ({manifest['examples'] / manifest['seconds']:,.0f} rows/s)")
-    if as_json:
-        emit_json({"manifest": manifest, "bayes": bayes})
-    else:
-        print_bayes(bayes)
+    manifest, bayes = generate_with_progress(out, examples, seed, world, chunk_users, shard_rows, progress=not quiet, log=log)
+    emit_json({"manifest": manifest, "bayes": bayes}) if as_json else bayes_table(bayes)
 
 
 @data.command()
@@ -259,50 +164,24 @@ def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_us
                    "sets above 2M examples and other datasets whose files exceed 256 MiB); the cache is the same either way.")
 def prepare(dataset, data_dir, chunk_rows):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
-    from kunlun.data.registry import prepare_dataset
+    from kunlun.data.registry import rebuild_cache
 
-    t0 = time.perf_counter()
-    p = prepare_dataset(dataset, data_dir, rebuild=True, log=log, chunk_rows=chunk_rows)
-    seconds = time.perf_counter() - t0
-    prepare_dataset(dataset, data_dir, log=log)  # reads back what was written: proves the cache is usable
-    log(f"prepared {p.name} in {seconds:.1f}s: " + ", ".join(f"{k} {len(v):,} rows" for k, v in p.splits.items()))
+    rebuild_cache(dataset, data_dir, chunk_rows, log)
 
 
 # ---------------------------------------------------------------------------------------- runs
-
 @cli.command()
 @click.option("--root", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Folder of run directories.")
 @click.option("--json", "as_json", is_flag=True)
 def runs(root, as_json):
     """A table of past runs (newest first)."""
-    from rich.table import Table
-
-    from kunlun.runs import list_runs
+    from kunlun.runs import list_runs, runs_table
 
     rows = list_runs(root)
-    if as_json:
-        emit_json({"runs": rows})
-        return
-    if not rows:
-        click.echo(f"no runs under {root}")
-        return
-    t = Table("run", "status", "model", "dataset", "seed", "valid NE", "test NE", "test AUC", "MFLOPs/ex", "train ex/s")
-
-    def num(m, split, key, fmt="{:.4f}"):
-        v = (m or {}).get(split, {}).get(key)
-        return fmt.format(v) if v is not None else "-"
-
-    for r in rows:
-        m = r.get("metrics")
-        t.add_row(r["run"], r["status"], str(r.get("model", "-")), str(r.get("dataset", "-")), str(r.get("seed", "-")),
-                  num(m, "valid", "ne"), num(m, "test", "ne"), num(m, "test", "auc"),
-                  f"{r['flops_per_example'] / 1e6:.2f}" if r.get("flops_per_example") is not None else "-",
-                  f"{r['train_examples_per_s']:.0f}" if r.get("train_examples_per_s") else "-")
-    out_console().print(t)
+    emit_json({"runs": rows}) if as_json else runs_table(rows, root)
 
 
 # ---------------------------------------------------------------------------------------- bench
-
 @cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Speed report as one JSON object (when no subcommand is given).")
 @click.pass_context
@@ -334,9 +213,7 @@ def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps
 
     cfg = load_config(config_path, [*PRESETS[preset], *overrides], dataset=dataset, data_dir=data_dir)
     if profile_path is not None:
-        table = profile_training(cfg, profile_path)
-        click.echo(table)
-        click.echo(f"trace written to {profile_path}")
+        click.echo(f"{profile_training(cfg, profile_path)}\ntrace written to {profile_path}")
         return
     result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=not no_trainer, dtypes=_list(dtypes, str))
     result["preset"] = preset
@@ -354,16 +231,11 @@ def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps
 @click.argument("overrides", nargs=-1)
 def memmap(config_path, model, dataset, data_dir, steps, repeats, as_json, overrides):
     """Examples/s from the memory-mapped cache vs the same arrays in RAM: the loader alone and training (alternated)."""
-    from kunlun.bench.speed import memmap_vs_ram
+    from kunlun.bench.speed import memmap_text, memmap_vs_ram
     from kunlun.config import load_config
 
     r = memmap_vs_ram(load_config(config_path, list(overrides), model, dataset=dataset, data_dir=data_dir), steps=steps, repeats=repeats)
-    if as_json:
-        emit_json(r)
-        return
-    for m in ("loader", "trainer"):
-        click.echo(f"{m:8s} memmap {r['median']['memmap'][m]:>10,.0f} ex/s   ram {r['median']['ram'][m]:>10,.0f} ex/s   "
-                   f"memmap/ram {r['memmap_over_ram'][m]:.3f}   (medians of {repeats}; {r['model']} on {r['dataset']})")
+    emit_json(r) if as_json else click.echo(memmap_text(r, repeats))
 
 
 def _bench_options(f):
@@ -398,12 +270,9 @@ def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets,
     if pin:
         pin_expected(results, pin)
     emit_json(results["results"]) if as_json else click.echo(quality_markdown(results))
-    if check:
-        failures = check_expected(results, check)
-        for f in failures:
-            click.echo(f"kunlun: regression: {f}", err=True)
-        if failures:
-            sys.exit(1)
+    if check and (failures := check_expected(results, check)):
+        click.echo("\n".join(f"kunlun: regression: {f}" for f in failures), err=True)
+        sys.exit(1)
 
 
 @bench.command()
@@ -431,7 +300,6 @@ def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datas
 
 
 # ---------------------------------------------------------------------------------------- scaling
-
 @cli.command()
 @click.argument("sweep_file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default sweeps/<name>); finished points there are skipped.")
@@ -445,33 +313,14 @@ def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datas
                    "or submitit (SLURM where sbatch is found; kunlun[submitit]).")
 def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, launcher):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from kunlun.scaling.sweep import open_sweep, plan_lines, run_sweep_reported
 
-    from kunlun.console import stderr
-    from kunlun.scaling.launchers import check_launcher
-    from kunlun.scaling.sweep import check_parallel, default_out, jobs, load_sweep, pending, plan, run_sweep
-
-    check_launcher(launcher)
-    spec = load_sweep(sweep_file)
-    out = out or default_out(spec)
-    check_parallel(parallel)
+    spec, out = open_sweep(sweep_file, out, parallel, launcher)
     if dry_run:
-        for j, state in plan(spec, out, threads):
-            click.echo(f"{j.label}\tseed {j.seed}\t{state}\t{' '.join(j.overrides)}")
+        for line in plan_lines(spec, out, threads):
+            click.echo(line)
         return
-    all_jobs = jobs(spec, out)
-    todo = len(pending(spec, all_jobs, spec.threads if threads is None else threads, reuse_stale))
-    log(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}"
-        + (f"; launcher {launcher}" if launcher != "local" else ""))
-    columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
-    with Progress(*columns, console=stderr) as bar:
-        task = bar.add_task("sweep", total=todo, last="")
-        result = run_sweep(spec, out, data_dir, parallel, threads,
-                           on_done=lambda job, status: bar.update(task, advance=1, last=f"{job.label} seed {job.seed}: {status}"),
-                           reuse_stale=reuse_stale, launcher=launcher)
-    log(f"sweep {spec.name}: {len(result['done'])} run, {len(result['skipped'])} skipped, {len(result['failed'])} failed")
-    if result["failed"]:
-        raise KunlunError(f"{len(result['failed'])} sweep run(s) failed, first: {result['failed'][0]} (rerun the sweep to retry them)")
+    run_sweep_reported(spec, out, data_dir, parallel, threads, reuse_stale, launcher)
 
 
 @cli.command()
@@ -487,71 +336,14 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, la
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, seed, as_json):
     """Fit and validate scaling laws on run directories, sweep folders or a CSV table (compute, ne[, family, seed, layers])."""
-    import os
-
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: threads only slow down thousands of tiny fits
-    from kunlun.scaling.law import compare_inputs, fit_inputs
-    from kunlun.scaling.report import write_report
+    from kunlun.scaling.report import fit_and_report, fit_tables
 
-    if compare:
-        both = compare_inputs(list(inputs), *compare, holdout, n_boot, level, tolerance, seed, progress=log)
-        if report_dir:
-            write_report(both["a"], report_dir, both["comparison"], both["b"])
-        if as_json:
-            emit_json(both)
-        else:
-            print_fit(both["a"])
-            print_fit(both["b"])
-            print_comparison(both["comparison"])
-        return
-    result = fit_inputs(list(inputs), family, holdout, n_boot, level, tolerance, seed, progress=log)
-    if report_dir:
-        for f in write_report(result, report_dir):
-            log(f"wrote {f}")
-    if as_json:
-        emit_json(result)
-    else:
-        print_fit(result)
-
-
-def print_fit(result: dict) -> None:
-    from rich.table import Table
-
-    from kunlun.scaling.report import forms_table
-
-    rows = forms_table(result)
-    table = Table(title=f"{result['family'] or 'runs'} on {result['dataset'] or '?'}: {result['n_fit']} runs fitted, "
-                        f"{result['n_holdout']} held out ({result['metric'] or 'NE'})")
-    for c in rows[0]:
-        table.add_column(c)
-    for r in rows[1:]:
-        table.add_row(*r)
-    con = out_console()
-    con.print(table)
-    from kunlun.scaling.report import seed_noise_text
-
-    for r in result["holdout"]:
-        sigma = f"{r['seed_sigma']:.4f}" if r.get("seed_sigma") is not None else "not estimated"
-        con.print(f"  held out C={r['compute']:.3g}: NE {r['ne']:.4f}, predicted {r['predicted']:.4f} "
-                  f"[{r['lower']:.4f}, {r['upper']:.4f}], seed σ there {sigma}", highlight=False)
-    con.print(f"seed noise σ: {seed_noise_text(result)}", highlight=False)
-    con.print(f"code: {result.get('provenance', 'unknown')}", highlight=False)
-    con.print(result["verdict"], highlight=False)
-
-
-def print_comparison(c: dict) -> None:
-    con = out_console()
-    con.print(f"{c['a']} vs {c['b']} (M0 fits, {100 * c['level']:.0f} % bootstrap intervals):", highlight=False)
-    for key, what in (("slope_ratio", "scaling efficiency η_A/η_B"),
-                      ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
-                      ("eta_a", f"η {c['a']}"), ("eta_b", f"η {c['b']}")):
-        v = c[key]
-        dropped = f" ({100 * v['dropped_fraction']:.1f} % of resamples undefined: {c['b']}'s slope ≤ 0)" if v.get("dropped_fraction") else ""
-        con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]{dropped}", highlight=False)
+    result = fit_and_report(list(inputs), family, compare, holdout, n_boot, level, tolerance, seed, report_dir, progress=log)
+    emit_json(result) if as_json else fit_tables(result)
 
 
 # ---------------------------------------------------------------------------------------- export / serve
-
 @cli.command(name="export")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Package file to write, e.g. model.pt2.")
@@ -566,8 +358,6 @@ def export_cmd(run, out, compile_, triton_dir, static_seq_len, as_json):
     from kunlun.serving.export import export_package
 
     meta = export_package(run, out, compile_, dynamic_len=not static_seq_len)
-    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {meta['model']}, runtime {meta['runtime']}"
-        + (f" (AOTInductor failed: {meta['aoti_error']})" if meta["aoti_error"] else ""))
     if triton_dir:
         from kunlun.serving.triton import write_model_repository
 
@@ -579,27 +369,10 @@ def export_cmd(run, out, compile_, triton_dir, static_seq_len, as_json):
 def _serve_options(f):
     from kunlun.serving.options import ServeOptions
 
-    d = ServeOptions()
-    for name, typ, text in reversed([
-        ("--runtime", click.Choice(["auto", "aoti", "exported_program"]), "A package's program: auto = AOTInductor where it loads, else exported."),
-        ("--threads", int, "torch threads for scoring (0: torch's default)."),
-        ("--workers", int, "Scoring processes (0: score in the server process, which then parses requests only between model calls)."),
-        ("--max-batch", int, "Examples per model call."),
-        ("--max-wait-ms", float, "Latency budget: how long the oldest queued request waits for others to join its batch."),
-        ("--max-queue", int, "Examples queued at most; beyond it a request gets 503 with Retry-After."),
-        ("--max-body-mb", float, "Largest request body (413 beyond it)."),
-        ("--timeout-s", float, "A request not scored by then gets 503."),
-    ]):
-        default = "auto" if name == "--runtime" else getattr(d, name[2:].replace("-", "_"))
-        f = click.option(name, type=typ, default=default, show_default=True, help=text)(f)
-    return f
-
-
-def _serve_settings(kw: dict) -> tuple[str, Any]:
-    from kunlun.serving.options import ServeOptions
-
-    runtime = kw.pop("runtime")
-    return runtime, ServeOptions(**kw)
+    for o in reversed(fields(ServeOptions)):  # --max-batch, … as ServeOptions defines them
+        f = click.option(f"--{o.name.replace('_', '-')}", type=type(o.default), default=o.default, show_default=True, help=o.metadata["help"])(f)
+    return click.option("--runtime", type=click.Choice(["auto", "aoti", "exported_program"]), default="auto", show_default=True,
+                        help="A package's program: auto = AOTInductor where it loads, else exported.")(f)
 
 
 @cli.command()
@@ -610,11 +383,12 @@ def _serve_settings(kw: dict) -> tuple[str, Any]:
 def serve(target, host, port, **kw):
     """Serve TARGET (a package from `kunlun export`, or a run directory) over HTTP: POST /score, GET /health, GET /schema."""
     from kunlun.serving.export import load_scorer
+    from kunlun.serving.options import ServeOptions
     from kunlun.serving.server import require_aiohttp
     from kunlun.serving.server import serve as run_server
 
     require_aiohttp()
-    runtime, opts = _serve_settings(kw)
+    runtime, opts = kw.pop("runtime"), ServeOptions(**kw)
     scorer = load_scorer(target, runtime, opts.threads)
     run_server(scorer, host, port, opts, lambda url: log(f"kunlun: serving {scorer.meta.get('model')} ({scorer.runtime}) on {url}"))
 
@@ -631,43 +405,11 @@ def serve(target, host, port, **kw):
 @_serve_options
 def bench_serve(target, data_dir, concurrency, batch, rate, duration, max_requests, as_json, **kw):
     """Load a server on loopback: QPS, examples/s, p50/p95/p99 latency, errors and peak memory per load level."""
-    from kunlun.bench.serve import Phase, run_serve_bench, serve_table
+    from kunlun.bench.serve import load_phases, run_serve_bench, serve_table, server_args
 
-    phases = [Phase("closed", b, concurrency=c) for b in _list(batch, int) for c in _list(concurrency, int)]
-    phases += [Phase("open", 1, rate=r) for r in _list(rate, float) if r > 0]
-    server_args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
-    result = run_serve_bench(target, phases, duration_s=duration, max_requests=max_requests, data_dir=data_dir, server_args=server_args)
+    phases = load_phases(_list(batch, int), _list(concurrency, int), _list(rate, float))
+    result = run_serve_bench(target, phases, duration_s=duration, max_requests=max_requests, data_dir=data_dir, server_args=server_args(kw))
     emit_json(result) if as_json else click.echo(serve_table(result))
-
-
-def fail(message: str) -> None:
-    """A user error: one line on stderr (whatever the message holds), exit status 2. Under torchrun only rank 0 prints
-    it (every rank meets the same error: the same config, the same files); the others exit 2 silently."""
-    if os.environ.get("RANK", "0") == "0":
-        click.echo("kunlun: error: " + " ".join(str(message).splitlines()).strip(), err=True)
-    sys.exit(2)
-
-
-def user_error(exc: BaseException) -> str | None:
-    """The one-line message for an exception the user caused and can fix, or None for a bug (traceback).
-
-    Readers raise KunlunError with the file, column and row; the rest is a backstop for what no reader
-    anticipated: a file that cannot be read or written (OSError names it), text that is not UTF-8, YAML
-    that does not parse."""
-    import yaml
-
-    from kunlun.files import os_reason
-
-    if isinstance(exc, KunlunError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-        return f"{names}: {os_reason(exc)}" if names else os_reason(exc)
-    if isinstance(exc, UnicodeDecodeError):
-        return f"a file is not valid {exc.encoding} text (byte {exc.start}: {exc.reason})"
-    if isinstance(exc, yaml.YAMLError):
-        return f"not valid YAML ({(str(exc).strip().splitlines() or ['?'])[0]})"
-    return None
 
 
 def main() -> None:
@@ -680,10 +422,7 @@ def main() -> None:
     except BrokenPipeError:  # stdout closed early (kunlun runs --json | head): not worth a message
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("kunlun: interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("kunlun: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
@@ -692,7 +431,9 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
-        message = user_error(exc)
+        message = user_error(exc)  # None: a bug, whose traceback is shown
         if message is None:
             raise
-        fail(message)
+        if os.environ.get("RANK", "0") == "0":  # one line, exit 2; under torchrun every rank meets the error, rank 0 says it
+            click.echo("kunlun: error: " + " ".join(message.splitlines()).strip(), err=True)
+        sys.exit(2)

@@ -7,9 +7,12 @@ them has to import another for its console.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -40,6 +43,48 @@ def stage(start: str, still: str, every: float, logger: Callable[[str], None] = 
     finally:
         done.set()
         ticker.join()
+
+
+@contextlib.contextmanager
+def rows_bar(label: str, total: int, disable: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for work counted in rows (done of ``total``, rows/s, elapsed, ETA). Yields
+    ``progress(rows, total)``, to call with each batch of rows done; it redraws at most 5 times a second."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn(label), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, disable=disable) as bar:
+        task = bar.add_task(label, total=total, rate="")
+        started, shown = time.perf_counter(), [0.0, 0]
+
+        def progress(rows: int, total: int) -> None:
+            shown[1] += rows
+            now = time.perf_counter()
+            if now - shown[0] > 0.2 or shown[1] >= total:  # rich redraws ~10 times a second; don't flood it
+                bar.update(task, completed=shown[1], rate=f"{shown[1] / max(now - started, 1e-9):,.0f} rows/s")
+                shown[0] = now
+
+        yield progress
+
+
+def emit_json(obj: Any) -> None:
+    """``obj`` on stdout as one line of strict JSON (``--json``)."""
+    print(json_text(obj), flush=True)
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as one line of strict JSON (what ``--json`` prints): NaN and infinities become null."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj))
 
 
 def out_console() -> Console:

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from kunlun.errors import KunlunError
+from kunlun.errors import KunlunError, os_reason
 
 
 def os_error_text(exc: OSError) -> str:
@@ -105,14 +105,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def os_reason(exc: OSError) -> str:
-    """Why an OSError happened, in a few words ("Permission denied"), also for pyarrow's OSErrors."""
-    if exc.errno:
-        return os.strerror(exc.errno)
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def check_output_file(path: Path, option: str = "--out") -> Path:

@@ -217,3 +217,19 @@ class MetricAccumulator:
             "examples": int(n),
             "ctr": mean_label,
         }
+
+
+def metrics_table(metrics: dict[str, dict[str, float]], title: str = "") -> None:
+    """Metrics by split (``kunlun train`` / ``kunlun eval``) as a table on stdout."""
+    from rich.table import Table
+
+    from kunlun.console import out_console
+
+    table = Table(title=title or None)
+    table.add_column("split")
+    for col in ("NE", "logloss", "AUC", "gAUC", "calibration", "examples"):
+        table.add_column(col, justify="right")
+    for split, m in metrics.items():
+        table.add_row(split, f"{m['ne']:.4f}", f"{m['logloss']:.4f}", f"{m['auc']:.4f}", f"{m['gauc']:.4f}",
+                      f"{m['calibration']:.3f}", str(m["examples"]))
+    out_console().print(table)

@@ -316,3 +316,38 @@ def _config_summary(run_dir: Path) -> dict[str, Any]:
         return part.get(key) if isinstance(part, dict) else None
 
     return {"model": get("model", "name"), "dataset": get("data", "dataset"), "seed": get("train", "seed")}
+
+
+def runs_table(rows: list[dict[str, Any]], root: Path) -> None:
+    """``list_runs(root)`` as a table on stdout (``kunlun runs``), or a line saying there are none."""
+    from rich.table import Table
+
+    from kunlun.console import out_console
+
+    if not rows:
+        print(f"no runs under {root}")
+        return
+    t = Table("run", "status", "model", "dataset", "seed", "valid NE", "test NE", "test AUC", "MFLOPs/ex", "train ex/s")
+
+    def num(m, split, key, fmt="{:.4f}"):
+        v = (m or {}).get(split, {}).get(key)
+        return fmt.format(v) if v is not None else "-"
+
+    for r in rows:
+        m = r.get("metrics")
+        t.add_row(r["run"], r["status"], str(r.get("model", "-")), str(r.get("dataset", "-")), str(r.get("seed", "-")),
+                  num(m, "valid", "ne"), num(m, "test", "ne"), num(m, "test", "auc"),
+                  f"{r['flops_per_example'] / 1e6:.2f}" if r.get("flops_per_example") is not None else "-",
+                  f"{r['train_examples_per_s']:.0f}" if r.get("train_examples_per_s") else "-")
+    out_console().print(t)
+
+
+def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"section.key": value}`` (an empty section stays one key)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -47,6 +47,18 @@ class Phase:
         return f"closed c={self.concurrency}" if self.mode == "closed" else f"open {self.rate:g} req/s"
 
 
+def load_phases(batches: list[int], concurrency: list[int], rates: list[float]) -> list[Phase]:
+    """A closed-loop phase for every (examples per request, clients) pair, then an open-loop phase of single-example
+    requests for every positive rate."""
+    return [Phase("closed", b, concurrency=c) for b in batches for c in concurrency] + [Phase("open", 1, rate=r) for r in rates if r > 0]
+
+
+def server_args(options: dict[str, Any]) -> list[str]:
+    """Server settings by name (``max_batch=256``, ``runtime="auto"``, …) as the ``kunlun serve`` arguments that set
+    them: the server process checks them as ``kunlun serve`` would."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+
+
 def request_rows(target: Path, data_dir: str | None, n: int) -> list[dict[str, Any]]:
     """n real examples for ``target`` (a run or package): rows of its dataset's test split (else valid), each
     history cut to the ``max_seq_len`` newest events — all the model reads, so what a client would send."""

@@ -349,3 +349,10 @@ def speed_table(r: dict[str, Any]) -> None:
     out_console().print(tab)
     out_console().print(f"loader alone: {r['loader_examples_per_s']:,.0f} examples/s "
                         f"({r['loader_examples_per_s'] / max(r[n]['train_examples_per_s'] for n in timed):.0f}× the fastest training step)")
+
+
+def memmap_text(r: dict[str, Any], repeats: int) -> str:
+    """``memmap_vs_ram``'s medians, one line for the loader and one for the trainer."""
+    return "\n".join(f"{m:8s} memmap {r['median']['memmap'][m]:>10,.0f} ex/s   ram {r['median']['ram'][m]:>10,.0f} ex/s   "
+                     f"memmap/ram {r['memmap_over_ram'][m]:.3f}   (medians of {repeats}; {r['model']} on {r['dataset']})"
+                     for m in ("loader", "trainer"))

@@ -557,6 +557,22 @@ def generate(out: Path, examples: int, seed: int = 0, world: World | None = None
     return manifest
 
 
+def generate_with_progress(out: Path, examples: int, seed: int = 0, world: World | None = None, chunk_users: int | None = None,
+                           shard_rows: int = 1_000_000, progress: bool = True,
+                           log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``generate`` as ``kunlun data synth`` runs it: the request checked before a progress bar (rows, rows/s, ETA) is
+    shown on stderr, a line saying what was written at the end; returns (manifest, Bayes NE)."""
+    from kunlun.console import rows_bar
+
+    check_request(Path(out), examples, chunk_users, shard_rows)
+    with rows_bar("synth", examples, disable=not progress) as on_rows:
+        manifest = generate(out, examples, seed, world, chunk_users=chunk_users, shard_rows=shard_rows, progress=on_rows)
+    (log or (lambda m: None))(
+        f"wrote {manifest['examples']:,} impressions of {manifest['users']:,} users to {out} in {len(manifest['shards'])} "
+        f"shard(s), {manifest['seconds']:.1f}s ({manifest['examples'] / manifest['seconds']:,.0f} rows/s)")
+    return manifest, read_bayes(out)
+
+
 # ----------------------------------------------------------------------------- reading it back as a dataset
 
 def is_synthetic(folder: Path) -> bool:
@@ -589,6 +605,20 @@ def data_files(folder: Path) -> list[Path]:
 def read_bayes(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / BAYES
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def bayes_table(bayes: dict[str, Any]) -> None:
+    """``bayes.json`` (the NE of the true click probability per split) as a table on stdout."""
+    from rich.table import Table
+
+    from kunlun.console import out_console
+
+    b = Table("split", "rows", "CTR", "Bayes NE", "± (s.e.)", "Bayes NE (own CTR)", "Bayes logloss",
+              title="NE of the true click probability (no model beats it in expectation)")
+    for name, r in bayes["splits"].items():
+        b.add_row(name, f"{r['rows']:,}", f"{r['ctr']:.4f}", f"{r['ne']:.4f}", f"{r['ne_std']:.4f}", f"{r['ne_own_ctr']:.4f}",
+                  f"{r['logloss']:.4f}")
+    out_console().print(b)
 
 
 SCHEMA = Schema(

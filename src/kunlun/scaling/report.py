@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,74 @@ def seed_noise_text(result: dict[str, Any]) -> str:
     if not groups:
         return "not estimated (needs ≥ 2 seeds at some compute)"
     return "; ".join(f"{g['sigma']:.4f} NE at C = {g['compute']:.3g} ({g['dof']} dof)" for g in groups)
+
+
+def fit_table(result: dict[str, Any]) -> None:
+    """A fit (``kunlun fit``) on stdout: the forms' table, each held-out run against its prediction, seed noise, the
+    code that trained the runs and the verdict."""
+    from rich.table import Table
+
+    from kunlun.console import out_console
+
+    rows = forms_table(result)
+    table = Table(title=f"{result['family'] or 'runs'} on {result['dataset'] or '?'}: {result['n_fit']} runs fitted, "
+                        f"{result['n_holdout']} held out ({result['metric'] or 'NE'})")
+    for c in rows[0]:
+        table.add_column(c)
+    for r in rows[1:]:
+        table.add_row(*r)
+    con = out_console()
+    con.print(table)
+    for r in result["holdout"]:
+        sigma = f"{r['seed_sigma']:.4f}" if r.get("seed_sigma") is not None else "not estimated"
+        con.print(f"  held out C={r['compute']:.3g}: NE {r['ne']:.4f}, predicted {r['predicted']:.4f} "
+                  f"[{r['lower']:.4f}, {r['upper']:.4f}], seed σ there {sigma}", highlight=False)
+    con.print(f"seed noise σ: {seed_noise_text(result)}", highlight=False)
+    con.print(f"code: {result.get('provenance', 'unknown')}", highlight=False)
+    con.print(result["verdict"], highlight=False)
+
+
+def fit_and_report(inputs: list[Path], family: str | None = None, compare: tuple[str, str] | None = None, holdout: int = 2,
+                   n_boot: int = 1000, level: float = 0.9, tolerance: float = 1e-3, seed: int = 0, report_dir: Path | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``kunlun fit``: ``fit_inputs`` of ``inputs`` (or of ``family`` among them), or with ``compare`` (two family names
+    or paths) ``compare_inputs`` of the two; with ``report_dir``, report.html and its plots written there too."""
+    from kunlun.scaling.law import compare_inputs, fit_inputs
+
+    if compare:
+        both = compare_inputs(inputs, *compare, holdout, n_boot, level, tolerance, seed, progress=progress)
+        if report_dir:
+            write_report(both["a"], report_dir, both["comparison"], both["b"])
+        return both
+    result = fit_inputs(inputs, family, holdout, n_boot, level, tolerance, seed, progress=progress)
+    if report_dir:
+        for f in write_report(result, report_dir):
+            (progress or (lambda m: None))(f"wrote {f}")
+    return result
+
+
+def fit_tables(result: dict[str, Any]) -> None:
+    """``fit_and_report``'s result on stdout: the fit, or both fits and their comparison."""
+    if "comparison" in result:
+        fit_table(result["a"])
+        fit_table(result["b"])
+        comparison_table(result["comparison"])
+    else:
+        fit_table(result)
+
+
+def comparison_table(c: dict[str, Any]) -> None:
+    """Two families compared (``kunlun fit --compare``) on stdout: slope ratio, compute multiplier and each η."""
+    from kunlun.console import out_console
+
+    con = out_console()
+    con.print(f"{c['a']} vs {c['b']} (M0 fits, {100 * c['level']:.0f} % bootstrap intervals):", highlight=False)
+    for key, what in (("slope_ratio", "scaling efficiency η_A/η_B"),
+                      ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
+                      ("eta_a", f"η {c['a']}"), ("eta_b", f"η {c['b']}")):
+        v = c[key]
+        dropped = f" ({100 * v['dropped_fraction']:.1f} % of resamples undefined: {c['b']}'s slope ≤ 0)" if v.get("dropped_fraction") else ""
+        con.print(f"  {what}: {v['value']:.4g} [{v['lower']:.4g}, {v['upper']:.4g}]{dropped}", highlight=False)
 
 
 def _table_html(rows: list[list[str]]) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from kunlun.config import dataclass_from_dict, load_config, read_yaml
+from kunlun.console import log, stderr
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.model_configs import DEFAULT_MODEL
@@ -188,6 +189,15 @@ def check_parallel(parallel: int | None) -> None:
         raise KunlunError(f"--parallel: expected >= 1, got {parallel}")
 
 
+def open_sweep(sweep_file: Path, out: Path | None = None, parallel: int | None = None, launcher: str = "local") -> tuple[SweepSpec, Path]:
+    """The sweep file read and the command's settings checked, before anything runs: (spec, output folder, by default
+    ``default_out``)."""
+    check_launcher(launcher)
+    spec = load_sweep(sweep_file)
+    check_parallel(parallel)
+    return spec, out or default_out(spec)
+
+
 def plan(spec: SweepSpec, out: Path, threads: int | None = None) -> list[tuple[Job, str]]:
     """Every job with its state (``fresh`` / ``stale`` / ``config differs`` / ``missing``), after checking that every
     point's config loads — what ``kunlun sweep --dry-run`` lists; nothing is trained or written."""
@@ -215,6 +225,35 @@ def run_sweep(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel:
             raise KunlunError(f"{out}: another sweep is running in this folder") from None
         return _run_jobs(spec, out, all_jobs, data_dir, parallel or spec.parallel, spec.threads if threads is None else threads, on_done,
                          reuse_stale, launcher)
+
+
+def plan_lines(spec: SweepSpec, out: Path, threads: int | None = None) -> list[str]:
+    """``plan`` as ``kunlun sweep --dry-run`` prints it: label, seed, state and overrides of each run, tab-separated."""
+    return [f"{j.label}\tseed {j.seed}\t{state}\t{' '.join(j.overrides)}" for j, state in plan(spec, out, threads)]
+
+
+def run_sweep_reported(spec: SweepSpec, out: Path, data_dir: str | None = None, parallel: int | None = None,
+                       threads: int | None = None, reuse_stale: bool = False, launcher: str = "local", progress: bool = True,
+                       logger: Callable[[str], None] = log) -> dict[str, Any]:
+    """``run_sweep`` as ``kunlun sweep`` runs it: a line saying how many runs there are and how many are complete, a
+    progress bar on stderr, a line of counts at the end. Failure policy: every run is tried and the others go on
+    when one fails; then, if any failed, a KunlunError names the first (rerunning the sweep retries only those)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    all_jobs = jobs(spec, out)
+    todo = len(pending(spec, all_jobs, spec.threads if threads is None else threads, reuse_stale))
+    logger(f"sweep {spec.name}: {len(all_jobs)} runs, {len(all_jobs) - todo} already complete; output {out}"
+           + (f"; launcher {launcher}" if launcher != "local" else ""))
+    columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}")]
+    with Progress(*columns, console=stderr, disable=not progress) as bar:
+        task = bar.add_task("sweep", total=todo, last="")
+        result = run_sweep(spec, out, data_dir, parallel, threads,
+                           on_done=lambda job, status: bar.update(task, advance=1, last=f"{job.label} seed {job.seed}: {status}"),
+                           reuse_stale=reuse_stale, launcher=launcher)
+    logger(f"sweep {spec.name}: {len(result['done'])} run, {len(result['skipped'])} skipped, {len(result['failed'])} failed")
+    if result["failed"]:
+        raise KunlunError(f"{len(result['failed'])} sweep run(s) failed, first: {result['failed'][0]} (rerun the sweep to retry them)")
+    return result
 
 
 def pending(spec: SweepSpec, all_jobs: list[Job], threads: int, reuse_stale: bool = False) -> list[Job]:

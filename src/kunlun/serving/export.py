@@ -343,6 +343,8 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
     atomic_write(out, write)
     if aoti_files:
         shutil.rmtree(Path(next(str(f) for f in aoti_files if isinstance(f, str))).parent, ignore_errors=True)
+    logger(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB): {meta['model']}, runtime {meta['runtime']}"
+           + (f" (AOTInductor failed: {meta['aoti_error']})" if meta["aoti_error"] else ""))
     return meta
 
 

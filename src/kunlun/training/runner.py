@@ -32,11 +32,11 @@ from kunlun.console import log
 from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Encoder
 from kunlun.data.registry import is_schema_file, load_raw, prepare_dataset, prepare_file
-from kunlun.errors import KunlunError
-from kunlun.files import atomic_write, atomic_write_text, check_output_file, os_reason, recover_dir
+from kunlun.errors import KunlunError, os_reason
+from kunlun.files import atomic_write, atomic_write_text, check_output_file, recover_dir
 from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
-from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, TIME_FORMAT, code_version, new_run_dir, read_json, resolve_run
+from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, TIME_FORMAT, code_version, flat_keys, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
@@ -50,8 +50,13 @@ def _quiet(message: str) -> None:
     """The logger of ranks other than 0."""
 
 
-def resume_config_path(run_dir: Path) -> Path:
-    """The config an interrupted run continues with: its own ``config.yaml``."""
+def resume_config_path(run_dir: Path, config: Path | None = None, target: Path | None = None) -> Path:
+    """The config an interrupted run continues with: its own ``config.yaml``. ``config`` and ``target`` (another config
+    file, another run directory: ``kunlun train --config/--run-dir`` beside ``--resume``) are refused."""
+    if config:
+        raise KunlunError("--config: not used with --resume (a resumed run continues with its own config.yaml)")
+    if target and target.resolve() != run_dir.resolve():
+        raise KunlunError(f"--run-dir {target}: not used with --resume {run_dir} (the run continues in its own directory)")
     if not (run_dir / "config.yaml").is_file():
         if run_dir.is_dir() and is_empty_run_dir(run_dir):  # killed before it wrote anything
             raise KunlunError(f"{run_dir}: no run was recorded here yet (no config.yaml); start it anew with --run-dir {run_dir}")
@@ -71,21 +76,11 @@ def check_unfinished(run_dir: Path) -> None:
                           f"(train more in a new run directory)")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(run_dir: Path, cfg: Config) -> dict[str, list[Any]]:
     """{key: [recorded, new]} for every config key ``cfg`` sets differently from the run's config.yaml. A key
     outside ``RESUME_FREE_KEYS`` is a KunlunError naming it: the checkpoint's optimizer state and schedule would
     silently override it, and the record would claim it."""
-    old, new = _flat(load_config(resume_config_path(run_dir)).to_dict()), _flat(cfg.to_dict())
+    old, new = flat_keys(load_config(resume_config_path(run_dir)).to_dict()), flat_keys(cfg.to_dict())
     keys = sorted(set(old) | set(new), key=lambda k: (k != "model.name", k))  # another model: say that first
     changed = {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
     for k, (was, now) in changed.items():
