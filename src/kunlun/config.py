@@ -110,6 +110,9 @@ class TrainConfig:
     # torchrec (TorchRec's planner and DistributedModelParallel; the kunlun[torchrec] extra)
     distributed: str = "ddp"
     embedding_sharding: str = "none"
+    # TensorBoard event files in <run>/tensorboard (training loss, learning rate, examples/s, FLOPs, validation
+    # metrics; kunlun.training.tracking): needs the kunlun[tensorboard] extra. Does not change what the run computes
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

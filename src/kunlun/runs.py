@@ -13,6 +13,8 @@
                              of a run trained by several processes, a torch.distributed.checkpoint (dcp/), which
                              resumes on any number of processes
     <run>/resumes.jsonl      one JSON line per resume: position, code, config keys changed (threads, data_dir, …)
+    <run>/curves.png         learning curves (training loss, validation NE and AUC by step), drawn when training ends
+    <run>/tensorboard/       TensorBoard event files, with train.tensorboard=true (kunlun.training.tracking)
     <run>/.lock              flock'ed by the process training the run (kunlun.processes)
 """
 
@@ -198,8 +200,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-# config keys that say where a run's files were and how often it checkpointed, not what it computes
-RECORD_ONLY_KEYS = ("data.data_dir", "train.checkpoint_every_steps", "train.checkpoint_every_minutes")
+# config keys that say where a run's files were, how often it checkpointed and whether it wrote TensorBoard events, not
+# what it computes
+RECORD_ONLY_KEYS = ("data.data_dir", "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.tensorboard")
 # train keys added after runs were recorded without them, with the default that those runs ran with
 KEYS_ADDED_AT_DEFAULT = (("distributed", "ddp"), ("embedding_sharding", "none"))
 

@@ -39,6 +39,7 @@ from kunlun.processes import is_empty_run_dir, lock_run_dir
 from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, TIME_FORMAT, code_version, flat_keys, new_run_dir, read_json, resolve_run
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
+from kunlun.training.tracking import CURVES, draw_curves
 from kunlun.training.trainer import Trainer, build_from_info, evaluate, predict, writing
 
 # config keys a resumed run may change: where the data is and how the process runs, not what it computes (the world
@@ -150,10 +151,22 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
                     with contextlib.suppress(OSError):
                         parent.rmdir()
             raise
+        if world.main:
+            write_curves(target, f"{cfg.model.name} on {data.name}", logger)
     logger(f"run record: {target}  ({final['wall_time_s']:.1f}s, {final['train_examples_per_s']:.0f} train ex/s)")
     if joined:
         leave(world)
     return {**final, "run_dir": str(target)}
+
+
+def write_curves(run_dir: Path, title: str, logger: Callable[[str], None] = log) -> Path | None:
+    """``<run>/curves.png`` (``kunlun.training.tracking.draw_curves``) once training has ended. The run is complete
+    without it: a file that cannot be written is a line in the log, not a failed run."""
+    try:
+        return draw_curves(run_dir, title)
+    except OSError as exc:
+        logger(f"learning curves not drawn: {exc.filename or run_dir / CURVES}: {os_reason(exc)}")
+        return None
 
 
 def _resume(trainer: Trainer, changes: dict[str, list[Any]], logger: Callable[[str], None]) -> None:
