@@ -242,3 +242,52 @@ def test_runs_are_listed_by_start_time_and_a_run_in_progress_shows_its_config(tm
     assert rows[2]["model"] == "din"
     line = next(line for line in table.splitlines() if "0-newest" in line)
     assert "running" in line and "kunlun" in line and "ml-100k" in line
+
+
+def test_runs_compares_chosen_runs_side_by_side(tmp_path):
+    """`kunlun runs A B …`: a column per run with the config keys that differ between them (not those that are the same,
+    nor where the data were), valid/test metrics, FLOPs, wall time and each run's code version; a run is named by its
+    directory or by its name under --root, and a name that is neither is one line, exit 2."""
+    import yaml
+
+    from kunlun.config import load_config
+
+    root = tmp_path / "runs"
+
+    def record(name, overrides, ne=None, commit="abcdef1234567890", dirty=False):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(load_config(None, TINY_MODEL + overrides).to_dict(), sort_keys=False))
+        code = {"commit": commit, "dirty": dirty, "source_sha256": "0123456789abcdef" * 4}
+        (d / "environment.json").write_text(json.dumps({"started": "2026-01-01T10:00:00+0000", "code": code}))
+        if ne is not None:
+            m = {"ne": ne, "logloss": 0.5, "auc": 0.75, "gauc": 0.7, "calibration": 1.01, "examples": 100}
+            (d / "final.json").write_text(json.dumps({
+                "model": "kunlun", "dataset": "ml-latest-small", "seed": 0, "metrics": {"valid": {**m, "ne": ne + 0.01}, "test": m},
+                "code_versions": [code], "flops_per_example": 2.5e6, "executed_flops_per_example": 2.5e6,
+                "useful_flops_per_example": 1.25e6, "train_compute": 3.0e12, "parameters": {"total": 12345}, "steps": 30,
+                "best_epoch": 1, "epochs_run": 1, "wall_time_s": 12.34, "train_examples_per_s": 4567.0}))
+        return d
+
+    a = record("a", [], ne=0.95)
+    record("b", ["model.d_model=32", "data.data_dir=/elsewhere"], ne=0.94, commit="fedcba9876543210", dirty=True)
+    record("c", ["train.lr=0.01"])  # not finished: no final.json
+    table = kunlun("runs", a, "b", "--root", root, cwd=tmp_path).stdout
+    cells = [[c.strip() for c in line.strip().strip("│").split("│")] for line in table.splitlines() if line.strip().startswith("│")]
+    rows = {r[0]: r[1:] for r in cells}
+    assert "2 runs of kunlun on ml-latest-small" in table
+    assert rows["model.d_model"] == ["16", "32"]
+    assert not any(k in table for k in ("train.lr", "data.data_dir", "data.max_seq_len", "model.num_heads"))
+    assert rows["test NE"] == ["0.9500", "0.9400"] and rows["valid NE"] == ["0.9600", "0.9500"]
+    assert rows["MFLOPs/example (executed)"] == ["2.50", "2.50"] and rows["MFLOPs/example (useful)"] == ["1.25", "1.25"]
+    assert rows["wall time (s)"] == ["12.3", "12.3"] and rows["status"] == ["complete", "complete"]
+    assert rows["code"] == ["abcdef1234 (src 01234567)", "fedcba9876+dirty (src 01234567)"]
+
+    out = json.loads(kunlun("runs", "a", "b", "c", "--root", root, "--json", cwd=tmp_path).stdout)
+    assert out["differences"] == {"model.d_model": [16, 32, 16], "train.lr": [0.001, 0.001, 0.01]}
+    assert [r["status"] for r in out["runs"]] == ["complete", "complete", "incomplete"]
+    assert out["runs"][1]["metrics"]["test"]["ne"] == 0.94 and out["runs"][2]["metrics"] == {}
+    assert out["runs"][2]["code"] == ["abcdef1234 (src 01234567)"]  # from environment.json: the run has no final.json yet
+
+    r = kunlun("runs", "a", "nope", "--root", root, cwd=tmp_path, expect=2)
+    assert "nope: not a run directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -171,12 +171,18 @@ def prepare(dataset, data_dir, chunk_rows):
 
 # ---------------------------------------------------------------------------------------- runs
 @cli.command()
+@click.argument("names", metavar="[RUN]...", nargs=-1)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Folder of run directories.")
 @click.option("--json", "as_json", is_flag=True)
-def runs(root, as_json):
-    """A table of past runs (newest first)."""
-    from kunlun.runs import list_runs, runs_table
+def runs(names, root, as_json):
+    """A table of past runs (newest first); given RUNs (run directories, or names under --root), those runs side by side:
+    the config keys that differ, valid/test metrics, FLOPs, steps, wall time and code version."""
+    from kunlun.runs import compare_runs, compare_table, find_run, list_runs, runs_table
 
+    if names:
+        result = compare_runs([find_run(n, root) for n in names])
+        emit_json(result) if as_json else compare_table(result)
+        return
     rows = list_runs(root)
     emit_json({"runs": rows}) if as_json else runs_table(rows, root)
 

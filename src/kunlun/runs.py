@@ -354,3 +354,90 @@ def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def find_run(name: str | Path, root: Path) -> Path:
+    """A run named on the command line: a run directory (one holding config.yaml), else the run of that name under ``root``."""
+    for d in (Path(name), root / name):
+        if (d / "config.yaml").is_file():
+            return d
+    raise KunlunError(f"{name}: not a run directory (no config.yaml there, nor a run of that name under {root})")
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def compare_runs(run_dirs: list[Path]) -> dict[str, Any]:
+    """Runs side by side (``kunlun runs A B …``): ``differences``, the config keys whose values differ between them
+    (``{key: [value of each run]}``, None where a run lacks the key), and per run its status, code version(s), metrics
+    by split, FLOPs, parameters, steps, wall time and speed. Configs are compared as ``comparable_config`` gives them:
+    model defaults filled in, where the files were and how often the run checkpointed left out."""
+    flat = [flat_keys(comparable_config(_config(d))) for d in run_dirs]
+    keys = sorted(set().union(*flat), key=lambda k: (k != "model.name", k))
+    differences = {k: [f.get(k) for f in flat] for k in keys if any(f.get(k) != flat[0].get(k) for f in flat)}
+    same = {k: flat[0].get(k) for k in ("model.name", "data.dataset") if k not in differences}
+    runs = []
+    for d in run_dirs:
+        final = read_json(d / "final.json") or {}
+        runs.append({
+            "run": d.name, "path": str(d),
+            "status": "complete" if final else "running" if lock_holder(d) else "incomplete",
+            "started": time.strftime(TIME_FORMAT, time.localtime(started_at(d))),
+            "code": [version_label(c) for c in run_code(d, final)],
+            "metrics": final.get("metrics", {}),
+            "best_epoch": final.get("best_epoch"), "epochs_run": final.get("epochs_run"), "steps": final.get("steps"),
+            "executed_flops_per_example": final.get("executed_flops_per_example", final.get("flops_per_example")),
+            "useful_flops_per_example": final.get("useful_flops_per_example"),
+            "train_compute": final.get("train_compute"),
+            "parameters": (final.get("parameters") or {}).get("total"),
+            "wall_time_s": final.get("wall_time_s"),
+            "train_examples_per_s": final.get("train_examples_per_s"),
+        })
+    return {"same": same, "differences": differences, "runs": runs}
+
+
+def compare_table(result: dict[str, Any]) -> None:
+    """``compare_runs`` as one table on stdout, a column per run: config differences, then what each run measured."""
+    from rich.table import Table
+
+    from kunlun.console import out_console
+
+    runs = result["runs"]
+    same = result["same"]
+    title = (f"{len(runs)} runs" + (f" of {same['model.name']}" if "model.name" in same else "")
+             + (f" on {same['data.dataset']}" if "data.dataset" in same else ""))
+    t = Table("", *[r["run"] for r in runs], title=title)
+    plain = lambda v: "-" if v is None else json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)  # noqa: E731
+    if not result["differences"]:
+        t.add_row("config", *["same" if len(runs) > 1 else "-" for _ in runs])
+    for key, values in result["differences"].items():
+        t.add_row(key, *map(plain, values))
+    t.add_section()
+
+    def row(name: str, get, fmt: str) -> None:
+        values = [get(r) for r in runs]
+        t.add_row(name, *["-" if v is None else fmt.format(v) for v in values])
+
+    for split in ("valid", "test"):
+        if any(split in r["metrics"] for r in runs):
+            for key, label in (("ne", "NE"), ("logloss", "logloss"), ("auc", "AUC"), ("gauc", "gAUC"), ("calibration", "calibration")):
+                row(f"{split} {label}", lambda r, s=split, k=key: r["metrics"].get(s, {}).get(k), "{:.4f}")
+    t.add_section()
+    row("MFLOPs/example (executed)", lambda r: r["executed_flops_per_example"] and r["executed_flops_per_example"] / 1e6, "{:.2f}")
+    row("MFLOPs/example (useful)", lambda r: r["useful_flops_per_example"] and r["useful_flops_per_example"] / 1e6, "{:.2f}")
+    row("training compute (FLOPs)", lambda r: r["train_compute"], "{:.3g}")
+    row("parameters", lambda r: r["parameters"], "{:,}")
+    row("steps", lambda r: r["steps"], "{:,}")
+    row("best epoch / epochs", lambda r: r["best_epoch"] and f"{r['best_epoch']} / {r['epochs_run']}", "{}")
+    row("train examples/s", lambda r: r["train_examples_per_s"], "{:,.0f}")
+    row("wall time (s)", lambda r: r["wall_time_s"], "{:.1f}")
+    t.add_section()
+    row("status", lambda r: r["status"], "{}")
+    row("started", lambda r: r["started"], "{}")
+    row("code", lambda r: " → ".join(r["code"]) or None, "{}")
+    out_console().print(t)
