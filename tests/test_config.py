@@ -134,7 +134,8 @@ def test_a_config_recorded_before_typed_model_sections_loads_and_is_written_back
 ADDED_SINCE = [("train", "ops", "auto"), ("train", "compile", False), ("train", "checkpoint_every_steps", 0),
                ("train", "checkpoint_every_minutes", 10.0), ("train", "distributed", "ddp"), ("train", "embedding_sharding", "none"),
                ("train", "monitor", "ne"),
-               ("model", "stream_window", "merged"), ("train", "shuffle_block_rows", 0), ("train", "shuffle_window_blocks", 16)]
+               ("model", "stream_window", "merged"), ("train", "shuffle_block_rows", 0), ("train", "shuffle_window_blocks", 16),
+               ("train", "tensorboard", False)]
 
 
 def test_config_is_frozen_and_valid_for_good():
