@@ -765,3 +765,19 @@ def test_din_target_attention_in_training_ignores_padded_events():
     mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False, False, False, False, True]])
     noisy = torch.where(mask.unsqueeze(-1), h, torch.randn_like(h) * 100)
     torch.testing.assert_close(att(noisy, t, mask), att(h, t, mask))
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"logistic_regression"}))  # LR's tables are its weights, from 0
+def test_every_embedding_table_starts_at_the_embedding_std(ml, name):
+    """Every nn.Embedding of a model, wherever it sits (vocabulary tables, time-gap buckets, …), starts as N(0, σ²) with
+    the model's embedding σ: a table left at torch's N(0, 1) adds a term ~20× the others to every token it touches."""
+    from kunlun.blocks.embeddings import EMBEDDING_STD
+
+    info, _ = ml
+    model = build_model(model_from_dict({"name": name}), info)
+    std = getattr(model.config, "embedding_std", EMBEDDING_STD)
+    tables = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    assert tables
+    for n, w in tables:
+        rows = w[1:] if w.shape[0] > 1 else w  # row 0 is padding (zeros) in the vocabulary tables
+        assert 0.7 * std < rows.std().item() < 1.3 * std, (n, rows.std().item(), std)

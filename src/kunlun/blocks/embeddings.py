@@ -140,7 +140,7 @@ class EventTokens(nn.Module):
     """
 
     def __init__(self, seq: SequenceInfo, emb_dim: int, dim: int, max_len: int, time_buckets: int, positions: bool,
-                 cat_vocabs: tuple[str, ...] = (), candidate: bool = False):
+                 cat_vocabs: tuple[str, ...] = (), candidate: bool = False, embedding_std: float = EMBEDDING_STD):
         super().__init__()
         self.seq = seq
         self.n_parts = 1 + (1 if seq.event_vocab else 0) + len(seq.side_vocabs)
@@ -149,6 +149,11 @@ class EventTokens(nn.Module):
         self.position = nn.Parameter(torch.zeros(max_len, dim)) if positions else None
         self.time_buckets = time_buckets
         self.time = nn.Embedding(time_buckets, dim) if time_buckets else None
+        if self.time is not None:
+            # like every embedding table: torch's default N(0, 1) made this one term ~13× the rest of an untrained
+            # history token (item, event type, sides), burying the event type under time-bucket noise for the
+            # first epochs (ml-100k, Kunlun seed 0: test NE 0.8106 → 0.7987 with this init)
+            nn.init.normal_(self.time.weight, std=embedding_std)
         self.max_len = max_len
         self.dim = dim
         self.has_candidate = candidate
@@ -223,7 +228,7 @@ class Inputs(nn.Module):
         self.tables = embedding_tables(info, dim, std=embedding_std)
         self.features = FeatureTokens(info, dim)
         self.events = nn.ModuleDict({
-            q.name: EventTokens(q, dim, dim, info.max_len, time_buckets, positions, info.cat_vocabs, candidates)
+            q.name: EventTokens(q, dim, dim, info.max_len, time_buckets, positions, info.cat_vocabs, candidates, embedding_std)
             for q in info.sequences
         })
         self.candidates = candidates
