@@ -137,6 +137,24 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batches(root, single)
     assert_metrics_close(final1["metrics"], json.loads((root / "cli" / "final.json").read_text())["metrics"])
 
 
+def test_validation_inside_epochs_on_two_ranks_is_that_of_one_process(root, tmp_path):
+    """train.eval_every_steps=3 on 2 ranks: every rank validates (a collective) at the same steps, inside the epochs
+    of 9 steps and at their ends, and rank 0 records the validations one process records, with its metrics."""
+    run = root / "evals"
+    r = torchrun(root, "-m", "kunlun", "train", "--dataset", str(root / "w"), "--run-dir", str(run), "--json", "--quiet", *CFG,
+                 "train.eval_every_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = cfg_of(root, "train.eval_every_steps=3")
+    one = Trainer(cfg, prepare_dataset(cfg.data.dataset, use_cache=False), tmp_path / "one", progress=False, logger=lambda m: None)
+    one.start_record()
+    one.fit()
+    two = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    assert [(v["step"], v["end_of_epoch"]) for v in two] == [(3, False), (6, False), (9, True), (12, False), (15, False), (18, True)]
+    assert [(v["step"], v["examples"]) for v in two] == [(v["step"], v["examples"]) for v in one.history]
+    for a, b in zip(two, one.history):
+        assert abs(a["valid"]["ne"] - b["valid"]["ne"]) < NE_TOL and abs(a["valid"]["auc"] - b["valid"]["auc"]) < AUC_TOL
+
+
 def test_row_sharded_tables_train_as_one_process(root, scenario, single):
     """train.embedding_sharding=row: each rank holds half of every vocabulary table (and its Adam state), and the run
     still trains as one process does; its checkpoint reshards to one process."""
