@@ -158,3 +158,34 @@ def test_without_optuna_one_line_names_the_install_command(monkeypatch, tmp_path
         tuning.tune("kunlun", "ml-latest-small", tmp_path / "study")
     assert str(e.value) == 'kunlun tune needs Optuna, an optional extra: pip install "kunlun[tune]"'
     assert not (tmp_path / "study").exists()
+
+
+def kunlun(*args, cwd, env=None, expect=0):
+    r = subprocess.run([sys.executable, "-m", "kunlun", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert r.returncode == expect, r.stderr[-2000:]
+    return r
+
+
+def test_kunlun_tune_then_kunlun_train_config_best_yaml(tmp_path, space):
+    """The commands as a user runs them: `kunlun tune` prints its summary (--json), and `kunlun train --config` takes
+    the best.yaml it wrote, to the trial's validation NE."""
+    pytest.importorskip("optuna")
+    r = kunlun("tune", "kunlun", "--dataset", "ml-latest-small", "--study-dir", tmp_path / "s", "--space", space, "--json", *FIXED,
+               cwd=tmp_path)
+    summary = json.loads(r.stdout)
+    assert summary["trials"] == {"complete": 2} and summary["best_config"] == str(tmp_path / "s" / "best.yaml")
+    assert "trial 0: best valid NE" in r.stderr and "trial 1: best valid NE" in r.stderr
+    out = json.loads(kunlun("train", "--config", tmp_path / "s" / "best.yaml", "--run-dir", tmp_path / "run", "--json", "--quiet",
+                            cwd=tmp_path).stdout)
+    assert out["valid"]["ne"] == summary["best_valid_ne"]
+
+
+def test_kunlun_tune_without_optuna_is_one_line(tmp_path):
+    shim = tmp_path / "shim" / "optuna"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("no optuna here")\n')
+    r = kunlun("tune", "kunlun", "--dataset", "ml-latest-small", "--study-dir", tmp_path / "s", cwd=tmp_path, expect=2,
+               env={"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])})
+    assert r.stderr.strip().splitlines() == ['kunlun: error: kunlun tune needs Optuna, an optional extra: pip install "kunlun[tune]"']
+    assert not (tmp_path / "s").exists()

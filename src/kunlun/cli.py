@@ -1,4 +1,4 @@
-"""``kunlun`` command line: train, eval, predict, data info|prepare|synth, runs, bench, sweep, fit, export, serve.
+"""``kunlun`` command line: train, eval, predict, data info|prepare|synth, runs, bench, sweep, fit, tune, export, serve.
 
 Numbers go to stdout (a table, or one JSON object with ``--json``); progress and logs go to stderr.
 User errors print one line and exit with status 2; nothing half-written is left behind.
@@ -347,6 +347,35 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
 
     result = fit_and_report(list(inputs), family, compare, holdout, n_boot, level, tolerance, seed, report_dir, progress=log)
     emit_json(result) if as_json else fit_tables(result)
+
+
+# ---------------------------------------------------------------------------------------- tune
+@cli.command()
+@click.argument("model")
+@click.option("--dataset", required=True, help="Dataset to tune on (its validation split only; the test split is never scored).")
+@click.option("--study-dir", type=click.Path(path_type=Path),
+              help="Study folder: study.db, trials/, best.yaml (default runs/tune/<model>-<dataset>).")
+@click.option("--trials", type=click.IntRange(min=1), help="Finished trials the study is to hold (default: the search-space file's budget).")
+@click.option("--examples", type=click.IntRange(min=1), help="Training examples per trial, at most (default: the budget's).")
+@click.option("--space", type=click.Path(path_type=Path), help="Search-space file (default: packaged configs/search_spaces.yaml).")
+@click.option("--data-dir", help="Folder holding the dataset folders.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Every trial's training seed; TPE draws trial k with seed + k.")
+@click.option("--threads", type=int, default=0, help="torch threads per trial (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the study's summary as one JSON object.")
+@click.argument("overrides", nargs=-1)
+def tune(model, dataset, study_dir, trials, examples, space, data_dir, seed, threads, as_json, overrides):
+    """Search MODEL's hyper-parameters (Optuna TPE, median pruning on validation NE); the best trial's config is written
+    to <study dir>/best.yaml for `kunlun train --config`. Run it again to continue a study; run several at once to share it.
+
+    OVERRIDES are config keys fixed for every trial (not searched ones), e.g.  train.batch_size=512
+    """
+    from kunlun.tuning import require_optuna, summary_lines
+    from kunlun.tuning import tune as run_tune
+
+    require_optuna()
+    summary = run_tune(model, dataset, study_dir, trials=trials, examples=examples, overrides=list(overrides), space=space,
+                       seed=seed, threads=threads, data_dir=data_dir)
+    emit_json(summary) if as_json else click.echo("\n".join(summary_lines(summary)))
 
 
 # ---------------------------------------------------------------------------------------- export / serve

@@ -404,3 +404,14 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
         summary.update(best_trial=best.number, best_valid_ne=best.value, best_drawn=best.user_attrs["drawn"])
         logger(f"best: trial {best.number}, valid NE {best.value:.4f}; its config: {best_path}")
     return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """``tune``'s summary as the lines ``kunlun tune`` prints."""
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["trials"].items())) or "no trials"
+    lines = [f"study {summary['study_dir']}: {counts}"]
+    if summary.get("best_config"):
+        lines.append(f"best: trial {summary['best_trial']}, valid NE {summary['best_valid_ne']:.6f}")
+        lines += [f"  {k} = {json.dumps(v)}" for k, v in summary["best_drawn"].items()]
+        lines.append(f"train it: kunlun train --config {summary['best_config']}")
+    return lines
