@@ -6,7 +6,8 @@
     <run>/encoder/           schema, vocabularies and numeric statistics (to score new files)
                              and, for a dataset described by a schema file, a copy of that file (schema.yaml):
                              scoring a file reads the copy, so the run scores after its dataset folder moves
-    <run>/epochs.jsonl       one JSON line per epoch: train loss, validation metrics, time
+    <run>/epochs.jsonl       one JSON line per validation (each epoch's end, and every train.eval_every_steps steps):
+                             epoch, step, examples seen, running train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
     <run>/checkpoints/best   weights with the best validation NE (safetensors + config + manifest of checksums)
     <run>/checkpoints/last   weights + optimizer and RNG state at the last epoch end or mid-epoch step (for --resume);
