@@ -135,7 +135,7 @@ ADDED_SINCE = [("train", "ops", "auto"), ("train", "compile", False), ("train", 
                ("train", "checkpoint_every_minutes", 10.0), ("train", "distributed", "ddp"), ("train", "embedding_sharding", "none"),
                ("train", "monitor", "ne"),
                ("model", "stream_window", "merged"), ("train", "shuffle_block_rows", 0), ("train", "shuffle_window_blocks", 16),
-               ("train", "tensorboard", False)]
+               ("train", "tensorboard", False), ("train", "eval_every_steps", 0), ("train", "recipe", "epochs")]
 
 
 def test_config_is_frozen_and_valid_for_good():
