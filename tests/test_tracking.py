@@ -105,3 +105,19 @@ def test_a_training_run_draws_its_learning_curves(tmp_path):
     png = tmp_path / "run" / CURVES
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert has_colour(panel_colours(png), (31, 119, 180))
+
+
+def test_a_training_run_with_tensorboard_on_logs_training_validation_and_flops(tmp_path):
+    pytest.importorskip("tensorboard")
+    from kunlun.config import load_config
+    from kunlun.training.runner import train_run
+
+    cfg = load_config(None, TINY_MODEL + ["train.max_steps=6", "train.epochs=1", "train.threads=1", "train.tensorboard=true",
+                                          "train.eval_every_steps=3"])
+    train_run(cfg, tmp_path / "run", progress=False, logger=lambda m: None)
+    tags = scalars_of(tmp_path / "run" / "tensorboard")
+    assert {"train/loss", "train/lr", "train/examples_per_s", "valid/ne", "valid/auc", "flops/executed_per_example"} <= set(tags)
+    assert [step for step, _ in tags["valid/ne"]] == [3, 6]  # one point per validation, at its step
+    off = load_config(None, TINY_MODEL + ["train.max_steps=2", "train.epochs=1", "train.threads=1"])
+    train_run(off, tmp_path / "off", progress=False, logger=lambda m: None)
+    assert not (tmp_path / "off" / "tensorboard").exists()

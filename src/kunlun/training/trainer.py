@@ -103,6 +103,7 @@ from kunlun.training.step import (  # noqa: F401  (autocast, lr_factor, make_opt
     set_seed,
 )
 from kunlun.training.torchrec_sharding import sharded_tables
+from kunlun.training.tracking import Tracker
 
 TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward for every matmul
 SYNC_SECONDS = 0.5  # the training loop reads the loss from the device (a host sync) at most this often, and before
@@ -279,6 +280,7 @@ class Trainer:
         if w.distributed:  # what a rank whose share of a last, short batch is empty trains on, with weight 0
             self.stand_in = self.train_batches.batch(np.zeros(1, np.int64)).to(self.device)
         self.useful_flops = useful_flops(self.model, self.train_batches, t.eval_batch_size)
+        self.tracker = Tracker(run_dir, t.tensorboard and w.main)  # TensorBoard scalars (train.tensorboard)
         self.state = TrainState()
         self.history: list[dict[str, Any]] = []
         self.recorded = cfg.to_dict()  # what the run and its checkpoints record
@@ -474,6 +476,7 @@ class Trainer:
                "epoch_step": epoch_step, "end_of_epoch": end, "examples": s.train_examples}
         self.history.append(rec)
         self.write_epochs()
+        self.tracker.scalars(s.step, {f"valid/{k}": v for k, v in valid.items()})
         where = f"epoch {epoch + 1}" if end else f"epoch {epoch + 1} step {epoch_step}"
         self.log(f"{where}: train loss {train_loss:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}"
                  + ("  (best)" if improved else ""))
@@ -533,6 +536,11 @@ class Trainer:
                         f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
                     )
+                if s.epoch_examples:
+                    self.tracker.scalars(s.step, {
+                        "train/loss": s.epoch_loss_sum / s.epoch_examples, "train/lr": self.optimizers[0].param_groups[0]["lr"],
+                        "train/examples_per_s": n_seen / max(time.perf_counter() - t0, 1e-9),
+                        "train/compute": TRAIN_FLOPS_FACTOR * self.executed_flops * s.train_examples})
                 bar.update(task, loss=running_loss_text(s.epoch_loss_sum, s.epoch_examples))
                 return due
 
@@ -614,6 +622,7 @@ class Trainer:
         wall0 = time.perf_counter()
         self.last_saved = time.monotonic()
         s = self.state
+        self.tracker.scalars(s.step, {"flops/executed_per_example": self.executed_flops, "flops/useful_per_example": self.useful_flops})
         while not self.done():
             epoch = s.epoch
             train_loss = self.train_epoch(epoch)
@@ -631,6 +640,7 @@ class Trainer:
             self.save_last()
             if self.on_validation is not None:
                 self.on_validation(rec)
+        self.tracker.close()
         return self.finish(time.perf_counter() - wall0)
 
     def finish(self, wall: float) -> dict[str, Any]:
