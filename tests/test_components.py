@@ -465,7 +465,7 @@ def test_each_event_stream_sees_only_its_own_events(ml, window):
     """Event-level personalisation: the 'liked' stream holds exactly the liked events (its mask counts them, its
     tokens ignore a change to a not-liked event) and the light 'not liked' stream exactly the others."""
     info, batch = ml
-    model = build(info, "kunlun", stream_window=window, target_in_sequence=False)
+    model = build(info, "kunlun", stream_window=window, target_in_sequence=False, event_split=True)
     codes = {st.name: st.event_code for st in model.streams}
     assert set(codes) == {"history_liked", "history_not_liked"}
     h = batch.seqs["history"]
@@ -502,7 +502,7 @@ def test_each_event_stream_sees_only_its_own_events(ml, window):
 def test_light_streams_are_scaled_down(ml):
     """Non-primary event types get light_scale × width, heads, summary tokens, seeds, window, length and depth."""
     info, _ = ml
-    model = build(info, "kunlun", d_model=32, num_heads=4, num_layers=4, window=16, num_seeds=8, seq_summary_tokens=4,
+    model = build(info, "kunlun", event_split=True, d_model=32, num_heads=4, num_layers=4, window=16, num_seeds=8, seq_summary_tokens=4,
                   gdpa_activation=["silu"])
     st = {s.name: s for s in model.streams}
     full, light = st["history_liked"], st["history_not_liked"]

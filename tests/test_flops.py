@@ -297,7 +297,7 @@ def test_event_level_personalisation_streams():
     p = prepare_dataset("ml-latest-small")
     info = FeatureInfo.from_encoder(p.encoder(), 20)
     assert info.sequences[0].event_names == ("liked", "not_liked")
-    model = build_model(model_from_dict({"name": "kunlun", "num_layers": 3}), info)
+    model = build_model(model_from_dict({"name": "kunlun", "num_layers": 3, "event_split": True}), info)
     by_name = {st.name: st for st in model.streams}
     assert set(by_name) == {"history_liked", "history_not_liked"}
     full, light = by_name["history_liked"], by_name["history_not_liked"]
@@ -307,7 +307,7 @@ def test_event_level_personalisation_streams():
     whole = build_model(model_from_dict({"name": "kunlun", "num_layers": 3, "event_split": False}), info)
     assert [st.name for st in whole.streams] == ["history"]
     # the saving is against giving every event type the full configuration
-    uniform = build_model(model_from_dict({"name": "kunlun", "num_layers": 3, "light_scale": 1.0}), info)
+    uniform = build_model(model_from_dict({"name": "kunlun", "num_layers": 3, "light_scale": 1.0, "event_split": True}), info)
     assert model.flops_per_example() < 0.8 * uniform.flops_per_example()
 
 
@@ -342,7 +342,7 @@ def test_kunlun_stream_token_counts_match_the_forward_selection():
     from kunlun.models.kunlun import TokenKey
 
     p = prepare_dataset("ml-latest-small")
-    model = build_model(model_from_dict({"name": "kunlun"}), FeatureInfo.from_encoder(p.encoder(), 30))
+    model = build_model(model_from_dict({"name": "kunlun", "event_split": True}), FeatureInfo.from_encoder(p.encoder(), 30))
     batch = Batcher(p, "valid", 30, event_windows=True).batch(np.arange(300))
     counts = model.token_counts(batch)
     for st in model.streams:
@@ -357,7 +357,7 @@ def test_kunlun_own_window_token_counts_are_the_streams_real_events():
     from kunlun.models.kunlun import TokenKey
 
     p = prepare_dataset("ml-latest-small")
-    model = build_model(model_from_dict({"name": "kunlun", "stream_window": "own"}), FeatureInfo.from_encoder(p.encoder(), 30))
+    model = build_model(model_from_dict({"name": "kunlun", "stream_window": "own", "event_split": True}), FeatureInfo.from_encoder(p.encoder(), 30))
     assert model.event_windows
     batch = Batcher(p, "valid", 30, event_windows=True).batch(np.arange(300))
     counts = model.token_counts(batch)

@@ -23,7 +23,7 @@ from kunlun.data.batches import SequenceBatch
 from kunlun.models import build_model
 
 SMALL = {"d_model": 16, "num_seeds": 4, "seq_summary_tokens": 2, "summary_tokens": 2, "fm_hidden": 16,
-         "output_hidden": [16]}
+         "output_hidden": [16], "event_split": True}  # the event-split model (its streams are what these tests read)
 
 
 @pytest.fixture(scope="module")

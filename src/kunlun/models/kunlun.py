@@ -32,7 +32,8 @@ lists them): ``StreamWindows`` (each stream's events: carved from the merged win
 ``StreamWindow`` (tokens, mask, time gaps) and then a ``StreamState`` (tokens, mask, τ); ``token_counts`` and
 FLOPs are keyed by the stage whose tokens they count (``TokenKey``).
 
-Event-level personalisation: a sequence with event types is split into one stream per type; types in
+Event-level personalisation (``event_split``, off by default: see ``KunlunConfig``): a sequence with event types is
+split into one stream per type; types in
 ``primary_events`` keep the full configuration, the others get a light one (``light_scale`` × width,
 heads, summary tokens, seeds, window, length and depth), so cheap events cost less. Light streams are
 projected to their own width and their summaries back to ``d_model`` for the interaction. What a stream holds
