@@ -67,12 +67,14 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
 # ---------------------------------------------------------------------------------------- eval / predict
 @cli.command(name="eval")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--file", "file", type=click.Path(path_type=Path), help="Score this file (same schema as training).")
+@click.option("--file", "file", type=click.Path(path_type=Path), help="Score this file (training schema, with its label column).")
 @click.option("--split", multiple=True, help="Dataset split(s) to score when no --file (default valid and test).")
 @click.option("--data-dir", help="Where the training dataset lives, if not where it was at training time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the file's metrics, or metrics by split).")
 def eval_cmd(run, file, split, data_dir, as_json):
-    """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits."""
+    """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits.
+
+    A file row's history: the user's events before it in the run's dataset and the file's earlier rows (user guide: Scoring files)."""
     from kunlun.metrics import metrics_table
     from kunlun.training.runner import evaluate_file, evaluate_run
 
@@ -89,9 +91,11 @@ def eval_cmd(run, file, split, data_dir, as_json):
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--file", "file", required=True, type=click.Path(path_type=Path), help="File to score (training schema).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="CSV to write: row, probability (, label).")
-@click.option("--data-dir", help="Where side files of the dataset live, if needed.")
+@click.option("--data-dir", help="Where the training dataset lives (side files, and the events histories come from).")
 def predict(run, file, out, data_dir):
-    """Write click probabilities for every row of FILE, in the file's row order (the label column is optional)."""
+    """Write click probabilities for every row of FILE, in the file's row order (histories as `kunlun eval` builds them).
+
+    The label column (MovieLens: rating) is optional: rows without it are candidates, scored on the events before them."""
     from kunlun.training.runner import predict_file
 
     n = predict_file(run, file, out, data_dir)

@@ -12,7 +12,7 @@ User features: 100K age bucket, gender, occupation (+ numeric age); 1M gender, a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from kunlun.data.io import TableChunks, id_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.data.timeline import SPLIT_FRACTIONS as SPLIT_FRACTIONS  # the registry keys its cache on them
-from kunlun.data.timeline import SPLITS, Timeline, TimelineSource, compact
+from kunlun.data.timeline import SPLITS, Positions, Timeline, TimelineSource, compact, missing_data_note, scoring_events
 from kunlun.errors import KunlunError
 
 
@@ -31,7 +31,7 @@ from kunlun.errors import KunlunError
 class Ratings:
     user: np.ndarray
     item: np.ndarray
-    rating: np.ndarray
+    rating: np.ndarray | None  # None: a file of candidates to score, without ratings (so without labels)
     ts: np.ndarray
 
 
@@ -96,19 +96,27 @@ class Impressions(TimelineSource):
 
     def block(self, i: int, j: int) -> tuple[dict[str, RawSplit], dict[str, dict[str, np.ndarray]]]:
         """Sorted rows ``[i, j)``: their examples per split (history ranges index the whole event table) and their events."""
-        tl, items = self.timeline, self.items
+        tl = self.timeline
         p = tl.positions(i, j)
-        user, item, ts = tl.user[i:j].astype(np.int64), tl.fields["item"][i:j].astype(np.int64), p.ts
-        label = tl.fields["liked"][i:j].astype(np.float32)
+        values = {"user": tl.user[i:j], "item": tl.fields["item"][i:j], "liked": tl.fields["liked"][i:j]}
+        columns = self.example_columns(values, p)
+        events = {"history": {"item": columns["item"], "event": np.where(columns["label"] > 0, "liked", "not_liked"),
+                              "genre": columns["genre"], "time": p.ts}}
+        return self.splits_of(i, j, p, columns, "history"), events
+
+    def example_columns(self, values: dict[str, np.ndarray], p: Positions) -> dict[str, np.ndarray]:
+        """The examples of ratings ``values`` (user, item, liked; one per row) at positions ``p``."""
+        items = self.items
+        user, item, ts = values["user"].astype(np.int64), values["item"].astype(np.int64), p.ts
+        label = values["liked"].astype(np.float32)
         hist_len = p.hist_end - p.user_start
         gap_hours = (ts - p.prev_ts) / 3600.0
-        genre = _lookup(items.item, items.genre, item, "unknown")
         flags = _lookup(items.item, items.genre_flags, item, 0.0)
         columns: dict[str, np.ndarray] = {
             "label": label,
             "user": user,
             "item": item,
-            "genre": genre,
+            "genre": _lookup(items.item, items.genre, item, "unknown"),
             "year": _lookup(items.item, items.year, item, 0),
             "hour": (ts // 3600) % 24,
             "weekday": (ts // 86400) % 7,
@@ -122,8 +130,26 @@ class Impressions(TimelineSource):
                 columns[col] = _lookup(self.users.user, vals, user, "unknown")
             for col, vals in self.users.numeric.items():
                 columns[col] = _lookup(self.users.user, vals, user, 0.0)
-        events = {"history": {"item": item, "event": np.where(label > 0, "liked", "not_liked"), "genre": genre, "time": ts}}
-        return self.splits_of(i, j, p, columns, "history"), events
+        return columns
+
+
+def score_ratings(file: Ratings, data_path: Path, read_data: Callable[[Path], Ratings], items: ItemTable,
+                  users: UserTable | None, source: str) -> RawData:
+    """A file of ratings to score (``kunlun eval --file`` / ``predict``) as split ``file``, in file order. A row's
+    history is its user's events strictly before it (same-second events excluded, as in training): the data set's
+    ratings (``data_path``, read with ``read_data``) merged with the file's own rated rows, a file row equal to a data
+    rating (same user, movie and time) being that one event. So the test split written as a file scores as the test
+    split. Without ``data_path`` the file's own rows only, and ``RawData.note`` says so. A file without ratings
+    (``file.rating`` None: candidates to score) has placeholder labels, and its rows are not events of any history."""
+    has_labels = file.rating is not None
+    data = read_data(data_path) if data_path.is_file() else None
+    rows = {"user": file.user, "item": file.item, "ts": file.ts,
+            "liked": file.rating >= 4 if file.rating is not None else np.zeros(len(file.user), dtype=bool)}
+    known = None if data is None else {"user": data.user, "item": data.item, "ts": data.ts, "liked": data.rating >= 4}
+    ev = scoring_events(known, rows, has_labels, ("user", "item", "ts"))
+    note = "" if data is not None else missing_data_note(data_path, has_labels)
+    timeline = Impressions(ev["user"], ev["item"], ev["liked"], ev["ts"], items, users, source, split=False)
+    return timeline.score_rows(rows, has_labels, note)
 
 
 def read_in_blocks(blocks: Iterator[Ratings]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -142,9 +168,10 @@ LATEST_GENRES = [
 
 
 def ratings_from_table(t, path: Path, user: str, item: str, rating: str, ts: str, first_row: int = 0) -> Ratings:
-    """Validated Ratings from the four named columns of a parsed table (``first_row``: data rows before it)."""
-    r = numeric_column(t, rating, path, first_row=first_row)
-    bad = (r < 0) | (r > 5)
+    """Validated Ratings from the four named columns of a parsed table (``first_row``: data rows before it); a table
+    without the rating column gives ``rating`` None (a file of candidates to score)."""
+    r = numeric_column(t, rating, path, first_row=first_row) if rating in t.column_names else None
+    bad = (r < 0) | (r > 5) if r is not None else np.zeros(0, dtype=bool)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise KunlunError(f"{path}: column {rating!r} must be a rating in [0, 5], found {r[row]:g} at data row {first_row + row + 1}")
@@ -159,8 +186,17 @@ def ratings_from_table(t, path: Path, user: str, item: str, rating: str, ts: str
 LATEST_RATINGS = {"required": ["userId", "movieId", "rating", "timestamp"]}
 
 
-def read_latest_ratings(path: Path) -> Ratings:
-    t = read_table(path, **LATEST_RATINGS)
+def no_rating(path: Path, what: str) -> KunlunError:
+    """The error of a file to evaluate that has no ratings (``what``: the column or field it lacks)."""
+    return KunlunError(f"{path}: missing {what} (the labels are rating >= 4); `kunlun predict` scores rows without it, "
+                       "`kunlun eval` needs it")
+
+
+def read_latest_ratings(path: Path, labels: bool = True) -> Ratings:
+    """ratings.csv (userId, movieId, rating, timestamp); ``labels=False`` also reads a file without the rating column."""
+    t = read_table(path, required=["userId", "movieId", "timestamp"], optional=["rating"])
+    if labels and "rating" not in t.column_names:
+        raise no_rating(path, "column 'rating'")
     return ratings_from_table(t, path, "userId", "movieId", "rating", "timestamp")
 
 
@@ -184,12 +220,15 @@ def read_latest_movies(path: Path) -> ItemTable:
 
 
 def load_latest_small(folder: Path, ratings_file: Path | None = None, labels: bool = True) -> RawData:
-    """``labels`` is accepted for a uniform adapter signature: ratings always give labels."""
-    ratings_path = ratings_file or folder / "ratings.csv"
+    """The data set, or a file of ratings to score (``ratings_file``; ``score_ratings``: histories from the data set's
+    ratings.csv too; ``labels=False`` accepts a file without the rating column)."""
     movies = folder / "movies.csv"
-    require_file(movies, "MovieLens movies.csv (expected next to the ratings file)")
-    raw = build(read_latest_ratings(ratings_path), read_latest_movies(movies), None, str(ratings_path), split=ratings_file is None)
-    return raw
+    require_file(movies, "MovieLens movies.csv (expected in the data set's folder)")
+    if ratings_file is not None:
+        return score_ratings(read_latest_ratings(ratings_file, labels), folder / "ratings.csv", read_latest_ratings,
+                             read_latest_movies(movies), None, str(ratings_file))
+    ratings_path = folder / "ratings.csv"
+    return build(read_latest_ratings(ratings_path), read_latest_movies(movies), None, str(ratings_path))
 
 
 # ----------------------------------------------------------------------------- 100K
@@ -203,8 +242,22 @@ ML100K_GENRES = [
 ML100K_RATINGS = {"names": ["user", "item", "rating", "ts"], "delimiter": "\t"}
 
 
-def read_100k_ratings(path: Path) -> Ratings:
-    t = read_table(path, **ML100K_RATINGS)
+def first_line_fields(path: Path, separator: bytes) -> int:
+    """How many ``separator``-separated fields the first line of ``path`` has (0 for an empty file)."""
+    with open(require_file(path), "rb") as f:
+        line = f.readline().rstrip(b"\r\n")
+    return line.count(separator) + 1 if line else 0
+
+
+def read_100k_ratings(path: Path, labels: bool = True) -> Ratings:
+    """u.data (user, item, rating, time; tab-separated, no header); ``labels=False`` also reads lines of user, item and
+    time only."""
+    layout = ML100K_RATINGS
+    if first_line_fields(path, b"\t") == 3:
+        if labels:
+            raise no_rating(path, "the rating field (lines of user, item, time; expected user, item, rating, time)")
+        layout = {**ML100K_RATINGS, "names": ["user", "item", "ts"]}
+    t = read_table(path, **layout)
     return ratings_from_table(t, path, "user", "item", "rating", "ts")
 
 
@@ -237,13 +290,14 @@ def read_100k_users(path: Path) -> UserTable:
 
 
 def load_100k(folder: Path, ratings_file: Path | None = None, labels: bool = True) -> RawData:
-    ratings_path = ratings_file or folder / "u.data"
+    """The data set, or a file of ratings to score (``ratings_file``, u.data's layout; see ``load_latest_small``)."""
     for f in ("u.item", "u.user"):
-        require_file(folder / f, f"MovieLens-100K {f} (expected next to the ratings file)")
-    return build(
-        read_100k_ratings(ratings_path), read_100k_items(folder / "u.item"), read_100k_users(folder / "u.user"),
-        str(ratings_path), split=ratings_file is None,
-    )
+        require_file(folder / f, f"MovieLens-100K {f} (expected in the data set's folder)")
+    items, users = read_100k_items(folder / "u.item"), read_100k_users(folder / "u.user")
+    if ratings_file is not None:
+        return score_ratings(read_100k_ratings(ratings_file, labels), folder / "u.data", read_100k_ratings, items, users,
+                             str(ratings_file))
+    return build(read_100k_ratings(folder / "u.data"), items, users, str(folder / "u.data"))
 
 
 def ml100k_chunks(folder: Path, rows: int) -> Impressions:
@@ -300,15 +354,21 @@ def int_field(t: pa.Table, name: str, path: Path, first_row: int = 0) -> np.ndar
     return pc.cast(col, pa.int64()).to_numpy()
 
 
-def ratings_1m(t: pa.Table, path: Path, first_row: int = 0) -> Ratings:
-    """The ratings of ``ratings.dat``'s lines ``t`` (``first_row`` lines into the file)."""
-    t = dat_fields(t, ["user", "item", "rating", "ts"], path, first_row)
+def ratings_1m(t: pa.Table, path: Path, first_row: int = 0, names: tuple[str, ...] = ("user", "item", "rating", "ts")) -> Ratings:
+    """The ratings of ``ratings.dat``'s lines ``t`` (``first_row`` lines into the file; ``names``: its fields)."""
+    t = dat_fields(t, list(names), path, first_row)
     ints = pa.table({c: int_field(t, c, path, first_row) for c in t.column_names})
     return ratings_from_table(ints, path, "user", "item", "rating", "ts", first_row)
 
 
-def read_1m_ratings(path: Path) -> Ratings:
-    return ratings_1m(read_table(path, **DAT), path)
+def read_1m_ratings(path: Path, labels: bool = True) -> Ratings:
+    """ratings.dat (user::item::rating::time); ``labels=False`` also reads lines of user::item::time only."""
+    t = read_table(path, **DAT)
+    if str(t.column("line")[0].as_py()).count("::") == 2:
+        if labels:
+            raise no_rating(path, "the rating field (lines of user::item::time; expected user::item::rating::time)")
+        return ratings_1m(t, path, names=("user", "item", "ts"))
+    return ratings_1m(t, path)
 
 
 def read_1m_movies(path: Path) -> ItemTable:
@@ -349,13 +409,13 @@ def read_1m_users(path: Path) -> UserTable:
 def load_1m(folder: Path, ratings_file: Path | None = None, labels: bool = True) -> RawData:
     """The official ML-1M files (``ratings.dat``, ``movies.dat``, ``users.dat``); also any subset of users
     in that layout (e.g. users 1-2999, the first 487,650 lines of ``ratings.dat``)."""
-    ratings_path = ratings_file or folder / "ratings.dat"
     for f in ML1M_FILES[1:]:
-        require_file(folder / f, f"MovieLens-1M {f} (expected next to the ratings file)")
-    return build(
-        read_1m_ratings(ratings_path), read_1m_movies(folder / "movies.dat"), read_1m_users(folder / "users.dat"),
-        str(ratings_path), split=ratings_file is None,
-    )
+        require_file(folder / f, f"MovieLens-1M {f} (expected in the data set's folder)")
+    items, users = read_1m_movies(folder / "movies.dat"), read_1m_users(folder / "users.dat")
+    if ratings_file is not None:
+        return score_ratings(read_1m_ratings(ratings_file, labels), folder / "ratings.dat", read_1m_ratings, items, users,
+                             str(ratings_file))
+    return build(read_1m_ratings(folder / "ratings.dat"), items, users, str(folder / "ratings.dat"))
 
 
 def ml1m_chunks(folder: Path, rows: int) -> Impressions:

@@ -7,7 +7,7 @@ naming the file, column and line (``kunlun.data.io``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from kunlun.data.io import TableChunks, id_column, label_column, numeric_column, read_table, require_file
 from kunlun.data.schema import RawData, RawSplit, Schema, SequenceSpec
 from kunlun.data.stream import Chunk
-from kunlun.data.timeline import SPLITS, Timeline, TimelineSource, compact
+from kunlun.data.timeline import SPLITS, Positions, Timeline, TimelineSource, compact, missing_data_note, scoring_events
 from kunlun.errors import KunlunError
 
 # ----------------------------------------------------------------------------- Criteo
@@ -156,8 +156,11 @@ UB_SCHEMA = Schema(
 
 def user_behavior_fields(t: pa.Table, path: Path, first_row: int = 0) -> dict[str, np.ndarray]:
     """user, item, category, ts, behavior (code: index in ``BEHAVIORS``) and label of UserBehavior lines ``t``
-    (``first_row`` lines into the file)."""
+    (``first_row`` lines into the file); lines without the behaviour (a file of candidates to score) get label 0 and
+    behaviour pv as placeholders."""
     out = {c: numeric_column(t, c, path, integer=True, first_row=first_row) for c in ("user", "item", "category", "ts")}
+    if "behavior" not in t.column_names:
+        return out | {"behavior": np.zeros(t.num_rows, dtype=np.int8), "label": np.zeros(t.num_rows, dtype=np.float32)}
     behavior = np.asarray(pc.utf8_trim_whitespace(t.column("behavior")).to_numpy(zero_copy_only=False)).astype(str)
     bad = ~np.isin(behavior, BEHAVIORS)
     if bad.any():
@@ -189,9 +192,54 @@ def load_user_behavior(folder: Path, file: Path | None = None, labels: bool = Tr
     example never sees its own or a simultaneous event), each with its item, type (pv/cart/fav/buy), category and
     time. Fields: user, item, category, hour and weekday (UTC+8, Beijing time) of the event; numeric: log history
     length, log hours since the previous event. Split per user chronologically: the first 80 % of each user's
-    events train, the next 10 % valid, the last 10 % test. ``file``: one file in the same layout, scored whole."""
-    path = file or folder / TAOBAO_UB_FILES[0]
-    return _user_behavior(user_behavior_fields(read_table(path, **UB_LAYOUT), path), str(path), split=file is None).raw()
+    events train, the next 10 % valid, the last 10 % test. ``file``: one file in the same layout to score
+    (``score_file``: histories from the data set's events too; ``labels=False`` also reads lines without the
+    behaviour: user, item, category, time)."""
+    if file is None:
+        path = folder / TAOBAO_UB_FILES[0]
+        return _user_behavior(user_behavior_fields(read_table(path, **UB_LAYOUT), path), str(path), split=True).raw()
+    layout = UB_LAYOUT
+    if _fields_in_first_line(file) == 4:
+        if not labels:
+            layout = {"names": ["user", "item", "category", "ts"]}
+        else:
+            raise KunlunError(f"{file}: missing the behaviour field (lines of user, item, category, time; expected user, item, "
+                              "category, behavior, time); `kunlun predict` scores rows without it, `kunlun eval` needs it")
+    rows = user_behavior_fields(read_table(file, **layout), file)
+    return score_file(_user_behavior, rows, "behavior" in layout["names"], [folder / TAOBAO_UB_FILES[0]],
+                      lambda p: TableChunks(p, **UB_LAYOUT), user_behavior_fields, ("user", "item", "category", "behavior", "ts"),
+                      str(file))
+
+
+def _fields_in_first_line(path: Path) -> int:
+    with open(require_file(path), "rb") as f:
+        line = f.readline().rstrip(b"\r\n")
+    return line.count(b",") + 1 if line else 0
+
+
+def score_file(make: Callable[..., TimelineSource], rows: dict[str, np.ndarray], has_labels: bool, data_paths: list[Path],
+               chunks: Callable[[Path], TableChunks], fields: Callable[..., dict[str, np.ndarray]], same: tuple[str, ...],
+               source: str) -> RawData:
+    """A file of a timeline data set to score (its ``rows``: fields as ``fields`` reads them) as split ``file``, in file
+    order: a row's history is its user's events strictly before it, from the data set (``data_paths``, read a block at a
+    time by ``chunks``, only the file's users' events kept) merged with the file's own labelled rows, a row equal to a
+    data event in the fields ``same`` being that event (``kunlun.data.timeline.scoring_events``). When a data file is
+    missing, the file's rows alone, and ``RawData.note`` says so. ``make(fields, source, split)``: the adapter's
+    ``TimelineSource``."""
+    missing = [p for p in data_paths if not p.is_file()]
+    data = None
+    if not missing:
+        users = np.unique(rows["user"])
+        kept = []
+        for path in data_paths:
+            for first, t in chunks(path):
+                block = fields(t, path, first)
+                keep = np.isin(block["user"], users)
+                kept.append({k: compact(v[keep]) for k, v in block.items()})
+        data = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+    note = "" if data is not None else missing_data_note(missing[0], has_labels)
+    ev = scoring_events(data, rows, has_labels, same)
+    return make(ev, source, False).score_rows(rows, has_labels, note)
 
 
 def user_behavior_chunks(folder: Path, rows: int) -> TimelineExamples:
@@ -223,25 +271,31 @@ class TimelineExamples(TimelineSource):
         self.schema, self.columns, self.events, self.names, self.source, self.rows = schema, columns, events, names, source, rows
         self.split_names = list(SPLITS) if split else ["file"]
 
-    def _field(self, name: str, i: int, j: int) -> np.ndarray:
-        v = self.timeline.user[i:j] if name == "user" else self.timeline.fields[name][i:j]
+    def _value(self, name: str, v: np.ndarray) -> np.ndarray:
+        """Field ``name``'s values ``v`` as examples and events hold them: text fields' codes as their names."""
         if name in self.names:
             return self.names[name][v]
         return v.astype(np.int64) if v.dtype.kind in "iu" else v
 
     def block(self, i: int, j: int) -> tuple[dict[str, RawSplit], dict[str, dict[str, np.ndarray]]]:
         """Sorted rows ``[i, j)``: their examples per split (history ranges index the whole event table) and events."""
-        p = self.timeline.positions(i, j)
-        ts, seq = p.ts, self.schema.sequences[0].name
-        columns = {c: self._field(f, i, j) for c, f in self.columns.items()}
+        tl = self.timeline
+        p = tl.positions(i, j)
+        seq = self.schema.sequences[0].name
+        values = {"user": tl.user[i:j]} | {k: v[i:j] for k, v in tl.fields.items()}
+        events = {k: self._value(f, values[f]) for k, f in self.events.items()} | {"time": p.ts}
+        return self.splits_of(i, j, p, self.example_columns(values, p), seq), {seq: events}
+
+    def example_columns(self, values: dict[str, np.ndarray], p: Positions) -> dict[str, np.ndarray]:
+        """The examples of events ``values`` (``user`` and the fields, one per row) at positions ``p``."""
+        ts = p.ts
+        columns = {c: self._value(f, values[f]) for c, f in self.columns.items()}
         local = ts + 8 * 3600
-        columns |= {
+        return columns | {
             "hour": (local // 3600) % 24, "weekday": (local // 86400) % 7,
             "log_history": np.log1p(p.hist_end - p.user_start).astype(np.float64),
             "log_gap_hours": np.log1p(np.maximum(ts - p.prev_ts, 0) / 3600.0),
         }
-        events = {k: self._field(f, i, j) for k, f in self.events.items()} | {"time": ts}
-        return self.splits_of(i, j, p, columns, seq), {seq: events}
 
 
 # ----------------------------------------------------------------------------- KuaiRand-Pure
@@ -260,9 +314,13 @@ KUAIRAND_SCHEMA = Schema(
 
 
 def kuairand_fields(t: pa.Table, path: Path, first_row: int = 0) -> dict[str, np.ndarray]:
-    """user, video, tab, ts (whole seconds), label (is_click) and kind (code into ``EXPOSURES``) of log rows ``t``."""
+    """user, video, tab, ts (whole seconds), label (is_click) and kind (code into ``EXPOSURES``) of log rows ``t``; rows
+    without is_click (a file of candidates to score) get label 0 and kind skipped as placeholders."""
     out = {c: numeric_column(t, c, path, integer=True, first_row=first_row) for c in ("user_id", "video_id", "time_ms", "tab")}
-    click, like = label_column(t, "is_click", path, first_row), label_column(t, "is_like", path, first_row)
+    if "is_click" in t.column_names:
+        click, like = label_column(t, "is_click", path, first_row), label_column(t, "is_like", path, first_row)
+    else:
+        click = like = np.zeros(t.num_rows, dtype=np.float32)
     kind = np.where(like > 0, 0, np.where(click > 0, 1, 2)).astype(np.int8)
     return {"user": out["user_id"], "video": out["video_id"], "tab": out["tab"], "ts": out["time_ms"] // 1000, "label": click, "kind": kind}
 
@@ -286,11 +344,18 @@ def load_kuairand_pure(folder: Path, file: Path | None = None, labels: bool = Tr
     video, its type (liked / clicked / skipped: exposed, not clicked) and the tab it was shown in. Fields: user, video,
     tab, hour and weekday (Beijing time); numeric: log history length, log hours since the previous exposure. Split per
     user chronologically 80/10/10. Not read: ``log_random_4_22_to_5_08_pure.csv`` (randomly exposed videos, an
-    unbiased test set of its own) and the user / video feature files."""
-    paths = [file] if file is not None else [folder / f for f in KUAIRAND_LOGS]
-    logs = [kuairand_fields(read_table(p, required=KUAIRAND_COLUMNS), p) for p in paths]
-    fields = {c: np.concatenate([g[c] for g in logs]) for c in logs[0]}
-    return _kuairand(fields, str(file or folder), split=file is None).raw()
+    unbiased test set of its own) and the user / video feature files. ``file``: one log to score (``score_file``:
+    histories from the data set's logs too; ``labels=False`` also reads a log without is_click and is_like)."""
+    if file is None:
+        logs = [kuairand_fields(read_table(p, required=KUAIRAND_COLUMNS), p) for p in (folder / f for f in KUAIRAND_LOGS)]
+        return _kuairand({c: np.concatenate([g[c] for g in logs]) for c in logs[0]}, str(folder), split=True).raw()
+    t = read_table(file, required=[c for c in KUAIRAND_COLUMNS if labels or c not in ("is_click", "is_like")],
+                   optional=["is_click", "is_like"])
+    has_labels = "is_click" in t.column_names
+    if has_labels != ("is_like" in t.column_names):
+        raise KunlunError(f"{file}: has one of the columns is_click and is_like; a log to score has both, or neither")
+    return score_file(_kuairand, kuairand_fields(t, file), has_labels, [folder / f for f in KUAIRAND_LOGS],
+                      lambda p: TableChunks(p, required=KUAIRAND_COLUMNS), kuairand_fields, ("user", "video", "ts"), str(file))
 
 
 def kuairand_chunks(folder: Path, rows: int) -> TimelineExamples:

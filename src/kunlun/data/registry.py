@@ -32,27 +32,32 @@ class DatasetSpec:
     title: str = ""  # how tables and reports name it, when not simply the name (e.g. a subset of a known dataset)
     # (folder, rows per chunk) -> the dataset as chunks (kunlun.data.stream); None: read whole only
     chunks: Callable[[Path, int], ChunkSource] | None = None
+    # the files a file to score needs from the data set's folder (None: all of ``files``); the others hold the events its
+    # rows' histories are drawn from, used when present (a timeline data set: MovieLens, UserBehavior, KuaiRand)
+    scoring_needs: tuple[str, ...] | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "ml-latest-small": DatasetSpec(
         "ml-latest-small", ("ratings.csv", "movies.csv"), movielens.load_latest_small,
         "MovieLens latest-small, CTR (rating >= 4) with histories; embedded in the package", chunks=movielens.latest_small_chunks,
+        scoring_needs=("movies.csv",),
     ),
     "ml-100k": DatasetSpec(
         "ml-100k", ("u.data", "u.item", "u.user"), movielens.load_100k,
         "MovieLens 100K, CTR (rating >= 4) with histories and user/item features", chunks=movielens.ml100k_chunks,
+        scoring_needs=("u.item", "u.user"),
     ),
     "ml-1m": DatasetSpec(
         "ml-1m", movielens.ML1M_FILES, movielens.load_1m,
         "MovieLens 1M (official '::' files), CTR (rating >= 4) with histories, user and movie features",
-        "ML-1M", movielens.ml1m_chunks,
+        "ML-1M", movielens.ml1m_chunks, movielens.ML1M_FILES[1:],
     ),
     # the same adapter on the first 487,650 lines of the official ratings.dat: quote it as a subset, never as ML-1M
     "ml-1m-first-half": DatasetSpec(
         "ml-1m-first-half", movielens.ML1M_FILES, movielens.load_1m,
         "ML-1M users 1-2999 only (official layout), CTR (rating >= 4) with histories, user and movie features",
-        "ML-1M users 1–2999", movielens.ml1m_chunks,
+        "ML-1M users 1–2999", movielens.ml1m_chunks, movielens.ML1M_FILES[1:],
     ),
     "frappe_x1": DatasetSpec(
         "frappe_x1", tuple(tabular.FRAPPE_SPLITS.values()), tabular.load_frappe,
@@ -66,12 +71,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "taobao-userbehavior": DatasetSpec(
         "taobao-userbehavior", public.TAOBAO_UB_FILES, public.load_user_behavior,
         "Taobao UserBehavior, label = cart/fav/buy vs pv, histories of earlier events with type and category",
-        "Taobao UserBehavior", public.user_behavior_chunks,
+        "Taobao UserBehavior", public.user_behavior_chunks, (),
     ),
     "kuairand-pure": DatasetSpec(
         "kuairand-pure", public.KUAIRAND_LOGS, public.load_kuairand_pure,
         "KuaiRand-Pure standard logs, CTR (is_click) with histories of earlier exposures (liked/clicked/skipped, tab)",
-        "KuaiRand-Pure", public.kuairand_chunks,
+        "KuaiRand-Pure", public.kuairand_chunks, (),
     ),
     "amazonelectronics_x1": DatasetSpec(
         "amazonelectronics_x1", public.AMAZON_ELECTRONICS_X1.files, public.load_amazonelectronics_x1,
@@ -114,8 +119,10 @@ def synthetic_folder(dataset: str, data_dir: str | Path | None) -> Path | None:
     return base / dataset if synthetic.is_synthetic(base / dataset) else None
 
 
-def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
-    """Where ``name``'s files are: ``data_dir/<folder>`` (or ``data_dir`` itself if it holds them)."""
+def dataset_folder(name: str, data_dir: str | Path | None, scoring: bool = False) -> Path:
+    """Where ``name``'s files are: ``data_dir/<folder>`` (or ``data_dir`` itself if it holds them). ``scoring``: for a
+    file to score, a folder holding the files it needs (``DatasetSpec.scoring_needs``) does when none holds them all
+    (the adapter then says that histories come from the file alone)."""
     if name not in DATASETS:
         raise KunlunError(
             f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, a path to a schema .yaml file, "
@@ -128,6 +135,12 @@ def dataset_folder(name: str, data_dir: str | Path | None) -> Path:
             return candidate
     if name == "ml-latest-small" and not data_dir:
         return EMBEDDED / spec.folder
+    if scoring and spec.scoring_needs is not None:
+        for candidate in (base / spec.folder, base):
+            if candidate.is_dir() and all((candidate / f).is_file() for f in spec.scoring_needs):
+                return candidate
+        if not spec.scoring_needs:  # nothing needed: the file alone, wherever the data set's folder would be
+            return base / spec.folder
     if data_dir and not Path(data_dir).is_dir():
         raise KunlunError(f"{data_dir}: data directory not found")
     missing = [f for f in spec.files if not (base / spec.folder / f).is_file()]
@@ -144,7 +157,7 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
         # a file scored by a run whose dataset is neither registered nor a schema file, so a synthetic data set, which
         # has been moved or deleted since: scoring a shard reads the file alone
         return synthetic.load_synthetic(Path(dataset), file, labels)
-    return DATASETS[dataset].load(dataset_folder(dataset, data_dir), file, labels)
+    return DATASETS[dataset].load(dataset_folder(dataset, data_dir, scoring=file is not None), file, labels)
 
 
 STREAM_ROWS = 2_000_000  # synthetic sets with more examples are prepared chunk by chunk (kunlun.data.stream)
@@ -238,12 +251,16 @@ def chunk_source(dataset: str, synth: Path | None, sf: tabular.SchemaFile | None
     return make(folder, rows)
 
 
-def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True) -> Prepared:
+def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True,
+                 log: Callable[[str], None] | None = None) -> Prepared:
     """Encode one user-supplied file (split ``file``) with a trained model's encoder; ``labels=False``
-    accepts a file without the label column (for prediction)."""
+    accepts a file without the label column (for prediction). ``log`` gets the adapter's note on how the file was
+    read (``RawData.note``: e.g. that the data set was not found, so histories come from the file alone)."""
     raw = load_raw(dataset, data_dir, file=file, labels=labels)
     if raw.schema != encoder.schema:
         raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
+    if raw.note and log:
+        log(raw.note)
     return encoder.prepare(raw, Path(file).name)
 
 

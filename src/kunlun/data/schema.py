@@ -100,3 +100,4 @@ class RawData:
     events: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # seq -> column -> values
     source: str = ""  # human-readable origin, for messages
     has_labels: bool = True  # False: a file to score had no label column (labels are 0 placeholders)
+    note: str = ""  # a file to score: one line for the user about how it was read (e.g. its histories' source)

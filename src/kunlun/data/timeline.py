@@ -90,6 +90,25 @@ class Timeline:
             assign = np.zeros(j - i, dtype=np.int64)
         return Positions(idx, user_start, hist_end, ts, prev_ts, assign)
 
+    def rows_positions(self, user: np.ndarray, ts: np.ndarray) -> Positions:
+        """Positions of rows that are not among the events (a file's rows to score, in file order), each against the
+        events: the user's first event and the end of the user's events strictly earlier than the row (same-second
+        events excluded, as for the events themselves); one split (0). A user without events has an empty history."""
+        user, ts = np.asarray(user, dtype=np.int64), np.asarray(ts, dtype=np.int64)
+        n, m = self.n, len(user)
+        ev_user, ev_ts = self.user.astype(np.int64), self.ts.astype(np.int64)
+        user_start = np.searchsorted(ev_user, user, "left")
+        # events and rows sorted together by user and time, a row before the events of its own second: the events before
+        # a row there are its history's end
+        is_row = np.r_[np.zeros(n, dtype=bool), np.ones(m, dtype=bool)]
+        order = np.lexsort((~is_row, np.r_[ev_ts, ts], np.r_[ev_user, user]))
+        place = np.empty(n + m, dtype=np.int64)
+        place[order] = np.arange(n + m)
+        rows_before = np.cumsum(is_row[order]) - is_row[order]  # rows ahead of each place in that order
+        hist_end = place[n:] - rows_before[place[n:]]
+        prev_ts = np.where(hist_end > user_start, ev_ts[np.maximum(hist_end - 1, 0)] if n else ts, ts)
+        return Positions(np.arange(m), user_start, hist_end, ts, prev_ts, np.zeros(m, dtype=np.int64))
+
     def check_splits(self, source: str, what: str) -> None:
         """A one-line error when a split would be empty (users with too few events for 80/10/10), before any work."""
         if not self.split:
@@ -132,6 +151,59 @@ class TimelineSource:
         splits, events = self.block(0, self.timeline.n)
         return RawData(schema=self.schema, splits=splits, events=events, source=self.source)
 
+    def example_columns(self, values: dict[str, np.ndarray], p: Positions) -> dict[str, np.ndarray]:
+        """The example columns of rows whose raw fields are ``values`` (``user`` and the timeline's fields, per row) at
+        positions ``p`` (a subclass's; ``block`` makes its rows with it too)."""
+        raise NotImplementedError
+
+    def score_rows(self, values: dict[str, np.ndarray], has_labels: bool, note: str = "") -> RawData:
+        """A file's rows as split ``file`` (file order), each row's history the events of this timeline (split=False)
+        of its user strictly earlier than the row: ``values`` holds the rows' raw fields (``user``, ``ts`` and the
+        timeline's fields; a label field of zeros when the file has no labels). ``note``: ``RawData.note``."""
+        p = self.timeline.rows_positions(values["user"], values["ts"])
+        _, events = self.block(0, self.timeline.n)  # every event (the examples made beside them are not used)
+        seq = self.schema.sequences[0].name
+        split = RawSplit(columns=self.example_columns(values, p), seq_start={seq: p.user_start}, seq_end={seq: p.hist_end},
+                         time=p.ts, row=np.arange(len(p.ts)))
+        return RawData(schema=self.schema, splits={"file": split}, events=events, source=self.source, has_labels=has_labels,
+                       note=note)
+
     def chunks(self) -> Iterator[Chunk]:
         for i in range(0, self.timeline.n, self.rows):
             yield Chunk(*self.block(i, min(self.timeline.n, i + self.rows)))
+
+
+def same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether each row of ``a`` [n, k] equals some row of ``b`` [m, k] (integer keys): [n] bool."""
+    if not len(a) or not len(b):
+        return np.zeros(len(a), dtype=bool)
+    _, inverse = np.unique(np.concatenate([b, a]), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return np.isin(inverse[len(b):], inverse[: len(b)])
+
+
+def scoring_events(data: dict[str, np.ndarray] | None, file: dict[str, np.ndarray], file_events: bool,
+                   same: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The events that the rows of a file to score draw their histories from, as columns in file order (``Timeline``
+    sorts them): the data set's events of the file's users (``data``, in the data's order, so same-second events keep
+    the order training gave them), then, when ``file_events`` (the file has labels: its rows are events too), the
+    file's rows that are not already among them (a row equal to a data event in the fields ``same`` is that event).
+    ``data`` None: the data set is not available, the file's own rows only. ``data`` and ``file`` have the same keys."""
+    parts = []
+    if data is not None:
+        keep = np.isin(data["user"], np.unique(file["user"]))
+        parts.append({k: v[keep] for k, v in data.items()})
+    own = np.full(len(file["user"]), file_events)
+    if parts and own.any():
+        key = lambda d: np.stack([np.asarray(d[k]).astype(np.int64) for k in same], axis=1)  # noqa: E731
+        own &= ~same_rows(key(file), key(parts[0]))
+    parts.append({k: np.asarray(v)[own] for k, v in file.items()})
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in file}
+
+
+def missing_data_note(path, has_labels: bool) -> str:
+    """``RawData.note`` of a file scored without its data set (``path``: the data file not found)."""
+    if has_labels:
+        return (f"{path}: not found, so each row's history is only the file's own earlier rows "
+                "(pass --data-dir to draw histories from the data set too)")
+    return f"{path}: not found, and the file has no labels, so every row is scored with an empty history (pass --data-dir)"

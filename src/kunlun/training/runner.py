@@ -263,18 +263,28 @@ def scoring_dataset(path: Path, cfg: Config) -> str:
     return str(copy) if is_schema_file(cfg.data.dataset) and copy.is_file() else cfg.data.dataset
 
 
-def evaluate_file(path: Path, file: Path, data_dir: str | None = None) -> dict[str, float]:
-    """Metrics of a trained run on one file with the training schema (labels required)."""
+def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: Callable[[str], None] = log) -> dict[str, float]:
+    """Metrics of a trained run on one file with the training schema (labels required: a file without its label
+    column is a one-line KunlunError naming the column).
+
+    Each row is scored as its split's rows were: on a timeline data set (MovieLens, UserBehavior, KuaiRand) a row's
+    history is its user's events strictly before it in the run's data set merged with the file's own earlier rows (a
+    row equal to a data event is that one event), so the test split written as a file scores as the test split. When
+    the data set cannot be found (``data_dir``, else where it was at training time), the file's rows alone, and
+    ``logger`` gets one line saying so."""
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
-    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder)
+    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, log=logger)
     return evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
 
 
-def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None) -> int:
+def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None, logger: Callable[[str], None] = log) -> int:
     """Write ``out`` (CSV: row, probability, and label when the file has one) for every row of ``file``, in the
     file's row order; returns the number of rows. ``out`` is checked before any work, and written atomically:
-    a failure leaves whatever was at ``out`` before, and no temporary file."""
+    a failure leaves whatever was at ``out`` before, and no temporary file.
+
+    Histories as in ``evaluate_file``. The label column (MovieLens: the rating) is optional: rows without it are
+    candidates, scored from the histories before them; they are not events of any later row's history."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -283,7 +293,7 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None)
         raise KunlunError(f"--out {out}: is the input file; write the predictions elsewhere")
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
-    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, labels=False)
+    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, labels=False, log=logger)
     probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}

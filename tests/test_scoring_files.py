@@ -1,0 +1,159 @@
+"""Scoring a file (``kunlun eval --file``, ``kunlun predict``): a row's history is its user's events before it in the
+run's data set merged with the file's own earlier rows, so the test split written as a file scores as the test split;
+rows without labels are predicted, and refused by eval with one line naming the missing column."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import LEARNS, TINY_MODEL
+from kunlun.config import load_config
+from kunlun.data.registry import EMBEDDED, load_raw
+from kunlun.errors import KunlunError
+from kunlun.training.runner import evaluate_file, predict_file, train_run
+
+RATINGS = EMBEDDED / "ml-latest-small" / "ratings.csv"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny Kunlun trained on the embedded ml-latest-small (seconds), with a cache of its own."""
+    tmp = tmp_path_factory.mktemp("scoring")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUNLUN_CACHE", str(tmp / "cache"))
+        cfg = load_config(None, [*TINY_MODEL, *LEARNS, "train.max_steps=30", "train.epochs=1", "train.threads=1"])
+        train_run(cfg, tmp / "run", progress=False, logger=lambda m: None)
+    return tmp / "run"
+
+
+def ratings_file(path: Path, rows: list[int], columns: tuple[int, ...] = (0, 1, 2, 3), extra: tuple[str, ...] = ()) -> Path:
+    """``path``: ratings.csv's header and data rows ``rows`` (0-based, in that order), keeping ``columns``; then ``extra``."""
+    lines = RATINGS.read_text().splitlines()
+    pick = lambda line: ",".join(line.split(",")[c] for c in columns)  # noqa: E731
+    path.write_text("\n".join([pick(lines[0]), *(pick(lines[1 + r]) for r in rows), *extra]) + "\n")
+    return path
+
+
+def cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``kunlun ARGS`` in-process through the CLI's top-level handler: (exit status, stdout, stderr)."""
+    from kunlun.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["kunlun", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_test_split_written_as_a_file_scores_as_the_test_split(run, tmp_path):
+    test_rows = load_raw("ml-latest-small", None).splits["test"].row
+    # in reverse file order: the file's order changes nothing
+    file = ratings_file(tmp_path / "test.csv", sorted(test_rows.tolist(), reverse=True))
+    notes: list[str] = []
+    scored = evaluate_file(run, file, logger=notes.append)
+    want = json.loads((run / "final.json").read_text())["metrics"]["test"]
+    assert scored["examples"] == want["examples"] == len(test_rows) and notes == []
+    for k in ("ne", "logloss", "auc", "gauc", "calibration"):
+        assert scored[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+def test_a_file_without_ratings_is_predicted_and_refused_by_eval(run, tmp_path, monkeypatch, capsys):
+    rows = list(range(1000, 1200))
+    rated = ratings_file(tmp_path / "rated.csv", rows)
+    unrated = ratings_file(tmp_path / "unrated.csv", rows, columns=(0, 1, 3))  # userId, movieId, timestamp
+    code, _, err = cli(["predict", run, "--file", unrated, "--out", tmp_path / "u.csv"], monkeypatch, capsys)
+    assert code == 0, err
+    predict_file(run, rated, tmp_path / "r.csv")
+    u, r = (tmp_path / "u.csv").read_text().splitlines(), (tmp_path / "r.csv").read_text().splitlines()
+    assert u[0] == '"row","probability"' and r[0] == '"row","probability","label"' and len(u) == len(r) == 201
+    # the rows are the data set's own ratings: the same histories, so the same probabilities, with or without ratings
+    assert [line.split(",")[:2] for line in u[1:]] == [line.split(",")[:2] for line in r[1:]]
+    code, _, err = cli(["eval", run, "--file", unrated], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"kunlun: error: {unrated}: missing column 'rating'") and "kunlun predict" in lines[0]
+
+
+def test_a_file_rows_history_is_the_data_sets_earlier_events_and_the_files_own(tmp_path):
+    lines = RATINGS.read_text().splitlines()[1:]
+    user1 = [(i, line.split(",")) for i, line in enumerate(lines) if line.startswith("1,")]
+    times = sorted({int(f[3]) for _, f in user1})
+    t = times[len(times) // 2]  # a second in the middle of user 1's timeline
+    before = sum(int(f[3]) < t for _, f in user1)
+    data_row = next(i for i, f in user1 if int(f[3]) < t)
+    # a new rating at t, one of its data ratings again (the same event), a candidate without a rating, all then seen
+    # from t + 10; and a user the data set has never seen
+    file = tmp_path / "f.csv"
+    file.write_text("userId,movieId,rating,timestamp\n"
+                    f"1,999001,5.0,{t}\n{lines[data_row]}\n1,999002,,{t + 5}\n1,999003,4.0,{t + 10}\n99999,1,4.0,{t}\n")
+    with pytest.raises(KunlunError, match="column 'rating' has a missing or NaN value at data row 3"):
+        load_raw("ml-latest-small", None, file=file, labels=False)  # an empty rating is an error, not "no rating"
+    file.write_text(file.read_text().replace(f"1,999002,,{t + 5}\n", ""))
+    raw = load_raw("ml-latest-small", None, file=file)
+    split, events = raw.splits["file"], raw.events["history"]
+    history = [events["item"][s:e].tolist() for s, e in zip(split.seq_start["history"], split.seq_end["history"])]
+    times_of = [events["time"][s:e] for s, e in zip(split.seq_start["history"], split.seq_end["history"])]
+    assert len(history[0]) == before and (times_of[0] < t).all()  # the data set's events strictly before t
+    assert history[1] == history[0][: len(history[1])]  # the data rating's own history: the data's, before it
+    # t + 10 sees the data set's events before it and the file's new rating at t, and the repeated data rating once
+    assert len(history[2]) == sum(int(f[3]) < t + 10 for _, f in user1) + 1 and history[2].count(999001) == 1
+    assert history[2].count(int(lines[data_row].split(",")[1])) == 1
+    assert history[3] == [] and split.columns["log_history"][3] == 0  # a user without events
+    assert raw.note == ""
+    # candidates without ratings are scored from the events before them, and are not events of any history
+    unrated = tmp_path / "u.csv"
+    unrated.write_text(f"userId,movieId,timestamp\n1,999001,{t}\n1,999003,{t + 10}\n")
+    raw = load_raw("ml-latest-small", None, file=unrated, labels=False)
+    ends = raw.splits["file"].seq_end["history"] - raw.splits["file"].seq_start["history"]
+    assert not raw.has_labels and ends.tolist() == [before, sum(int(f[3]) < t + 10 for _, f in user1)]
+    assert 999001 not in raw.events["history"]["item"].tolist()
+
+
+def test_without_the_data_set_a_file_is_its_own_history_and_the_command_says_so(run, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "data" / "ml-latest-small"  # the movies, not the ratings
+    folder.mkdir(parents=True)
+    (folder / "movies.csv").write_bytes((EMBEDDED / "ml-latest-small" / "movies.csv").read_bytes())
+    file = ratings_file(tmp_path / "f.csv", list(range(0, 300)))
+    raw = load_raw("ml-latest-small", tmp_path / "data", file=file)
+    split = raw.splits["file"]
+    assert len(raw.events["history"]["item"]) == 300  # the file's rows are the only events
+    assert (split.seq_end["history"] - split.seq_start["history"] < 300).all()
+    assert raw.note.startswith(f"{folder / 'ratings.csv'}: not found") and "\n" not in raw.note
+    code, _, err = cli(["eval", run, "--file", file, "--data-dir", tmp_path / "data"], monkeypatch, capsys)
+    assert code == 0, err
+    assert err.count("not found, so each row's history is only the file's own earlier rows") == 1
+
+
+def test_files_without_labels_of_the_other_timeline_data_sets(tmp_path):
+    """UserBehavior (no behaviour field) and KuaiRand (no is_click, is_like): predicted, not evaluated; histories from
+    the data set."""
+    ub = tmp_path / "taobao-userbehavior"
+    ub.mkdir()
+    (ub / "UserBehavior.csv").write_text("1,10,7,pv,100\n1,11,7,cart,200\n1,12,7,pv,300\n1,13,7,buy,400\n1,14,7,pv,500\n"
+                                         "1,15,7,pv,600\n1,16,7,pv,700\n1,17,7,fav,800\n1,18,7,pv,900\n1,19,7,pv,1000\n")
+    (tmp_path / "ub.csv").write_text("1,20,7,650\n2,21,8,650\n")
+    raw = load_raw("taobao-userbehavior", tmp_path, file=tmp_path / "ub.csv", labels=False)
+    split = raw.splits["file"]
+    assert not raw.has_labels and (split.seq_end["history"] - split.seq_start["history"]).tolist() == [6, 0]
+    with pytest.raises(KunlunError, match=r"ub.csv: missing the behaviour field .*`kunlun eval` needs it"):
+        load_raw("taobao-userbehavior", tmp_path, file=tmp_path / "ub.csv")
+    kr = tmp_path / "kuairand-pure"
+    kr.mkdir()
+    head = "user_id,video_id,time_ms,is_click,is_like,tab"  # the columns the adapter reads, of the logs' 19
+    rows = [f"1,{v},{1649400000000 + 1000 * v},{v % 2},0,1" for v in range(6)]
+    (kr / "log_standard_4_08_to_4_21_pure.csv").write_text("\n".join([head, *rows[:3]]) + "\n")
+    (kr / "log_standard_4_22_to_5_08_pure.csv").write_text("\n".join([head, *rows[3:]]) + "\n")
+    (tmp_path / "kr.csv").write_text(f"user_id,video_id,time_ms,tab\n1,99,{1649400000000 + 5500},1\n")
+    raw = load_raw("kuairand-pure", tmp_path, file=tmp_path / "kr.csv", labels=False)
+    split = raw.splits["file"]
+    assert not raw.has_labels and (split.seq_end["history"] - split.seq_start["history"]).tolist() == [5]
+    with pytest.raises(KunlunError, match=r"kr.csv: missing column 'is_click'"):
+        load_raw("kuairand-pure", tmp_path, file=tmp_path / "kr.csv")
