@@ -168,16 +168,9 @@ STREAM_BYTES = 256 << 20
 CHUNK_ROWS = 1 << 16  # rows per chunk (one synthetic row group): ~30 MB of working memory, and no slower than larger chunks
 
 
-def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, rebuild: bool = False,
-                    log=None, chunk_rows: int | None = None) -> Prepared:
-    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache (memory-mapped).
-
-    ``use_cache=False`` neither reads nor writes the cache (a set prepared chunk by chunk still goes through a temporary
-    directory, removed at once: its memory maps stay valid); ``rebuild`` ignores a cached copy but writes a new one.
-    A dataset is prepared chunk by chunk in bounded memory when ``chunk_rows`` is given, or when it is large: a synthetic
-    set of more than ``STREAM_ROWS`` examples, other datasets whose files add up to more than ``STREAM_BYTES``; else it
-    is read whole. Both give byte-identical caches. Datasets whose adapter reads whole only (``DatasetSpec.chunks``
-    None) refuse ``chunk_rows``."""
+def locate(dataset: str, data_dir: str | Path | None) -> tuple[Path | None, tabular.SchemaFile | None, Path | None, list[Path], str]:
+    """Which kind of data set ``dataset`` is and where: (synthetic folder, schema file, registered data set's folder; one
+    of them set), every file it reads, and its name."""
     synth = sf = folder = None
     if is_schema_file(dataset):
         sf = tabular.SchemaFile(Path(dataset))
@@ -190,6 +183,32 @@ def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cac
     else:
         folder = dataset_folder(dataset, data_dir)
         files, name = [folder / f for f in DATASETS[dataset].files], dataset
+    return synth, sf, folder, files, name
+
+
+def first_rows(dataset: str, data_dir: str | Path | None = None, rows: int = 1024) -> RawData:
+    """The first chunk of ``dataset`` (``rows`` rows, read by its chunked reader) as RawData: the rows of each split
+    it holds, and the events their histories index. Real rows without making the whole data set's examples (a
+    per-user timeline still reads and sorts every event); a data set read whole only is read whole."""
+    synth, sf, folder, _, _ = locate(dataset, data_dir)
+    if synth is None and sf is None and DATASETS[dataset].chunks is None:
+        return load_raw(dataset, data_dir)
+    source = chunk_source(dataset, synth, sf, folder, rows)
+    chunk = next(iter(source.chunks()))
+    return RawData(source.schema, chunk.splits, chunk.events, source=source.source)
+
+
+def prepare_dataset(dataset: str, data_dir: str | Path | None = None, *, use_cache: bool = True, rebuild: bool = False,
+                    log=None, chunk_rows: int | None = None) -> Prepared:
+    """Load, encode and cache ``dataset``; a second call with unchanged files reads the cache (memory-mapped).
+
+    ``use_cache=False`` neither reads nor writes the cache (a set prepared chunk by chunk still goes through a temporary
+    directory, removed at once: its memory maps stay valid); ``rebuild`` ignores a cached copy but writes a new one.
+    A dataset is prepared chunk by chunk in bounded memory when ``chunk_rows`` is given, or when it is large: a synthetic
+    set of more than ``STREAM_ROWS`` examples, other datasets whose files add up to more than ``STREAM_BYTES``; else it
+    is read whole. Both give byte-identical caches. Datasets whose adapter reads whole only (``DatasetSpec.chunks``
+    None) refuse ``chunk_rows``."""
+    synth, sf, folder, files, name = locate(dataset, data_dir)
     if chunk_rows and synth is None and sf is None and DATASETS[dataset].chunks is None:
         raise KunlunError(f"--chunk-rows: {dataset} is read whole; only datasets with a chunked reader are prepared in chunks")
     key = cache_key(name, files, {"split": list(movielens.SPLIT_FRACTIONS)})

@@ -9,7 +9,9 @@ the schema has one), and each behaviour sequence as parallel lists, oldest event
      "history": {"item": [296, 318], "event": ["liked", "not_liked"], "genre": ["Comedy", "Crime"],
                  "time": [961513993, 961514011]}}
 
-``GET /schema`` of a server (``request_schema``) lists every field of a trained model with an example. Keys
+``GET /schema`` of a server (``request_schema``) lists every field of a trained model with an example: a real row of
+the run's data set (``data_example``: the first test row, with its newest events), or, where the data set was not
+found, one built from the vocabularies (first ids, mean numbers: values no row need hold). Keys
 that the model does not read (a label, a row number) are ignored. The columns are those the *encoder* reads,
 i.e. after the dataset adapter (for MovieLens: the genre, year, hour and weekday of the rating), so a file's
 rows turn into requests with ``examples_from_raw``.
@@ -79,21 +81,26 @@ def needs_time(schema: Schema) -> bool:
     return schema.has_time
 
 
-def request_schema(encoder: Encoder, max_len: int) -> dict[str, Any]:
-    """What ``POST /score`` expects from one example, with a valid example built from the vocabularies."""
+EXAMPLE_EVENTS = 3  # history events of the /schema example drawn from the data: its newest (the JSON stays readable)
+BUILT_EXAMPLE = "the vocabularies (first ids, mean numbers; the data set was not found)"  # example_from of a built example
+
+
+def request_schema(encoder: Encoder, max_len: int, example: tuple[dict[str, Any], str] | None = None) -> dict[str, Any]:
+    """What ``POST /score`` expects from one example, with a valid example: ``example`` (a request example and where it
+    comes from, ``data_example``: a real row), else one built from the vocabularies (first ids, the numeric means)."""
     s = encoder.schema
     fields: dict[str, Any] = {}
-    example: dict[str, Any] = {}
+    built: dict[str, Any] = {}
     for col, vocab in s.categorical:
         keys = encoder.vocabs[vocab].keys
         fields[col] = {"type": ID, "vocabulary": vocab, "known_values": int(len(keys))}
-        example[col] = keys[0].item() if len(keys) else 0
+        built[col] = keys[0].item() if len(keys) else 0
     for col, mean in zip(s.numeric, encoder.num_mean):
         fields[col] = {"type": NUMBER}
-        example[col] = float(mean)
+        built[col] = float(mean)
     if needs_time(s):
         fields["time"] = {"type": SECONDS + ": the request time; history time gaps are measured from it"}
-        example["time"] = 1_000_000_000
+        built["time"] = 1_000_000_000
     for seq in s.sequences:
         sub = {}
         event = {}
@@ -108,14 +115,28 @@ def request_schema(encoder: Encoder, max_len: int) -> dict[str, Any]:
         fields[seq.name] = {"type": "an object of equally long lists, oldest event first (an empty history: empty lists)",
                             "fields": sub, "max_len": max_len,
                             "note": f"the {max_len} newest events are used, as in training"}
-        example[seq.name] = event
+        built[seq.name] = event
     return {
         "fields": fields,
         "unknown_ids": f"map to the out-of-vocabulary index ({OOV}), as in training (padding is {PAD})",
         "request": 'one example object, a JSON list of them, or {"examples": [...]}',
         "response": '{"probabilities": [...]}, one per example, in request order',
-        "example": example,
+        "example": example[0] if example else built,
+        "example_from": example[1] if example else BUILT_EXAMPLE,
     }
+
+
+def data_example(raw: RawData, name: str) -> tuple[dict[str, Any], str] | None:
+    """The first row of ``raw``'s test split (else valid, else train; e.g. ``kunlun.data.registry.first_rows``) as a
+    request example with its ``EXAMPLE_EVENTS`` newest history events, and where it comes from; None when ``raw``
+    holds no row. Every value is one the data set holds (the numeric features are the row's own, e.g. its full
+    history's length). ``name``: the data set's, for the description."""
+    for split in ("test", "valid", "train"):
+        if split in raw.splits and len(raw.splits[split]):
+            example = examples_from_raw(raw, split, np.arange(1), newest=EXAMPLE_EVENTS)[0]
+            kept = f", its {EXAMPLE_EVENTS} newest history events" if raw.schema.sequences else ""
+            return example, f"the first {split} row of {name}{kept}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- parsing

@@ -48,7 +48,7 @@ from kunlun.errors import KunlunError
 from kunlun.files import atomic_write
 from kunlun.models import RankingModel
 from kunlun.runs import TIME_FORMAT, code_version, cpu_name, resolve_run
-from kunlun.serving.examples import RawExamples, encode_examples, parse_examples, request_schema
+from kunlun.serving.examples import BUILT_EXAMPLE, RawExamples, data_example, encode_examples, parse_examples, request_schema
 from kunlun.training.runner import load_trained
 
 PACKAGE_FORMAT = 1
@@ -131,6 +131,7 @@ class Scorer:
     max_batch: int = 4096  # rows per model call (a larger micro-batch is scored in slices)
     event_windows: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the model's (RankingModel.event_windows)
     source: str | None = None  # the package or run it was loaded from (``load_scorer``): what a scoring process loads
+    example: tuple[dict[str, Any], str] | None = None  # GET /schema's example: a real row and where from (``run_example``)
 
     @torch.inference_mode()
     def score_batch(self, batch: Batch) -> np.ndarray:
@@ -151,7 +152,7 @@ class Scorer:
 
     @property
     def request_schema(self) -> dict[str, Any]:
-        return request_schema(self.encoder, self.max_len)
+        return request_schema(self.encoder, self.max_len, self.example)
 
 
 def slice_batch(batch: Batch, a: int, b: int) -> Batch:
@@ -163,6 +164,18 @@ def slice_batch(batch: Batch, a: int, b: int) -> Batch:
 def eager_scorer(cfg: Config, encoder: Encoder, model: RankingModel, meta: dict[str, Any] | None = None) -> Scorer:
     module = ScoringModule(model.eval(), cfg.train.bf16).eval()
     return Scorer(module, encoder, cfg.data.max_seq_len, "eager", meta or run_meta(cfg, None, model), event_windows=dict(model.event_windows))
+
+
+def run_example(run: Path, cfg: Config) -> tuple[dict[str, Any], str] | None:
+    """A real row of the run's data set as ``GET /schema``'s example (``examples.data_example`` of the first rows its
+    chunked reader gives); None when the data set is not where the run was trained (the example is then built)."""
+    from kunlun.data.registry import first_rows
+    from kunlun.training.runner import scoring_dataset
+
+    try:
+        return data_example(first_rows(scoring_dataset(run, cfg), cfg.data.data_dir), cfg.data.dataset)
+    except (KunlunError, OSError):
+        return None
 
 
 def run_meta(cfg: Config, run: Path | None, model: RankingModel) -> dict[str, Any]:
@@ -206,7 +219,7 @@ def load_scorer(path: Path, runtime: str = "auto", threads: int = 0) -> Scorer:
         raise KunlunError(f"{path}: not a kunlun package (a zip file written by `kunlun export`) nor a run directory")
     run, _ = resolve_run(path)
     cfg, encoder, model = load_trained(path)
-    return replace(eager_scorer(cfg, encoder, model, run_meta(cfg, run, model)), source=str(path))
+    return replace(eager_scorer(cfg, encoder, model, run_meta(cfg, run, model)), source=str(path), example=run_example(run, cfg))
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -327,7 +340,7 @@ def export_package(run: Path, out: Path, compile: str = "auto", logger: Callable
         "dynamic": {"batch": [1, MAX_BATCH], "seq_len": [1, cfg.data.max_seq_len] if dynamic_len else None},
         "inputs": input_signature(batch, dynamic_len),
         "output": {"name": "probability", "dtype": "float32", "shape": ["batch"]},
-        "request_schema": request_schema(encoder, cfg.data.max_seq_len),
+        "request_schema": request_schema(encoder, cfg.data.max_seq_len, run_example(run_dir, cfg)),
         "code_version": code_version(),
         "torch": torch.__version__,
         "exported_at": time.strftime(TIME_FORMAT),
@@ -403,7 +416,9 @@ def load_package(path: Path, runtime: str = "auto") -> Scorer:
         if load_error:
             log(f"{path}: AOTInductor model not loaded ({load_error}); serving the exported program")
     windows = {k: tuple(int(c) for c in v) for k, v in meta.get("event_windows", {}).items()}
-    return Scorer(fn, encoder, int(meta["max_len"]), used, {**meta, "runtime_loaded": used}, event_windows=windows)
+    shown = meta.get("request_schema") or {}  # a package keeps the example drawn from the data set at export
+    example = (shown["example"], shown["example_from"]) if shown.get("example_from", BUILT_EXAMPLE) != BUILT_EXAMPLE else None
+    return Scorer(fn, encoder, int(meta["max_len"]), used, {**meta, "runtime_loaded": used}, event_windows=windows, example=example)
 
 
 def load_exported_only(data: bytes):
