@@ -12,10 +12,11 @@ import pytest
 
 from conftest import LEARNS, TINY_MODEL
 from kunlun.config import load_config
-from kunlun.data.registry import EMBEDDED, load_raw
+from kunlun.data.registry import DATASETS_DOCS, EMBEDDED, load_raw, prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.training.runner import evaluate_file, predict_file, train_run
 
+ROOT = Path(__file__).resolve().parents[1]
 RATINGS = EMBEDDED / "ml-latest-small" / "ratings.csv"
 
 
@@ -157,3 +158,11 @@ def test_files_without_labels_of_the_other_timeline_data_sets(tmp_path):
     assert not raw.has_labels and (split.seq_end["history"] - split.seq_start["history"]).tolist() == [5]
     with pytest.raises(KunlunError, match=r"kr.csv: missing column 'is_click'"):
         load_raw("kuairand-pure", tmp_path, file=tmp_path / "kr.csv")
+
+
+def test_a_missing_data_set_names_where_its_download_commands_are(tmp_path):
+    with pytest.raises(KunlunError) as e:
+        prepare_dataset("ml-100k", tmp_path)
+    assert "pass --data-dir" in str(e.value) and DATASETS_DOCS in str(e.value) and "\n" not in str(e.value)
+    page, anchor = DATASETS_DOCS.split("#")
+    assert any(line.strip() == "## Downloading" for line in (ROOT / page).read_text().splitlines()) and anchor == "downloading"

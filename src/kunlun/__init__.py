@@ -24,8 +24,8 @@ import os
 
 # Before torch starts its OpenMP pool (every module that uses torch imports it after this): a pool thread waiting for
 # work sleeps instead of spinning. On a machine whose cores are busy with other work, spinning threads wait on a
-# descheduled peer and burn the core it needs — a short training run took minutes instead of seconds (README,
-# "Threads on a busy machine", has the measurement). Set OMP_WAIT_POLICY yourself to choose otherwise.
+# descheduled peer and burn the core it needs — a short training run took minutes instead of seconds
+# (docs/results/speed.md#threads-on-a-busy-machine has the measurement). Set OMP_WAIT_POLICY yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from kunlun.errors import KunlunError  # noqa: E402

@@ -93,7 +93,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     ops: str = "auto"  # kunlun.ops implementation: fast | reference | auto ($KUNLUN_OPS, else fast)
     # torch.compile the training forward + loss (Inductor): faster steps after a compile of minutes on a CPU; off
-    # by default because short runs do not earn the compile back (README "Speed" has the measurement)
+    # by default because short runs do not earn the compile back (docs/results/speed.md#against-the-speed-targets has the measurement)
     compile: bool = False
     # checkpoints/last is written at every epoch end and also inside an epoch, every N optimizer steps and/or every
     # M minutes (0: off), so a killed run loses at most that much work; resume continues at the exact step

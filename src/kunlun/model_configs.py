@@ -159,7 +159,7 @@ class DINConfig(ModelConfig):
     position_embedding: bool = True
     # the candidate also among the history tokens target attention pools: Kunlun's input, not the paper's (off, so a
     # run recorded before the key existed still means what it meant); the quality benchmark turns it on for input
-    # parity (README, Models, "What each sequence model sees": the table and the measurement)
+    # parity (docs/models.md#what-each-sequence-model-sees: the table and the measurement)
     target_in_sequence: bool = False
 
     def validate(self) -> None:
@@ -219,7 +219,7 @@ class InterFormerConfig(ModelConfig):
     summary_gate: str = "interformer"  # Gating of X_sum and S_sum: interformer σ(Z ⊙ MLP(Z)) | glu | none
     # the candidate also as the newest sequence token: Kunlun's input, not the paper's (off, so a run recorded before
     # the key existed still loads and means what it meant); the quality benchmark turns it on for input parity
-    # (README, Models, "What each sequence model sees": the table and the measurement)
+    # (docs/models.md#what-each-sequence-model-sees: the table and the measurement)
     target_in_sequence: bool = False
 
     def validate(self) -> None:

@@ -3,8 +3,8 @@ native bf16 unit, unless asked for: ``speed_dtypes``).
 
 MFU = achieved model FLOPs/s ÷ the dense GEMM FLOP/s this machine reaches at the same dtype, measured
 in the same process with a large square matmul (so it is relative to what this machine really does,
-not a datasheet). FLOPs follow the project's convention (matrix products only, 2 per multiply-add; README
-"FLOPs"): MFU counts *useful* FLOPs (analytic, each example's real tokens, over the batches timed), HFU
+not a datasheet). FLOPs follow the project's convention (matrix products only, 2 per multiply-add;
+docs/models.md#flops): MFU counts *useful* FLOPs (analytic, each example's real tokens, over the batches timed), HFU
 *executed* FLOPs — counted from the aten ops one forward of the timed model dispatches on the selected op
 implementation (``kunlun.models.flop_count``: every padded slot, every pair a dense masked attention kernel
 scores). Training = 3 × forward (backward ≈ 2 × forward). Timings are medians of
@@ -15,7 +15,7 @@ Besides the step on pre-built batches, the report gives the input path alone (``
 from the prepared split, the model's input, with nothing else) and training end to end through the real
 trainer (``trainer``: loader, step, progress, records; the run's own ``train_examples_per_s``). On a GPU it
 adds MFU against the datasheet's dense peak for the dtype (``DATASHEET_PEAKS``). Presets (``PRESETS``) name
-the sizes the README reports: today's default, the d_model-128 model of the speed issue, and a
+the sizes docs/results/speed.md reports: today's default, the d_model-128 model of the speed issue, and a
 production-like one (d_model 256, 4 layers, sequences of 512, batch 1024).
 """
 
@@ -43,7 +43,7 @@ PRESETS: dict[str, list[str]] = {
     "default": [],
     "d128": ["model.d_model=128", "model.num_heads=4", "model.gdpa_activation=[silu,gelu,silu,gelu]"],
     # a GPU size: on a 24 GiB CPU machine its activations (1024 × 512 tokens × 4 layers) run out of memory; there
-    # add train.batch_size=64 train.eval_batch_size=128 (the README's CPU row)
+    # add train.batch_size=64 train.eval_batch_size=128 (the CPU row of docs/results/speed.md)
     "production": ["model.d_model=256", "model.num_layers=4", "model.num_heads=4",
                    "model.gdpa_activation=[silu,gelu,silu,gelu]", "data.max_seq_len=512", "train.batch_size=1024"],
 }

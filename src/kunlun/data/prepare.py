@@ -8,7 +8,7 @@ from the training split only; numeric columns are standardised with training mea
 ``save_prepared``); ``load_prepared`` opens them with ``np.load(mmap_mode="r")``, so a loaded ``Prepared`` holds
 memory maps and a batch pages in only its rows: training, evaluation and prediction read a prepared set larger
 than memory (the operating system keeps what fits in its page cache). ``ulimit -v`` counts mapped files, so it
-cannot cap such a process: cap its resident memory instead (a cgroup; README "Datasets, out of core").
+cannot cap such a process: cap its resident memory instead (a cgroup; docs/datasets.md#data-larger-than-memory).
 
 **Two ways to prepare, one result.** ``Encoder.fit`` + ``Encoder.prepare`` encode a ``RawData`` held in memory
 (small sets, and single files to score); ``kunlun.data.stream`` encodes a dataset chunk by chunk in bounded memory
@@ -32,7 +32,7 @@ they produce byte-identical caches.
 - ``useful_flops`` reads a fixed sample of at most 100,000 rows, and the data fingerprint streams every array.
 
 Reading a set larger than memory in a shuffled order reads its pages from disk as batches need them: the speed then
-depends on the disk (README "Datasets, out of core"). Caches are replaced by renaming a new directory into place, so
+depends on the disk (docs/datasets.md#data-larger-than-memory). Caches are replaced by renaming a new directory into place, so
 a process reading an old one keeps its maps; never edit a cache file in place while a process reads it.
 """
 

@@ -21,6 +21,8 @@ from kunlun.data.stream import ChunkSource, prepare_chunked
 from kunlun.errors import KunlunError
 
 EMBEDDED = Path(__file__).parent / "embedded"
+# where the user documentation gives each data set's download commands (the documentation's "Data sets" page)
+DATASETS_DOCS = "docs/datasets.md#downloading"
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,8 @@ def dataset_folder(name: str, data_dir: str | Path | None, scoring: bool = False
     if data_dir and not Path(data_dir).is_dir():
         raise KunlunError(f"{data_dir}: data directory not found")
     missing = [f for f in spec.files if not (base / spec.folder / f).is_file()]
-    raise KunlunError(f"{base / spec.folder}: dataset {name!r} not found (missing {', '.join(missing)}); pass --data-dir")
+    raise KunlunError(f"{base / spec.folder}: dataset {name!r} not found (missing {', '.join(missing)}); pass --data-dir "
+                      f"(download commands: the Data sets page of the documentation, {DATASETS_DOCS})")
 
 
 def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True) -> RawData:
@@ -163,7 +166,7 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
 STREAM_ROWS = 2_000_000  # synthetic sets with more examples are prepared chunk by chunk (kunlun.data.stream)
 # other datasets whose files read add up to more bytes are prepared chunk by chunk, when their adapter can: read whole,
 # such files take tens of times their size in RAM (ml-1m-first-half: 12 MB of files, 0.67 GB at the peak; a 148 MB Parquet
-# log, 3.7 GB: README "Datasets, out of core")
+# log, 3.7 GB: docs/datasets.md#data-larger-than-memory)
 STREAM_BYTES = 256 << 20
 CHUNK_ROWS = 1 << 16  # rows per chunk (one synthetic row group): ~30 MB of working memory, and no slower than larger chunks
 

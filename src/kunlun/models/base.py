@@ -20,7 +20,7 @@ from kunlun.models import flop_count
 class RankingModel(nn.Module):
     """A model maps a Batch to logits [B] and reports its forward FLOPs per example by component.
 
-    FLOPs come in two kinds (README "FLOPs"; matrix products only, 2 per multiply-add). *Useful* FLOPs are analytic,
+    FLOPs come in two kinds (docs/models.md#flops; matrix products only, 2 per multiply-add). *Useful* FLOPs are analytic,
     the model's work: ``flops_by_component`` at each example's real token counts (``token_counts``;
     ``useful_flops_per_example`` averages them over batches), i.e. what a jagged kernel would compute; at
     ``lengths=None`` the same formulas over every padded slot (a sliding window still counted as its band).

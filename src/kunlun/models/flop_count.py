@@ -8,7 +8,7 @@ kernel scores all L² pairs of a short sequence, the blocked band 3b keys per qu
 aten op the kernels are called with; ``executed_flops_per_example`` is that total ÷ batch size, counted once per
 (model configuration, op implementation, batch shape) and cached. HFU is built on it, MFU on the useful figure.
 
-Convention (README "FLOPs", the analytic counts follow it too): FLOPs are those of matrix products only — mm, addmm,
+Convention (docs/models.md#flops; the analytic counts follow it too): FLOPs are those of matrix products only — mm, addmm,
 bmm, baddbmm and the fused attention kernels (matmul, linear and einsum reach the counter as the mm / bmm they
 dispatch) — at 2 FLOPs per multiply-add. Element-wise work (activations, masks, rotary rotations, gates, residuals),
 reductions, normalisations and embedding lookups count 0. Formulas are torch's own (``torch.utils.flop_counter``),

@@ -11,7 +11,7 @@ Per layer, for every behaviour sequence:
                      experts mix X_sum instead: ``interaction_input=summary``. Our default keeps the
                      tokens, as InterFormer's Interaction Arch does: with X_sum the model trained to a
                      higher loss and a worse validation NE — the T gated summary tokens are a
-                     bottleneck; README, Models, has the measurement and its command.)
+                     bottleneck; docs/models.md#choices-beyond-the-paper has the measurement and its command.)
 X_sum = Gating(MLP(LCE(X))) with InterFormer's Gating(Z) = σ(Z ⊙ MLP(Z)) (``summary_gate=interformer``;
 ``glu``: Z ⊙ σ(W·Z); ``none``).
 CompSkip alternates the work within each stream: its even layers run GDPA-PFFN + a fresh summary and
@@ -41,7 +41,7 @@ projected to their own width and their summaries back to ``d_model`` for the int
 events, carved from the merged window (so a stream is mostly padding: a type that is a third of the events
 fills a third of its slots); ``own`` — its type's own most recent events, a per-type window built by the data
 layer (``Batcher(event_windows=model.event_windows)``: the windows a model needs). ``own`` fills the streams
-but measured worse than ``merged`` on ml-latest-small (README, Models: the numbers and their commits): with the
+but measured worse than ``merged`` on ml-latest-small (docs/models.md#event-type-streams: the numbers and their commits): with the
 architecture as it is, older events of one type hurt more than the padding costs.
 
 Every component is on by default and switchable in the config (an ablation is a config change):

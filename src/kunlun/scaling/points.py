@@ -1,6 +1,6 @@
 """Scaling points: one (compute, NE) per training run, from run directories, sweep folders or a CSV table.
 
-Conventions (also in the README): L = NE on the test split (valid where the dataset has no test split) at
+Conventions (also in docs/scaling.md#conventions): L = NE on the test split (valid where the dataset has no test split) at
 the best-on-validation checkpoint, and C = the training compute that produced that checkpoint: 3 × useful
 forward FLOPs/example × training examples processed *up to that checkpoint* (``useful_train_compute_at_best``;
 every matmul, attention, interaction and MLP FLOP over each example's real, unpadded tokens, at 2 FLOPs per
