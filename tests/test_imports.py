@@ -25,7 +25,7 @@ LAYERS = [
     ["kunlun.metrics"],
     ["kunlun.runs", "kunlun.training"],
     ["kunlun.serving"],
-    ["kunlun.scaling", "kunlun.bench"],
+    ["kunlun.scaling", "kunlun.bench", "kunlun.tuning"],
     ["kunlun.cli", "kunlun.__main__"],
 ]
 

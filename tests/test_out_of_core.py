@@ -100,7 +100,7 @@ def test_a_damaged_cache_is_rebuilt(world):
 
 
 def cfg(*extra):
-    return load_config(None, [*TINY_MODEL, "model.stream_window=own", "model.primary_events=[like]", "train.threads=1",
+    return load_config(None, [*TINY_MODEL, "model.event_split=true", "model.stream_window=own", "model.primary_events=[like]", "train.threads=1",
                               "train.batch_size=1024", "train.shuffle_block_rows=3000", "train.shuffle_window_blocks=3",
                               "train.max_steps=0", "train.epochs=2", "train.patience=0",
                               f"data.dataset={extra[0]}", *extra[1:]])

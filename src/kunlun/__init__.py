@@ -16,7 +16,8 @@ Layers, lowest first; a module imports only from its own layer or the ones below
    metrics, and whole jobs on a run directory (``training.runner``: train, resume, evaluate, predict)
 9. ``serving`` — a trained run as one exported package (``torch.export`` / AOTInductor program + encoder), and
    the HTTP scoring server over it, encoding raw requests with the run's own encoder
-10. ``scaling``, ``bench`` — sweeps and scaling laws; speed, quality, ablation, format and serving benchmarks
+10. ``scaling``, ``bench``, ``tuning`` — sweeps and scaling laws; speed, quality, ablation, format and serving
+    benchmarks; hyper-parameter search (Optuna)
 11. ``cli`` (and ``__main__``) — a thin layer of commands over the library
 """
 

@@ -668,7 +668,7 @@ class Trainer:
             "epochs_run": self.state.epoch,
             "steps": self.state.step,
             "train_ctr": self.data.train_ctr,
-            # FLOPs (README "FLOPs"): executed = counted from the ops one forward of the run's model dispatches, every
+            # FLOPs (docs/models.md#flops): executed = counted from the ops one forward of the run's model dispatches, every
             # padded slot as the kernels compute it (``flops_per_example``, the key older records hold the analytic
             # figure under); useful = analytic, each example's real tokens (mean over the training split). Training
             # compute C = forward FLOPs/example × 3 (forward + backward) × training examples processed (in all, and
