@@ -6,6 +6,7 @@ User errors print one line and exit with status 2; nothing half-written is left 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import fields
@@ -23,9 +24,22 @@ def cli() -> None:
     """Train, evaluate and measure Kunlun-style ranking models."""
 
 
+# ---------------------------------------------------------------------------------------- options several commands share
+def _options(*decorators):
+    """Several click decorators as one, applied as if stacked in the order given (so --help lists them in that order)."""
+    return lambda f: functools.reduce(lambda g, decorator: decorator(g), reversed(decorators), f)
+
+
+_config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+_data_dir_option = click.option("--data-dir", help="Folder holding the dataset folders.")
+_json_option = click.option("--json", "as_json", is_flag=True)
+_quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+_overrides_argument = click.argument("overrides", nargs=-1)
+
+
 # ---------------------------------------------------------------------------------------- train
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@_config_option
 @click.option("--model", help="Model name, e.g. kunlun, logistic_regression.")
 @click.option("--dataset", help="ml-latest-small (default, embedded), ml-100k, ml-1m, ml-1m-first-half, frappe_x1, a schema .yaml, "
                                 "or a folder from `kunlun data synth`.")
@@ -38,8 +52,8 @@ def cli() -> None:
 @click.option("--precision", help="Emulated GEMM number format: fp32 (default), bf16, fp8_e4m3, fp8_e5m2, hif8, mxfp4, nvfp4, hif4.")
 @click.option("--no-cache", is_flag=True, help="Re-read the raw files instead of the prepared-data cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print final metrics by split as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.argument("overrides", nargs=-1)
+@_quiet_option
+@_overrides_argument
 def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, precision, no_cache, as_json, quiet, overrides):
     """Train a model, early-stop on validation NE, report test metrics, keep a run record.
 
@@ -53,15 +67,10 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
         config_path = resume_config_path(resume, config_path, run_dir)
     cfg = load_config(config_path, list(overrides), model=model, dataset=dataset, data_dir=data_dir, seed=seed, epochs=epochs,
                       precision=precision)
-    from kunlun.training.runner import train_run
+    from kunlun.training.runner import print_final, train_run
 
     final = train_run(cfg, resume or run_dir, resume=bool(resume), use_cache=not no_cache, progress=not quiet)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 prints the results
-        return
-    from kunlun.metrics import metrics_table
-
-    title = f"{final['model']} on {final['dataset']} (best epoch {final['best_epoch']})"
-    emit_json(final["metrics"]) if as_json else metrics_table(final["metrics"], title)
+    print_final(final, as_json)  # under torchrun: rank 0 prints the results
 
 
 # ---------------------------------------------------------------------------------------- eval / predict
@@ -75,16 +84,9 @@ def eval_cmd(run, file, split, data_dir, as_json):
     """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits.
 
     A file row's history: the user's events before it in the run's dataset and the file's earlier rows (user guide: Scoring files)."""
-    from kunlun.metrics import metrics_table
-    from kunlun.training.runner import evaluate_file, evaluate_run
+    from kunlun.training.runner import evaluate_and_report
 
-    if file:
-        m = evaluate_file(run, file, data_dir)
-        log(f"scored {m['examples']} rows of {file}")
-        emit_json(m) if as_json else metrics_table({file.name: m})
-        return
-    metrics = evaluate_run(run, split, data_dir)
-    emit_json(metrics) if as_json else metrics_table(metrics)
+    evaluate_and_report(run, file, split, data_dir, as_json)
 
 
 @cli.command()
@@ -108,16 +110,14 @@ def data() -> None:
     """Inspect and prepare datasets."""
 
 
-def _data_options(f):
-    f = click.option("--dataset", default="ml-latest-small", show_default=True, help="Dataset name or schema .yaml.")(f)
-    f = click.option("--data-dir", help="Folder holding the dataset folders.")(f)
-    return f
+_data_options = _options(_data_dir_option,
+                        click.option("--dataset", default="ml-latest-small", show_default=True, help="Dataset name or schema .yaml."))
 
 
 @data.command()
 @click.argument("dataset_arg", metavar="[DATASET]", required=False)
 @_data_options
-@click.option("--json", "as_json", is_flag=True)
+@_json_option
 def info(dataset_arg, dataset, data_dir, as_json):
     """Rows, CTR, vocabularies and history lengths (in all and per event type) per split; Bayes NE of synthetic data.
 
@@ -146,7 +146,7 @@ def _count(ctx, param, value):
 @click.option("--chunk-users", type=int, help="Users simulated at once: memory grows with it, the data never change "
                                                "(default: about 262k impressions' worth).")
 @click.option("--shard-rows", default="1M", show_default=True, callback=_count, help="Rows per Parquet file.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and the Bayes NE as one JSON object.")
 def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_users, shard_rows, quiet, as_json):
     """Write a synthetic world with a known click probability (Parquet shards, synth.json, bayes.json).
@@ -177,18 +177,13 @@ def prepare(dataset, data_dir, chunk_rows):
 @cli.command()
 @click.argument("names", metavar="[RUN]...", nargs=-1)
 @click.option("--root", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Folder of run directories.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_option
 def runs(names, root, as_json):
     """A table of past runs (newest first); given RUNs (run directories, or names under --root), those runs side by side:
     the config keys that differ, valid/test metrics, FLOPs, steps, wall time and code version."""
-    from kunlun.runs import compare_runs, compare_table, find_run, list_runs, runs_table
+    from kunlun.runs import show_runs
 
-    if names:
-        result = compare_runs([find_run(n, root) for n in names])
-        emit_json(result) if as_json else compare_table(result)
-        return
-    rows = list_runs(root)
-    emit_json({"runs": rows}) if as_json else runs_table(rows, root)
+    show_runs(names, root, as_json)
 
 
 # ---------------------------------------------------------------------------------------- bench
@@ -202,43 +197,36 @@ def bench(ctx, as_json):
 
 
 @bench.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@_config_option
 @click.option("--preset", type=click.Choice(["default", "d128", "production"]), default="default", show_default=True,
               help="Model/batch size to time (overrides given after it win).")
 @click.option("--dataset", help="Dataset (default: the config's).")
-@click.option("--data-dir", help="Folder holding the dataset folders.")
+@_data_dir_option
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed training steps per dtype.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timing repeats; medians are reported.")
 @click.option("--no-trainer", is_flag=True, help="Skip the end-to-end timing through the trainer.")
 @click.option("--dtypes", help="Comma-separated dtypes to time (fp32,bf16; default: fp32, and bf16 where it is fast).")
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path),
               help="Instead of timing: trace 10 training steps into this Chrome-trace JSON and print the top operators.")
-@click.option("--json", "as_json", is_flag=True)
-@click.argument("overrides", nargs=-1)
-def speed(config_path=None, preset="default", dataset=None, data_dir=None, steps=30, repeats=3, no_trainer=False, dtypes=None,
-          profile_path=None, as_json=False, overrides=()):
+@_json_option
+@_overrides_argument
+def speed(config_path, preset, dataset, data_dir, steps, repeats, no_trainer, dtypes, profile_path, as_json, overrides):
     """Training / inference examples/s and MFU (fp32 and bf16) against this machine's measured GEMM peak."""
-    from kunlun.bench.speed import PRESETS, profile_training, run_speed_bench, speed_table
-    from kunlun.config import load_config
+    from kunlun.bench.speed import speed_bench_reported
 
-    cfg = load_config(config_path, [*PRESETS[preset], *overrides], dataset=dataset, data_dir=data_dir)
-    if profile_path is not None:
-        click.echo(f"{profile_training(cfg, profile_path)}\ntrace written to {profile_path}")
-        return
-    result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=not no_trainer, dtypes=_list(dtypes, str))
-    result["preset"] = preset
-    emit_json(result) if as_json else speed_table(result)
+    speed_bench_reported(config_path, preset, overrides, dataset, data_dir, steps, repeats, trainer=not no_trainer, dtypes=_list(dtypes, str),
+                         profile_path=profile_path, as_json=as_json)
 
 
 @bench.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
+@_config_option
 @click.option("--model", help="Model name (default: the config's).")
 @click.option("--dataset", help="Dataset (default: the config's).")
-@click.option("--data-dir", help="Folder holding the dataset folders.")
+@_data_dir_option
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Training steps timed per repeat.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Alternations; medians are reported.")
-@click.option("--json", "as_json", is_flag=True)
-@click.argument("overrides", nargs=-1)
+@_json_option
+@_overrides_argument
 def memmap(config_path, model, dataset, data_dir, steps, repeats, as_json, overrides):
     """Examples/s from the memory-mapped cache vs the same arrays in RAM: the loader alone and training (alternated)."""
     from kunlun.bench.speed import memmap_text, memmap_vs_ram
@@ -248,17 +236,16 @@ def memmap(config_path, model, dataset, data_dir, steps, repeats, as_json, overr
     emit_json(r) if as_json else click.echo(memmap_text(r, repeats))
 
 
-def _bench_options(f):
-    f = click.option("--spec", type=click.Path(path_type=Path), help="Benchmark spec (default: packaged configs/quality.yaml).")(f)
-    f = click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True,
-                     help="Where run records and tables go; finished points there are reused.")(f)
-    f = click.option("--data-dir", help="Folder holding the dataset folders.")(f)
-    f = click.option("--seeds", help="Comma-separated seeds (overrides the spec).")(f)
-    f = click.option("--threads", type=int, default=0, help="torch threads per run (0: default).")(f)
-    f = click.option("--reuse-stale", is_flag=True,
-                     help="Keep finished runs of the same config trained by other code (their rows are marked stale).")(f)
-    f = click.option("--json", "as_json", is_flag=True)(f)
-    return f
+_bench_options = _options(
+    _json_option,
+    click.option("--reuse-stale", is_flag=True, help="Keep finished runs of the same config trained by other code (their rows are marked stale)."),
+    click.option("--threads", type=int, default=0, help="torch threads per run (0: default)."),
+    click.option("--seeds", help="Comma-separated seeds (overrides the spec)."),
+    _data_dir_option,
+    click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True,
+                 help="Where run records and tables go; finished points there are reused."),
+    click.option("--spec", type=click.Path(path_type=Path), help="Benchmark spec (default: packaged configs/quality.yaml)."),
+)
 
 
 def _list(text: str | None, convert=str) -> list | None:
@@ -274,14 +261,10 @@ def _list(text: str | None, convert=str) -> list | None:
 @click.option("--pin", type=click.Path(path_type=Path), help="Write this run's mean NE (tolerance max(3σ, 0.005)) as pins.")
 def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, models, check, pin):
     """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
-    from kunlun.bench.quality import check_expected, load_spec, pin_expected, quality_markdown, run_quality
+    from kunlun.bench.quality import load_spec, report_quality, run_quality
 
     results = run_quality(load_spec(spec, _list(seeds, int), _list(datasets), _list(models)), out, data_dir, threads, reuse_stale)
-    if pin:
-        pin_expected(results, pin)
-    emit_json(results["results"]) if as_json else click.echo(quality_markdown(results))
-    if check and (failures := check_expected(results, check)):
-        click.echo("\n".join(f"kunlun: regression: {f}" for f in failures), err=True)
+    if report_quality(results, as_json, check, pin):  # regressions against --check, each named on stderr
         sys.exit(1)
 
 
@@ -323,14 +306,9 @@ def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datas
                    "or submitit (SLURM where sbatch is found; kunlun[submitit]).")
 def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, launcher):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
-    from kunlun.scaling.sweep import open_sweep, plan_lines, run_sweep_reported
+    from kunlun.scaling.sweep import run_sweep_file
 
-    spec, out = open_sweep(sweep_file, out, parallel, launcher)
-    if dry_run:
-        for line in plan_lines(spec, out, threads):
-            click.echo(line)
-        return
-    run_sweep_reported(spec, out, data_dir, parallel, threads, reuse_stale, launcher)
+    run_sweep_file(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, launcher)
 
 
 @cli.command()
@@ -362,24 +340,21 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
 @click.option("--trials", type=click.IntRange(min=1), help="Finished trials the study is to hold (default: the search-space file's budget).")
 @click.option("--examples", type=click.IntRange(min=1), help="Training examples per trial, at most (default: the budget's).")
 @click.option("--space", type=click.Path(path_type=Path), help="Search-space file (default: packaged configs/search_spaces.yaml).")
-@click.option("--data-dir", help="Folder holding the dataset folders.")
+@_data_dir_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Every trial's training seed; TPE draws trial k with seed + k.")
 @click.option("--threads", type=int, default=0, help="torch threads per trial (0: torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the study's summary as one JSON object.")
-@click.argument("overrides", nargs=-1)
+@_overrides_argument
 def tune(model, dataset, study_dir, trials, examples, space, data_dir, seed, threads, as_json, overrides):
     """Search MODEL's hyper-parameters (Optuna TPE, median pruning on validation NE); the best trial's config is written
     to <study dir>/best.yaml for `kunlun train --config`. Run it again to continue a study; run several at once to share it.
 
     OVERRIDES are config keys fixed for every trial (not searched ones), e.g.  train.batch_size=512
     """
-    from kunlun.tuning import require_optuna, summary_lines
-    from kunlun.tuning import tune as run_tune
+    from kunlun.tuning import tune_reported
 
-    require_optuna()
-    summary = run_tune(model, dataset, study_dir, trials=trials, examples=examples, overrides=list(overrides), space=space,
-                       seed=seed, threads=threads, data_dir=data_dir)
-    emit_json(summary) if as_json else click.echo("\n".join(summary_lines(summary)))
+    tune_reported(model, dataset, study_dir, trials=trials, examples=examples, overrides=list(overrides), space=space, seed=seed,
+                  threads=threads, data_dir=data_dir, as_json=as_json)
 
 
 # ---------------------------------------------------------------------------------------- export / serve
@@ -395,11 +370,10 @@ def tune(model, dataset, study_dir, trials, examples, space, data_dir, seed, thr
 def export_cmd(run, out, compile_, triton_dir, static_seq_len, as_json):
     """Package a trained RUN (directory or checkpoint) with its encoder as one self-contained PT2 file."""
     from kunlun.serving.export import export_package
+    from kunlun.serving.triton import write_model_repository
 
     meta = export_package(run, out, compile_, dynamic_len=not static_seq_len)
     if triton_dir:
-        from kunlun.serving.triton import write_model_repository
-
         log(f"wrote Triton model repository {write_model_repository(out, triton_dir)}")
     if as_json:
         emit_json(meta)
@@ -419,17 +393,12 @@ def _serve_options(f):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port; the URL is printed).")
 @_serve_options
-def serve(target, host, port, **kw):
+def serve(target, host, port, runtime, **kw):
     """Serve TARGET (a package from `kunlun export`, or a run directory) over HTTP: POST /score, GET /health, GET /schema."""
-    from kunlun.serving.export import load_scorer
     from kunlun.serving.options import ServeOptions
-    from kunlun.serving.server import require_aiohttp
-    from kunlun.serving.server import serve as run_server
+    from kunlun.serving.server import serve_target
 
-    require_aiohttp()
-    runtime, opts = kw.pop("runtime"), ServeOptions(**kw)
-    scorer = load_scorer(target, runtime, opts.threads)
-    run_server(scorer, host, port, opts, lambda url: log(f"kunlun: serving {scorer.meta.get('model')} ({scorer.runtime}) on {url}"))
+    serve_target(target, host, port, runtime, ServeOptions(**kw))
 
 
 @bench.command(name="serve")
@@ -440,7 +409,7 @@ def serve(target, host, port, **kw):
 @click.option("--rate", default="200", show_default=True, help="Open-loop rates of single-example requests/s (comma-separated; 0: none).")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per phase at most.")
 @click.option("--max-requests", type=int, default=20000, show_default=True, help="Requests per phase at most.")
-@click.option("--json", "as_json", is_flag=True)
+@_json_option
 @_serve_options
 def bench_serve(target, data_dir, concurrency, batch, rate, duration, max_requests, as_json, **kw):
     """Load a server on loopback: QPS, examples/s, p50/p95/p99 latency, errors and peak memory per load level."""

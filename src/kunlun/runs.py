@@ -346,6 +346,19 @@ def runs_table(rows: list[dict[str, Any]], root: Path) -> None:
     out_console().print(t)
 
 
+def show_runs(names: list[str] | tuple[str, ...], root: Path, as_json: bool = False) -> None:
+    """What ``kunlun runs`` prints on stdout: the runs under ``root`` (``list_runs``), or, given ``names`` (run
+    directories, or runs under ``root``), those runs side by side (``compare_runs``); a table, or one JSON object."""
+    from kunlun.console import emit_json
+
+    if names:
+        result = compare_runs([find_run(n, root) for n in names])
+        emit_json(result) if as_json else compare_table(result)
+        return
+    rows = list_runs(root)
+    emit_json({"runs": rows}) if as_json else runs_table(rows, root)
+
+
 def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config as ``{"section.key": value}`` (an empty section stays one key)."""
     out: dict[str, Any] = {}

@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from kunlun.config import DEFAULT_CONFIG_DIR, Config, load_config, read_yaml, typed_mapping
-from kunlun.console import log
+from kunlun.console import emit_json, log
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.runs import DEFAULT_RUNS_DIR
@@ -415,3 +415,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines += [f"  {k} = {json.dumps(v)}" for k, v in summary["best_drawn"].items()]
         lines.append(f"train it: kunlun train --config {summary['best_config']}")
     return lines
+
+
+def tune_reported(model: str, dataset: str, study_dir: Path | None = None, *, as_json: bool = False, **settings: Any) -> dict[str, Any]:
+    """What ``kunlun tune`` does: ``tune`` (``settings``: its keyword arguments), then the study's summary printed on
+    stdout (``summary_lines``, or one JSON object) and returned."""
+    summary = tune(model, dataset, study_dir, **settings)
+    emit_json(summary) if as_json else print("\n".join(summary_lines(summary)), flush=True)
+    return summary

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kunlun.config import DEFAULT_CONFIG_DIR, load_config, read_yaml, typed_mapping
+from kunlun.console import emit_json
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
@@ -281,3 +283,16 @@ def pin_expected(results: dict, path: Path, min_tolerance: float = 0.005) -> dic
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps(pins, indent=1) + "\n")
     return pins
+
+
+def report_quality(results: dict, as_json: bool = False, check: Path | None = None, pin: Path | None = None) -> list[str]:
+    """What ``kunlun bench quality`` does with ``run_quality``'s results: the pins written to ``pin`` (``pin_expected``),
+    the results printed on stdout (Markdown, or one JSON object), and each regression against the pins in ``check``
+    (``check_expected``) as a line on stderr. Returns the regressions: the command exits 1 when there are any."""
+    if pin:
+        pin_expected(results, pin)
+    emit_json(results["results"]) if as_json else print(quality_markdown(results), flush=True)
+    failures = check_expected(results, check) if check else []
+    if failures:
+        print("\n".join(f"kunlun: regression: {f}" for f in failures), file=sys.stderr, flush=True)
+    return failures

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kunlun.config import Config
-from kunlun.console import log, out_console
+from kunlun.config import Config, load_config
+from kunlun.console import emit_json, log, out_console
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
@@ -196,6 +197,24 @@ def run_speed_bench(cfg: Config, steps: int = 30, repeats: int = 3, trainer: boo
             log(f"bench {name}: end to end through the trainer …")
             bf16 = replace_train(cfg, bf16=dtype is torch.bfloat16)
             result[name]["trainer_examples_per_s"] = trainer_examples_per_s(bf16, steps * repeats)
+    return result
+
+
+def speed_bench_reported(config_path: Path | None = None, preset: str = "default", overrides: list[str] | tuple[str, ...] = (),
+                         dataset: str | None = None, data_dir: str | None = None, steps: int = 30, repeats: int = 3,
+                         trainer: bool = True, dtypes: list[str] | None = None, profile_path: Path | None = None,
+                         as_json: bool = False) -> dict[str, Any] | None:
+    """What ``kunlun bench speed`` does: the config (``config_path``, default the packaged one) with the ``preset``'s
+    overrides, then ``overrides``; its speed measured (``run_speed_bench``) and printed on stdout as a table or one JSON
+    object, and returned. With ``profile_path``: its training traced there instead (``profile_training``), the top
+    operators printed, None returned."""
+    cfg = load_config(config_path, [*PRESETS[preset], *overrides], dataset=dataset, data_dir=data_dir)
+    if profile_path is not None:
+        print(f"{profile_training(cfg, profile_path)}\ntrace written to {profile_path}", flush=True)
+        return None
+    result = run_speed_bench(cfg, steps=steps, repeats=repeats, trainer=trainer, dtypes=dtypes)
+    result["preset"] = preset
+    emit_json(result) if as_json else speed_table(result)
     return result
 
 

@@ -256,6 +256,19 @@ def run_sweep_reported(spec: SweepSpec, out: Path, data_dir: str | None = None, 
     return result
 
 
+def run_sweep_file(sweep_file: Path, out: Path | None = None, data_dir: str | None = None, parallel: int | None = None,
+                   threads: int | None = None, dry_run: bool = False, reuse_stale: bool = False,
+                   launcher: str = "local") -> dict[str, Any] | None:
+    """What ``kunlun sweep`` does: the sweep file opened and the settings checked (``open_sweep``); with ``dry_run`` its
+    plan printed on stdout (``plan_lines``) and None returned, else the sweep run (``run_sweep_reported``)."""
+    spec, out = open_sweep(sweep_file, out, parallel, launcher)
+    if dry_run:
+        for line in plan_lines(spec, out, threads):
+            print(line, flush=True)
+        return None
+    return run_sweep_reported(spec, out, data_dir, parallel, threads, reuse_stale, launcher)
+
+
 def pending(spec: SweepSpec, all_jobs: list[Job], threads: int, reuse_stale: bool = False) -> list[Job]:
     """The jobs to (re)run: not finished, or finished with another config or (unless ``reuse_stale``) other code."""
     keep = ("fresh", "stale") if reuse_stale else ("fresh",)

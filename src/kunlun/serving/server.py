@@ -35,14 +35,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kunlun.console import log
 from kunlun.errors import KunlunError
 from kunlun.serving.examples import ExampleError, RawExamples, concat_examples, parse_examples
-from kunlun.serving.export import Scorer
+from kunlun.serving.export import Scorer, load_scorer
 from kunlun.serving.options import ServeOptions
 from kunlun.serving.workers import ScoringProcess
 
@@ -288,3 +290,14 @@ def serve(scorer: Scorer, host: str, port: int, opts: ServeOptions, announce: Ca
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def serve_target(target: Path, host: str, port: int, runtime: str = "auto", opts: ServeOptions | None = None,
+                 logger: Callable[[str], None] = log) -> None:
+    """What ``kunlun serve`` does: ``target`` (a package from ``export_package``, or a run directory) loaded with
+    ``runtime`` (``load_scorer``) and served until interrupted; ``logger`` gets a line naming the model, its runtime
+    and the URL once listening. A missing aiohttp is named before the model loads."""
+    require_aiohttp()
+    opts = opts or ServeOptions()
+    scorer = load_scorer(target, runtime, opts.threads)
+    serve(scorer, host, port, opts, lambda url: logger(f"kunlun: serving {scorer.meta.get('model')} ({scorer.runtime}) on {url}"))

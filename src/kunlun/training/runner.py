@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,12 +29,13 @@ from safetensors import SafetensorError
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import Config, load_config
-from kunlun.console import log
+from kunlun.console import emit_json, log
 from kunlun.data.batches import Batcher
 from kunlun.data.prepare import Encoder
 from kunlun.data.registry import is_schema_file, load_raw, prepare_dataset, prepare_file
 from kunlun.errors import KunlunError, os_reason
 from kunlun.files import atomic_write, atomic_write_text, check_output_file, recover_dir
+from kunlun.metrics import metrics_table
 from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
 from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, TIME_FORMAT, code_version, flat_keys, new_run_dir, read_json, resolve_run
@@ -159,6 +161,15 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
     return {**final, "run_dir": str(target)}
 
 
+def print_final(final: dict[str, Any], as_json: bool = False) -> None:
+    """``train_run``'s final metrics by split on stdout, as ``kunlun train`` prints them: a table titled with the model,
+    dataset and best epoch, or one JSON object (``as_json``). Under torchrun only rank 0 prints."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    title = f"{final['model']} on {final['dataset']} (best epoch {final['best_epoch']})"
+    emit_json(final["metrics"]) if as_json else metrics_table(final["metrics"], title)
+
+
 def write_curves(run_dir: Path, title: str, logger: Callable[[str], None] = log) -> Path | None:
     """``<run>/curves.png`` (``kunlun.training.tracking.draw_curves``) once training has ended. The run is complete
     without it: a file that cannot be written is a line in the log, not a failed run."""
@@ -276,6 +287,21 @@ def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: C
     _threads_as_trained(cfg)
     data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, log=logger)
     return evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
+
+
+def evaluate_and_report(path: Path, file: Path | None = None, splits: list[str] | tuple[str, ...] = (), data_dir: str | None = None,
+                        as_json: bool = False) -> dict[str, Any]:
+    """What ``kunlun eval`` does: the metrics of a trained run on ``file`` (``evaluate_file``; a line on stderr says how
+    many rows were scored) or, without one, on its dataset's ``splits`` (``evaluate_run``), printed on stdout as a
+    table or one JSON object (``as_json``), and returned."""
+    if file:
+        m = evaluate_file(path, file, data_dir)
+        log(f"scored {m['examples']} rows of {file}")
+        emit_json(m) if as_json else metrics_table({Path(file).name: m})
+        return m
+    metrics = evaluate_run(path, splits, data_dir)
+    emit_json(metrics) if as_json else metrics_table(metrics)
+    return metrics
 
 
 def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None, logger: Callable[[str], None] = log) -> int:
