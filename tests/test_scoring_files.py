@@ -1,19 +1,23 @@
 """Scoring a file (``kunlun eval --file``, ``kunlun predict``): a row's history is its user's events before it in the
 run's data set merged with the file's own earlier rows, so the test split written as a file scores as the test split;
-rows without labels are predicted, and refused by eval with one line naming the missing column."""
+rows without labels are predicted, and refused by eval with one line naming the missing column. A run keeps the files
+besides the events that scoring reads (``encoder/side``), so it scores files after its data set's folder is moved."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import LEARNS, TINY_MODEL
+from conftest import LEARNS, SHARED_DATA, TINY_MODEL, needs_shared
 from kunlun.config import load_config
-from kunlun.data.registry import DATASETS_DOCS, EMBEDDED, load_raw, prepare_dataset
+from kunlun.data import registry
+from kunlun.data.registry import DATASETS, DATASETS_DOCS, EMBEDDED, keep_side_files, load_raw, prepare_dataset
 from kunlun.errors import KunlunError
+from kunlun.serving.export import export_package, load_scorer
 from kunlun.training.runner import evaluate_file, predict_file, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +170,94 @@ def test_a_missing_data_set_names_where_its_download_commands_are(tmp_path):
     assert "pass --data-dir" in str(e.value) and DATASETS_DOCS in str(e.value) and "\n" not in str(e.value)
     page, anchor = DATASETS_DOCS.split("#")
     assert any(line.strip() == "## Downloading" for line in (ROOT / page).read_text().splitlines()) and anchor == "downloading"
+
+
+# a registered data set's files (where the tests take them from) and rows of a file to score: the later half of a
+# few users' ratings, whose histories are their earlier ratings in the data set and their own earlier rows in the file
+MOVABLE = {
+    "ml-100k": (SHARED_DATA / "ml-100k", ("2", "3", "4"), "\t"),
+    "ml-latest-small": (EMBEDDED / "ml-latest-small", ("2", "3", "5"), ","),
+}
+
+
+@pytest.mark.parametrize("dataset", [pytest.param("ml-100k", marks=needs_shared), "ml-latest-small"])
+def test_a_movielens_run_scores_files_after_its_dataset_folder_is_moved(dataset, tmp_path, monkeypatch, capsys):
+    """The run keeps u.item / u.user (movies.csv) in encoder/side: after the data set's folder is moved, eval --file,
+    predict, export and serving read the run alone; the histories are the file's own rows, as with a data folder that
+    holds the side files only, and one line says so. A run without the copy (trained before runs kept one) needs the
+    folder, as before."""
+    source, users, sep = MOVABLE[dataset]
+    monkeypatch.setenv("KUNLUN_CACHE", str(tmp_path / "cache"))
+    data, side_only = tmp_path / "data" / dataset, tmp_path / "side-only" / dataset
+    for folder, names in ((data, DATASETS[dataset].files), (side_only, DATASETS[dataset].scoring_needs)):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_bytes((source / name).read_bytes())
+    run = tmp_path / "run"
+    cfg = load_config(None, [*TINY_MODEL, *LEARNS, f"data.dataset={dataset}", f"data.data_dir={tmp_path / 'data'}",
+                             "train.max_steps=5", "train.epochs=1", "train.threads=1"])
+    train_run(cfg, run, progress=False, logger=lambda m: None)
+    assert sorted(f.name for f in (run / "encoder" / "side").iterdir()) == sorted(DATASETS[dataset].scoring_needs)
+    events = next(f for f in DATASETS[dataset].files if f not in DATASETS[dataset].scoring_needs)
+    lines = (data / events).read_text().splitlines()
+    head = [lines[0]] if sep == "," else []
+    file = tmp_path / "rows.txt"
+    rows = [line.split(sep) for line in lines[len(head):] if line.split(sep)[0] in users]
+    # each user's ratings after their first 10
+    later = [sep.join(r) for r in rows if sum(o[0] == r[0] and int(o[3]) < int(r[3]) for o in rows) >= 10]
+    file.write_text("\n".join([*head, *later]) + "\n")
+    # the references: the data set present (histories from its events too), and its side files alone (the file's rows)
+    with_events = evaluate_file(run, file)
+    alone = evaluate_file(run, file, data_dir=str(tmp_path / "side-only"))
+    assert alone["examples"] == len(file.read_text().splitlines()) - len(head) > 50
+    assert alone["logloss"] != with_events["logloss"]  # the rows' histories count: the two are told apart
+    predict_file(run, file, tmp_path / "alone.csv", data_dir=str(tmp_path / "side-only"))
+
+    data.rename(tmp_path / "moved")
+    note = f"{data / events}: not found, so each row's history is only the file's own earlier rows; " \
+           f"{', '.join(DATASETS[dataset].scoring_needs)} read from the run's copy in {run / 'encoder' / 'side'}"
+    code, out, err = cli(["eval", run, "--file", file, "--json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(out) == alone, err
+    assert err.count(note) == 1 and "Traceback" not in err, err
+    code, _, err = cli(["predict", run, "--file", file, "--out", tmp_path / "moved.csv"], monkeypatch, capsys)
+    assert code == 0 and err.count(note) == 1, err
+    assert (tmp_path / "moved.csv").read_text() == (tmp_path / "alone.csv").read_text()
+    # serving the run directory and exporting it read nothing of the folder (GET /schema's example is then built)
+    scorer = load_scorer(run, "eager")
+    assert len(scorer.score_payload(scorer.request_schema["example"])) == 1
+    export_package(run, tmp_path / "m.pt2", compile="none", logger=lambda m: None)
+    assert (tmp_path / "m.pt2").is_file()
+
+    # a run recorded before runs kept the copy: the folder is needed, and the error says where it was looked for
+    shutil.rmtree(run / "encoder" / "side")
+    code, _, err = cli(["predict", run, "--file", file, "--out", tmp_path / "old.csv"], monkeypatch, capsys)
+    assert code == 2 and f"dataset {dataset!r} not found" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_large_side_file_is_not_copied_and_the_run_log_says_scoring_needs_the_data_set(tmp_path, monkeypatch):
+    (tmp_path / "ml-latest-small").mkdir()
+    for name in DATASETS["ml-latest-small"].files:
+        (tmp_path / "ml-latest-small" / name).write_bytes((EMBEDDED / "ml-latest-small" / name).read_bytes())
+    lines: list[str] = []
+    assert keep_side_files("ml-latest-small", tmp_path, tmp_path / "kept", lines.append) == ["movies.csv"]
+    assert (tmp_path / "kept" / "movies.csv").read_bytes() == (EMBEDDED / "ml-latest-small" / "movies.csv").read_bytes()
+    assert lines == []
+    monkeypatch.setattr(registry, "SIDE_COPY_MAX_BYTES", 100_000)  # movies.csv: 494 KB
+    assert keep_side_files("ml-latest-small", tmp_path, tmp_path / "large", lines.append) == []
+    assert not (tmp_path / "large").exists()
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'ml-latest-small' / 'movies.csv'}: larger than 0 MB")
+    assert "scoring a file with this run needs the data set's folder" in lines[0]
+    # a schema file (the run copies the schema itself) and data sets whose files scoring does not read keep nothing
+    assert keep_side_files("criteo", tmp_path, tmp_path / "none", lines.append) == [] and not (tmp_path / "none").exists()
+
+
+@needs_shared
+def test_data_sets_whose_rows_carry_their_features_score_files_without_their_folder(tmp_path):
+    """Criteo and Frappe read nothing of their folder to score a file: a run scores after the folder is gone."""
+    criteo = tmp_path / "criteo.txt"
+    criteo.write_text("\n".join((SHARED_DATA / "samples" / "criteo_sample.txt").read_text().splitlines()[:6]) + "\n")
+    frappe = tmp_path / "frappe.csv"
+    frappe.write_text("\n".join((SHARED_DATA / "frappe_x1" / "valid.csv").read_text().splitlines()[:6]) + "\n")
+    for dataset, file in (("criteo", criteo), ("frappe_x1", frappe)):
+        raw = load_raw(dataset, tmp_path / "gone", file=file)
+        assert len(raw.splits["file"]) == 5 and raw.note == "", dataset

@@ -4,8 +4,10 @@
     <run>/environment.json   code version (git commit, dirty flag, source hash), versions, device, threads,
                              command line, dataset fingerprint
     <run>/encoder/           schema, vocabularies and numeric statistics (to score new files)
-                             and, for a dataset described by a schema file, a copy of that file (schema.yaml):
-                             scoring a file reads the copy, so the run scores after its dataset folder moves
+                             and, for a dataset described by a schema file, a copy of that file (schema.yaml),
+                             for a registered one, copies of the side files scoring reads besides the events (side/:
+                             MovieLens's movie and user tables): scoring a file reads the copies when the dataset
+                             folder is not found, so the run scores after its dataset folder moves
     <run>/epochs.jsonl       one JSON line per validation (each epoch's end, and every train.eval_every_steps steps):
                              epoch, step, examples seen, running train loss, validation metrics, time
     <run>/final.json         final metrics by split, FLOPs/example, parameters, wall time, examples/s
@@ -46,6 +48,7 @@ from kunlun.processes import lock_holder
 DEFAULT_RUNS_DIR = Path("runs")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # every time a run record writes (local time with its UTC offset)
 SCHEMA_COPY = "schema.yaml"  # <run>/encoder/schema.yaml: the run's copy of its dataset's schema file
+SIDE_COPY = "side"  # <run>/encoder/side/: its copies of the files besides the events that scoring a file reads
 
 
 def new_run_dir(root: Path, model: str, dataset: str) -> Path:

@@ -18,6 +18,7 @@ from kunlun.data import movielens, public, synthetic, tabular
 from kunlun.data.prepare import Encoder, Prepared, cache_key, load_prepared, save_prepared
 from kunlun.data.schema import RawData
 from kunlun.data.stream import ChunkSource, prepare_chunked
+from kunlun.data.timeline import missing_data_note
 from kunlun.errors import KunlunError
 
 EMBEDDED = Path(__file__).parent / "embedded"
@@ -34,9 +35,11 @@ class DatasetSpec:
     title: str = ""  # how tables and reports name it, when not simply the name (e.g. a subset of a known dataset)
     # (folder, rows per chunk) -> the dataset as chunks (kunlun.data.stream); None: read whole only
     chunks: Callable[[Path, int], ChunkSource] | None = None
-    # the files a file to score needs from the data set's folder (None: all of ``files``); the others hold the events its
-    # rows' histories are drawn from, used when present (a timeline data set: MovieLens, UserBehavior, KuaiRand)
-    scoring_needs: tuple[str, ...] | None = None
+    # the files of the data set's folder that scoring a file reads besides the file (MovieLens: the movie and user
+    # tables); a run keeps a copy of them (``keep_side_files``). The others are the data set's events, which a timeline
+    # data set (MovieLens, UserBehavior, KuaiRand) draws its rows' histories from when present; a data set whose rows
+    # carry all their features (Criteo, Frappe, the BARS sets) reads nothing of its folder to score a file
+    scoring_needs: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -124,7 +127,7 @@ def synthetic_folder(dataset: str, data_dir: str | Path | None) -> Path | None:
 def dataset_folder(name: str, data_dir: str | Path | None, scoring: bool = False) -> Path:
     """Where ``name``'s files are: ``data_dir/<folder>`` (or ``data_dir`` itself if it holds them). ``scoring``: for a
     file to score, a folder holding the files it needs (``DatasetSpec.scoring_needs``) does when none holds them all
-    (the adapter then says that histories come from the file alone)."""
+    (the adapter then says that histories come from the file alone); when it needs none, wherever the folder would be."""
     if name not in DATASETS:
         raise KunlunError(
             f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, a path to a schema .yaml file, "
@@ -137,7 +140,7 @@ def dataset_folder(name: str, data_dir: str | Path | None, scoring: bool = False
             return candidate
     if name == "ml-latest-small" and not data_dir:
         return EMBEDDED / spec.folder
-    if scoring and spec.scoring_needs is not None:
+    if scoring:
         for candidate in (base / spec.folder, base):
             if candidate.is_dir() and all((candidate / f).is_file() for f in spec.scoring_needs):
                 return candidate
@@ -150,7 +153,44 @@ def dataset_folder(name: str, data_dir: str | Path | None, scoring: bool = False
                       f"(download commands: the Data sets page of the documentation, {DATASETS_DOCS})")
 
 
-def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True) -> RawData:
+# a side file larger than this is not copied into a run (``keep_side_files``): scoring a file then needs the data set
+SIDE_COPY_MAX_BYTES = 50 << 20
+
+
+def keep_side_files(dataset: str, data_dir: str | Path | None, target: Path, log: Callable[[str], None] | None = None) -> list[str]:
+    """Copy into ``target`` (a new folder) the files of a registered data set's folder that scoring a file reads
+    (``DatasetSpec.scoring_needs``: MovieLens's movie and user tables, a few hundred KB), so that a run scores files
+    after its data set's folder is moved or deleted (``load_raw``'s ``kept``). The events are not copied (they can be
+    large): such a run's histories come from the file alone. A file larger than ``SIDE_COPY_MAX_BYTES`` is not copied
+    either, and ``log`` gets a line saying that scoring needs the data set. Returns the names copied."""
+    import shutil
+
+    spec = DATASETS.get(dataset)
+    if spec is None or not spec.scoring_needs:  # a schema file, a synthetic set, or nothing to keep
+        return []
+    try:
+        folder = dataset_folder(dataset, data_dir)
+    except KunlunError as exc:  # trained from data prepared elsewhere: the run is no less complete
+        if log:
+            log(f"{exc}: its files are not copied into the run, so scoring a file with this run needs the data set's folder")
+        return []
+    large = [f for f in spec.scoring_needs if (folder / f).stat().st_size > SIDE_COPY_MAX_BYTES]
+    if large:
+        if log:
+            log(f"{folder / large[0]}: larger than {SIDE_COPY_MAX_BYTES >> 20} MB, so not copied into the run: scoring a "
+                "file with this run needs the data set's folder")
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    for f in spec.scoring_needs:
+        shutil.copyfile(folder / f, target / f)
+    return list(spec.scoring_needs)
+
+
+def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True,
+             kept: Path | None = None) -> RawData:
+    """``dataset``'s examples, or (``file``) one file to score as split ``file`` (``labels=False``: the label column
+    may be missing). ``kept``: a run's copy of the files scoring reads (``keep_side_files``), read when the data set's
+    folder is not found; the histories are then the file's own rows, and ``RawData.note`` says so."""
     if is_schema_file(dataset):
         return tabular.SchemaFile(Path(dataset)).load(file, labels)
     synth = synthetic_folder(dataset, data_dir)
@@ -160,7 +200,19 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
         # a file scored by a run whose dataset is neither registered nor a schema file, so a synthetic data set, which
         # has been moved or deleted since: scoring a shard reads the file alone
         return synthetic.load_synthetic(Path(dataset), file, labels)
-    return DATASETS[dataset].load(dataset_folder(dataset, data_dir, scoring=file is not None), file, labels)
+    spec = DATASETS.get(dataset)
+    try:
+        folder = dataset_folder(dataset, data_dir, scoring=file is not None)
+    except KunlunError:
+        if file is None or kept is None or spec is None or not spec.scoring_needs \
+                or not all((kept / f).is_file() for f in spec.scoring_needs):
+            raise
+        raw = spec.load(kept, file, labels)
+        base = Path(data_dir) if data_dir else default_data_dir()
+        events = next(f for f in spec.files if f not in spec.scoring_needs)
+        raw.note = missing_data_note(base / spec.folder / events, raw.has_labels, kept=(kept, spec.scoring_needs))
+        return raw
+    return DATASETS[dataset].load(folder, file, labels)
 
 
 STREAM_ROWS = 2_000_000  # synthetic sets with more examples are prepared chunk by chunk (kunlun.data.stream)
@@ -274,11 +326,12 @@ def chunk_source(dataset: str, synth: Path | None, sf: tabular.SchemaFile | None
 
 
 def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True,
-                 log: Callable[[str], None] | None = None) -> Prepared:
+                 log: Callable[[str], None] | None = None, kept: Path | None = None) -> Prepared:
     """Encode one user-supplied file (split ``file``) with a trained model's encoder; ``labels=False``
     accepts a file without the label column (for prediction). ``log`` gets the adapter's note on how the file was
-    read (``RawData.note``: e.g. that the data set was not found, so histories come from the file alone)."""
-    raw = load_raw(dataset, data_dir, file=file, labels=labels)
+    read (``RawData.note``: e.g. that the data set was not found, so histories come from the file alone). ``kept``:
+    the run's copy of the data set's side files, read when its folder is not found (``load_raw``)."""
+    raw = load_raw(dataset, data_dir, file=file, labels=labels, kept=kept)
     if raw.schema != encoder.schema:
         raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
     if raw.note and log:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -201,9 +202,12 @@ def scoring_events(data: dict[str, np.ndarray] | None, file: dict[str, np.ndarra
     return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in file}
 
 
-def missing_data_note(path, has_labels: bool) -> str:
-    """``RawData.note`` of a file scored without its data set (``path``: the data file not found)."""
+def missing_data_note(path, has_labels: bool, kept: tuple[Path, tuple[str, ...]] | None = None) -> str:
+    """``RawData.note`` of a file scored without its data set (``path``: the data file not found). ``kept``: (folder,
+    names) of the run's copies of the data set's other files that were read instead (``registry.keep_side_files``)."""
+    copies = f"; {', '.join(kept[1])} read from the run's copy in {kept[0]}" if kept else ""
     if has_labels:
-        return (f"{path}: not found, so each row's history is only the file's own earlier rows "
+        return (f"{path}: not found, so each row's history is only the file's own earlier rows{copies} "
                 "(pass --data-dir to draw histories from the data set too)")
-    return f"{path}: not found, and the file has no labels, so every row is scored with an empty history (pass --data-dir)"
+    return (f"{path}: not found, and the file has no labels, so every row is scored with an empty history{copies} "
+            "(pass --data-dir)")

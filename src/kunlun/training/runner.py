@@ -38,7 +38,18 @@ from kunlun.files import atomic_write, atomic_write_text, check_output_file, rec
 from kunlun.metrics import metrics_table
 from kunlun.models import RankingModel
 from kunlun.processes import is_empty_run_dir, lock_run_dir
-from kunlun.runs import DEFAULT_RUNS_DIR, RECORD_ONLY_KEYS, SCHEMA_COPY, TIME_FORMAT, code_version, flat_keys, new_run_dir, read_json, resolve_run
+from kunlun.runs import (
+    DEFAULT_RUNS_DIR,
+    RECORD_ONLY_KEYS,
+    SCHEMA_COPY,
+    SIDE_COPY,
+    TIME_FORMAT,
+    code_version,
+    flat_keys,
+    new_run_dir,
+    read_json,
+    resolve_run,
+)
 from kunlun.training.checkpoint import MANIFEST, load_weights, read_manifest, verify_checkpoint
 from kunlun.training.distributed import barrier, broadcast, check_world, init_from_env, leave
 from kunlun.training.tracking import CURVES, draw_curves
@@ -274,6 +285,13 @@ def scoring_dataset(path: Path, cfg: Config) -> str:
     return str(copy) if is_schema_file(cfg.data.dataset) and copy.is_file() else cfg.data.dataset
 
 
+def side_copy(path: Path) -> Path:
+    """The run's copy of the files besides the events that scoring a file of its registered data set reads
+    (``encoder/side``, ``kunlun.data.registry.keep_side_files``), read when the data set's folder is not found; a run
+    trained before runs kept one has none, and needs the folder."""
+    return resolve_run(path)[0] / "encoder" / SIDE_COPY
+
+
 def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: Callable[[str], None] = log) -> dict[str, float]:
     """Metrics of a trained run on one file with the training schema (labels required: a file without its label
     column is a one-line KunlunError naming the column).
@@ -281,11 +299,12 @@ def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: C
     Each row is scored as its split's rows were: on a timeline data set (MovieLens, UserBehavior, KuaiRand) a row's
     history is its user's events strictly before it in the run's data set merged with the file's own earlier rows (a
     row equal to a data event is that one event), so the test split written as a file scores as the test split. When
-    the data set cannot be found (``data_dir``, else where it was at training time), the file's rows alone, and
-    ``logger`` gets one line saying so."""
+    the data set cannot be found (``data_dir``, else where it was at training time), the file's rows alone, with the
+    run's copy of the data set's other files (``side_copy``), and ``logger`` gets one line saying so."""
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
-    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, log=logger)
+    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, log=logger,
+                        kept=side_copy(path))
     return evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
 
 
@@ -319,7 +338,8 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None,
         raise KunlunError(f"--out {out}: is the input file; write the predictions elsewhere")
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
-    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, labels=False, log=logger)
+    data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, labels=False, log=logger,
+                        kept=side_copy(path))
     probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}

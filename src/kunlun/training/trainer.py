@@ -59,13 +59,13 @@ from kunlun.config import ONE_PASS_VALIDATIONS, Config
 from kunlun.console import log, stderr
 from kunlun.data.batches import Batcher, Prefetcher
 from kunlun.data.prepare import Prepared
-from kunlun.data.registry import is_schema_file
+from kunlun.data.registry import is_schema_file, keep_side_files
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_dir, atomic_write_text, os_error_text
 from kunlun.formats.gemm import apply_precision, load_precision_state, precision_state
 from kunlun.metrics import MetricAccumulator
 from kunlun.models import RankingModel, build_model
-from kunlun.runs import SCHEMA_COPY, code_version, environment
+from kunlun.runs import SCHEMA_COPY, SIDE_COPY, code_version, environment
 from kunlun.training.checkpoint import (
     full_state_dict,
     is_sharded,
@@ -311,11 +311,14 @@ class Trainer:
             (d / "epochs.jsonl").unlink(missing_ok=True)
 
     def save_encoder(self, directory: Path) -> None:
-        """The encoder, and the schema file of a dataset that has one: scoring a file reads the run's copy
-        (``encoder/schema.yaml``), not the dataset folder, which may have moved since."""
+        """The encoder, and what scoring a file reads besides the data set's events, so that the run scores files after
+        its dataset folder is moved or deleted: the schema file of a dataset that has one (``encoder/schema.yaml``),
+        a registered data set's side files (``encoder/side/``: MovieLens's movie and user tables; ``keep_side_files``)."""
         self.data.encoder().save(directory)
         if is_schema_file(self.cfg.data.dataset):
             shutil.copyfile(self.cfg.data.dataset, directory / SCHEMA_COPY)
+        else:
+            keep_side_files(self.cfg.data.dataset, self.cfg.data.data_dir, directory / SIDE_COPY, self.log)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything ``resume`` needs besides the weights: tensors and plain values only (loaded with weights_only).
