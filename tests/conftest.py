@@ -130,3 +130,21 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KUNLUN_CACHE", str(cache))
     monkeypatch.delenv("KUNLUN_DATA", raising=False)
     yield
+
+
+def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run ``kunlun ARGS`` through the CLI's ``main``: (exit status, stdout, stderr). An exception that ``main``
+    lets through (a bug: the user would see a traceback) fails the test."""
+    import sys
+
+    from kunlun.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["kunlun", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -16,26 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_cli
 from kunlun.errors import KunlunError
 
 TINY = TINY_MODEL + ["train.max_steps=5", "train.epochs=1"]
+kunlun = run_cli
 
 
-def kunlun(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run ``kunlun ARGS`` through the CLI's ``main``: (exit status, stdout, stderr). An exception that ``main``
-    lets through (a bug: the user would see a traceback) fails the test."""
-    from kunlun.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["kunlun", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_user_error(result, *needles: str) -> str:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import LEARNS, SHARED_DATA, TINY_MODEL, needs_shared
+from conftest import LEARNS, SHARED_DATA, TINY_MODEL, needs_shared, run_cli
 from kunlun.config import load_config
 from kunlun.data import registry
 from kunlun.data.registry import DATASETS, DATASETS_DOCS, EMBEDDED, keep_side_files, load_raw, prepare_dataset
@@ -43,19 +42,7 @@ def ratings_file(path: Path, rows: list[int], columns: tuple[int, ...] = (0, 1, 
     return path
 
 
-def cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    """``kunlun ARGS`` in-process through the CLI's top-level handler: (exit status, stdout, stderr)."""
-    from kunlun.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["kunlun", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = run_cli
 
 
 def test_the_test_split_written_as_a_file_scores_as_the_test_split(run, tmp_path):
