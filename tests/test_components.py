@@ -140,7 +140,7 @@ def test_values_in_padded_slots_change_no_logit(ml, name):
 
 
 @pytest.mark.parametrize("name,cfg", [
-    ("kunlun", {}), ("kunlun", {"event_split": False}), ("kunlun", {"stream_window": "own"}),
+    ("kunlun", {}), ("kunlun", {"event_split": True}), ("kunlun", {"event_split": True, "stream_window": "own"}),
     ("kunlun", {"compskip": False, "num_layers": 3}), ("kunlun", {"seq_pooling": "pma", "window": 0}),
     ("kunlun", {"target_in_sequence": False}),
     ("interformer", {}), ("interformer", {"target_in_sequence": True}), ("bst", {}), ("bst", {"rotary_time": True, "position_embedding": True}),

@@ -45,6 +45,8 @@ def load_error(*overrides: str, **kw) -> str:
         ("kunlun", "model.d_model=wide", "config key model.d_model: expected an integer, got 'wide'"),
         ("kunlun", "model.personalized=1", "config key model.personalized: expected true or false, got 1"),
         ("kunlun", "model.primary_events=[liked, 3]", "config key model.primary_events[1]: expected a string, got 3"),
+        ("kunlun", "model.stream_window=own", "config key model.stream_window: 'own' windows are per event-type stream; "
+                                              "set model.event_split=true as well"),
         ("kunlun", "model.hidden=[64]", "config key model.hidden is not known; known keys: compskip,"),
     ],
 )

@@ -103,7 +103,7 @@ KUNLUN_CONFIGS = [
     ({"name": "kunlun", "event_split": False}, 50),
     ({"name": "kunlun", "compskip": False}, 200),
     ({"name": "kunlun", "compskip": False, "window": 0}, 50),
-    ({"name": "kunlun", "stream_window": "own", "num_layers": 3}, 200),
+    ({"name": "kunlun", "event_split": True, "stream_window": "own", "num_layers": 3}, 200),
     ({"name": "kunlun", "d_model": 24, "num_layers": 3, "num_heads": 3, "window": 4, "kron_rank": 3,
       "gdpa_activation": ["silu", "gelu", "relu2"], "compskip": False}, 17),
     ({"name": "kunlun", "num_layers": 3, "seq_pooling": "pma", "personalized": False, "wukong_experts": 3,

@@ -124,7 +124,7 @@ def ml():
 VARIANTS = [{"name": name} for name in sorted(MODELS)] + [
     {"name": "kunlun", "gdpa_activation": ["relu", "silu", "gelu", "silu"], "num_heads": 4, "wukong_experts": 3},
     {"name": "kunlun", "gdpa_activation": ["silu"], "personalized": False, "seq_pooling": "pma",
-     "interaction_input": "summary", "stream_window": "own"},
+     "interaction_input": "summary", "event_split": True, "stream_window": "own"},
 ]
 
 

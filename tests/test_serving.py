@@ -149,7 +149,7 @@ def test_bf16_run_exports_under_autocast(tmp_path):
 def test_kunlun_with_own_event_windows_exports_and_scores_as_training(tmp_path):
     """``model.stream_window=own`` reads per-event-type windows: the package takes them as inputs (one set per
     event type the model reads, whatever a request's events), and scores as training does."""
-    run = train(tmp_path, "own", "model.stream_window=own")
+    run = train(tmp_path, "own", "model.event_split=true", "model.stream_window=own")
     _, _, model = load_trained(run)
     assert model.event_windows  # the tiny Kunlun has per-type streams
     out = tmp_path / "own.pt2"

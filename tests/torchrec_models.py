@@ -25,7 +25,7 @@ from kunlun.training.torchrec_sharding import ADAGRAD_EPS, shard_with_torchrec
 
 LR = 0.5
 MODELS = [{"name": "dnn"}, {"name": "dcnv2"}, {"name": "wukong"}, {"name": "din"}, {"name": "bst"}, {"name": "interformer"},
-          {"name": "kunlun"}, {"name": "kunlun", "stream_window": "own", "target_in_sequence": False}]
+          {"name": "kunlun"}, {"name": "kunlun", "event_split": True, "stream_window": "own", "target_in_sequence": False}]
 
 
 def main() -> None:

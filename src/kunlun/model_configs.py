@@ -297,6 +297,9 @@ class KunlunConfig(ModelConfig):
         check_choice(self, "summary_gate", GATES)
         check_choice(self, "interaction_input", ("tokens", "summary"))
         check_choice(self, "stream_window", ("merged", "own"))
+        if self.stream_window == "own" and not self.event_split:
+            raise KunlunError("config key model.stream_window: 'own' windows are per event-type stream; "
+                              "set model.event_split=true as well")
 
 
 # model.name → its config class; every model of kunlun.models registers the class of the same name
