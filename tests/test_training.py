@@ -5,7 +5,16 @@ import pytest
 import torch
 import yaml
 
-from conftest import LEARNS, TINY_MODEL, assert_learned, assert_last_good_checkpoint_kept, checkpoint_files, interrupt_at_step, interrupt_in_epoch, resume_cfg
+from conftest import (
+    LEARNS,
+    TINY_MODEL,
+    assert_last_good_checkpoint_kept,
+    assert_learned,
+    checkpoint_files,
+    interrupt_at_step,
+    interrupt_in_epoch,
+    resume_cfg,
+)
 from kunlun.config import load_config
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
