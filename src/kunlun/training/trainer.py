@@ -539,7 +539,7 @@ class Trainer:
                         f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped. "
                         f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
                     )
-                if s.epoch_examples:
+                if self.tracker.enabled and s.epoch_examples:  # nothing built for a run without tracking
                     self.tracker.scalars(s.step, {
                         "train/loss": s.epoch_loss_sum / s.epoch_examples, "train/lr": self.optimizers[0].param_groups[0]["lr"],
                         "train/examples_per_s": n_seen / max(time.perf_counter() - t0, 1e-9),
