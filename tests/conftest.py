@@ -8,6 +8,15 @@ from pathlib import Path
 
 # numpy's BLAS threads on tiny scaling-fit matrices only contend with each other (3× slower on 2 cores)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# pytest-xdist runs one worker per core (addopts): each worker, and every subprocess it starts, computes on one thread,
+# so that the workers do not oversubscribe the cores (set before torch starts its OpenMP pool); and each worker compiles
+# into its own Inductor cache, since two processes compiling the same graph into one cache race
+if _WORKER := os.environ.get("PYTEST_XDIST_WORKER"):
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{_WORKER}"))
 
 import pytest  # noqa: E402
 

@@ -138,7 +138,7 @@ def test_fit_cli_json_and_report(tmp_path):
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000  # plots are embedded
     r = run_cli("fit", str(csv_path), "--bootstrap", "50")
     assert r.returncode == 2 and "several families" in r.stderr
-    r = run_cli("fit", str(csv_path), "--compare", "a", "b", "--bootstrap", "50", "--json")
+    r = run_cli("fit", str(csv_path), "--compare", "a", "b", "--bootstrap", "20", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["comparison"]["slope_ratio"]["value"] > 1  # a falls faster than b
 
