@@ -132,6 +132,17 @@ def checkpoint_files(ckpt_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(ckpt_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}
 
 
+# the modules holding the suite's longest tests (a compile of a minute, the serving package's), started first: with
+# pytest-xdist each module goes to one worker (--dist loadscope, so its module fixtures are built once), and a long
+# module started last would leave the other workers idle at the end
+FIRST = ["test_training.py", "test_serving.py", "test_scaling.py", "test_cli.py", "test_reliability.py", "test_distributed.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: each module keeps its order
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own prepared-data cache, never the user's."""

@@ -111,59 +111,6 @@ def test_frappe_train_and_eval_of_a_held_out_file(tmp_path):
     assert "missing column 'daytime'" in r.stderr
 
 
-def schema_dataset(folder, rows=3000, seed=0):
-    """A small dataset described by a schema file (folder/s.yaml over train.csv, valid.csv), and a held-out file of
-    the same columns beside the folder (folder.parent/test.csv)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-
-    def csv(path, n):
-        lines = ["y,user,item,city,price,ts,clicks,click_times"]
-        for _ in range(n):
-            user, item, k = rng.integers(50), rng.integers(200), rng.integers(0, 6)
-            clicks = rng.integers(200, size=k)
-            y = int(rng.random() < (0.7 if item % 2 else 0.2))
-            lines.append(f"{y},u{user},{item},c{user % 7},{rng.random() * 10:.2f},{1_000_000 + rng.integers(10_000)},"
-                         f"{'|'.join(map(str, clicks))},{'|'.join(str(900_000 + t) for t in sorted(rng.integers(10_000, size=k)))}")
-        path.write_text("\n".join(lines) + "\n")
-
-    csv(folder / "train.csv", rows)
-    csv(folder / "valid.csv", rows // 5)
-    csv(folder.parent / "test.csv", rows // 5)
-    (folder / "s.yaml").write_text("name: moved\nfiles: {train: train.csv, valid: valid.csv}\nlabel: y\ngroup: user\n"
-                                   "time: ts\ncategorical: [user, item, city]\nnumeric: [price]\n"
-                                   "sequences:\n  - {name: clicks, item: clicks, item_vocab: item, time: click_times}\n")
-    return folder / "s.yaml"
-
-
-def test_a_run_of_a_schema_dataset_scores_files_after_its_dataset_folder_is_moved(tmp_path):
-    """The run keeps a copy of its schema file (encoder/schema.yaml): eval --file, predict and export read the run
-    alone, and score as before the move."""
-    schema = schema_dataset(tmp_path / "data")
-    test, run = tmp_path / "test.csv", tmp_path / "run"
-    kunlun("train", "--dataset", schema, "--run-dir", run, "--json", "--quiet", *TINY_MODEL, *LEARNS,
-           "train.max_steps=5", "train.epochs=1", cwd=tmp_path)
-    before = json.loads(kunlun("eval", run, "--file", test, "--json", cwd=tmp_path).stdout)
-    kunlun("predict", run, "--file", test, "--out", tmp_path / "before.csv", cwd=tmp_path)
-    (tmp_path / "data").rename(tmp_path / "moved")
-    assert not schema.exists()
-    after = json.loads(kunlun("eval", run, "--file", test, "--json", cwd=tmp_path).stdout)
-    assert after == before and after["examples"] == 600
-    kunlun("predict", run / "checkpoints" / "best", "--file", test, "--out", tmp_path / "after.csv", cwd=tmp_path)
-    assert (tmp_path / "after.csv").read_text() == (tmp_path / "before.csv").read_text()
-    kunlun("export", run, "--out", tmp_path / "m.pt2", "--compile", "none", cwd=tmp_path)
-    assert (tmp_path / "m.pt2").is_file()
-    # scoring the dataset's own splits needs the dataset: one line naming the missing schema file
-    r = kunlun("eval", run, cwd=tmp_path, expect=2)
-    assert "schema file not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    # a run recorded before runs kept a copy reads the schema file where it was at training time
-    (tmp_path / "moved").rename(tmp_path / "data")
-    (run / "encoder" / "schema.yaml").unlink()
-    assert json.loads(kunlun("eval", run, "--file", test, "--json", cwd=tmp_path).stdout) == before
-
-
 @pytest.mark.parametrize(
     "args,needle",
     [

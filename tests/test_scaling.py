@@ -129,7 +129,7 @@ def test_fit_cli_json_and_report(tmp_path):
     rows = [(c, round(float(saturating(c) * np.exp(rng.normal(0, 5e-4))), 6), fam) for c in C for fam in ("a",)]
     rows += [(c, round(float(0.95 - 0.004 * np.log(c / C[0])), 6), "b") for c in C]
     csv_path = write_csv(tmp_path / "runs.csv", rows, header="compute,ne,family")
-    r = run_cli("fit", str(csv_path), "--family", "a", "--bootstrap", "100", "--json", "--report", str(tmp_path / "rep"))
+    r = run_cli("fit", str(csv_path), "--family", "a", "--bootstrap", "40", "--json", "--report", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["chosen"] in ("M0", "M1", "M2") and len(out["holdout"]) == 2
@@ -138,7 +138,7 @@ def test_fit_cli_json_and_report(tmp_path):
     assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000  # plots are embedded
     r = run_cli("fit", str(csv_path), "--bootstrap", "50")
     assert r.returncode == 2 and "several families" in r.stderr
-    r = run_cli("fit", str(csv_path), "--compare", "a", "b", "--bootstrap", "20", "--json")
+    r = run_cli("fit", str(csv_path), "--compare", "a", "b", "--bootstrap", "10", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["comparison"]["slope_ratio"]["value"] > 1  # a falls faster than b
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY_MODEL, needs_shared
+from conftest import SHARED_DATA, TINY_MODEL, needs_shared, run_cli
 from kunlun.config import load_config
 from kunlun.data.batches import Batcher
 from kunlun.data.prepare import OOV
@@ -451,16 +451,19 @@ def test_a_scoring_process_that_dies_is_replaced_and_a_bad_target_is_named(kunlu
 
 # ------------------------------------------------------------------------------------------ the commands
 
-def kunlun_cmd(*args, cwd, expect=0, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "kunlun", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == expect, r.stderr[-2000:]
-    return r
+def kunlun_cmd(*args, monkeypatch, capsys, expect=0):
+    """``kunlun ARGS`` in this process (a subprocess would spend seconds importing torch): its (stdout, stderr)."""
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == expect, err[-2000:]
+    return out, err
 
 
-def test_export_and_serve_commands(kunlun_run, tmp_path):
-    r = kunlun_cmd("export", kunlun_run, "--out", tmp_path / "m.pt2", "--compile", "none", "--static-seq-len", "--json", cwd=tmp_path)
-    meta = json.loads(r.stdout)
-    assert meta["runtime"] == "exported_program" and "runtime exported_program" in r.stderr
+def test_export_and_serve_commands(kunlun_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out, err = kunlun_cmd("export", kunlun_run, "--out", tmp_path / "m.pt2", "--compile", "none", "--static-seq-len", "--json",
+                          monkeypatch=monkeypatch, capsys=capsys)
+    meta = json.loads(out)
+    assert meta["runtime"] == "exported_program" and "runtime exported_program" in err
     assert meta["dynamic"]["seq_len"] is None and all(i["shape"][1] == 8 for i in meta["inputs"] if i["name"].startswith("history."))
     # user errors: one line naming the path or option, exit 2, nothing written
     for args, needle in [
@@ -468,7 +471,7 @@ def test_export_and_serve_commands(kunlun_run, tmp_path):
         (("serve", kunlun_run / "config.yaml", "--max-batch", "0"), "--max-batch"),
         (("serve", kunlun_run, "--workers", "-1"), "--workers"),
     ]:
-        err = kunlun_cmd(*args, cwd=tmp_path, expect=2).stderr.strip().splitlines()
+        err = kunlun_cmd(*args, monkeypatch=monkeypatch, capsys=capsys, expect=2)[1].strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "x.pt2").exists()
     proc = subprocess.Popen([sys.executable, "-m", "kunlun", "serve", tmp_path / "m.pt2", "--port", "0", "--threads", "1"],

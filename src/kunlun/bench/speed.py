@@ -141,7 +141,8 @@ def loader_examples_per_s(batcher: Batcher, batch_size: int, seconds: float = 2.
 
 def trainer_examples_per_s(cfg: Config, steps: int) -> float:
     """Training examples/s through the real trainer (loader, step, progress, records), ``steps`` optimizer steps
-    in a throw-away run directory; validation and checkpoints are not timed (the run's own measure)."""
+    in a throw-away run directory; validation and checkpoints are not timed (the run's own measure), and the
+    splits are not scored at the end."""
     import tempfile
     from dataclasses import replace
     from pathlib import Path
@@ -150,7 +151,7 @@ def trainer_examples_per_s(cfg: Config, steps: int) -> float:
 
     train = replace(cfg.train, max_steps=steps, epochs=1, patience=0)
     with tempfile.TemporaryDirectory(prefix="kunlun-speed-") as tmp:
-        final = train_run(replace(cfg, train=train), Path(tmp) / "run", progress=False, logger=lambda _: None)
+        final = train_run(replace(cfg, train=train), Path(tmp) / "run", progress=False, logger=lambda _: None, final_splits=())
     return final["train_examples_per_s"]
 
 

@@ -106,10 +106,10 @@ def resume_changes(run_dir: Path, cfg: Config) -> dict[str, list[Any]]:
 
 
 def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, use_cache: bool = True, progress: bool = True,
-              logger: Callable[[str], None] = log) -> dict[str, Any]:
+              logger: Callable[[str], None] = log, final_splits: tuple[str, ...] = ("valid", "test")) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (default ``runs/<time>-<model>-<dataset>``), or continue the interrupted run
     there (``resume``: ``cfg`` must be the run's config.yaml up to ``RESUME_FREE_KEYS``); returns its final.json
-    (plus ``run_dir``).
+    (plus ``run_dir``), whose metrics score ``final_splits`` with the best checkpoint.
 
     The run directory is locked for the whole job (a second process gets "run directory X is in use by process N").
     A new run refuses a non-empty directory; a new run that fails before its first checkpoint leaves nothing behind.
@@ -139,7 +139,8 @@ def train_run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False,
     barrier(world)
     if not world.main:
         data = prepare_dataset(cfg.data.dataset, cfg.data.data_dir, use_cache=use_cache, log=logger)
-    trainer = Trainer(cfg, data, target, progress=progress, logger=logger, world=world)  # every config error before the first write
+    trainer = Trainer(cfg, data, target, progress=progress, logger=logger, world=world,  # every config error before the first write
+                      final_splits=final_splits)
     made = [p for p in (target, *target.parents) if not p.exists()]  # the directories this run creates
     barrier(world)  # every rank has looked at the run directory before rank 0 writes in it
     with lock_run_dir(target) if world.main else contextlib.nullcontext():

@@ -109,7 +109,8 @@ def draw_curves(run_dir: Path, title: str = "") -> Path | None:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    # fixed margins rather than tight_layout, which draws the figure once more to measure it (a third of the time)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.8 if title else 0.88, wspace=0.22)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     path = Path(run_dir) / CURVES
