@@ -74,6 +74,33 @@ def resume_cfg(*extra):
     return load_config(None, TINY_MODEL + ["train.max_steps=0", "train.epochs=2", "train.patience=0", "train.batch_size=2048", *extra])
 
 
+def schema_dataset(folder, rows=3000, seed=0):
+    """A small dataset described by a schema file (folder/s.yaml over train.csv, valid.csv), and a held-out file of
+    the same columns beside the folder (folder.parent/test.csv)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+
+    def csv(path, n):
+        lines = ["y,user,item,city,price,ts,clicks,click_times"]
+        for _ in range(n):
+            user, item, k = rng.integers(50), rng.integers(200), rng.integers(0, 6)
+            clicks = rng.integers(200, size=k)
+            y = int(rng.random() < (0.7 if item % 2 else 0.2))
+            lines.append(f"{y},u{user},{item},c{user % 7},{rng.random() * 10:.2f},{1_000_000 + rng.integers(10_000)},"
+                         f"{'|'.join(map(str, clicks))},{'|'.join(str(900_000 + t) for t in sorted(rng.integers(10_000, size=k)))}")
+        path.write_text("\n".join(lines) + "\n")
+
+    csv(folder / "train.csv", rows)
+    csv(folder / "valid.csv", rows // 5)
+    csv(folder.parent / "test.csv", rows // 5)
+    (folder / "s.yaml").write_text("name: moved\nfiles: {train: train.csv, valid: valid.csv}\nlabel: y\ngroup: user\n"
+                                   "time: ts\ncategorical: [user, item, city]\nnumeric: [price]\n"
+                                   "sequences:\n  - {name: clicks, item: clicks, item_vocab: item, time: click_times}\n")
+    return folder / "s.yaml"
+
+
 _STRAIGHT = {}
 
 

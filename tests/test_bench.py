@@ -5,7 +5,7 @@ import statistics
 import numpy as np
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, schema_dataset
 from kunlun.bench.quality import check_expected, load_spec, pin_expected, run_ablation, run_quality
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import model_from_dict
@@ -25,6 +25,22 @@ def tiny_spec(tmp_path):
         "ablation": {"dataset": "ml-latest-small", "variants": {"pma": ["model.seq_pooling=pma"]}},
     }))
     return load_spec(spec)
+
+
+def test_quality_of_a_schema_file_is_filed_under_the_data_sets_name(tmp_path):
+    """A data set given as a schema file's path: its runs and table go under the name the schema gives it."""
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", {
+        "datasets": [str(schema_dataset(tmp_path / "data", rows=600))], "seeds": [0],
+        "models": {"logistic_regression": ["train.max_steps=2", "train.epochs=1"]}}))
+    res = run_quality(spec, tmp_path / "out")
+    assert list(res["results"]) == ["moved"] and res["results"]["moved"]["logistic_regression"]["split"] == "valid"
+    assert (tmp_path / "out" / "runs" / "moved" / "logistic_regression" / "seed0" / "final.json").is_file()
+    assert "### moved" in (tmp_path / "out" / "quality.md").read_text()
+
+
+def write_spec(path, spec: dict):
+    path.write_text(json.dumps(spec))
+    return path
 
 
 def test_quality_table_is_written_and_finished_points_are_reused(tiny_spec, tmp_path):

@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from conftest import LEARNS, SHARED_DATA, TINY_MODEL, needs_shared, run_cli
+from conftest import LEARNS, SHARED_DATA, TINY_MODEL, needs_shared, run_cli, schema_dataset
 from kunlun.config import load_config
 from kunlun.data import registry
 from kunlun.data.registry import DATASETS, DATASETS_DOCS, EMBEDDED, keep_side_files, load_raw, prepare_dataset
@@ -250,31 +249,6 @@ def test_data_sets_whose_rows_carry_their_features_score_files_without_their_fol
     for dataset, file in (("criteo", criteo), ("frappe_x1", frappe)):
         raw = load_raw(dataset, tmp_path / "gone", file=file)
         assert len(raw.splits["file"]) == 5 and raw.note == "", dataset
-
-
-def schema_dataset(folder, rows=3000, seed=0):
-    """A small dataset described by a schema file (folder/s.yaml over train.csv, valid.csv), and a held-out file of
-    the same columns beside the folder (folder.parent/test.csv)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-
-    def csv(path, n):
-        lines = ["y,user,item,city,price,ts,clicks,click_times"]
-        for _ in range(n):
-            user, item, k = rng.integers(50), rng.integers(200), rng.integers(0, 6)
-            clicks = rng.integers(200, size=k)
-            y = int(rng.random() < (0.7 if item % 2 else 0.2))
-            lines.append(f"{y},u{user},{item},c{user % 7},{rng.random() * 10:.2f},{1_000_000 + rng.integers(10_000)},"
-                         f"{'|'.join(map(str, clicks))},{'|'.join(str(900_000 + t) for t in sorted(rng.integers(10_000, size=k)))}")
-        path.write_text("\n".join(lines) + "\n")
-
-    csv(folder / "train.csv", rows)
-    csv(folder / "valid.csv", rows // 5)
-    csv(folder.parent / "test.csv", rows // 5)
-    (folder / "s.yaml").write_text("name: moved\nfiles: {train: train.csv, valid: valid.csv}\nlabel: y\ngroup: user\n"
-                                   "time: ts\ncategorical: [user, item, city]\nnumeric: [price]\n"
-                                   "sequences:\n  - {name: clicks, item: clicks, item_vocab: item, time: click_times}\n")
-    return folder / "s.yaml"
 
 
 def test_a_run_of_a_schema_dataset_scores_files_after_its_dataset_folder_is_moved(tmp_path, monkeypatch, capsys):

@@ -138,14 +138,15 @@ def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_st
     results: dict[str, Any] = {"environment": environment(), "spec": spec, "results": {}}
     for dataset in spec["datasets"]:
         data = prepare_dataset(dataset, data_dir, log=log)
-        table = results["results"].setdefault(dataset, {})
+        # runs and table under the data set's name: a schema file's path is no folder name (nor a heading)
+        table = results["results"].setdefault(data.name, {})
         for model in spec["models"]:
             if MODELS[model].cls.requires_sequence and not data.schema.sequences:
                 table[model] = {"skipped": "needs a behaviour sequence; the dataset has none"}
                 continue
             overrides = point_overrides(spec, dataset, model)
-            finals = [run_point(dataset, data, model, overrides, s, out / "runs" / dataset / model / f"seed{s}", data_dir, threads,
-                                reuse_stale) for s in spec["seeds"]]
+            finals = [run_point(dataset, data, model, overrides, s, out / "runs" / data.name / model / f"seed{s}", data_dir,
+                                threads, reuse_stale) for s in spec["seeds"]]
             table[model] = summarise(finals)
             write_quality(results, out)  # tables stay current while the benchmark runs
     return results
@@ -218,7 +219,7 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
     base = point_overrides(spec, dataset, model)
     finals = {}
     for name, overrides in variants.items():
-        finals[name] = [run_point(dataset, data, model, base + list(overrides), s, out / "runs" / dataset / f"{model}-{name}" / f"seed{s}",
+        finals[name] = [run_point(dataset, data, model, base + list(overrides), s, out / "runs" / data.name / f"{model}-{name}" / f"seed{s}",
                                   data_dir, threads, reuse_stale) for s in spec["seeds"]]
     split = report_split(finals["full"][0]["metrics"])
     full_ne = np.array([f["metrics"][split]["ne"] for f in finals["full"]])
