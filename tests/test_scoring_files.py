@@ -75,6 +75,24 @@ def test_a_file_without_ratings_is_predicted_and_refused_by_eval(run, tmp_path, 
     assert lines[0].startswith(f"kunlun: error: {unrated}: missing column 'rating'") and "kunlun predict" in lines[0]
 
 
+def test_file_alone_histories_are_the_files_own_rows(run, tmp_path, monkeypatch, capsys):
+    """--file-alone: a row's history is the file's own earlier rows only, as when the data set's events are not found
+    (a --data-dir holding the side files alone) and unlike the default, which adds the data set's events."""
+    test_rows = sorted(load_raw("ml-latest-small", None).splits["test"].row.tolist())[:800]
+    file = ratings_file(tmp_path / "part.csv", test_rows)
+    side = tmp_path / "side" / "ml-latest-small"
+    side.mkdir(parents=True)
+    shutil.copy(EMBEDDED / "ml-latest-small" / "movies.csv", side)
+    code, _, err = cli(["predict", run, "--file", file, "--out", tmp_path / "alone.csv", "--file-alone"], monkeypatch, capsys)
+    assert code == 0 and "not found" not in err, err
+    notes: list[str] = []
+    predict_file(run, file, tmp_path / "side.csv", data_dir=str(tmp_path / "side"), logger=notes.append)
+    predict_file(run, file, tmp_path / "both.csv")
+    alone, side_only, both = ((tmp_path / f).read_text() for f in ("alone.csv", "side.csv", "both.csv"))
+    assert alone == side_only and alone != both and "not found" in notes[0]
+    assert evaluate_file(run, file, file_alone=True) == evaluate_file(run, file, data_dir=str(tmp_path / "side"), logger=notes.append)
+
+
 def test_a_file_rows_history_is_the_data_sets_earlier_events_and_the_files_own(tmp_path):
     lines = RATINGS.read_text().splitlines()[1:]
     user1 = [(i, line.split(",")) for i, line in enumerate(lines) if line.startswith("1,")]

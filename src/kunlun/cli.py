@@ -32,6 +32,7 @@ def _options(*decorators):
 
 _config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (default: packaged kunlun.yaml).")
 _data_dir_option = click.option("--data-dir", help="Folder holding the dataset folders.")
+_file_alone_option = click.option("--file-alone", is_flag=True, help="Histories from the file's own earlier rows only.")
 _json_option = click.option("--json", "as_json", is_flag=True)
 _quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 _overrides_argument = click.argument("overrides", nargs=-1)
@@ -80,13 +81,14 @@ def train(config_path, model, dataset, data_dir, run_dir, seed, epochs, resume, 
 @click.option("--split", multiple=True, help="Dataset split(s) to score when no --file (default valid and test).")
 @click.option("--data-dir", help="Where the training dataset lives, if not where it was at training time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the file's metrics, or metrics by split).")
-def eval_cmd(run, file, split, data_dir, as_json):
+@_file_alone_option
+def eval_cmd(run, file, split, data_dir, as_json, file_alone):
     """Score a trained RUN (directory or checkpoint) on a file or on its dataset's splits.
 
-    A file row's history: the user's events before it in the run's dataset and the file's earlier rows (user guide: Scoring files)."""
+    A row's history: the user's earlier events in the run's dataset and the file (--file-alone: the file's); user guide: Scoring files."""
     from kunlun.training.runner import evaluate_and_report
 
-    evaluate_and_report(run, file, split, data_dir, as_json)
+    evaluate_and_report(run, file, split, data_dir, as_json, file_alone)
 
 
 @cli.command()
@@ -94,14 +96,14 @@ def eval_cmd(run, file, split, data_dir, as_json):
 @click.option("--file", "file", required=True, type=click.Path(path_type=Path), help="File to score (training schema).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="CSV to write: row, probability (, label).")
 @click.option("--data-dir", help="Where the training dataset lives (side files, and the events histories come from).")
-def predict(run, file, out, data_dir):
+@_file_alone_option
+def predict(run, file, out, data_dir, file_alone):
     """Write click probabilities for every row of FILE, in the file's row order (histories as `kunlun eval` builds them).
 
     The label column (MovieLens: rating) is optional: rows without it are candidates, scored on the events before them."""
     from kunlun.training.runner import predict_file
 
-    n = predict_file(run, file, out, data_dir)
-    log(f"wrote {n} predictions to {out}")
+    log(f"wrote {predict_file(run, file, out, data_dir, file_alone=file_alone)} predictions to {out}")
 
 
 # ---------------------------------------------------------------------------------------- data

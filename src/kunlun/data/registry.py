@@ -187,10 +187,14 @@ def keep_side_files(dataset: str, data_dir: str | Path | None, target: Path, log
 
 
 def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None, labels: bool = True,
-             kept: Path | None = None) -> RawData:
+             kept: Path | None = None, file_alone: bool = False) -> RawData:
     """``dataset``'s examples, or (``file``) one file to score as split ``file`` (``labels=False``: the label column
     may be missing). ``kept``: a run's copy of the files scoring reads (``keep_side_files``), read when the data set's
-    folder is not found; the histories are then the file's own rows, and ``RawData.note`` says so."""
+    folder is not found; the histories are then the file's own rows, and ``RawData.note`` says so. ``file_alone``:
+    the histories are the file's own rows whatever is found (on data sets whose rows carry their own histories, or
+    none, it changes nothing)."""
+    if file is not None and file_alone and dataset in DATASETS:
+        return _file_alone(dataset, data_dir, file, labels, kept)
     if is_schema_file(dataset):
         return tabular.SchemaFile(Path(dataset)).load(file, labels)
     synth = synthetic_folder(dataset, data_dir)
@@ -213,6 +217,24 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
         raw.note = missing_data_note(base / spec.folder / events, raw.has_labels, kept=(kept, spec.scoring_needs))
         return raw
     return DATASETS[dataset].load(folder, file, labels)
+
+
+def _file_alone(dataset: str, data_dir: str | Path | None, file: Path, labels: bool, kept: Path | None) -> RawData:
+    """``file`` scored on its own rows' histories: the adapter reads a folder that holds the data set's side files
+    (from its folder, else the run's copy ``kept``) and not its events."""
+    spec = DATASETS[dataset]
+    try:
+        source = dataset_folder(dataset, data_dir, scoring=True)  # holds the side files (or needs none)
+    except KunlunError:
+        if kept is None or not spec.scoring_needs or not all((kept / f).is_file() for f in spec.scoring_needs):
+            raise
+        source = kept
+    with tempfile.TemporaryDirectory(prefix="kunlun-file-alone-") as tmp:
+        for f in spec.scoring_needs:
+            os.symlink((source / f).resolve(), Path(tmp) / f)
+        raw = spec.load(Path(tmp), file, labels)
+    raw.note = ""  # asked for: nothing to say
+    return raw
 
 
 STREAM_ROWS = 2_000_000  # synthetic sets with more examples are prepared chunk by chunk (kunlun.data.stream)
@@ -326,12 +348,13 @@ def chunk_source(dataset: str, synth: Path | None, sf: tabular.SchemaFile | None
 
 
 def prepare_file(dataset: str, data_dir: str | Path | None, file: Path, encoder: Encoder, labels: bool = True,
-                 log: Callable[[str], None] | None = None, kept: Path | None = None) -> Prepared:
+                 log: Callable[[str], None] | None = None, kept: Path | None = None, file_alone: bool = False) -> Prepared:
     """Encode one user-supplied file (split ``file``) with a trained model's encoder; ``labels=False``
     accepts a file without the label column (for prediction). ``log`` gets the adapter's note on how the file was
     read (``RawData.note``: e.g. that the data set was not found, so histories come from the file alone). ``kept``:
-    the run's copy of the data set's side files, read when its folder is not found (``load_raw``)."""
-    raw = load_raw(dataset, data_dir, file=file, labels=labels, kept=kept)
+    the run's copy of the data set's side files, read when its folder is not found; ``file_alone``: histories from the
+    file's own rows only (``load_raw``)."""
+    raw = load_raw(dataset, data_dir, file=file, labels=labels, kept=kept, file_alone=file_alone)
     if raw.schema != encoder.schema:
         raise KunlunError(f"{file}: its schema differs from the one the model was trained on")
     if raw.note and log:

@@ -293,7 +293,8 @@ def side_copy(path: Path) -> Path:
     return resolve_run(path)[0] / "encoder" / SIDE_COPY
 
 
-def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: Callable[[str], None] = log) -> dict[str, float]:
+def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: Callable[[str], None] = log,
+                  file_alone: bool = False) -> dict[str, float]:
     """Metrics of a trained run on one file with the training schema (labels required: a file without its label
     column is a one-line KunlunError naming the column).
 
@@ -301,21 +302,22 @@ def evaluate_file(path: Path, file: Path, data_dir: str | None = None, logger: C
     history is its user's events strictly before it in the run's data set merged with the file's own earlier rows (a
     row equal to a data event is that one event), so the test split written as a file scores as the test split. When
     the data set cannot be found (``data_dir``, else where it was at training time), the file's rows alone, with the
-    run's copy of the data set's other files (``side_copy``), and ``logger`` gets one line saying so."""
+    run's copy of the data set's other files (``side_copy``), and ``logger`` gets one line saying so. ``file_alone``:
+    the file's rows alone, whatever is found."""
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
     data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, log=logger,
-                        kept=side_copy(path))
+                        kept=side_copy(path), file_alone=file_alone)
     return evaluate(model, data, "file", cfg.data.max_seq_len, cfg.train.eval_batch_size, cfg.train.bf16)
 
 
 def evaluate_and_report(path: Path, file: Path | None = None, splits: list[str] | tuple[str, ...] = (), data_dir: str | None = None,
-                        as_json: bool = False) -> dict[str, Any]:
+                        as_json: bool = False, file_alone: bool = False) -> dict[str, Any]:
     """What ``kunlun eval`` does: the metrics of a trained run on ``file`` (``evaluate_file``; a line on stderr says how
     many rows were scored) or, without one, on its dataset's ``splits`` (``evaluate_run``), printed on stdout as a
     table or one JSON object (``as_json``), and returned."""
     if file:
-        m = evaluate_file(path, file, data_dir)
+        m = evaluate_file(path, file, data_dir, file_alone=file_alone)
         log(f"scored {m['examples']} rows of {file}")
         emit_json(m) if as_json else metrics_table({Path(file).name: m})
         return m
@@ -324,12 +326,13 @@ def evaluate_and_report(path: Path, file: Path | None = None, splits: list[str] 
     return metrics
 
 
-def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None, logger: Callable[[str], None] = log) -> int:
+def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None, logger: Callable[[str], None] = log,
+                 file_alone: bool = False) -> int:
     """Write ``out`` (CSV: row, probability, and label when the file has one) for every row of ``file``, in the
     file's row order; returns the number of rows. ``out`` is checked before any work, and written atomically:
     a failure leaves whatever was at ``out`` before, and no temporary file.
 
-    Histories as in ``evaluate_file``. The label column (MovieLens: the rating) is optional: rows without it are
+    Histories as in ``evaluate_file`` (``file_alone`` too). The label column (MovieLens: the rating) is optional: rows without it are
     candidates, scored from the histories before them; they are not events of any later row's history."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -340,7 +343,7 @@ def predict_file(path: Path, file: Path, out: Path, data_dir: str | None = None,
     cfg, encoder, model = load_trained(path)
     _threads_as_trained(cfg)
     data = prepare_file(scoring_dataset(path, cfg), data_dir or cfg.data.data_dir, file, encoder, labels=False, log=logger,
-                        kept=side_copy(path))
+                        kept=side_copy(path), file_alone=file_alone)
     probs, labels, _ = predict(model, Batcher(data, "file", cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size, cfg.train.bf16)
     order = np.argsort(data.splits["file"].row, kind="stable")
     columns = {"row": data.splits["file"].row[order], "probability": probs[order]}
