@@ -208,8 +208,7 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
     try:
         folder = dataset_folder(dataset, data_dir, scoring=file is not None)
     except KunlunError:
-        if file is None or kept is None or spec is None or not spec.scoring_needs \
-                or not all((kept / f).is_file() for f in spec.scoring_needs):
+        if file is None or spec is None or not _holds_side_files(kept, spec):
             raise
         raw = spec.load(kept, file, labels)
         base = Path(data_dir) if data_dir else default_data_dir()
@@ -219,6 +218,11 @@ def load_raw(dataset: str, data_dir: str | Path | None, file: Path | None = None
     return DATASETS[dataset].load(folder, file, labels)
 
 
+def _holds_side_files(kept: Path | None, spec: DatasetSpec) -> bool:
+    """Whether a run's copy ``kept`` holds every file besides the events that scoring ``spec``'s files reads."""
+    return kept is not None and bool(spec.scoring_needs) and all((kept / f).is_file() for f in spec.scoring_needs)
+
+
 def _file_alone(dataset: str, data_dir: str | Path | None, file: Path, labels: bool, kept: Path | None) -> RawData:
     """``file`` scored on its own rows' histories: the adapter reads a folder that holds the data set's side files
     (from its folder, else the run's copy ``kept``) and not its events."""
@@ -226,7 +230,7 @@ def _file_alone(dataset: str, data_dir: str | Path | None, file: Path, labels: b
     try:
         source = dataset_folder(dataset, data_dir, scoring=True)  # holds the side files (or needs none)
     except KunlunError:
-        if kept is None or not spec.scoring_needs or not all((kept / f).is_file() for f in spec.scoring_needs):
+        if not _holds_side_files(kept, spec):
             raise
         source = kept
     with tempfile.TemporaryDirectory(prefix="kunlun-file-alone-") as tmp:
