@@ -43,8 +43,10 @@ def test_a_folder_dataset_names_its_run_by_the_folder():
 
 def test_synth_then_info_from_the_command_line(tmp_path):
     r = kunlun("data", "synth", "--out", tmp_path / "w", "--examples", "12k", "--seed", "5", "--items", "1500",
-               "--events-per-user", "25", "--shard-rows", "5k", "--json", cwd=tmp_path)
+               "--events-per-user", "25", "--shard-rows", "5k", "--json", "drift_days=20", "device_bias=0,-0.2,0.1",
+               cwd=tmp_path)
     out = json.loads(r.stdout)
+    assert out["manifest"]["world"]["drift_days"] == 20 and out["manifest"]["world"]["device_bias"] == [0, -0.2, 0.1]
     assert out["manifest"]["examples"] == 12_000 and [s["rows"] for s in out["manifest"]["shards"]] == [5000, 5000, 2000]
     assert out["manifest"]["world"]["items"] == 1500 and out["manifest"]["seed"] == 5
     assert f"wrote 12,000 impressions of {out['manifest']['users']:,} users" in r.stderr

@@ -208,3 +208,16 @@ def test_a_tiny_synthetic_world_trains_end_to_end(tmp_path):
     # the same after the world's folder is moved: scoring a file reads the run and the file alone
     out.rename(tmp_path / "moved")
     assert evaluate_file(tmp_path / "run", shard) == scored
+
+
+def test_world_parameters_as_key_value_overrides():
+    w = S.world_with(["drift_days=20", "max_events=1k", "device_bias=0,-0.5,0.5"], S.World(items=500))
+    assert (w.items, w.drift_days, w.max_events, w.device_bias) == (500, 20.0, 1000, (0.0, -0.5, 0.5))
+    assert isinstance(w.max_events, int) and S.world_with([]) == S.World()
+    for bad, needle in [("drift=3", r"'drift=3' is not key=value with a known key; keys: items, "),
+                        ("drift_days", "not key=value"), ("drift_days=soon", "key drift_days: expected a number, got 'soon'"),
+                        ("max_events=2.5", "key max_events: expected a number"), ("drift_days=nan", "expected a finite number"),
+                        ("device_bias=0,x", "key device_bias: expected numbers, comma-separated"),
+                        ("device_bias=0,1", r"device_bias is out of range")]:
+        with pytest.raises(KunlunError, match=needle):
+            S.world_with([bad])

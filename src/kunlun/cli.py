@@ -150,15 +150,18 @@ def _count(ctx, param, value):
 @click.option("--shard-rows", default="1M", show_default=True, callback=_count, help="Rows per Parquet file.")
 @_quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and the Bayes NE as one JSON object.")
-def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_users, shard_rows, quiet, as_json):
+@click.argument("world_overrides", metavar="[KEY=VALUE]...", nargs=-1)
+def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_users, shard_rows, quiet, as_json,
+          world_overrides):
     """Write a synthetic world with a known click probability (Parquet shards, synth.json, bayes.json).
 
-    Train on it with `kunlun train --dataset OUT`; `kunlun data info OUT` shows its Bayes NE per split.
-    What it models and what it does not: the docstring of kunlun.data.synthetic.
+    Every other parameter of the world is a KEY=VALUE argument (drift_days=20 short_term_weight=1; the fields of
+    kunlun.data.synthetic.World). Train on it with `kunlun train --dataset OUT`; `kunlun data info OUT` shows its
+    Bayes NE per split. What it models and what it does not: the docstring of kunlun.data.synthetic.
     """
-    from kunlun.data.synthetic import World, bayes_table, generate_with_progress
+    from kunlun.data.synthetic import World, bayes_table, generate_with_progress, world_with
 
-    world = World(items=items, categories=categories, dim=dim, events_per_user=events_per_user)
+    world = world_with(world_overrides, World(items=items, categories=categories, dim=dim, events_per_user=events_per_user))
     manifest, bayes = generate_with_progress(out, examples, seed, world, chunk_users, shard_rows, progress=not quiet, log=log)
     emit_json({"manifest": manifest, "bayes": bayes}) if as_json else bayes_table(bayes)
 

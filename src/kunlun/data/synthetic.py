@@ -62,7 +62,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,32 @@ class World:
         d = asdict(self)
         d["device_bias"] = list(self.device_bias)
         return d
+
+
+def world_with(overrides: list[str] | tuple[str, ...], world: World | None = None) -> World:
+    """``world`` (default ``World()``) with ``key=value`` overrides of its fields, as ``kunlun data synth`` takes them
+    (``drift_days=20 short_term_weight=1``; ``device_bias=0,-0.3,0.25``). A bad key or value is one line naming it."""
+    fields = World.__dataclass_fields__
+    changes: dict[str, Any] = {}
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise KunlunError(f"synthetic world: {text!r} is not key=value with a known key; keys: {', '.join(fields)}")
+        kind = type(getattr(World, key)) if key != "device_bias" else tuple
+        try:
+            if kind is tuple:
+                changes[key] = tuple(float(v) for v in value.split(","))
+            elif kind is int:
+                changes[key] = parse_count(value)
+            else:
+                changes[key] = float(value)
+        except (ValueError, KunlunError):
+            raise KunlunError(f"synthetic world: key {key}: expected {'numbers, comma-separated' if kind is tuple else 'a number'}, "
+                              f"got {value!r}") from None
+        if kind is float and not math.isfinite(changes[key]):
+            raise KunlunError(f"synthetic world: key {key}: expected a finite number, got {value!r}")
+    return replace(world or World(), **changes)
 
 
 # ----------------------------------------------------------------------------- counter-based randomness
