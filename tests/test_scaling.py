@@ -238,3 +238,60 @@ def test_seeds_of_one_sweep_point_form_one_noise_group_at_different_computes():
     assert groups[1]["sigma"] == pytest.approx(np.std([0.80, 0.81, 0.83], ddof=1))
     assert groups[1]["compute"] == pytest.approx(np.exp(np.log([2e11, 4e11, 4e11]).mean()))
     assert [g["dof"] for g in seed_groups(C, ne)] == [1, 1]  # without point labels: equal compute only
+
+
+def chinchilla_grid(alpha, beta, seeds=(0,), noise=0.002):
+    """A 4 sizes × 3 data grid from L(F, D) = 0.7 + 0.3 (F/1e5)^−α + 0.1 (D/1e4)^−β, C = 3 F D; 3 seeds at one point."""
+    rng = np.random.default_rng(0)
+    pts = []
+    for i, f in enumerate(np.logspace(5, 7, 4)):
+        for j, d in enumerate(np.logspace(4, 7, 3)):
+            for s in (seeds if (i, j) == (1, 1) else (0,)):
+                ne = (0.7 + 0.3 * (f / 1e5) ** -alpha + 0.1 * (d / 1e4) ** -beta) * np.exp(rng.normal(0, noise))
+                pts.append(Point(3 * f * d, ne, family="m", seed=s, point=f"f{i}-d{j}", flops_per_example=f))
+    return pts
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.34, 0.34), (0.2, 0.4), (0.45, 0.15)])
+def test_frontier_and_the_compute_optimal_size_of_a_grid(alpha, beta):
+    from kunlun.scaling.law import frontier, optimal_size
+
+    pts = chinchilla_grid(alpha, beta, seeds=(0, 1, 2))
+    kept, rows = frontier(pts)
+    assert len(rows) == 12 and [r["compute"] for r in rows] == sorted(r["compute"] for r in rows)
+    for k, r in enumerate(rows):  # on the frontier ⇔ better than every cheaper point
+        assert r["on_frontier"] == (r["ne"] < min((q["ne"] for q in rows[:k]), default=np.inf))
+    assert {p.point for p in kept} == {r["point"] for r in rows if r["on_frontier"]} and 0 < len(kept) < len(pts)
+    middle = next(r for r in rows if r["point"] == "f1-d1")
+    assert middle["seeds"] == 3 and middle["ne"] == pytest.approx(np.mean([p.ne for p in pts if p.point == "f1-d1"]))
+    assert middle["examples"] == pytest.approx(10 ** 5.5)
+    truth = beta / (alpha + beta)  # F_opt ∝ C^(β/(α+β))
+    exact = optimal_size(frontier(chinchilla_grid(alpha, beta, noise=0.0))[1], 10, 0.9, 0)
+    assert exact["size_exponent"] == pytest.approx(truth, abs=0.005) and exact["E"] == pytest.approx(0.7, abs=0.005)
+    size = optimal_size(rows, 100, 0.9, 0)  # 0.2 % noise on 12 points
+    assert size["size_exponent"] == pytest.approx(truth, abs=0.06)
+    assert size["size_exponent_interval"][0] <= size["size_exponent"] <= size["size_exponent_interval"][1]
+    assert size["E"] == pytest.approx(0.7, abs=0.03) and size["in_sample_mean_abs_error"] < 0.005
+    assert optimal_size([r for r in rows if r["flops_per_example"] == 1e5], 10, 0.9, 0) is None  # one size: no surface
+
+
+def test_layer_law_and_frontier_reports(tmp_path, capsys):
+    from kunlun.scaling.law import fit_inputs
+    from kunlun.scaling.report import fit_and_report, fit_tables
+
+    layers = [1, 2, 3, 4, 6, 8]
+    rows = [(1e12 * n, round(0.8 - 0.01 * np.log(n), 6), "m", n) for n in layers]
+    csv_path = write_csv(tmp_path / "layers.csv", rows, header="compute,ne,family,layers")
+    r = fit_inputs([csv_path], x="layers", holdout=1, n_boot=20)
+    assert r["x"] == "layers" and [x["compute"] for x in r["runs"]] == layers and r["holdout"][0]["compute"] == 8
+    assert r["forms"]["M0"]["params"]["eta"] == pytest.approx(0.01, rel=1e-3) and "number of layers" in r["convention"]
+    with pytest.raises(KunlunError, match="no model.num_layers recorded"):
+        fit_inputs([write_csv(tmp_path / "no-layers.csv", [(1e12, 0.8), (2e12, 0.79)])], x="layers")
+    grid = [(p.compute, p.ne, p.family, p.seed, p.flops_per_example, p.point) for p in chinchilla_grid(0.3, 0.3, seeds=(0, 1))]
+    grid_csv = write_csv(tmp_path / "grid.csv", grid, header="compute,ne,family,seed,flops_per_example,point")
+    res = fit_and_report([grid_csv], holdout=1, n_boot=20, report_dir=tmp_path / "rep", use_frontier=True)
+    assert res["n_runs"] == sum(g["seeds"] for g in res["grid"] if g["on_frontier"]) < len(grid)
+    fit_tables(res)
+    out = capsys.readouterr().out
+    assert "compute-optimal frontier:" in out and "compute-optimal size: FLOPs/example ∝ C^0.5" in out
+    assert "Compute-optimal frontier: m" in (tmp_path / "rep" / "report.html").read_text()

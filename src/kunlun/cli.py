@@ -145,14 +145,12 @@ def _count(ctx, param, value):
 @click.option("--categories", type=int, default=32, show_default=True, help="Item categories.")
 @click.option("--dim", type=int, default=16, show_default=True, help="Latent dimension of users and items.")
 @click.option("--events-per-user", type=float, default=50.0, show_default=True, help="Mean impressions per user (log-normal).")
-@click.option("--chunk-users", type=int, help="Users simulated at once: memory grows with it, the data never change "
-                                               "(default: about 262k impressions' worth).")
+@click.option("--chunk-users", type=int, help="Users simulated at once (memory grows with it; the data do not). Default: ~262k rows' worth.")
 @click.option("--shard-rows", default="1M", show_default=True, callback=_count, help="Rows per Parquet file.")
 @_quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and the Bayes NE as one JSON object.")
 @click.argument("world_overrides", metavar="[KEY=VALUE]...", nargs=-1)
-def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_users, shard_rows, quiet, as_json,
-          world_overrides):
+def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_users, shard_rows, quiet, as_json, world_overrides):
     """Write a synthetic world with a known click probability (Parquet shards, synth.json, bayes.json).
 
     Every other parameter of the world is a KEY=VALUE argument (drift_days=20 short_term_weight=1; the fields of
@@ -168,9 +166,8 @@ def synth(out, examples, seed, items, categories, dim, events_per_user, chunk_us
 
 @data.command()
 @_data_options
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
-              help="Prepare chunk by chunk, this many rows at a time, in memory bounded by the chunk (automatic for synthetic "
-                   "sets above 2M examples and other datasets whose files exceed 256 MiB); the cache is the same either way.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Prepare this many rows at a time, in memory bounded by the chunk (automatic "
+              "for synthetic sets above 2M examples and other files above 256 MiB); the cache is the same either way.")
 def prepare(dataset, data_dir, chunk_rows):
     """Read the raw files, build vocabularies and write the columnar cache (done automatically by train)."""
     from kunlun.data.registry import rebuild_cache
@@ -306,9 +303,8 @@ def formats_cmd(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datas
 @click.option("--threads", type=int, help="torch threads per process (overrides the sweep file).")
 @click.option("--dry-run", is_flag=True, help="Validate every point and list the runs without training.")
 @click.option("--reuse-stale", is_flag=True, help="Keep finished points of the same config trained by other code.")
-@click.option("--launcher", default="local", show_default=True,
-              help="Where the training processes run: local, ray (the cluster at $RAY_ADDRESS, else a local one; kunlun[ray]) "
-                   "or submitit (SLURM where sbatch is found; kunlun[submitit]).")
+@click.option("--launcher", default="local", show_default=True, help="Where the training processes run: local, ray (the cluster at "
+              "$RAY_ADDRESS, else a local one; kunlun[ray]) or submitit (SLURM where sbatch is found; kunlun[submitit]).")
 def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, launcher):
     """Run a grid of training runs (SWEEP_FILE, YAML) as separate processes; resumable."""
     from kunlun.scaling.sweep import run_sweep_file
@@ -326,13 +322,15 @@ def sweep(sweep_file, out, data_dir, parallel, threads, dry_run, reuse_stale, la
 @click.option("--compare", nargs=2, metavar="A B", help="Compare two families (names among INPUTS, or two paths): slope ratio, compute multiplier.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.html and PNG plots into this folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
+@click.option("--frontier", "use_frontier", is_flag=True, help="Fit the compute-optimal frontier of a sizes × data grid, and its size law.")
+@click.option("--x", "x", type=click.Choice(["compute", "layers"]), default="compute", show_default=True, help="NE as a law of this.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, seed, as_json):
+def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, seed, use_frontier, x, as_json):
     """Fit and validate scaling laws on run directories, sweep folders or a CSV table (compute, ne[, family, seed, layers])."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: threads only slow down thousands of tiny fits
     from kunlun.scaling.report import fit_and_report, fit_tables
 
-    result = fit_and_report(list(inputs), family, compare, holdout, n_boot, level, tolerance, seed, report_dir, progress=log)
+    result = fit_and_report(list(inputs), family, compare, holdout, n_boot, level, tolerance, seed, report_dir, log, x, use_frontier)
     emit_json(result) if as_json else fit_tables(result)
 
 

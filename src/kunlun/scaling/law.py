@@ -10,6 +10,7 @@ multiplier, each with a bootstrap interval.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from kunlun.errors import KunlunError
 from kunlun.scaling.forms import DELTA, FORMS, Fit, fit_form
 from kunlun.scaling.points import Point, check_points, families, load_points, provenance
+from kunlun.scaling.surface import fit_surface
 
 CONVENTION = ("C = 3 × useful (unpadded) forward FLOPs/example × training examples processed up to the best-on-validation "
               "checkpoint (2 FLOPs per multiply-add; embedding lookups 0 FLOPs); L = NE at that checkpoint")
@@ -302,14 +304,71 @@ def compare(a: list[Point], b: list[Point], n_boot: int = 1000, level: float = 0
 
 # ------------------------------------------------------------------------------------------ inputs → results
 
+def frontier(points: list[Point]) -> tuple[list[Point], list[dict[str, Any]]]:
+    """The compute-optimal frontier of a grid (sizes × data): a sweep point (its runs differ only by seed; NE averaged,
+    compute geometric-averaged) is on it when its NE is below that of every point run at less compute. Returns the
+    runs of the frontier's points, and one row per grid point: compute, NE, seeds, FLOPs/example, examples processed
+    (C / (3 × FLOPs/example)) and whether it is on the frontier, in order of compute."""
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        groups.setdefault(p.point or p.source or f"compute={p.compute!r}", []).append(p)
+    rows = []
+    for key, runs in groups.items():
+        c = float(np.exp(np.mean(np.log([r.compute for r in runs]))))
+        f = runs[0].flops_per_example
+        rows.append({"point": key, "compute": c, "ne": float(np.mean([r.ne for r in runs])), "seeds": len(runs),
+                     "flops_per_example": f, "examples": c / (3 * f) if f else None, "layers": runs[0].layers})
+    rows.sort(key=lambda r: r["compute"])
+    best = np.inf
+    for r in rows:
+        r["on_frontier"] = bool(r["ne"] < best)
+        best = min(best, r["ne"])
+    kept = {r["point"] for r in rows if r["on_frontier"]}
+    return [p for k, runs in groups.items() if k in kept for p in runs], rows
+
+
+def optimal_size(rows: list[dict[str, Any]], n_boot: int, level: float, seed: int) -> dict[str, Any] | None:
+    """How the compute-optimal model size grows with compute: ``kunlun.scaling.surface.fit_surface`` over the grid's
+    points (seed means). None unless the grid varies both size (FLOPs/example) and data (examples) over ≥ 6 points."""
+    grid = [r for r in rows if r["flops_per_example"]]
+    if len(grid) < 6 or len({r["flops_per_example"] for r in grid}) < 2 or len({round(r["examples"]) for r in grid}) < 2:
+        return None
+    return fit_surface(np.array([r["flops_per_example"] for r in grid]), np.array([r["examples"] for r in grid]),
+                       np.array([r["ne"] for r in grid]), n_boot, level, seed)
+
+
+def by_layers(points: list[Point]) -> list[Point]:
+    """The runs with the number of layers in place of compute, for the layer law (NE against depth at a fixed width)."""
+    missing = [p.source for p in points if not p.layers]
+    if missing:
+        raise KunlunError(f"{missing[0]}: no model.num_layers recorded (a CSV needs a layers column) for --x layers")
+    return [replace(p, compute=float(p.layers)) for p in points]
+
+
+def reduce_points(points: list[Point], x: str, use_frontier: bool, n_boot: int, level: float,
+                  seed: int) -> tuple[list[Point], dict[str, Any]]:
+    """The runs ``analyse`` fits for ``kunlun fit --x/--frontier``, and what to add to its result about them."""
+    extra: dict[str, Any] = {"x": x}
+    if x == "layers":
+        points = by_layers(points)
+        extra["convention"] = "x = number of layers (model.num_layers) at the width and data the runs share; L = NE as for compute"
+    if use_frontier:
+        points, rows = frontier(points)
+        extra["grid"] = rows
+        extra["optimal_size"] = optimal_size(rows, min(n_boot, 200), level, seed)
+    return points, extra
+
+
 def _check_level(level: float) -> None:
     if not 0 < level < 1:
         raise KunlunError(f"--level: expected a number between 0 and 1, got {level}")
 
 
 def fit_inputs(inputs: list[Path], family: str | None = None, holdout: int = 2, n_boot: int = 1000, level: float = 0.9,
-               tolerance: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """``analyse`` the runs of ``inputs`` (run directories, sweep folders, CSV tables), or only ``family``'s."""
+               tolerance: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None, x: str = "compute",
+               use_frontier: bool = False) -> dict[str, Any]:
+    """``analyse`` the runs of ``inputs`` (run directories, sweep folders, CSV tables), or only ``family``'s; against
+    ``x`` (compute, or layers), on the compute-optimal frontier of the runs only with ``use_frontier``."""
     _check_level(level)
     if not inputs:
         raise KunlunError("give run directories, a sweep folder or a CSV file to fit")
@@ -319,11 +378,13 @@ def fit_inputs(inputs: list[Path], family: str | None = None, holdout: int = 2, 
         if family not in fams:
             raise KunlunError(f"--family: {family!r} not among the runs ({', '.join(sorted(fams))})")
         pts = fams[family]
-    return analyse(pts, holdout, n_boot, level, tolerance, seed, progress=progress)
+    pts, extra = reduce_points(pts, x, use_frontier, n_boot, level, seed)
+    return {**analyse(pts, holdout, n_boot, level, tolerance, seed, progress=progress), **extra}
 
 
 def compare_inputs(inputs: list[Path], a: str, b: str, holdout: int = 2, n_boot: int = 1000, level: float = 0.9,
-                   tolerance: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   tolerance: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None, x: str = "compute",
+                   use_frontier: bool = False) -> dict[str, Any]:
     """Two families, each a family name among the runs of ``inputs`` or a path of its own: ``analyse`` of each and
     their ``compare``. Returns {"a": result, "b": result, "comparison": ...}."""
     _check_level(level)
@@ -338,5 +399,7 @@ def compare_inputs(inputs: list[Path], a: str, b: str, holdout: int = 2, n_boot:
             known = ", ".join(sorted(pts)) or "none loaded"
             raise KunlunError(f"--compare: {name!r} is neither a family among the inputs ({known}) nor a path")
     check_points(groups[0] + groups[1])
-    results = [analyse(g, holdout, n_boot, level, tolerance, seed, progress=progress) for g in groups]
+    reduced = [reduce_points(g, x, use_frontier, n_boot, level, seed) for g in groups]
+    groups = [g for g, _ in reduced]
+    results = [{**analyse(g, holdout, n_boot, level, tolerance, seed, progress=progress), **extra} for g, extra in reduced]
     return {"a": results[0], "b": results[1], "comparison": compare(groups[0], groups[1], n_boot, level, seed)}

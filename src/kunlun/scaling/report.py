@@ -15,6 +15,7 @@ from typing import Any
 from kunlun.files import atomic_write_text
 
 COLORS = {"M0": "tab:blue", "M1": "tab:orange", "M2": "tab:green"}
+X_LABELS = {"compute": "training compute C (FLOPs)", "layers": "layers"}
 
 
 def _plt():
@@ -49,6 +50,10 @@ def plot_ne_vs_compute(result: dict[str, Any], path: Path, others: list[dict[str
         fit_runs = [x for x in r["runs"] if not x["held_out"]]
         held = [x for x in r["runs"] if x["held_out"]]
         label = r["family"] or "runs"
+        off = [g for g in r.get("grid", []) if not g["on_frontier"]]
+        if off:
+            ax.scatter([g["compute"] for g in off], [g["ne"] for g in off], facecolor="none", edgecolor=color, s=22, alpha=0.6,
+                       label=f"{label}: grid points off the frontier (seed mean)")
         ax.scatter([x["compute"] for x in fit_runs], [x["ne"] for x in fit_runs], color=color, s=22, label=f"{label}: fitted runs")
         if held:
             ax.scatter([x["compute"] for x in held], [x["ne"] for x in held], color=color, marker="*", s=110, edgecolor="k",
@@ -61,7 +66,7 @@ def plot_ne_vs_compute(result: dict[str, Any], path: Path, others: list[dict[str
                             label=f"{label}: {100 * r['level']:.0f} % prediction interval")
     ax.axvline(result["fit_window"][1], color="grey", ls=":", lw=1)
     ax.set_xscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_xlabel(X_LABELS[result.get("x", "compute")])
     ax.set_ylabel(result["metric"] or "NE")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -84,7 +89,7 @@ def plot_error_vs_distance(result: dict[str, Any], path: Path) -> None:
     ax.axhline(0, color="k", lw=0.8)
     for s in (-1, 1):
         ax.axhline(s * 100 * result["tolerance"], color="grey", ls=":", lw=1)
-    ax.set_xlabel("extrapolation distance (decades of compute beyond the fitted runs)")
+    ax.set_xlabel(f"extrapolation distance (decades of {result.get('x', 'compute')} beyond the fitted runs)")
     ax.set_ylabel("signed error (predicted − measured) / measured, %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -135,28 +140,60 @@ def fit_table(result: dict[str, Any]) -> None:
         table.add_row(*r)
     con = out_console()
     con.print(table)
+    x = "C" if result.get("x", "compute") == "compute" else result["x"]
     for r in result["holdout"]:
         sigma = f"{r['seed_sigma']:.4f}" if r.get("seed_sigma") is not None else "not estimated"
-        con.print(f"  held out C={r['compute']:.3g}: NE {r['ne']:.4f}, predicted {r['predicted']:.4f} "
+        con.print(f"  held out {x}={r['compute']:.3g}: NE {r['ne']:.4f}, predicted {r['predicted']:.4f} "
                   f"[{r['lower']:.4f}, {r['upper']:.4f}], seed σ there {sigma}", highlight=False)
     con.print(f"seed noise σ: {seed_noise_text(result)}", highlight=False)
+    for line in frontier_lines(result):
+        con.print(line, highlight=False)
     con.print(f"code: {result.get('provenance', 'unknown')}", highlight=False)
     con.print(result["verdict"], highlight=False)
 
 
+def frontier_rows(result: dict[str, Any]) -> list[list[str]]:
+    """``kunlun fit --frontier``: every grid point (seeds averaged) in order of compute, and whether it is on the frontier."""
+    rows = [["compute (FLOPs)", "NE (seed mean)", "seeds", "FLOPs/example", "examples", "on frontier", "point"]]
+    for g in result.get("grid", []):
+        rows.append([f"{g['compute']:.4g}", f"{g['ne']:.5f}", str(g["seeds"]),
+                     f"{g['flops_per_example']:.4g}" if g["flops_per_example"] else "", f"{g['examples']:,.0f}" if g["examples"] else "",
+                     "yes" if g["on_frontier"] else "", Path(g["point"]).name])
+    return rows
+
+
+def frontier_lines(result: dict[str, Any]) -> list[str]:
+    """What ``--frontier`` kept, and how the frontier's model size grows with compute."""
+    if "grid" not in result:
+        return []
+    on = sum(g["on_frontier"] for g in result["grid"])
+    lines = [f"compute-optimal frontier: {on} of {len(result['grid'])} grid points (fitted above; the rest are off it)"]
+    s = result.get("optimal_size")
+    if s:
+        p, (lo, hi) = s["params"], s["size_exponent_interval"]
+        lines.append(f"{s['form']} over the grid: alpha {p['alpha']:.3f}, beta {p['beta']:.3f}, E {s['E']:.4f} "
+                     f"[{s['E_interval'][0]:.4f}, {s['E_interval'][1]:.4f}], in-sample mean |error| "
+                     f"{100 * s['in_sample_mean_abs_error']:.2f} %")
+        lines.append(f"compute-optimal size: FLOPs/example ∝ C^{s['size_exponent']:.2f} [{lo:.2f}, {hi:.2f}], examples ∝ "
+                     f"C^{1 - s['size_exponent']:.2f} ({100 * s['level']:.0f} % bootstrap, {s['bootstrap']} resamples)")
+    return lines
+
+
 def fit_and_report(inputs: list[Path], family: str | None = None, compare: tuple[str, str] | None = None, holdout: int = 2,
                    n_boot: int = 1000, level: float = 0.9, tolerance: float = 1e-3, seed: int = 0, report_dir: Path | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, x: str = "compute", use_frontier: bool = False) -> dict[str, Any]:
     """``kunlun fit``: ``fit_inputs`` of ``inputs`` (or of ``family`` among them), or with ``compare`` (two family names
-    or paths) ``compare_inputs`` of the two; with ``report_dir``, report.html and its plots written there too."""
+    or paths) ``compare_inputs`` of the two; with ``report_dir``, report.html and its plots written there too. ``x`` and
+    ``use_frontier``: ``kunlun.scaling.law.reduce_points``."""
     from kunlun.scaling.law import compare_inputs, fit_inputs
 
     if compare:
-        both = compare_inputs(inputs, *compare, holdout, n_boot, level, tolerance, seed, progress=progress)
+        both = compare_inputs(inputs, *compare, holdout, n_boot, level, tolerance, seed, progress=progress, x=x,
+                              use_frontier=use_frontier)
         if report_dir:
             write_report(both["a"], report_dir, both["comparison"], both["b"])
         return both
-    result = fit_inputs(inputs, family, holdout, n_boot, level, tolerance, seed, progress=progress)
+    result = fit_inputs(inputs, family, holdout, n_boot, level, tolerance, seed, progress=progress, x=x, use_frontier=use_frontier)
     if report_dir:
         for f in write_report(result, report_dir):
             (progress or (lambda m: None))(f"wrote {f}")
@@ -221,6 +258,11 @@ def write_report(result: dict[str, Any], out: Path, comparison: dict[str, Any] |
         cmp_html = (f"<h2>{html.escape(c['a'])} vs {html.escape(c['b'])}</h2><p>Both fitted with M0 (L = a − η ln c) on all their runs; "
                     f"slope ratio = η<sub>A</sub>/η<sub>B</sub>; compute multiplier k with L<sub>A</sub>(C) = L<sub>B</sub>(kC) at "
                     f"C = {c['at_compute']:.3g} FLOPs.</p>" + _table_html(cmp_rows))
+    frontier_html = ""
+    for r in [result, *([other] if other else [])]:
+        if "grid" in r:
+            frontier_html += (f"<h2>Compute-optimal frontier: {html.escape(r['family'] or 'runs')}</h2><p>"
+                              + "<br>".join(html.escape(line) for line in frontier_lines(r)) + "</p>" + _table_html(frontier_rows(r)))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>kunlun scaling report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse;font-size:90%}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}</style></head><body>
@@ -234,7 +276,7 @@ Intervals: {result['bootstrap']} bootstrap resamples over runs; prediction inter
 σ = max(residual, seed noise at that compute).</li><li>Seed noise σ, measured where seeds were repeated (each held-out run
 is judged against the σ at the nearest such compute): {html.escape(seed)}. Tolerance: {100 * result['tolerance']:.2f} % relative NE.</li>
 <li>Code: {html.escape(result.get('provenance', 'unknown'))}</li></ul>
-{cmp_html}<h2>Plots</h2>{imgs}<h2>Parameters</h2>{_table_html(params)}
+{cmp_html}{frontier_html}<h2>Plots</h2>{imgs}<h2>Parameters</h2>{_table_html(params)}
 <p>Parameters of NE curves are poorly identified; interpret the predictions and their validation, not E or α.</p>
 <h2>Runs</h2>{_table_html(raw)}</body></html>"""
     atomic_write_text(out / "report.html", doc)
