@@ -3,7 +3,7 @@ each run record says about its compute): python benchmarks/points_csv.py SWEEP_D
 
 Columns: family, seed, layers, dataset, metric, compute (useful training FLOPs up to the best-on-validation
 checkpoint), ne, flops_per_example (useful), executed_flops_per_example, train_compute_total (every example
-processed), best_epoch, epochs_run, code, run, point. `kunlun fit runs.csv` refits from it.
+processed), best_epoch, epochs_run, best_step, steps (optimizer steps to the best checkpoint, and run), code, run, point. `kunlun fit runs.csv` refits from it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kunlun.runs import read_json
 from kunlun.scaling.points import load_points
 
 COLUMNS = ["family", "seed", "layers", "dataset", "metric", "compute", "ne", "flops_per_example", "executed_flops_per_example",
-           "train_compute_total", "best_epoch", "epochs_run", "code", "run", "point"]
+           "train_compute_total", "best_epoch", "epochs_run", "best_step", "steps", "code", "run", "point"]
 
 
 def main(dirs: list[str]) -> None:
@@ -31,7 +31,8 @@ def main(dirs: list[str]) -> None:
                       "compute": p.compute, "ne": p.ne, "flops_per_example": p.flops_per_example,
                       "executed_flops_per_example": final.get("flops_per_example"),
                       "train_compute_total": final.get("useful_train_compute", final.get("train_compute")),
-                      "best_epoch": final.get("best_epoch"), "epochs_run": final.get("epochs_run"), "code": p.code,
+                      "best_epoch": final.get("best_epoch"), "epochs_run": final.get("epochs_run"),
+                      "best_step": final.get("best_step"), "steps": final.get("steps"), "code": p.code,
                       "run": rel(p.source), "point": rel(p.point) if p.point else ""})
 
 
