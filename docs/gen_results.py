@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -223,6 +224,100 @@ def width_compare() -> str:
     return _compare("width/compare.json")
 
 
+# --------------------------------------------------------------------------------------- one pass (issue 26)
+
+ONEPASS = "onepass"
+
+
+def _point_value(point: str, key: str) -> int:
+    return int(re.search(rf"{key}(\d+)", point).group(1))
+
+
+def onepass_grid() -> str:
+    """The one-pass grid (``onepass/runs.csv``): test NE per model, width and examples processed (seed mean ± std),
+    ★ on the compute-optimal frontier (``onepass/{kunlun,interformer}.json``'s grid)."""
+    runs = _csv(f"{ONEPASS}/runs.csv")
+    frontier = {(f, Path(g["point"]).name) for f in ("kunlun", "interformer") for g in _json(f"{ONEPASS}/{f}.json")["grid"]
+                if g["on_frontier"]}
+    by: dict[tuple[str, int, int], list[dict[str, str]]] = {}
+    for r in runs:
+        point = Path(r["point"]).name
+        by.setdefault((r["family"], _point_value(point, "d_model"), _point_value(point, "max_steps")), []).append(r)
+    steps = sorted({k[2] for k in by})
+    batch = 256
+    rows = []
+    for fam in ("kunlun", "interformer"):
+        for w in sorted({k[1] for k in by if k[0] == fam}):
+            cells = []
+            for st in steps:
+                rs = by.get((fam, w, st), [])
+                ne = [float(r["ne"]) for r in rs]
+                star = " ★" if (fam, Path(rs[0]["point"]).name) in frontier else "" if rs else ""
+                cells.append("" if not ne else f"{statistics.mean(ne):.4f}" + (f" ± {statistics.stdev(ne):.4f}" if len(ne) > 1 else "") + star)
+            f = next(float(r["flops_per_example"]) for k, rs in by.items() if k[:2] == (fam, w) for r in rs)
+            rows.append([fam, str(w), f"{f / 1e6:.2f}", *cells])
+    return _table(["model", "d_model", "useful MFLOPs/example", *(f"{_int(st * batch)} examples" for st in steps)], rows)
+
+
+def _law_row(d: dict, bayes: float | None = None) -> list[str]:
+    row = _fit_row(d)
+    m2 = d["forms"].get("M2", {})
+    floor = ""
+    if "params" in m2:
+        lo, hi = m2["param_intervals"]["lnE"]
+        floor = f"{math.exp(m2['params']['lnE']):.4f} [{math.exp(lo):.4f}, {math.exp(hi):.4f}]"
+        if bayes is not None:
+            floor += f" (Bayes {bayes:.4f})"
+    size = d.get("optimal_size")
+    exponent = (f"{size['size_exponent']:.2f} [{size['size_exponent_interval'][0]:.2f}, {size['size_exponent_interval'][1]:.2f}]"
+                if size else "")
+    surface = f"{size['E']:.4f} [{size['E_interval'][0]:.4f}, {size['E_interval'][1]:.4f}]" if size else ""
+    return [*row[:2], f"{sum(g['on_frontier'] for g in d['grid'])} of {len(d['grid'])}" if "grid" in d else "", *row[2:-1],
+            floor, surface, exponent, row[-1]]
+
+
+def _laws(names: list[str], bayes: float | None) -> str:
+    rows = [_law_row(_json(f"{ONEPASS}/{n}.json"), bayes) for n in names]
+    return _table(["family", "x range", "frontier points", "seed σ (NE) where measured", "chosen",
+                   "held-out NE (measured → predicted [90 % PI])", "verdict", "M2 floor E [90 % CI]",
+                   "surface floor E [90 % CI]", "optimal size: F ∝ C^a, a [90 % CI]", "runs' code"], rows)
+
+
+def onepass_laws() -> str:
+    """``kunlun fit --frontier`` of each model's one-pass grid; the M2 floor beside the world's Bayes test NE."""
+    return _laws(["kunlun", "interformer"], _json(f"{ONEPASS}/bayes.json")["splits"]["test"]["ne"])
+
+
+def onepass_compare() -> str:
+    """``kunlun fit --frontier --compare kunlun interformer`` (``onepass/compare.json``)."""
+    return _compare(f"{ONEPASS}/compare.json")
+
+
+def onepass_layers() -> str:
+    """``kunlun fit --x layers`` of each model's layer sweep, and their comparison (slope ratio in ln layers)."""
+    runs = _csv(f"{ONEPASS}/layers-runs.csv")
+    by: dict[tuple[str, int], list[float]] = {}
+    for r in runs:
+        by.setdefault((r["family"], int(r["layers"])), []).append(float(r["ne"]))
+    layers = sorted({k[1] for k in by})
+    rows = [[fam, *(f"{statistics.mean(by[(fam, n)]):.4f}" + (f" ± {statistics.stdev(by[(fam, n)]):.4f}" if len(by[(fam, n)]) > 1 else "")
+                    if (fam, n) in by else "" for n in layers)] for fam in ("kunlun", "interformer")]
+    grid = _table(["model", *(f"{n} layer{'s' if n > 1 else ''}" for n in layers)], rows)
+    return grid + "\n\n" + _laws(["layers-kunlun", "layers-interformer"], None) + "\n\n" + _compare(f"{ONEPASS}/layers-compare.json")
+
+
+def onepass_ml1m() -> str:
+    """One pass over ML-1M users 1–2999 (``onepass/ml1m-runs.csv``): where the best checkpoint comes before the pass ends."""
+    rows = []
+    for r in sorted(_csv(f"{ONEPASS}/ml1m-runs.csv"), key=lambda r: (r["family"], _point_value(r["point"], "d_model"))):
+        best, steps = int(r["best_step"]), int(r["steps"])
+        rows.append([r["family"], str(_point_value(r["point"], "d_model")), f"{float(r['flops_per_example']) / 1e6:.2f}",
+                     f"{float(r['ne']):.4f}", f"{best:,} of {steps:,}", _sci(float(r["compute"])), _sci(float(r["train_compute_total"])),
+                     "yes" if best < steps else "no"])
+    return _table(["model", "d_model", "useful MFLOPs/example", "test NE at best", "best step of the pass", "C at best",
+                   "C of the pass", "data-limited"], rows)
+
+
 # ------------------------------------------------------------------------------------------------- gpu
 
 GPU = "gpu/h100-2026-12-06"
@@ -279,6 +374,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "speed": speed, "speed-loader": speed_loader, "end-to-end": end_to_end, "end-to-end-e26e8c2": end_to_end_e26e8c2,
     "threads": threads, "scaling": scaling, "scaling-rolling": scaling_rolling, "scaling-compare": scaling_compare,
     "width": width, "width-compare": width_compare, "gpu-speed": gpu_speed, "gpu-train": gpu_train,
+    "onepass-grid": onepass_grid, "onepass-laws": onepass_laws, "onepass-compare": onepass_compare,
+    "onepass-layers": onepass_layers, "onepass-ml1m": onepass_ml1m,
 }
 
 
