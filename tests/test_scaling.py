@@ -266,8 +266,13 @@ def test_frontier_and_the_compute_optimal_size_of_a_grid(alpha, beta):
     assert middle["seeds"] == 3 and middle["ne"] == pytest.approx(np.mean([p.ne for p in pts if p.point == "f1-d1"]))
     assert middle["examples"] == pytest.approx(10 ** 5.5)
     truth = beta / (alpha + beta)  # F_opt ∝ C^(β/(α+β))
-    exact = optimal_size(frontier(chinchilla_grid(alpha, beta, noise=0.0))[1], 10, 0.9, 0)
+    exact = optimal_size(frontier(chinchilla_grid(alpha, beta, noise=0.0))[1], 10, 0.9, 0, holdout=2)
     assert exact["size_exponent"] == pytest.approx(truth, abs=0.005) and exact["E"] == pytest.approx(0.7, abs=0.005)
+    assert exact["n_fit"] == 10 and [h["examples"] for h in exact["holdout"]] == pytest.approx([1e7, 1e7])  # the two largest F·D
+    for h in exact["holdout"]:  # predicted from the other ten points
+        assert h["predicted"] == pytest.approx(h["ne"], rel=1e-4)
+    for h in optimal_size(rows, 100, 0.9, 0, holdout=2)["holdout"]:  # with 0.2 % noise
+        assert abs(h["error"]) < 0.01 and h["lower"] <= h["ne"] <= h["upper"]
     size = optimal_size(rows, 100, 0.9, 0)  # 0.2 % noise on 12 points
     assert size["size_exponent"] == pytest.approx(truth, abs=0.06)
     assert size["size_exponent_interval"][0] <= size["size_exponent"] <= size["size_exponent_interval"][1]

@@ -327,14 +327,16 @@ def frontier(points: list[Point]) -> tuple[list[Point], list[dict[str, Any]]]:
     return [p for k, runs in groups.items() if k in kept for p in runs], rows
 
 
-def optimal_size(rows: list[dict[str, Any]], n_boot: int, level: float, seed: int) -> dict[str, Any] | None:
+def optimal_size(rows: list[dict[str, Any]], n_boot: int, level: float, seed: int, holdout: int = 0) -> dict[str, Any] | None:
     """How the compute-optimal model size grows with compute: ``kunlun.scaling.surface.fit_surface`` over the grid's
-    points (seed means). None unless the grid varies both size (FLOPs/example) and data (examples) over ≥ 6 points."""
-    grid = [r for r in rows if r["flops_per_example"]]
-    if len(grid) < 6 or len({r["flops_per_example"] for r in grid}) < 2 or len({round(r["examples"]) for r in grid}) < 2:
+    points (seed means), the ``holdout`` of largest compute held out. None unless the fitted points vary both size
+    (FLOPs/example) and data (examples) and number ≥ 6."""
+    grid = sorted((r for r in rows if r["flops_per_example"]), key=lambda r: r["compute"])
+    fitted = grid[:len(grid) - holdout]
+    if len(fitted) < 6 or len({r["flops_per_example"] for r in fitted}) < 2 or len({round(r["examples"]) for r in fitted}) < 2:
         return None
     return fit_surface(np.array([r["flops_per_example"] for r in grid]), np.array([r["examples"] for r in grid]),
-                       np.array([r["ne"] for r in grid]), n_boot, level, seed)
+                       np.array([r["ne"] for r in grid]), n_boot, level, seed, holdout)
 
 
 def by_layers(points: list[Point]) -> list[Point]:
@@ -345,8 +347,8 @@ def by_layers(points: list[Point]) -> list[Point]:
     return [replace(p, compute=float(p.layers)) for p in points]
 
 
-def reduce_points(points: list[Point], x: str, use_frontier: bool, n_boot: int, level: float,
-                  seed: int) -> tuple[list[Point], dict[str, Any]]:
+def reduce_points(points: list[Point], x: str, use_frontier: bool, n_boot: int, level: float, seed: int,
+                  holdout: int = 0) -> tuple[list[Point], dict[str, Any]]:
     """The runs ``analyse`` fits for ``kunlun fit --x/--frontier``, and what to add to its result about them."""
     extra: dict[str, Any] = {"x": x}
     if x == "layers":
@@ -355,7 +357,7 @@ def reduce_points(points: list[Point], x: str, use_frontier: bool, n_boot: int, 
     if use_frontier:
         points, rows = frontier(points)
         extra["grid"] = rows
-        extra["optimal_size"] = optimal_size(rows, min(n_boot, 200), level, seed)
+        extra["optimal_size"] = optimal_size(rows, min(n_boot, 200), level, seed, holdout)
     return points, extra
 
 
@@ -378,7 +380,7 @@ def fit_inputs(inputs: list[Path], family: str | None = None, holdout: int = 2, 
         if family not in fams:
             raise KunlunError(f"--family: {family!r} not among the runs ({', '.join(sorted(fams))})")
         pts = fams[family]
-    pts, extra = reduce_points(pts, x, use_frontier, n_boot, level, seed)
+    pts, extra = reduce_points(pts, x, use_frontier, n_boot, level, seed, holdout)
     return {**analyse(pts, holdout, n_boot, level, tolerance, seed, progress=progress), **extra}
 
 
@@ -399,7 +401,7 @@ def compare_inputs(inputs: list[Path], a: str, b: str, holdout: int = 2, n_boot:
             known = ", ".join(sorted(pts)) or "none loaded"
             raise KunlunError(f"--compare: {name!r} is neither a family among the inputs ({known}) nor a path")
     check_points(groups[0] + groups[1])
-    reduced = [reduce_points(g, x, use_frontier, n_boot, level, seed) for g in groups]
+    reduced = [reduce_points(g, x, use_frontier, n_boot, level, seed, holdout) for g in groups]
     groups = [g for g, _ in reduced]
     results = [{**analyse(g, holdout, n_boot, level, tolerance, seed, progress=progress), **extra} for g, extra in reduced]
     return {"a": results[0], "b": results[1], "comparison": compare(groups[0], groups[1], n_boot, level, seed)}

@@ -176,6 +176,9 @@ def frontier_lines(result: dict[str, Any]) -> list[str]:
                      f"{100 * s['in_sample_mean_abs_error']:.2f} %")
         lines.append(f"compute-optimal size: FLOPs/example ∝ C^{s['size_exponent']:.2f} [{lo:.2f}, {hi:.2f}], examples ∝ "
                      f"C^{1 - s['size_exponent']:.2f} ({100 * s['level']:.0f} % bootstrap, {s['bootstrap']} resamples)")
+        for h in s["holdout"]:
+            lines.append(f"  surface, held out F={h['flops_per_example']:.3g} D={h['examples']:,.0f}: NE {h['ne']:.4f}, predicted "
+                         f"{h['predicted']:.4f} [{h['lower']:.4f}, {h['upper']:.4f}] ({100 * h['error']:+.2f} %)")
     return lines
 
 

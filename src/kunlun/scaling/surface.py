@@ -48,13 +48,19 @@ def _solve(f, d, y, starts) -> np.ndarray:
 
 
 def fit_surface(flops: np.ndarray, examples: np.ndarray, ne: np.ndarray, n_boot: int = 200, level: float = 0.9,
-                seed: int = 0) -> dict[str, Any]:
-    """Fit L(F, D) to runs at sizes ``flops`` [n] and data ``examples`` [n] with NE ``ne`` [n]; the parameters, the
-    optimal-size exponent a = β/(α+β) with a bootstrap interval over runs, and each run's fitted NE."""
+                seed: int = 0, holdout: int = 0) -> dict[str, Any]:
+    """Fit L(F, D) to runs at sizes ``flops`` [n] and data ``examples`` [n] with NE ``ne`` [n], holding out the
+    ``holdout`` runs of largest compute F·D; the parameters, the optimal-size exponent a = β/(α+β), each with a
+    bootstrap interval over the fitted runs, and each held-out run against its prediction and 90 % prediction
+    interval (bootstrap refits plus the fit's residual noise, in ln L)."""
     flops, examples, ne = (np.asarray(v, float) for v in (flops, examples, ne))
-    f0, d0 = float(flops.min()), float(examples.min())
-    f, d, y = np.log(flops / f0), np.log(examples / d0), np.log(ne)
-    floor = float(np.log(ne.min()))
+    held = np.zeros(len(ne), bool)
+    if holdout:
+        held[np.argsort(flops * examples, kind="stable")[-holdout:]] = True
+    f0, d0 = float(flops[~held].min()), float(examples[~held].min())
+    f_all, d_all = np.log(flops / f0), np.log(examples / d0)
+    f, d, y = f_all[~held], d_all[~held], np.log(ne[~held])
+    floor = float(y.min())
     starts = itertools.product([floor - 0.05, floor - 0.7], [floor - 2, floor - 4], [0.2, 0.6], [floor - 2, floor - 4], [0.2, 0.6])
     theta = _solve(f, d, y, [(e, a, al, b, be) for e, a, al, b, be in starts])
 
@@ -70,9 +76,17 @@ def fit_surface(flops: np.ndarray, examples: np.ndarray, ne: np.ndarray, n_boot:
     boots_arr = np.array(boots) if boots else np.full((1, len(PARAMS)), np.nan)
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     a_boot = np.array([exponent(t) for t in boots_arr])
-    fitted = np.exp(log_predict(theta, f, d))
+    resid = log_predict(theta, f, d) - y
+    sigma = float(np.sqrt(np.mean(resid ** 2)))
+    rows = []
+    for k in np.flatnonzero(held):
+        sims = np.array([log_predict(t, f_all[k:k + 1], d_all[k:k + 1])[0] for t in boots_arr]) + rng.normal(0, sigma, len(boots_arr))
+        pred = float(np.exp(log_predict(theta, f_all[k:k + 1], d_all[k:k + 1])[0]))
+        rows.append({"flops_per_example": float(flops[k]), "examples": float(examples[k]), "compute": float(3 * flops[k] * examples[k]),
+                     "ne": float(ne[k]), "predicted": pred, "lower": float(np.exp(np.nanpercentile(sims, lo))),
+                     "upper": float(np.exp(np.nanpercentile(sims, hi))), "error": pred / float(ne[k]) - 1})
     return {
-        "form": "L = E + A·(F/F0)^-alpha + B·(D/D0)^-beta", "F0": f0, "D0": d0,
+        "form": "L = E + A·(F/F0)^-alpha + B·(D/D0)^-beta", "F0": f0, "D0": d0, "n_fit": int((~held).sum()),
         "params": dict(zip(PARAMS, map(float, theta))),
         "param_intervals": {p: [float(np.nanpercentile(boots_arr[:, k], lo)), float(np.nanpercentile(boots_arr[:, k], hi))]
                             for k, p in enumerate(PARAMS)},
@@ -81,7 +95,7 @@ def fit_surface(flops: np.ndarray, examples: np.ndarray, ne: np.ndarray, n_boot:
         "size_exponent": exponent(theta),
         "size_exponent_interval": [float(np.nanpercentile(a_boot, lo)), float(np.nanpercentile(a_boot, hi))],
         "bootstrap": len(boots), "level": level,
-        "in_sample_mean_abs_error": float(np.mean(np.abs(fitted / ne - 1))),
+        "in_sample_mean_abs_error": float(np.mean(np.abs(np.expm1(resid)))), "holdout": rows,
     }
 
 
