@@ -72,7 +72,10 @@ def fit_surface(flops: np.ndarray, examples: np.ndarray, ne: np.ndarray, n_boot:
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
         if np.ptp(f[i]) > 0 and np.ptp(d[i]) > 0:  # both axes must vary for the surface to be defined
-            boots.append(_solve(f[i], d[i], y[i], [theta]))
+            # from the estimate and from a floor near the resample's best NE and far below it: a floor the runs do not
+            # pin down then shows as a wide interval instead of the estimate's own local optimum
+            yi = float(y[i].min())
+            boots.append(_solve(f[i], d[i], y[i], [theta, np.r_[yi - 0.05, theta[1:]], np.r_[yi - 0.7, theta[1:]]]))
     boots_arr = np.array(boots) if boots else np.full((1, len(PARAMS)), np.nan)
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     a_boot = np.array([exponent(t) for t in boots_arr])
