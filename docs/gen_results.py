@@ -179,6 +179,8 @@ def _compare(rel: str) -> str:
 
     def iv(k: str, fmt: str) -> str:
         v = c[k]
+        if v["value"] is None:  # the second family's slope is ≤ 0: no ratio, no multiplier
+            return "undefined"
         return f"{v['value']:{fmt}} [{v['lower']:{fmt}}, {v['upper']:{fmt}}]"
 
     dropped = c["compute_multiplier"].get("dropped_fraction", c["slope_ratio"]["dropped_fraction"])
@@ -303,7 +305,15 @@ def onepass_layers() -> str:
     rows = [[fam, *(f"{statistics.mean(by[(fam, n)]):.4f}" + (f" ± {statistics.stdev(by[(fam, n)]):.4f}" if len(by[(fam, n)]) > 1 else "")
                     if (fam, n) in by else "" for n in layers)] for fam in ("kunlun", "interformer")]
     grid = _table(["model", *(f"{n} layer{'s' if n > 1 else ''}" for n in layers)], rows)
-    return grid + "\n\n" + _laws(["layers-kunlun", "layers-interformer"], None) + "\n\n" + _compare(f"{ONEPASS}/layers-compare.json")
+    c = _json(f"{ONEPASS}/layers-compare.json")["comparison"]
+    laws = []
+    for fam, key in (("kunlun", "eta_a"), ("interformer", "eta_b")):
+        row = _fit_row(_json(f"{ONEPASS}/layers-{fam}.json"))
+        sigma = "; ".join(f"{g['sigma']:.4f} at {g['compute']:.0f} layers" for g in _json(f"{ONEPASS}/layers-{fam}.json")["seed_sigma_by_compute"])
+        eta = c[key]
+        laws.append([fam, f"{eta['value']:.4f} [{eta['lower']:.4f}, {eta['upper']:.4f}]", sigma, *row[3:]])
+    return grid + "\n\n" + _table(["family", "M0 slope η per ln(layers) [90 % CI] (> 0: deeper is better)", "seed σ (NE)",
+                                    "chosen", "held-out NE at 8 layers (measured → predicted [90 % PI])", "verdict", "runs' code"], laws)
 
 
 def onepass_ml1m() -> str:
