@@ -3,12 +3,12 @@
     L(F, D) = E + A·(F/F₀)^−α + B·(D/D₀)^−β
 
 F = useful forward FLOPs per example (the model's size in compute), D = training examples processed, F₀ and D₀ the
-grid's smallest. With C = 3·F·D, the F that minimises L at a fixed C grows as F_opt ∝ C^a with a = β / (α + β)
+fitted runs' smallest. With C = 3·F·D, the F that minimises L at a fixed C grows as F_opt ∝ C^a with a = β / (α + β)
 (and D_opt ∝ C^(1−a)): the compute-optimal split between size and data. Fitting the surface to every grid point
 reads a off the whole grid; reading it off the best run at each compute would follow the grid's edges instead.
 
 Objective: Σ Huber_δ(ln L̂ − ln L) (``kunlun.scaling.forms``' δ), L-BFGS-B with an analytic gradient from a grid
-of starts; bootstrap refits over grid points start from the point estimate.
+of starts; bootstrap refits over grid points start from the point estimate and from a high and a low floor.
 """
 
 from __future__ import annotations
