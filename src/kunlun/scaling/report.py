@@ -208,19 +208,19 @@ def fit_tables(result: dict[str, Any]) -> None:
     if "comparison" in result:
         fit_table(result["a"])
         fit_table(result["b"])
-        comparison_table(result["comparison"])
+        comparison_table(result["comparison"], result["a"].get("x", "compute"))
     else:
         fit_table(result)
 
 
-def comparison_table(c: dict[str, Any]) -> None:
+def comparison_table(c: dict[str, Any], x: str = "compute") -> None:
     """Two families compared (``kunlun fit --compare``) on stdout: slope ratio, compute multiplier and each η."""
     from kunlun.console import out_console
 
     con = out_console()
     con.print(f"{c['a']} vs {c['b']} (M0 fits, {100 * c['level']:.0f} % bootstrap intervals):", highlight=False)
     for key, what in (("slope_ratio", "scaling efficiency η_A/η_B"),
-                      ("compute_multiplier", f"effective-compute multiplier at C={c['at_compute']:.3g}"),
+                      ("compute_multiplier", f"effective-{x} multiplier at {'C' if x == 'compute' else x}={c['at_compute']:.3g}"),
                       ("eta_a", f"η {c['a']}"), ("eta_b", f"η {c['b']}")):
         v = c[key]
         dropped = f" ({100 * v['dropped_fraction']:.1f} % of resamples undefined: {c['b']}'s slope ≤ 0)" if v.get("dropped_fraction") else ""
@@ -260,7 +260,8 @@ def write_report(result: dict[str, Any], out: Path, comparison: dict[str, Any] |
             for k in ("eta_a", "eta_b", "slope_ratio", "compute_multiplier")]
         cmp_html = (f"<h2>{html.escape(c['a'])} vs {html.escape(c['b'])}</h2><p>Both fitted with M0 (L = a − η ln c) on all their runs; "
                     f"slope ratio = η<sub>A</sub>/η<sub>B</sub>; compute multiplier k with L<sub>A</sub>(C) = L<sub>B</sub>(kC) at "
-                    f"C = {c['at_compute']:.3g} FLOPs.</p>" + _table_html(cmp_rows))
+                    + (f"C = {c['at_compute']:.3g} FLOPs" if result.get("x", "compute") == "compute" else f"{result['x']} = {c['at_compute']:.3g}")
+                    + ".</p>" + _table_html(cmp_rows))
     frontier_html = ""
     for r in [result, *([other] if other else [])]:
         if "grid" in r:
