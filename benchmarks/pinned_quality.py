@@ -5,8 +5,12 @@ a Kunlun) on the embedded MovieLens latest-small with a short fixed budget, trai
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/pinned_quality.py --model kunlun --seeds 0 1 2 3 4 5 6 7
 
 prints test NE per seed (and the same model's untrained test NE), then the pin (mean over seeds) and the tolerance
-max(3 × sample std, MIN_TOLERANCE). The test imports ``OVERRIDES`` and ``train`` from here, so the pinned run and the
-measured runs are one config.
+max(3 × sample std, MIN_TOLERANCE). Config keys given before the options change the pinned config — the same small
+model with one component changed, for a seed-noise comparison (docs/results/quality.md):
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/pinned_quality.py model.summary_gate=none --model kunlun --seeds 0 1 2 3 4 5 6 7
+
+The test imports ``OVERRIDES`` and ``train`` from here, so the pinned run and the measured runs are one config.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ OVERRIDES = {
 MIN_TOLERANCE = 0.005  # the floor of kunlun.bench.quality.pin_expected: 3σ from a few seeds can come out tiny by chance
 
 
-def trainer(seed: int, run_dir: Path, model: str = "dnn") -> Trainer:
-    cfg = load_config(None, [*OVERRIDES[model], f"train.seed={seed}"], model=model)
+def trainer(seed: int, run_dir: Path, model: str = "dnn", extra: list[str] | None = None) -> Trainer:
+    cfg = load_config(None, [*OVERRIDES[model], *(extra or []), f"train.seed={seed}"], model=model)
     return Trainer(cfg, prepare_dataset(cfg.data.dataset), run_dir, progress=False, logger=lambda m: None)
 
 
@@ -52,21 +56,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(OVERRIDES), default="dnn")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7])
+    ap.add_argument("overrides", nargs="*", help="config keys on top of the pinned config, e.g. model.summary_gate=none")
     args = ap.parse_args()
     ne, untrained = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for s in args.seeds:
             t0 = time.perf_counter()
-            t = trainer(s, Path(tmp) / f"seed{s}", args.model)
+            t = trainer(s, Path(tmp) / f"seed{s}", args.model, args.overrides)
             t.start_record()
             untrained[s] = t.evaluate("test")["ne"]
             ne[s] = t.fit()["metrics"]["test"]["ne"]
             print(f"seed {s}: test NE {ne[s]:.5f} (untrained {untrained[s]:.5f})  ({time.perf_counter() - t0:.1f} s)", flush=True)
     values = list(ne.values())
-    mean, std = statistics.mean(values), statistics.stdev(values)
+    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
     tol = max(3 * std, MIN_TOLERANCE)
     print(f"mean {mean:.5f}  sample std {std:.5f}  3σ {3 * std:.5f}  tolerance {tol:.5f}")
-    print(json.dumps({"model": args.model, "seeds": args.seeds, "ne": [round(v, 5) for v in values],
+    print(json.dumps({"model": args.model, "overrides": args.overrides, "seeds": args.seeds, "ne": [round(v, 5) for v in values],
                       "untrained_ne": [round(v, 5) for v in untrained.values()], "pin": round(mean, 5), "tolerance": round(tol, 5)}))
 
 

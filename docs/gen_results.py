@@ -328,6 +328,33 @@ def onepass_ml1m() -> str:
                    "C of the pass", "data-limited"], rows)
 
 
+# ----------------------------------------------------------------------------------- embedding optimizer
+
+EMBEDDING = "embedding"
+
+
+def embedding_quality() -> str:
+    """Dense Adam against the sparse embedding optimizers (``embedding/quality.json``, benchmarks/embedding_optimizer.py)."""
+    rows = []
+    for r in _json(f"{EMBEDDING}/quality.json")["rows"]:
+        runs = r["runs"]
+        ne = f"{r['test_ne_mean']:.4f}" + (f" ± {r['test_ne_std']:.4f}" if r["test_ne_std"] is not None else "")
+        rows.append([r["dataset"], f"{r['embedding_optimizer']} ({r['embedding_lr']:g})", str(r["seeds"]), ne,
+                     " / ".join(f"{x['test_ne']:.4f}" for x in runs), " / ".join(f"{x['valid_ne']:.4f}" for x in runs),
+                     " / ".join(str(x["best_epoch"]) for x in runs), _int(sum(x["train_examples_per_s"] for x in runs) / len(runs))])
+    return _table(["data set", "embedding optimizer (lr)", "seeds", "test NE", "per seed", "valid NE per seed",
+                   "best epoch", "train ex/s (mean)"], rows)
+
+
+def embedding_speed() -> str:
+    """Seconds per training step against the item table's rows (``embedding/speed.json``)."""
+    d = _json(f"{EMBEDDING}/speed.json")
+    opts = list(d["rows"][0]["seconds_per_step"])
+    rows = [[_int(r["item_rows"]), *(f"{r['seconds_per_step'][o]:.4f}" for o in opts),
+             *(f"{r['seconds_per_step']['adam'] / r['seconds_per_step'][o]:.2f}×" for o in opts[1:])] for r in d["rows"]]
+    return _table(["item rows", *(f"{o} (s/step)" for o in opts), *(f"adam / {o}" for o in opts[1:])], rows)
+
+
 # ------------------------------------------------------------------------------------------------- gpu
 
 GPU = "gpu/h100-2026-12-06"
@@ -386,6 +413,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "width": width, "width-compare": width_compare, "gpu-speed": gpu_speed, "gpu-train": gpu_train,
     "onepass-grid": onepass_grid, "onepass-laws": onepass_laws, "onepass-compare": onepass_compare,
     "onepass-layers": onepass_layers, "onepass-ml1m": onepass_ml1m,
+    "embedding-quality": embedding_quality, "embedding-speed": embedding_speed,
 }
 
 
