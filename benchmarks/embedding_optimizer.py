@@ -32,9 +32,9 @@ import torch
 
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import load_config
-from kunlun.runs import code_version, read_json, run_code
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
+from kunlun.runs import code_version, read_json, run_code
 from kunlun.training.step import TrainModel, TrainStep, make_optimizers, make_schedulers
 from kunlun.training.trainer import build_from_info
 
