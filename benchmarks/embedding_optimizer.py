@@ -7,9 +7,9 @@ Speed, training-step time against vocabulary size:
 
 The default Kunlun on the embedded ml-latest-small, with its item table grown to ``rows`` rows (the batches
 still look up only the real items, as a large catalogue's batch touches a tiny share of its rows). For each size
-and optimizer (``adam``: fused dense Adam, every row every step; ``sparse_adam``: only the rows a batch touched)
-it prints the median seconds of a training step (forward, backward, clipping, optimizer) over ``--steps`` steps,
-the optimizers' steps alternating so machine noise hits all alike.
+and optimizer (``adam``: fused dense Adam, every row every step; ``sparse_adam``, ``sparse_adagrad``: only the rows a
+batch touched) it prints the median seconds of a training step (forward, backward, clipping, optimizer) over
+``--steps`` steps, the optimizers' steps alternating so machine noise hits all alike.
 
 Quality, from the sweeps ``benchmarks/sweeps/embedding-optimizers-*.yaml`` (the packaged Kunlun, the embedding optimizer
 and its learning rate the only change): per data set and optimizer, every seed's test and valid NE at the best
@@ -121,6 +121,7 @@ def main() -> None:
     result = speed(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()
