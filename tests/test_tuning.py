@@ -189,3 +189,50 @@ def test_kunlun_tune_without_optuna_is_one_line(tmp_path):
                env={"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])})
     assert r.stderr.strip().splitlines() == ['kunlun: error: kunlun tune needs Optuna, an optional extra: pip install "kunlun[tune]"']
     assert not (tmp_path / "s").exists()
+
+
+def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_path, space):
+    """`kunlun bench quality --tuned DIR`: each model trains the best trial of its study DIR/<model>-<dataset> with every
+    seed (seed 0, the study's own, gives the trial's validation NE again, bit for bit); the table names each model's
+    budget, best trial and values. Refused before anything trains: a missing study, studies of one data set at
+    different budgets, a study tuned with other spec overrides than the spec's now."""
+    pytest.importorskip("optuna")
+    from kunlun.bench.quality import load_spec, run_quality
+    from kunlun.tuning import tune
+
+    spec_path = tmp_path / "quality.yaml"
+    spec = {"datasets": ["ml-latest-small"], "seeds": [0, 1], "models": {"logistic_regression": ["train.embedding_l2=0"], "kunlun": []}}
+    spec_path.write_text(yaml.safe_dump(spec))
+    space.write_text(yaml.safe_dump({**SPACE, "models": {**SPACE["models"], "logistic_regression": {}}}))
+    tuned = tmp_path / "tuned"
+    fixed = {"logistic_regression": [], "kunlun": FIXED}
+    for model in fixed:
+        tune(model, "ml-latest-small", tuned / f"{model}-ml-latest-small", space=space, overrides=fixed[model], quality_spec=spec_path,
+             logger=quiet)
+    res = run_quality(load_spec(spec_path), tmp_path / "out", tuned=tuned)
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "the same budget for every model: 2 finished trials of at most 4,096 training examples, validated 2 times" in md
+    for model in fixed:
+        best = min(trials(tuned / f"{model}-ml-latest-small"), key=lambda t: t.value)
+        row = res["results"]["ml-latest-small"][model]
+        assert (row["tuned"]["trial"], row["tuned"]["valid_ne"], row["seeds"]) == (best.number, best.value, 2)
+        assert f"| {model} | {best.number} | {best.value:.4f} |" in md
+        runs = tmp_path / "out" / "runs" / "ml-latest-small" / model
+        for seed in (0, 1):
+            assert load_config(runs / f"seed{seed}" / "config.yaml") == load_config(best.user_attrs["config"], seed=seed)
+        assert json.loads((runs / "seed0" / "final.json").read_text())["metrics"]["valid"]["ne"] == best.value
+        assert set(json.loads((runs / "seed1" / "final.json").read_text())["metrics"]) == {"valid", "test"}
+
+    missing = f"{tmp_path / 'none'}/kunlun-ml-latest-small: no tuning study of kunlun on ml-latest-small there"
+    with pytest.raises(KunlunError, match=missing + r" \(make it with kunlun tune kunlun --dataset ml-latest-small --study-dir"):
+        run_quality(load_spec(spec_path, models=["kunlun"]), tmp_path / "out2", tuned=tmp_path / "none")
+    spec_path.write_text(yaml.safe_dump({**spec, "models": {**spec["models"], "kunlun": ["train.embedding_l2=0.001"]}}))
+    with pytest.raises(KunlunError, match=r"kunlun-ml-latest-small: tuned with the overrides \[.*\], but the spec now gives kunlun"):
+        run_quality(load_spec(spec_path), tmp_path / "out2", tuned=tuned)
+    spec_path.write_text(yaml.safe_dump(spec))
+    tune("kunlun", "ml-latest-small", tuned / "kunlun-ml-latest-small", space=space, overrides=FIXED, quality_spec=spec_path,
+         trials=3, logger=quiet)
+    with pytest.raises(KunlunError, match="the studies on ml-latest-small differ in budget .*kunlun 4,096 examples × 2 validations, "
+                                          "3 finished trials"):
+        run_quality(load_spec(spec_path), tmp_path / "out2", tuned=tuned)
+    assert not (tmp_path / "out2").exists()

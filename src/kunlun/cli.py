@@ -261,11 +261,15 @@ def _list(text: str | None, convert=str) -> list | None:
 @click.option("--models", help="Comma-separated models (overrides the spec).")
 @click.option("--check", type=click.Path(path_type=Path), help="Pinned expected NE (JSON): exit 1 if a model is worse.")
 @click.option("--pin", type=click.Path(path_type=Path), help="Write this run's mean NE (tolerance max(3σ, 0.005)) as pins.")
-def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, models, check, pin):
+@click.option("--tuned", type=click.Path(path_type=Path),
+              help="Train each model with the best trial of its study DIR/<model>-<dataset> (kunlun tune; the same budget "
+                   "for every model of a data set) instead of its spec overrides.")
+def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, models, check, pin, tuned):
     """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
     from kunlun.bench.quality import load_spec, report_quality, run_quality
 
-    results = run_quality(load_spec(spec, _list(seeds, int), _list(datasets), _list(models)), out, data_dir, threads, reuse_stale)
+    results = run_quality(load_spec(spec, _list(seeds, int), _list(datasets), _list(models)), out, data_dir, threads, reuse_stale,
+                          tuned)
     if report_quality(results, as_json, check, pin):  # regressions against --check, each named on stderr
         sys.exit(1)
 

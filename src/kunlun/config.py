@@ -254,10 +254,11 @@ SETTINGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "seed": "tra
             "threads": "train.threads", "precision": "precision.format"}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None,
+def load_config(path: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None, model: str | None = None,
                 **settings: Any) -> Config:
-    """Load a YAML config (default: the packaged ``kunlun.yaml``) and apply ``a.b=value`` overrides: the one way
-    every entry point (``kunlun train``, ``bench speed``, the quality / formats benchmarks, sweeps) builds a config.
+    """Load a YAML config (default: the packaged ``kunlun.yaml``; or a config already read, as a mapping: a tuning
+    trial's) and apply ``a.b=value`` overrides: the one way every entry point (``kunlun train``, ``bench speed``, the
+    quality / formats benchmarks, sweeps) builds a config.
 
     ``model`` switches the model: if it differs from the file's, the file's model keys (which belong to
     the other model) are dropped and the new model starts from its own defaults. ``settings`` (``dataset``,
@@ -267,8 +268,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"load_config: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
-    path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
-    raw = read_yaml(path)
+    if isinstance(path, dict):
+        raw, path = json.loads(json.dumps(path)), "<config mapping>"  # a deep copy: overrides must not reach the caller's
+    else:
+        path = Path(path) if path else DEFAULT_CONFIG_DIR / "kunlun.yaml"
+        raw = read_yaml(path)
     section = raw.get("model") or {}
     if model is not None and not (isinstance(section, dict) and section.get("name", DEFAULT_MODEL) == model):
         raw["model"] = {"name": model}

@@ -307,6 +307,34 @@ def write_best(optuna, study, study_dir: Path) -> Path | None:
     return path
 
 
+def study_name(model: str, dataset: str) -> str:
+    """A study's folder name, ``<model>-<data set>``: under ``runs/tune`` by default, and where ``kunlun bench quality
+    --tuned DIR`` looks for each model's study (a schema file's data set by its file's stem)."""
+    name = Path(dataset).stem if dataset.endswith((".yaml", ".yml")) else Path(dataset).name
+    return f"{model}-{name}"
+
+
+def best_of_study(study_dir: Path) -> dict[str, Any]:
+    """What a study gives a tuned quality table: its model, data set and budget (``examples``, ``validations``,
+    ``finished`` trials, ``overrides`` fixed for every trial) and its best completed trial (``trial``, ``valid_ne``,
+    ``drawn`` values, exact ``config``). A KunlunError when there is no study or no completed trial."""
+    optuna = require_optuna()
+    db = Path(study_dir) / "study.db"
+    if not db.is_file():
+        raise KunlunError(f"{study_dir}: no tuning study there (make it with kunlun tune MODEL --dataset NAME --study-dir "
+                          f"{study_dir})")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db.resolve()}")
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        raise KunlunError(f"{study_dir}: the study has no completed trial yet; run kunlun tune on it")
+    best = min(done, key=lambda tr: (tr.value, tr.number))
+    a = study.user_attrs
+    return {"study": str(study_dir), "model": a["model"], "dataset": a["dataset"], "examples": a["examples"],
+            "validations": a["validations"], "finished": finished(optuna, study), "overrides": a["overrides"],
+            "trial": best.number, "valid_ne": best.value, "drawn": best.user_attrs["drawn"], "config": best.user_attrs["config"]}
+
+
 def trial_dir_name(number: int) -> str:
     return f"{number:04d}"
 
@@ -338,8 +366,7 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
     fixed = [*base_overrides(model, dataset, quality_spec), *overrides]
     settings = {"seed": seed, "threads": threads or None, "data_dir": data_dir}
     load_config(None, fixed, model=model, dataset=dataset, **settings)  # a bad override fails before anything is made
-    name = Path(dataset).stem if dataset.endswith((".yaml", ".yml")) else Path(dataset).name
-    study_dir = Path(study_dir or DEFAULT_RUNS_DIR / "tune" / f"{model}-{name}")
+    study_dir = Path(study_dir or DEFAULT_RUNS_DIR / "tune" / study_name(model, dataset))
     identity = {"model": model, "dataset": dataset, "examples": budget.examples, "validations": budget.validations,
                 "space": [asdict(p) | {"choices": list(p.choices) if p.choices is not None else None} for p in params],
                 "overrides": fixed, "seed": seed}

@@ -88,10 +88,11 @@ def point_overrides(spec: dict[str, Any], dataset: str, model: str) -> list[str]
 
 
 def run_point(dataset: str, data, model: str, overrides: list[str], seed: int, run_dir: Path, data_dir, threads: int,
-              reuse_stale: bool = False) -> dict:
+              reuse_stale: bool = False, config: dict[str, Any] | None = None) -> dict:
     """Train one (dataset, model, seed) point unless a finished run of the same config and code is there;
-    return its final.json, with ``"stale": True`` when it is a kept run of other code (``reuse_stale``)."""
-    cfg = load_config(None, overrides, model=model, dataset=dataset, seed=seed, data_dir=str(data_dir) if data_dir else None,
+    return its final.json, with ``"stale": True`` when it is a kept run of other code (``reuse_stale``).
+    ``config``: a complete config to start from (a tuned trial's) instead of the model's defaults."""
+    cfg = load_config(config, overrides, model=model, dataset=dataset, seed=seed, data_dir=str(data_dir) if data_dir else None,
                       threads=threads or None)
     with lock_run_dir(run_dir):  # another benchmark on the same folder gets "in use by process N", never a mixed record
         state, final = reuse_state(run_dir, cfg.to_dict())
@@ -134,22 +135,69 @@ def stale_mark(row: dict[str, Any]) -> str:
     return f" †(seeds {row['stale_seeds']})" if row.get("stale_seeds") else ""
 
 
-def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False) -> dict[str, Any]:
+def needs_missing_sequence(model: str, data) -> bool:
+    return MODELS[model].cls.requires_sequence and not data.schema.sequences
+
+
+def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False,
+                tuned: Path | None = None) -> dict[str, Any]:
+    """Every model × dataset × seed of ``spec``; with ``tuned``, each model trained with the best trial of its study
+    ``<tuned>/<model>-<dataset>`` (``kunlun tune``; see ``tuned_studies``) instead of its spec overrides."""
     results: dict[str, Any] = {"environment": environment(), "spec": spec, "results": {}}
-    for dataset in spec["datasets"]:
-        data = prepare_dataset(dataset, data_dir, log=log)
+    prepared = {dataset: prepare_dataset(dataset, data_dir, log=log) for dataset in spec["datasets"]}
+    studies = tuned_studies(spec, prepared, Path(tuned)) if tuned else {}  # every study checked before anything trains
+    if tuned:
+        results["tuned"] = str(tuned)
+    for dataset, data in prepared.items():
         # runs and table under the data set's name: a schema file's path is no folder name (nor a heading)
         table = results["results"].setdefault(data.name, {})
         for model in spec["models"]:
-            if MODELS[model].cls.requires_sequence and not data.schema.sequences:
+            if needs_missing_sequence(model, data):
                 table[model] = {"skipped": "needs a behaviour sequence; the dataset has none"}
                 continue
-            overrides = point_overrides(spec, dataset, model)
+            study = studies.get((dataset, model))
+            overrides = [] if study else point_overrides(spec, dataset, model)  # a tuned config holds the spec's own
             finals = [run_point(dataset, data, model, overrides, s, out / "runs" / data.name / model / f"seed{s}", data_dir,
-                                threads, reuse_stale) for s in spec["seeds"]]
+                                threads, reuse_stale, config=study["config"] if study else None) for s in spec["seeds"]]
             table[model] = summarise(finals)
+            if study:
+                table[model]["tuned"] = {k: v for k, v in study.items() if k != "config"}
             write_quality(results, out)  # tables stay current while the benchmark runs
     return results
+
+
+def tuned_studies(spec: dict, prepared: dict[str, Any], tuned: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(dataset, model) → the best trial of the study ``<tuned>/<model>-<dataset>`` (``kunlun.tuning.best_of_study``),
+    for every point of ``spec``. A KunlunError, before anything trains, when a study is missing or has no completed
+    trial, was made for another model or data set or with other spec overrides than the spec's now, or when the
+    studies of one data set differ in budget (training examples and validations per trial, finished trials): tuned
+    models are compared only at the same budget."""
+    from kunlun.tuning import best_of_study, study_name
+
+    studies: dict[tuple[str, str], dict[str, Any]] = {}
+    for dataset, data in prepared.items():
+        budgets: dict[str, tuple[int, int, int]] = {}
+        for model in spec["models"]:
+            if needs_missing_sequence(model, data):
+                continue
+            folder = tuned / study_name(model, dataset)
+            if not (folder / "study.db").is_file():
+                raise KunlunError(f"{folder}: no tuning study of {model} on {dataset} there (make it with kunlun tune {model} "
+                                  f"--dataset {dataset} --study-dir {folder})")
+            study = best_of_study(folder)
+            if (study["model"], study["dataset"]) != (model, dataset):
+                raise KunlunError(f"{study['study']}: a study of {study['model']} on {study['dataset']}, not of {model} on {dataset}")
+            base = point_overrides(spec, dataset, model)
+            if study["overrides"][:len(base)] != base:
+                raise KunlunError(f"{study['study']}: tuned with the overrides {study['overrides']}, but the spec now gives "
+                                  f"{model} on {dataset} {base}; tune it again into another folder")
+            budgets[model] = (study["examples"], study["validations"], study["finished"])
+            studies[(dataset, model)] = study
+        if len(set(budgets.values())) > 1:
+            listed = "; ".join(f"{m} {e:,} examples × {v} validations, {n} finished trials" for m, (e, v, n) in budgets.items())
+            raise KunlunError(f"--tuned {tuned}: the studies on {dataset} differ in budget ({listed}); give every model "
+                              "the same (kunlun tune --trials N --examples E)")
+    return studies
 
 
 def sample_std(v: np.ndarray) -> float:
@@ -187,12 +235,33 @@ def quality_markdown(results: dict) -> str:
             lines.append(f"| {model}{stale_mark(r)} | {r['split']} | {fmt(r['auc'])} | {fmt(r['gauc'])} | {fmt(r['logloss'])} | {fmt(r['ne'])} | "
                          f"{mflops(r)} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
         lines.append("")
+        lines += tuned_markdown(table)
     env = results["environment"]
     lines.append(f"Mean ± sample std over seeds {results['spec']['seeds']}; {env['cpu']}, torch {env['torch']}. "
                  "Each run's threads and environment are in its run directory (environment.json).")
     rows = [r for table in results["results"].values() for r in table.values() if "skipped" not in r]
     lines += ["", provenance(rows)]
     return "\n".join(lines) + "\n"
+
+
+def tuned_markdown(table: dict[str, Any]) -> list[str]:
+    """Under a data set's table of tuned models: each model's budget, its best trial and the values it drew."""
+    tuned = {m: r["tuned"] for m, r in table.items() if "tuned" in r}
+    if not tuned:
+        return []
+    first = next(iter(tuned.values()))
+    lines = [f"Tuned with `kunlun tune` on the validation split, the same budget for every model: {first['finished']} "
+             f"finished trials of at most {first['examples']:,} training examples, validated {first['validations']} times "
+             "each. Every seed above trains the best trial's config.", "",
+             "| model | best trial | its valid NE | values drawn |", "|---|---|---|---|"]
+    for model, t in tuned.items():
+        drawn = ", ".join(f"`{k}={_short(v)}`" for k, v in t["drawn"].items())
+        lines.append(f"| {model} | {t['trial']} | {t['valid_ne']:.4f} | {drawn} |")
+    return lines + [""]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else json.dumps(value).replace(" ", "")
 
 
 def write_tables(out: Path, stem: str, results: dict, markdown: str) -> None:
