@@ -294,7 +294,7 @@ def write_best(optuna, study, study_dir: Path) -> Path | None:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not done:
         return None
-    best = min(done, key=lambda tr: (tr.value, tr.number))
+    best = best_trial(done)
     a = study.user_attrs
     path = study_dir / "best.yaml"
     drawn = ", ".join(f"{k}={json.dumps(v)}" for k, v in best.user_attrs["drawn"].items())
@@ -305,6 +305,11 @@ def write_best(optuna, study, study_dir: Path) -> Path | None:
               f"train.patience).\n# Train it: kunlun train --config {path}\n")
     atomic_write_text(path, header + yaml.safe_dump(best.user_attrs["config"], sort_keys=False))
     return path
+
+
+def best_trial(done: list) -> Any:
+    """The completed trial with the lowest validation NE (the earliest among equals)."""
+    return min(done, key=lambda tr: (tr.value, tr.number))
 
 
 def study_name(model: str, dataset: str) -> str:
@@ -328,7 +333,7 @@ def best_of_study(study_dir: Path) -> dict[str, Any]:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not done:
         raise KunlunError(f"{study_dir}: the study has no completed trial yet; run kunlun tune on it")
-    best = min(done, key=lambda tr: (tr.value, tr.number))
+    best = best_trial(done)
     a = study.user_attrs
     return {"study": str(study_dir), "model": a["model"], "dataset": a["dataset"], "examples": a["examples"],
             "validations": a["validations"], "finished": finished(optuna, study), "overrides": a["overrides"],
