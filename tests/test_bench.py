@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_MODEL, schema_dataset
 from kunlun.bench.quality import check_expected, load_spec, pin_expected, run_ablation, run_quality
 from kunlun.blocks.embeddings import FeatureInfo
-from kunlun.config import model_from_dict
+from kunlun.config import load_config, model_from_dict
 from kunlun.data.tabular import FRAPPE_FIELDS
 from kunlun.errors import KunlunError
 from kunlun.models import build_model
@@ -102,6 +102,28 @@ def test_ablation_deltas_are_relative_to_the_full_model(tiny_spec, tmp_path):
     assert r["rows"]["full"]["delta_ne_pct"]["mean"] == 0.0
     assert r["rows"]["pma"]["delta_flops_pct"] != 0.0
     assert (tmp_path / "out" / "ablation.md").is_file()
+
+
+def test_ablation_on_another_data_set_with_chosen_variants_and_overrides_for_every_run(tiny_spec, tmp_path):
+    """`bench ablation --dataset D --variants a,b KEY=VALUE…`: the ablation runs on D, only the chosen variants beside the
+    full model, every run with the overrides (recorded in its config and named in the table); an unknown variant or a
+    bad override is refused before anything trains."""
+    spec = load_spec(None, [0], ablation_dataset="ml-100k", variants=["no_rotary_time"])
+    assert spec["ablation"]["dataset"] == "ml-100k" and list(spec["ablation"]["variants"]) == ["no_rotary_time"]
+    other = str(schema_dataset(tmp_path / "data", rows=600))  # a data set of its own name, "moved"
+    tiny = {**tiny_spec, "seeds": [0], "ablation": {**tiny_spec["ablation"], "dataset": other}}
+    tiny["models"] = {**tiny["models"], "kunlun": [o for o in tiny["models"]["kunlun"] if not o.startswith("train.max_steps")]}
+    r = run_ablation(tiny, tmp_path / "out", overrides=["train.max_steps=2", "model.dropout=0.05"])
+    assert r["dataset"] == "moved" and set(r["rows"]) == {"full", "pma"}
+    for name in ("full", "pma"):
+        cfg = load_config(tmp_path / "out" / "runs" / "moved" / f"kunlun-{name}" / "seed0" / "config.yaml")
+        assert (cfg.train.max_steps, cfg.model.dropout) == (2, 0.05)
+    assert "every run with `train.max_steps=2 model.dropout=0.05`" in (tmp_path / "out" / "ablation.md").read_text()
+    with pytest.raises(KunlunError, match="--variants: 'no_such' is not in the spec; known: no_sliding_window"):
+        load_spec(None, variants=["no_such"])
+    with pytest.raises(KunlunError, match=f"ablation full on {other}: .*model.no_such_key"):
+        run_ablation(tiny, tmp_path / "bad", overrides=["model.no_such_key=1"])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sequence_model_on_a_context_only_dataset_is_a_config_error():

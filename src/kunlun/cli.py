@@ -276,11 +276,17 @@ def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets,
 
 @bench.command()
 @_bench_options
-def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json):
-    """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model."""
+@click.option("--dataset", help="Data set to ablate on (overrides the spec's ablation.dataset).")
+@click.option("--variants", help="Comma-separated variants to run (a subset of the spec's; the full model always runs).")
+@_overrides_argument
+def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json, dataset, variants, overrides):
+    """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model.
+
+    OVERRIDES are config keys for every run, the full model's too, e.g. train.recipe=one_pass"""
     from kunlun.bench.quality import ablation_markdown, load_spec, run_ablation
 
-    result = run_ablation(load_spec(spec, _list(seeds, int)), out, data_dir, threads, reuse_stale)
+    s = load_spec(spec, _list(seeds, int), ablation_dataset=dataset, variants=_list(variants))
+    result = run_ablation(s, out, data_dir, threads, reuse_stale, list(overrides))
     emit_json(result) if as_json else click.echo(ablation_markdown(result))
 
 

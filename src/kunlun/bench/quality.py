@@ -35,20 +35,32 @@ METRICS = ("auc", "gauc", "logloss", "ne")
 
 
 def load_spec(path: Path | None, seeds: list[int] | None = None, datasets: list[str] | None = None,
-              models: list[str] | None = None) -> dict[str, Any]:
-    """The quality / ablation spec (default: packaged ``configs/quality.yaml``), with ``seeds``, ``datasets`` or a
-    subset of its ``models`` in place of the file's when given."""
+              models: list[str] | None = None, ablation_dataset: str | None = None,
+              variants: list[str] | None = None) -> dict[str, Any]:
+    """The quality / ablation spec (default: packaged ``configs/quality.yaml``), with ``seeds``, ``datasets``, a
+    subset of its ``models``, the ablation's data set (``ablation_dataset``) or a subset of its ablation ``variants``
+    in place of the file's when given."""
     spec = _read_spec(path)
     if seeds:
         spec["seeds"] = list(seeds)
     if datasets:
         spec["datasets"] = list(datasets)
     if models:
-        unknown = [m for m in models if m not in spec["models"]]
-        if unknown:
-            raise KunlunError(f"--models: {unknown[0]!r} is not in the spec; known: {', '.join(spec['models'])}")
-        spec["models"] = {m: spec["models"][m] for m in models}
+        spec["models"] = {m: spec["models"][m] for m in _known("--models", models, spec["models"])}
+    if ablation_dataset or variants:
+        ab = spec["ablation"] = dict(spec.get("ablation") or {})
+        if ablation_dataset:
+            ab["dataset"] = ablation_dataset
+        if variants:
+            ab["variants"] = {v: ab["variants"][v] for v in _known("--variants", variants, ab.get("variants") or {})}
     return spec
+
+
+def _known(option: str, names: list[str], known: dict[str, Any]) -> list[str]:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KunlunError(f"{option}: {unknown[0]!r} is not in the spec; known: {', '.join(known)}")
+    return names
 
 
 SPEC_FIELDS = {  # the quality / ablation spec file (configs/quality.yaml): key → type
@@ -277,18 +289,26 @@ def write_quality(results: dict, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ ablation
 
-def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False) -> dict[str, Any]:
+def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
+    """The full model and each ablation variant of ``spec`` × seed; ``overrides``: config keys for every one of them
+    (after the spec's, before each variant's own), e.g. ``train.recipe=one_pass``."""
     ab = spec.get("ablation") or {}
     dataset = ab.get("dataset", "ml-100k")
     model = ab.get("model", "kunlun")
     if model not in MODELS:
         raise KunlunError(f"ablation.model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
     variants = {"full": [], **(ab.get("variants") or {})}
+    base = point_overrides(spec, dataset, model) + list(overrides or [])
+    for name, variant in variants.items():  # every variant's config loads before anything trains
+        try:
+            load_config(None, base + list(variant), model=model, dataset=dataset)
+        except KunlunError as exc:
+            raise KunlunError(f"ablation {name} on {dataset}: {exc}") from None
     data = prepare_dataset(dataset, data_dir, log=log)
-    base = point_overrides(spec, dataset, model)
     finals = {}
-    for name, overrides in variants.items():
-        finals[name] = [run_point(dataset, data, model, base + list(overrides), s, out / "runs" / data.name / f"{model}-{name}" / f"seed{s}",
+    for name, variant in variants.items():
+        finals[name] = [run_point(dataset, data, model, base + list(variant), s, out / "runs" / data.name / f"{model}-{name}" / f"seed{s}",
                                   data_dir, threads, reuse_stale) for s in spec["seeds"]]
     split = report_split(finals["full"][0]["metrics"])
     full_ne = np.array([f["metrics"][split]["ne"] for f in finals["full"]])
@@ -307,14 +327,17 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
             "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
             "code": r["code"], "stale_seeds": r["stale_seeds"],
         }
-    result = {"environment": environment(), "model": model, "dataset": dataset, "split": split, "seeds": spec["seeds"], "rows": rows}
+    result = {"environment": environment(), "model": model, "dataset": data.name, "split": split, "seeds": spec["seeds"],
+              "overrides": list(overrides or []), "rows": rows}
     write_tables(out, "ablation", result, ablation_markdown(result))
     return result
 
 
 def ablation_markdown(r: dict) -> str:
     model = {"kunlun": "Kunlun"}.get(r.get("model", "kunlun"), r.get("model"))
-    lines = [f"{model} ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}; ΔNE is paired by seed (negative = better).", "",
+    every = f", every run with `{' '.join(r['overrides'])}`" if r.get("overrides") else ""
+    lines = [f"{model} ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}{every}; ΔNE is paired by seed (negative = better).",
+             "",
              "| variant | NE | ΔNE % | MFLOPs/ex useful / executed | Δ executed FLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         lines.append(f"| {name}{stale_mark(row)} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "
