@@ -91,8 +91,10 @@ def speed() -> str:
 
 def speed_loader() -> str:
     """The loader alone, per preset."""
-    rows = [[label, _int(_json(rel)["loader_examples_per_s"]), _int(_json(rel)["loader_examples_per_s"] / _json(rel)["fp32"]["train_examples_per_s"]) + "×"]
-            for label, rel, _ in SPEED_ROWS]
+    rows = []
+    for label, rel, _ in SPEED_ROWS:
+        d = _json(rel)
+        rows.append([label, _int(d["loader_examples_per_s"]), _int(d["loader_examples_per_s"] / d["fp32"]["train_examples_per_s"]) + "×"])
     return _table(["preset", "loader ex/s", "loader / training step"], rows)
 
 
@@ -355,6 +357,30 @@ def embedding_speed() -> str:
     return _table(["item rows", *(f"{o} (s/step)" for o in opts), *(f"adam / {o}" for o in opts[1:])], rows)
 
 
+DEFAULTS_TABLES = ("movielens", "ml-1m-first-half", "ml1m-log", "synthetic", "frappe")  # defaults/quality-<name>.json
+
+
+def dense_lr() -> str:
+    """The packaged models at the old dense learning rate (``defaults/lr-0.001/``) against the current default
+    (``defaults/``): the quality benchmark's tables, per data set and model, ΔNE of the means."""
+    rows = []
+    for name in DEFAULTS_TABLES:
+        old, new = _json(f"defaults/lr-0.001/quality-{name}.json"), _json(f"defaults/quality-{name}.json")
+        for dataset, table in new["results"].items():
+            for model in ("kunlun", "dnn"):
+                a, b = old["results"][dataset][model], table[model]
+                if a["seeds"] != b["seeds"]:
+                    raise ResultsError(f"defaults/quality-{name}: {model} on {dataset} has {b['seeds']} seeds, the lr 0.001 table {a['seeds']}")
+                rows.append([f"{dataset} ({b['split']})", model, str(b["seeds"]), _ne_cell(a["ne"]), _ne_cell(b["ne"]),
+                             f"{b['ne']['mean'] - a['ne']['mean']:+.4f}"])
+    return _table(["data set (split)", "model", "seeds", "NE at lr 0.001", "NE at lr 0.002", "Δ mean"], rows)
+
+
+def _ne_cell(cell: dict) -> str:
+    per_seed = " / ".join(f"{v:.4f}" for v in cell["values"])
+    return f"{cell['mean']:.4f} ± {cell['std']:.4f} ({per_seed})" if len(cell["values"]) > 1 else f"{cell['mean']:.4f}"
+
+
 # ------------------------------------------------------------------------------------------------- gpu
 
 GPU = "gpu/h100-2026-12-06"
@@ -413,7 +439,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "width": width, "width-compare": width_compare, "gpu-speed": gpu_speed, "gpu-train": gpu_train,
     "onepass-grid": onepass_grid, "onepass-laws": onepass_laws, "onepass-compare": onepass_compare,
     "onepass-layers": onepass_layers, "onepass-ml1m": onepass_ml1m,
-    "embedding-quality": embedding_quality, "embedding-speed": embedding_speed,
+    "embedding-quality": embedding_quality, "embedding-speed": embedding_speed, "dense-lr": dense_lr,
 }
 
 

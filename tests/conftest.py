@@ -41,7 +41,7 @@ TINY_MODEL = [
 
 # what a test that checks a model *learned* adds to TINY_MODEL: a learning rate at which 30–40 steps move the test NE
 # well below the untrained model's. Measured (tiny Kunlun, embedded ml-latest-small, 30 steps of 512, one thread),
-# test NE untrained → trained for seeds 0 / 1 / 2: lr 1e-3 (the default) 0.9946 → 0.9789, 1.0039 → 0.9789,
+# test NE untrained → trained for seeds 0 / 1 / 2: lr 1e-3 (the default then) 0.9946 → 0.9789, 1.0039 → 0.9789,
 # 0.9993 → 0.9865 (too close to call); lr 1e-2 0.9946 → 0.9464, 1.0039 → 0.9308, 0.9993 → 0.9630; the same 30 steps in
 # bf16 0.9945 → 0.9482, 1.0039 → 0.9346, 0.9992 → 0.9608. An untrained model scores ~1.0 (it predicts about the base
 # rate); one that learned only the base rate scores 1.0.

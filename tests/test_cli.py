@@ -231,7 +231,7 @@ def test_runs_compares_chosen_runs_side_by_side(tmp_path):
     assert rows["code"] == ["abcdef1234 (src 01234567)", "fedcba9876+dirty (src 01234567)"]
 
     out = json.loads(kunlun("runs", "a", "b", "c", "--root", root, "--json", cwd=tmp_path).stdout)
-    assert out["differences"] == {"model.d_model": [16, 32, 16], "train.lr": [0.001, 0.001, 0.01]}
+    assert out["differences"] == {"model.d_model": [16, 32, 16], "train.lr": [0.002, 0.002, 0.01]}
     assert [r["status"] for r in out["runs"]] == ["complete", "complete", "incomplete"]
     assert out["runs"][1]["metrics"]["test"]["ne"] == 0.94 and out["runs"][2]["metrics"] == {}
     assert out["runs"][2]["code"] == ["abcdef1234 (src 01234567)"]  # from environment.json: the run has no final.json yet

@@ -332,7 +332,7 @@ def test_resume_rejects_overrides_that_would_change_the_run(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     before = all_files(run)
-    with pytest.raises(KunlunError, match=r"train.lr=0.01 would change the run, which was trained with train.lr=0.001"):
+    with pytest.raises(KunlunError, match=r"train.lr=0.01 would change the run, which was trained with train.lr=0.002"):
         train_run(small("train.lr=0.01"), run, resume=True, progress=False, logger=quiet)
     with pytest.raises(KunlunError, match=r"model.name=\"dnn\" would change the run"):
         train_run(load_config(None, ["train.max_steps=3"], model="dnn"), run, resume=True, progress=False, logger=quiet)
