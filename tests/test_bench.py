@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODEL, schema_dataset
-from kunlun.bench.quality import check_expected, load_spec, pin_expected, run_ablation, run_quality
+from kunlun.bench.quality import check_expected, pin_expected, run_ablation, run_quality
+from kunlun.bench.spec import load_spec
 from kunlun.blocks.embeddings import FeatureInfo
 from kunlun.config import load_config, model_from_dict
 from kunlun.data.tabular import FRAPPE_FIELDS
@@ -142,7 +143,7 @@ def test_spec_with_unknown_model(tmp_path):
 
 
 def test_dataset_overrides_come_first_and_must_name_a_benchmarked_dataset(tmp_path):
-    from kunlun.bench.quality import point_overrides
+    from kunlun.bench.spec import point_overrides
 
     p = tmp_path / "s.yaml"
     p.write_text("datasets: [frappe_x1]\nseeds: [0]\nmodels: {dnn: [train.epochs=3], wukong: []}\n"

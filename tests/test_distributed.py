@@ -37,7 +37,9 @@ from kunlun.training.trainer import Trainer, build
 HERE = Path(__file__).parent
 # 4,876 training rows: 8 batches of 608, then one of 12 rows, all rank 0's (rank 1 trains a stand-in row with weight
 # 0); 629 validation rows in evaluation batches of 128: the last global evaluation batch leaves rank 1 nothing
-CFG = [*TINY_MODEL, "train.batch_size=608", "train.eval_batch_size=128", "train.epochs=2", "train.patience=0", "train.threads=1"]
+# train.lr=0.001: a rate at which epoch 2 is the best (test_fsdp_trains_as_ddp… loads `last` as `best`)
+CFG = [*TINY_MODEL, "train.batch_size=608", "train.eval_batch_size=128", "train.epochs=2", "train.patience=0", "train.threads=1",
+       "train.lr=0.001"]
 REL_TOL = 1e-3  # relative differences of weights and optimizer moments, 2 ranks vs 1 (measured ≤ 6e-5)
 NE_TOL = 1e-5
 AUC_TOL = 1e-4  # ~9 of the ~10⁵ positive-negative pairs of the 629 validation rows ordered the other way

@@ -436,7 +436,7 @@ def load_spec_file(kind: str, path: Path):
 
         return load_sweep(path)
     if kind == "quality":
-        from kunlun.bench.quality import load_spec
+        from kunlun.bench.spec import load_spec
 
         return load_spec(path)
     from kunlun.bench.formats import load_formats_spec

@@ -131,7 +131,7 @@ def test_a_trial_killed_with_its_process_is_run_again_with_its_values(tmp_path, 
 def test_search_spaces_of_every_model_load_and_bad_entries_name_the_key(tmp_path):
     """The packaged file has a space for every model of the quality spec, each value of which loads as that model's
     config; a malformed entry is one KunlunError naming the file, model and key."""
-    from kunlun.bench.quality import load_spec
+    from kunlun.bench.spec import load_spec
     from kunlun.tuning import load_search_space
 
     for model in load_spec(None)["models"]:
@@ -197,7 +197,8 @@ def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_p
     budget, best trial and values. Refused before anything trains: a missing study, studies of one data set at
     different budgets, a study tuned with other spec overrides than the spec's now."""
     pytest.importorskip("optuna")
-    from kunlun.bench.quality import load_spec, run_quality
+    from kunlun.bench.quality import run_quality
+    from kunlun.bench.spec import load_spec
     from kunlun.tuning import tune
 
     spec_path = tmp_path / "quality.yaml"

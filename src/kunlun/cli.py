@@ -266,7 +266,8 @@ def _list(text: str | None, convert=str) -> list | None:
                    "for every model of a data set) instead of its spec overrides.")
 def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets, models, check, pin, tuned):
     """Train every model on every dataset with every seed; write quality.md / quality.json (mean ± std)."""
-    from kunlun.bench.quality import load_spec, report_quality, run_quality
+    from kunlun.bench.quality import report_quality, run_quality
+    from kunlun.bench.spec import load_spec
 
     results = run_quality(load_spec(spec, _list(seeds, int), _list(datasets), _list(models)), out, data_dir, threads, reuse_stale,
                           tuned)
@@ -283,7 +284,8 @@ def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json, dataset,
     """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model.
 
     OVERRIDES are config keys for every run, the full model's too, e.g. train.recipe=one_pass"""
-    from kunlun.bench.quality import ablation_markdown, load_spec, run_ablation
+    from kunlun.bench.quality import ablation_markdown, run_ablation
+    from kunlun.bench.spec import load_spec
 
     s = load_spec(spec, _list(seeds, int), ablation_dataset=dataset, variants=_list(variants))
     result = run_ablation(s, out, data_dir, threads, reuse_stale, list(overrides))

@@ -200,7 +200,7 @@ def _number(value: Any, where: str) -> int | float:
 
 def base_overrides(model: str, dataset: str, quality_spec: Path | None = None) -> list[str]:
     """The model's quality-spec overrides on ``dataset``: the dataset's recipe, then the model's own."""
-    from kunlun.bench.quality import load_spec, point_overrides
+    from kunlun.bench.spec import load_spec, point_overrides
 
     spec = load_spec(quality_spec)
     if model not in spec["models"]:
