@@ -319,15 +319,17 @@ def study_name(model: str, dataset: str) -> str:
     return f"{model}-{name}"
 
 
-def best_of_study(study_dir: Path) -> dict[str, Any]:
+def best_of_study(study_dir: Path, model: str = "MODEL", dataset: str = "NAME") -> dict[str, Any]:
     """What a study gives a tuned quality table: its model, data set and budget (``examples``, ``validations``,
     ``finished`` trials, ``overrides`` fixed for every trial) and its best completed trial (``trial``, ``valid_ne``,
-    ``drawn`` values, exact ``config``). A KunlunError when there is no study or no completed trial."""
+    ``drawn`` values, exact ``config``). A KunlunError when there is no study (naming the ``kunlun tune`` command that
+    makes it, for ``model`` on ``dataset`` when given) or no completed trial."""
     optuna = require_optuna()
     db = Path(study_dir) / "study.db"
     if not db.is_file():
-        raise KunlunError(f"{study_dir}: no tuning study there (make it with kunlun tune MODEL --dataset NAME --study-dir "
-                          f"{study_dir})")
+        of = f" of {model} on {dataset}" if model != "MODEL" else ""
+        raise KunlunError(f"{study_dir}: no tuning study{of} there (make it with kunlun tune {model} --dataset {dataset} "
+                          f"--study-dir {study_dir})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db.resolve()}")
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

@@ -128,11 +128,7 @@ def tuned_studies(spec: dict, prepared: dict[str, Any], tuned: Path) -> dict[tup
         for model in spec["models"]:
             if needs_missing_sequence(model, data):
                 continue
-            folder = tuned / study_name(model, dataset)
-            if not (folder / "study.db").is_file():
-                raise KunlunError(f"{folder}: no tuning study of {model} on {dataset} there (make it with kunlun tune {model} "
-                                  f"--dataset {dataset} --study-dir {folder})")
-            study = best_of_study(folder)
+            study = best_of_study(tuned / study_name(model, dataset), model, dataset)
             if (study["model"], study["dataset"]) != (model, dataset):
                 raise KunlunError(f"{study['study']}: a study of {study['model']} on {study['dataset']}, not of {model} on {dataset}")
             base = point_overrides(spec, dataset, model)
