@@ -24,8 +24,7 @@ shift 5
 export OMP_NUM_THREADS=1
 kunlun=${KUNLUN:-kunlun}
 for model in ${models//,/ }; do
-  $kunlun tune "$model" --dataset "$dataset" --study-dir "$out/tune/$model-$(basename "${dataset%.y*ml}")" \
-    --trials "$trials" --examples "$examples" --threads 1 "$@"
+  $kunlun tune "$model" --dataset "$dataset" --study-root "$out/tune" --trials "$trials" --examples "$examples" --threads 1 "$@"
 done
 # these models' seeds; refused (one line, exit 2) unless their studies are finished at the same budget
 $kunlun bench quality --tuned "$out/tune" --datasets "$dataset" --models "$models" --seeds "${SEEDS:-0,1,2,3,4}" --threads 1 \

@@ -171,12 +171,13 @@ def test_kunlun_tune_then_kunlun_train_config_best_yaml(tmp_path, space):
     """The commands as a user runs them: `kunlun tune` prints its summary (--json), and `kunlun train --config` takes
     the best.yaml it wrote, to the trial's validation NE."""
     pytest.importorskip("optuna")
-    r = kunlun("tune", "kunlun", "--dataset", "ml-latest-small", "--study-dir", tmp_path / "s", "--space", space, "--json", *FIXED,
+    r = kunlun("tune", "kunlun", "--dataset", "ml-latest-small", "--study-root", tmp_path / "root", "--space", space, "--json", *FIXED,
                cwd=tmp_path)
     summary = json.loads(r.stdout)
-    assert summary["trials"] == {"complete": 2} and summary["best_config"] == str(tmp_path / "s" / "best.yaml")
+    study = tmp_path / "root" / "kunlun-ml-latest-small"  # where bench quality --tuned ROOT looks for it
+    assert summary["trials"] == {"complete": 2} and summary["best_config"] == str(study / "best.yaml")
     assert "trial 0: best valid NE" in r.stderr and "trial 1: best valid NE" in r.stderr
-    out = json.loads(kunlun("train", "--config", tmp_path / "s" / "best.yaml", "--run-dir", tmp_path / "run", "--json", "--quiet",
+    out = json.loads(kunlun("train", "--config", study / "best.yaml", "--run-dir", tmp_path / "run", "--json", "--quiet",
                             cwd=tmp_path).stdout)
     assert out["valid"]["ne"] == summary["best_valid_ne"]
 
@@ -189,6 +190,9 @@ def test_kunlun_tune_without_optuna_is_one_line(tmp_path):
                env={"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])})
     assert r.stderr.strip().splitlines() == ['kunlun: error: kunlun tune needs Optuna, an optional extra: pip install "kunlun[tune]"']
     assert not (tmp_path / "s").exists()
+    r = kunlun("tune", "kunlun", "--dataset", "ml-latest-small", "--study-dir", tmp_path / "s", "--study-root", tmp_path, cwd=tmp_path,
+               expect=2)
+    assert r.stderr.strip().splitlines()[-1] == "Error: give --study-dir or --study-root, not both" and not (tmp_path / "s").exists()
 
 
 def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_path, space):
@@ -225,7 +229,7 @@ def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_p
         assert set(json.loads((runs / "seed1" / "final.json").read_text())["metrics"]) == {"valid", "test"}
 
     missing = f"{tmp_path / 'none'}/kunlun-ml-latest-small: no tuning study of kunlun on ml-latest-small there"
-    with pytest.raises(KunlunError, match=missing + r" \(make it with kunlun tune kunlun --dataset ml-latest-small --study-dir"):
+    with pytest.raises(KunlunError, match=missing + rf" \(make it with kunlun tune kunlun --dataset ml-latest-small --study-root {tmp_path / 'none'}\)"):
         run_quality(load_spec(spec_path, models=["kunlun"]), tmp_path / "out2", tuned=tmp_path / "none")
     spec_path.write_text(yaml.safe_dump({**spec, "models": {**spec["models"], "kunlun": ["train.embedding_l2=0.001"]}}))
     with pytest.raises(KunlunError, match=r"kunlun-ml-latest-small: tuned with the overrides \[.*\], but the spec now gives kunlun"):

@@ -352,6 +352,8 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
 @click.option("--dataset", required=True, help="Dataset to tune on (its validation split only; the test split is never scored).")
 @click.option("--study-dir", type=click.Path(path_type=Path),
               help="Study folder: study.db, trials/, best.yaml (default runs/tune/<model>-<dataset>).")
+@click.option("--study-root", type=click.Path(path_type=Path),
+              help="Instead of --study-dir: the study is ROOT/<model>-<dataset>, where bench quality --tuned ROOT looks for it.")
 @click.option("--trials", type=click.IntRange(min=1), help="Finished trials the study is to hold (default: the search-space file's budget).")
 @click.option("--examples", type=click.IntRange(min=1), help="Training examples per trial, at most (default: the budget's).")
 @click.option("--space", type=click.Path(path_type=Path), help="Search-space file (default: packaged configs/search_spaces.yaml).")
@@ -360,14 +362,18 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
 @click.option("--threads", type=int, default=0, help="torch threads per trial (0: torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the study's summary as one JSON object.")
 @_overrides_argument
-def tune(model, dataset, study_dir, trials, examples, space, data_dir, seed, threads, as_json, overrides):
+def tune(model, dataset, study_dir, study_root, trials, examples, space, data_dir, seed, threads, as_json, overrides):
     """Search MODEL's hyper-parameters (Optuna TPE, median pruning on validation NE); the best trial's config is written
     to <study dir>/best.yaml for `kunlun train --config`. Run it again to continue a study; run several at once to share it.
 
     OVERRIDES are config keys fixed for every trial (not searched ones), e.g.  train.batch_size=512
     """
-    from kunlun.tuning import tune_reported
+    from kunlun.tuning import study_name, tune_reported
 
+    if study_dir and study_root:
+        raise click.UsageError("give --study-dir or --study-root, not both")
+    if study_root:
+        study_dir = study_root / study_name(model, dataset)
     tune_reported(model, dataset, study_dir, trials=trials, examples=examples, overrides=list(overrides), space=space, seed=seed,
                   threads=threads, data_dir=data_dir, as_json=as_json)
 

@@ -329,7 +329,7 @@ def best_of_study(study_dir: Path, model: str = "MODEL", dataset: str = "NAME") 
     if not db.is_file():
         of = f" of {model} on {dataset}" if model != "MODEL" else ""
         raise KunlunError(f"{study_dir}: no tuning study{of} there (make it with kunlun tune {model} --dataset {dataset} "
-                          f"--study-dir {study_dir})")
+                          f"--study-root {Path(study_dir).parent})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db.resolve()}")
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
