@@ -229,7 +229,8 @@ def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_p
         assert set(json.loads((runs / "seed1" / "final.json").read_text())["metrics"]) == {"valid", "test"}
 
     missing = f"{tmp_path / 'none'}/kunlun-ml-latest-small: no tuning study of kunlun on ml-latest-small there"
-    with pytest.raises(KunlunError, match=missing + rf" \(make it with kunlun tune kunlun --dataset ml-latest-small --study-root {tmp_path / 'none'}\)"):
+    make = rf" \(make it with kunlun tune kunlun --dataset ml-latest-small --study-root {tmp_path / 'none'}\)"
+    with pytest.raises(KunlunError, match=missing + make):
         run_quality(load_spec(spec_path, models=["kunlun"]), tmp_path / "out2", tuned=tmp_path / "none")
     spec_path.write_text(yaml.safe_dump({**spec, "models": {**spec["models"], "kunlun": ["train.embedding_l2=0.001"]}}))
     with pytest.raises(KunlunError, match=r"kunlun-ml-latest-small: tuned with the overrides \[.*\], but the spec now gives kunlun"):
