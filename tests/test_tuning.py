@@ -109,7 +109,8 @@ tuning.tune("kunlun", "ml-latest-small", Path(sys.argv[1]), space=Path(sys.argv[
 
 def test_a_trial_killed_with_its_process_is_run_again_with_its_values(tmp_path, space, monkeypatch):
     """A process killed (SIGKILL) inside its first trial leaves it RUNNING in study.db; the next tune finds its
-    heartbeat stale, marks it failed and runs its values again, then completes the budget."""
+    heartbeat stale, marks it failed and runs its values again, then completes the budget with the values an
+    uninterrupted study draws (the rerun takes a trial number but draws nothing)."""
     pytest.importorskip("optuna")
     from kunlun import tuning
 
@@ -126,6 +127,8 @@ def test_a_trial_killed_with_its_process_is_run_again_with_its_values(tmp_path, 
     after = trials(study)
     assert [t.state.name for t in after] == ["FAIL", "COMPLETE", "COMPLETE"] and summary["trials"] == {"fail": 1, "complete": 2}
     assert after[1].params == killed[0].params  # the killed trial, again
+    tuning.tune("kunlun", "ml-latest-small", tmp_path / "clean", space=space, overrides=FIXED, logger=quiet)
+    assert [t.params for t in after[1:]] == [t.params for t in trials(tmp_path / "clean")]
 
 
 def test_search_spaces_of_every_model_load_and_bad_entries_name_the_key(tmp_path):

@@ -28,8 +28,9 @@ Protocol — the same for every model, so that tuned models compare fairly:
 Studies live in SQLite through Optuna's RDB storage, ``<study dir>/study.db``: a second ``tune`` on the same folder
 continues the study (more trials, or the ones a kill left), and several processes may work on one study at once. A
 trial whose process was killed is found by its stale heartbeat (after ``HEARTBEAT_GRACE_S``) and run again with the
-same values. TPE is seeded per trial (``seed`` + trial number), so the values a trial draws depend on the study's
-history, not on which process draws them. Each trial is a run record under ``<study dir>/trials/<number>`` (its
+same values. TPE is seeded per trial (``seed`` + the number of trials that drew values before it: a rerun of a killed
+trial draws nothing and does not count), so the values a trial draws depend on the study's history, not on which
+process draws them, nor on whether the study was interrupted. Each trial is a run record under ``<study dir>/trials/<number>`` (its
 ``checkpoints/last`` removed when it ends); the best completed trial's exact config is ``<study dir>/best.yaml``,
 which ``kunlun train --config`` takes (rewritten whenever a trial beats it).
 
@@ -59,6 +60,7 @@ INSTALL = 'pip install "kunlun[tune]"'
 STUDY_NAME = "kunlun-tune"
 PRUNER_STARTUP_TRIALS = 5  # trials that run to the end before the pruner compares any trial with them
 PRUNER_WARMUP_VALIDATIONS = 3  # no trial is pruned before its 3rd validation
+RETRY_ATTR = "failed_trial"  # Optuna's mark on a killed trial's rerun (its retry callbacks' retried_trial_number)
 HEARTBEAT_S, HEARTBEAT_GRACE_S = 60, 180  # a running trial whose heartbeat is older than the grace is a killed one
 SQLITE_TIMEOUT_S = 60  # how long a process waits for another's write lock on study.db
 
@@ -229,16 +231,18 @@ def trial_config(model: str, dataset: str, overrides: list[str], drawn: list[str
 
 
 def _seeded_tpe(optuna, seed: int):
-    """TPE seeded anew for each trial with ``seed`` + the trial's number: a trial's draw depends on the study's
-    history and its number, not on which of several processes draws it (one seeded sampler per process would give two
-    processes the same draws)."""
+    """TPE seeded anew for each trial with ``seed`` + its draw index (its number less the reruns of killed trials
+    before it, which take numbers but draw nothing): a trial's draw depends on the study's history and its index, not on
+    which of several processes draws it (one seeded sampler per process would give two processes the same draws), nor
+    on a kill (counting the rerun would skip a draw that an uninterrupted study makes)."""
 
     class PerTrialSeededTPE(optuna.samplers.BaseSampler):
         def __init__(self):
             self.inner = optuna.samplers.TPESampler(seed=seed)
 
         def before_trial(self, study, trial):
-            self.inner = optuna.samplers.TPESampler(seed=seed + trial.number)
+            reruns = sum(1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and RETRY_ATTR in t.system_attrs)
+            self.inner = optuna.samplers.TPESampler(seed=seed + trial.number - reruns)
             self.inner.before_trial(study, trial)
 
         def infer_relative_search_space(self, study, trial):
