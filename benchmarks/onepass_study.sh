@@ -1,38 +1,51 @@
 #!/usr/bin/env bash
 # The one-pass scaling study (issue 26), end to end: the world, the sweeps, the fits, and the files that
-# docs/results/scaling.md reports (benchmarks/results/onepass/). Resumable: finished runs are skipped when run again.
+# docs/results/scaling.md reports. Resumable: finished runs are skipped when run again.
 #
-#   bash benchmarks/onepass_study.sh WORK [SHARED_DATA]      # WORK: where the world and the sweeps go
-#   FITS_ONLY=1 bash benchmarks/onepass_study.sh WORK       # refit and rewrite the results from the sweeps in WORK
+#   bash benchmarks/onepass_study.sh WORK [SHARED_DATA]          # WORK: where the world and the sweeps go
+#   SIZE=3m bash benchmarks/onepass_study.sh WORK                 # the same study on the 3M world (onepass3m-*.yaml)
+#   FITS_ONLY=1 bash benchmarks/onepass_study.sh WORK             # refit and rewrite the results from the sweeps in WORK
 #
-# On a 2-core CPU, two sweeps side by side at one thread each: about 2 hours 20 minutes of wall time.
+# SIZE=600k (default): the world onepass-600k, sweeps onepass-*.yaml, ML-1M users 1–2999 too; results in
+# benchmarks/results/onepass/. On a 2-core CPU, two sweeps side by side at one thread each: about 2 h 20 min of wall time.
+# SIZE=3m: the world onepass-3m (2.4M training rows), sweeps onepass3m-*.yaml; results in benchmarks/results/onepass3m/.
+# About 6–7 core-hours: 3–4 hours of wall time on two cores.
 set -euo pipefail
 work=$(realpath "${1:?usage: onepass_study.sh WORK [SHARED_DATA]}")
 shared=${2:-$(dirname "$0")/../../shared/data}
 here=$(cd "$(dirname "$0")" && pwd)
-out=$here/results/onepass
+size=${SIZE:-600k}
+case $size in
+  600k) world=onepass-600k prefix=onepass tag= ;;  # tag: the sweeps' folders sw$tag-<model> (the 600k study's as before)
+  3m) world=onepass-3m prefix=onepass3m tag=3m ;;
+  *) echo "onepass_study.sh: SIZE is 600k or 3m, not $size" >&2; exit 2 ;;
+esac
+out=$here/results/$prefix
 mkdir -p "$work" "$out"
 cd "$work"
 
 if [ -z "${FITS_ONLY:-}" ]; then
-  [ -f onepass-600k/bayes.json ] || kunlun data synth --out onepass-600k --examples 600k --seed 0 --events-per-user 100 \
+  [ -f $world/bayes.json ] || kunlun data synth --out $world --examples $size --seed 0 --events-per-user 100 \
     drift_days=20 short_term_weight=1.0 --quiet
   for m in kunlun interformer; do  # each model's sweeps in sequence, the two models side by side
-    (kunlun sweep "$here/sweeps/onepass-$m.yaml" --data-dir . --out "sw-$m" &&
-     kunlun sweep "$here/sweeps/onepass-layers-$m.yaml" --data-dir . --out "sw-layers-$m" &&
-     kunlun sweep "$here/sweeps/onepass-ml1m-half-$m.yaml" --data-dir "$shared" --out "sw-ml1m-$m") &
+    (kunlun sweep "$here/sweeps/$prefix-$m.yaml" --data-dir . --out "sw$tag-$m" &&
+     kunlun sweep "$here/sweeps/$prefix-layers-$m.yaml" --data-dir . --out "sw$tag-layers-$m" &&
+     if [ "$size" = 600k ]; then
+       kunlun sweep "$here/sweeps/onepass-ml1m-half-$m.yaml" --data-dir "$shared" --out "sw-ml1m-$m"
+     fi) &
   done
   wait
 fi
 
-cp onepass-600k/bayes.json onepass-600k/synth.json "$out/"
-python "$here/points_csv.py" sw-kunlun sw-interformer > "$out/runs.csv"
-python "$here/points_csv.py" sw-layers-kunlun sw-layers-interformer > "$out/layers-runs.csv"
-python "$here/points_csv.py" sw-ml1m-kunlun sw-ml1m-interformer > "$out/ml1m-runs.csv"
+cp $world/bayes.json $world/synth.json "$out/"
+python "$here/points_csv.py" "sw$tag-kunlun" "sw$tag-interformer" > "$out/runs.csv"
+python "$here/points_csv.py" "sw$tag-layers-kunlun" "sw$tag-layers-interformer" > "$out/layers-runs.csv"
+if [ "$size" = 600k ]; then python "$here/points_csv.py" sw-ml1m-kunlun sw-ml1m-interformer > "$out/ml1m-runs.csv"; fi
 for m in kunlun interformer; do
-  kunlun fit "sw-$m" --frontier --holdout 2 --json --report "$out/$m" > "$out/$m.json"
-  kunlun fit "sw-layers-$m" --x layers --holdout 1 --json --report "$out/layers-$m" > "$out/layers-$m.json"
+  kunlun fit "sw$tag-$m" --frontier --holdout 2 --json --report "$out/$m" > "$out/$m.json"
+  kunlun fit "sw$tag-layers-$m" --x layers --holdout 1 --json --report "$out/layers-$m" > "$out/layers-$m.json"
 done
-kunlun fit sw-kunlun sw-interformer --frontier --holdout 2 --compare kunlun interformer --json --report "$out/compare" > "$out/compare.json"
-kunlun fit sw-layers-kunlun sw-layers-interformer --x layers --holdout 1 --compare kunlun interformer --json \
+kunlun fit "sw$tag-kunlun" "sw$tag-interformer" --frontier --holdout 2 --compare kunlun interformer --json \
+  --report "$out/compare" > "$out/compare.json"
+kunlun fit "sw$tag-layers-kunlun" "sw$tag-layers-interformer" --x layers --holdout 1 --compare kunlun interformer --json \
   --report "$out/layers-compare" > "$out/layers-compare.json"
