@@ -376,6 +376,45 @@ def dense_lr() -> str:
     return _table(["data set (split)", "model", "seeds", "NE at lr 0.001", "NE at lr 0.002", "Δ mean"], rows)
 
 
+# ----------------------------------------------------------------------------------------------- tuned
+
+def tuned_target() -> str:
+    """Issue 24's target on the tuned tables (``tuned/quality-*.json``, ``kunlun bench quality --tuned``): Kunlun's
+    mean NE against each baseline's, the gap in units of the larger of the two seed σ (the target: more than 2), and
+    the useful FLOPs per example of each."""
+    files = sorted(RESULTS.glob("tuned/quality-*.json"))
+    if not files:
+        raise ResultsError("benchmarks/results/tuned/quality-*.json not found")
+    rows = []
+    for path in files:
+        for dataset, table in json.loads(path.read_text(encoding="utf-8"))["results"].items():
+            k = table["kunlun"]
+            rows.append([f"{dataset} ({k['split']})", "**kunlun**", f"{k['ne']['mean']:.4f} ± {k['ne']['std']:.4f}", "", "", "",
+                         _mflops(k["useful_flops_per_example"])])
+            for model, r in table.items():
+                if model == "kunlun" or "skipped" in r:
+                    continue
+                gap, sigma = r["ne"]["mean"] - k["ne"]["mean"], max(r["ne"]["std"], k["ne"]["std"])
+                rows.append(["", model, f"{r['ne']['mean']:.4f} ± {r['ne']['std']:.4f}", f"{gap:+.4f}",
+                             f"{gap / sigma:+.1f}" if sigma > 0 else "", "yes" if gap > 2 * sigma else "no",
+                             _mflops(r["useful_flops_per_example"])])
+    return _table(["data set (split)", "model", "NE (mean ± σ over seeds)", "its NE − Kunlun's", "in σ (larger of the two)",
+                   "Kunlun ahead by > 2σ", "useful MFLOPs/ex"], rows)
+
+
+def history() -> str:
+    """Kunlun and DNN on ml-100k with the last event as the history (``inputs/history-ml-100k-fd460bb.json``) against
+    the packaged 50 (the defaults table, ``defaults/quality-movielens.json``): what the history is worth to each."""
+    short, full = _json("inputs/history-ml-100k-fd460bb.json")["results"]["ml-100k"], _json("defaults/quality-movielens.json")["results"]["ml-100k"]
+    rows = []
+    for model in ("kunlun", "dnn"):
+        a, b = short[model]["ne"], full[model]["ne"]
+        if len(a["values"]) != len(b["values"]):
+            raise ResultsError(f"history: {model} has {len(a['values'])} seeds with the last event only, {len(b['values'])} with 50")
+        rows.append([model, _ne_cell(a), _ne_cell(b), f"{b['mean'] - a['mean']:+.4f}"])
+    return _table(["model", "test NE, last event only", "test NE, last 50 events (default)", "Δ (negative: the history helps)"], rows)
+
+
 def _ne_cell(cell: dict) -> str:
     per_seed = " / ".join(f"{v:.4f}" for v in cell["values"])
     return f"{cell['mean']:.4f} ± {cell['std']:.4f} ({per_seed})" if len(cell["values"]) > 1 else f"{cell['mean']:.4f}"
@@ -440,6 +479,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "onepass-grid": onepass_grid, "onepass-laws": onepass_laws, "onepass-compare": onepass_compare,
     "onepass-layers": onepass_layers, "onepass-ml1m": onepass_ml1m,
     "embedding-quality": embedding_quality, "embedding-speed": embedding_speed, "dense-lr": dense_lr,
+    "tuned-target": tuned_target, "history": history,
 }
 
 
