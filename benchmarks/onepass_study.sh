@@ -29,7 +29,10 @@ if [ -z "${FITS_ONLY:-}" ]; then
   [ -f $world/bayes.json ] || kunlun data synth --out $world --examples $size --seed 0 --events-per-user 100 \
     drift_days=20 short_term_weight=1.0 --quiet
   for m in kunlun interformer; do  # each model's sweeps in sequence, the two models side by side
-    (kunlun sweep "$here/sweeps/$prefix-$m.yaml" --data-dir . --out "sw$tag-$m" &&
+    (if [ "$size" = 3m ]; then  # the embedding-rate scan that chose the rate the 3M sweeps pin
+       kunlun sweep "$here/sweeps/$prefix-elr-$m.yaml" --data-dir . --out "sw$tag-elr-$m"
+     fi &&
+     kunlun sweep "$here/sweeps/$prefix-$m.yaml" --data-dir . --out "sw$tag-$m" &&
      kunlun sweep "$here/sweeps/$prefix-layers-$m.yaml" --data-dir . --out "sw$tag-layers-$m" &&
      if [ "$size" = 600k ]; then
        kunlun sweep "$here/sweeps/onepass-ml1m-half-$m.yaml" --data-dir "$shared" --out "sw-ml1m-$m"
@@ -42,6 +45,7 @@ cp $world/bayes.json $world/synth.json "$out/"
 python "$here/points_csv.py" "sw$tag-kunlun" "sw$tag-interformer" > "$out/runs.csv"
 python "$here/points_csv.py" "sw$tag-layers-kunlun" "sw$tag-layers-interformer" > "$out/layers-runs.csv"
 if [ "$size" = 600k ]; then python "$here/points_csv.py" sw-ml1m-kunlun sw-ml1m-interformer > "$out/ml1m-runs.csv"; fi
+if [ "$size" = 3m ]; then python "$here/points_csv.py" sw3m-elr-kunlun sw3m-elr-interformer > "$out/elr-runs.csv"; fi
 for m in kunlun interformer; do
   kunlun fit "sw$tag-$m" --frontier --holdout 2 --json --report "$out/$m" > "$out/$m.json"
   kunlun fit "sw$tag-layers-$m" --x layers --holdout 1 --json --report "$out/layers-$m" > "$out/layers-$m.json"
