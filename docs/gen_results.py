@@ -230,18 +230,19 @@ def width_compare() -> str:
 
 # --------------------------------------------------------------------------------------- one pass (issue 26)
 
-ONEPASS = "onepass"
+ONEPASS = "onepass"  # the 600k study
+ONEPASS_3M = "onepass3m"  # the 3M study: the same tables from its own folder
 
 
 def _point_value(point: str, key: str) -> int:
     return int(re.search(rf"{key}(\d+)", point).group(1))
 
 
-def onepass_grid() -> str:
-    """The one-pass grid (``onepass/runs.csv``): test NE per model, width and examples processed (seed mean ± std),
-    ★ on the compute-optimal frontier (``onepass/{kunlun,interformer}.json``'s grid)."""
-    runs = _csv(f"{ONEPASS}/runs.csv")
-    frontier = {(f, Path(g["point"]).name) for f in ("kunlun", "interformer") for g in _json(f"{ONEPASS}/{f}.json")["grid"]
+def onepass_grid(folder: str = ONEPASS) -> str:
+    """The one-pass grid (``FOLDER/runs.csv``): test NE per model, width and examples processed (seed mean ± std),
+    ★ on the compute-optimal frontier (``FOLDER/{kunlun,interformer}.json``'s grid)."""
+    runs = _csv(f"{folder}/runs.csv")
+    frontier = {(f, Path(g["point"]).name) for f in ("kunlun", "interformer") for g in _json(f"{folder}/{f}.json")["grid"]
                 if g["on_frontier"]}
     by: dict[tuple[str, int, int], list[dict[str, str]]] = {}
     for r in runs:
@@ -280,26 +281,26 @@ def _law_row(d: dict, bayes: float | None = None) -> list[str]:
             floor, surface, exponent, row[-1]]
 
 
-def _laws(names: list[str], bayes: float | None) -> str:
-    rows = [_law_row(_json(f"{ONEPASS}/{n}.json"), bayes) for n in names]
+def _laws(folder: str, names: list[str], bayes: float | None) -> str:
+    rows = [_law_row(_json(f"{folder}/{n}.json"), bayes) for n in names]
     return _table(["family", "x range", "frontier points", "seed σ (NE) where measured", "chosen",
                    "held-out NE (measured → predicted [90 % PI])", "verdict", "M2 floor E [90 % CI]",
                    "surface floor E [90 % CI]", "optimal size: F ∝ C^a, a [90 % CI]", "runs' code"], rows)
 
 
-def onepass_laws() -> str:
+def onepass_laws(folder: str = ONEPASS) -> str:
     """``kunlun fit --frontier`` of each model's one-pass grid; the M2 floor beside the world's Bayes test NE."""
-    return _laws(["kunlun", "interformer"], _json(f"{ONEPASS}/bayes.json")["splits"]["test"]["ne"])
+    return _laws(folder, ["kunlun", "interformer"], _json(f"{folder}/bayes.json")["splits"]["test"]["ne"])
 
 
-def onepass_compare() -> str:
-    """``kunlun fit --frontier --compare kunlun interformer`` (``onepass/compare.json``)."""
-    return _compare(f"{ONEPASS}/compare.json")
+def onepass_compare(folder: str = ONEPASS) -> str:
+    """``kunlun fit --frontier --compare kunlun interformer`` (``FOLDER/compare.json``)."""
+    return _compare(f"{folder}/compare.json")
 
 
-def onepass_layers() -> str:
+def onepass_layers(folder: str = ONEPASS) -> str:
     """``kunlun fit --x layers`` of each model's layer sweep, and their comparison (slope ratio in ln layers)."""
-    runs = _csv(f"{ONEPASS}/layers-runs.csv")
+    runs = _csv(f"{folder}/layers-runs.csv")
     by: dict[tuple[str, int], list[float]] = {}
     for r in runs:
         by.setdefault((r["family"], int(r["layers"])), []).append(float(r["ne"]))
@@ -307,15 +308,36 @@ def onepass_layers() -> str:
     rows = [[fam, *(f"{statistics.mean(by[(fam, n)]):.4f}" + (f" ± {statistics.stdev(by[(fam, n)]):.4f}" if len(by[(fam, n)]) > 1 else "")
                     if (fam, n) in by else "" for n in layers)] for fam in ("kunlun", "interformer")]
     grid = _table(["model", *(f"{n} layer{'s' if n > 1 else ''}" for n in layers)], rows)
-    c = _json(f"{ONEPASS}/layers-compare.json")["comparison"]
+    c = _json(f"{folder}/layers-compare.json")["comparison"]
     laws = []
     for fam, key in (("kunlun", "eta_a"), ("interformer", "eta_b")):
-        row = _fit_row(_json(f"{ONEPASS}/layers-{fam}.json"))
-        sigma = "; ".join(f"{g['sigma']:.4f} at {g['compute']:.0f} layers" for g in _json(f"{ONEPASS}/layers-{fam}.json")["seed_sigma_by_compute"])
+        row = _fit_row(_json(f"{folder}/layers-{fam}.json"))
+        sigma = "; ".join(f"{g['sigma']:.4f} at {g['compute']:.0f} layers" for g in _json(f"{folder}/layers-{fam}.json")["seed_sigma_by_compute"])
         eta = c[key]
         laws.append([fam, f"{eta['value']:.4f} [{eta['lower']:.4f}, {eta['upper']:.4f}]", sigma, *row[3:]])
     return grid + "\n\n" + _table(["family", "M0 slope η per ln(layers) [90 % CI] (> 0: deeper is better)", "seed σ (NE)",
                                     "chosen", "held-out NE at 8 layers (measured → predicted [90 % PI])", "verdict", "runs' code"], laws)
+
+
+def onepass3m_embedding_rate() -> str:
+    """The embedding-rate scan on the 3M world (``onepass3m/elr-runs.csv``): valid / test NE per model and rate, the
+    best valid NE of each model in bold (the rate is chosen on validation)."""
+    by: dict[tuple[str, float], dict[str, str]] = {}
+    for r in _csv(f"{ONEPASS_3M}/elr-runs.csv"):
+        by[(r["family"], float(re.search(r"embedding_lr([\d.e-]+)", r["point"]).group(1)))] = r
+    rates = sorted({k[1] for k in by})
+    rows = []
+    for fam in ("kunlun", "interformer"):
+        runs = {lr: by[(fam, lr)] for lr in rates if (fam, lr) in by}
+        best = min(runs, key=lambda lr: float(runs[lr]["valid_ne"]))
+        cells = []
+        for lr in rates:
+            text = f"{float(runs[lr]['valid_ne']):.4f} / {float(runs[lr]['ne']):.4f}" if lr in runs else ""
+            cells.append(f"**{text}**" if lr == best else text)
+        rows.append([fam, *cells])
+    codes = sorted({r["code"] for r in by.values()})
+    return (_table(["model", *(f"embedding rate {lr:g}: valid / test NE" for lr in rates)], rows)
+            + "\n\nRuns of code " + ", ".join(f"`{c}`" for c in codes) + ".")
 
 
 def onepass_ml1m() -> str:
@@ -478,6 +500,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "width": width, "width-compare": width_compare, "gpu-speed": gpu_speed, "gpu-train": gpu_train,
     "onepass-grid": onepass_grid, "onepass-laws": onepass_laws, "onepass-compare": onepass_compare,
     "onepass-layers": onepass_layers, "onepass-ml1m": onepass_ml1m,
+    "onepass3m-grid": lambda: onepass_grid(ONEPASS_3M), "onepass3m-laws": lambda: onepass_laws(ONEPASS_3M),
+    "onepass3m-compare": lambda: onepass_compare(ONEPASS_3M), "onepass3m-layers": lambda: onepass_layers(ONEPASS_3M),
+    "onepass3m-embedding-rate": onepass3m_embedding_rate,
     "embedding-quality": embedding_quality, "embedding-speed": embedding_speed, "dense-lr": dense_lr,
     "tuned-target": tuned_target, "history": history,
 }

@@ -142,3 +142,18 @@ def test_an_unknown_results_table_fails():
     gen = gen_results()
     with pytest.raises(gen.ResultsError, match="unknown results table"):
         gen.render("<!-- results-table: no-such-table -->", "page.md")
+
+
+def test_embedding_rate_table_bolds_each_models_best_validation_run(tmp_path, monkeypatch):
+    """The rate a model is chosen at is its lowest validation NE in the scan, even where another rate's test NE is lower."""
+    gen = gen_results()
+    (tmp_path / "onepass3m").mkdir()
+    rows = [("kunlun", 0.001, 0.80, 0.79), ("kunlun", 0.01, 0.78, 0.81), ("interformer", 0.001, 0.83, 0.82),
+            ("interformer", 0.03, 0.84, 0.80)]  # (family, rate, valid NE, test NE): valid and test disagree
+    lines = ["family,ne,valid_ne,code,point"] + [f"{f},{t},{v},c,sw/points/embedding_lr{lr}" for f, lr, v, t in rows]
+    (tmp_path / "onepass3m" / "elr-runs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(gen, "RESULTS", tmp_path)
+    table = gen.TABLES["onepass3m-embedding-rate"]()
+    kunlun, interformer = (next(line for line in table.splitlines() if line.startswith(f"| {f} |")) for f in ("kunlun", "interformer"))
+    assert "**0.7800 / 0.8100**" in kunlun and kunlun.count("**") == 2
+    assert "**0.8300 / 0.8200**" in interformer and interformer.count("**") == 2

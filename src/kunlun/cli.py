@@ -352,7 +352,7 @@ def fit(inputs, holdout, n_boot, level, tolerance, family, compare, report_dir, 
 @click.option("--dataset", required=True, help="Dataset to tune on (its validation split only; the test split is never scored).")
 @click.option("--study-dir", type=click.Path(path_type=Path),
               help="Study folder: study.db, trials/, best.yaml (default runs/tune/<model>-<dataset>).")
-@click.option("--study-root", type=click.Path(path_type=Path),
+@click.option("--study-root", type=click.Path(path_type=Path), metavar="ROOT",
               help="Instead of --study-dir: the study is ROOT/<model>-<dataset>, where bench quality --tuned ROOT looks for it.")
 @click.option("--trials", type=click.IntRange(min=1), help="Finished trials the study is to hold (default: the search-space file's budget).")
 @click.option("--examples", type=click.IntRange(min=1), help="Training examples per trial, at most (default: the budget's).")
