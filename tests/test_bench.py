@@ -98,11 +98,36 @@ def test_pin_tolerance_is_three_sample_stds_with_a_floor(tmp_path):
 
 
 def test_ablation_deltas_are_relative_to_the_full_model(tiny_spec, tmp_path):
-    r = run_ablation(tiny_spec, tmp_path / "out")
+    r = run_ablation(tiny_spec, tmp_path / "out", timing_steps=2, timing_rounds=3)
     assert set(r["rows"]) == {"full", "pma"}
     assert r["rows"]["full"]["delta_ne_pct"]["mean"] == 0.0
     assert r["rows"]["pma"]["delta_flops_pct"] != 0.0
-    assert (tmp_path / "out" / "ablation.md").is_file()
+    # step times: one per round, the median reported, Δ the median of the per-round ratios to the full model
+    full, pma = r["rows"]["full"], r["rows"]["pma"]
+    for kind in ("train", "infer"):
+        assert len(pma["step_ms_rounds"][kind]) == 3 and all(t > 0 for t in pma["step_ms_rounds"][kind])
+        assert pma["step_ms"][kind] == pytest.approx(statistics.median(pma["step_ms_rounds"][kind]))
+        ratios = [a / b for a, b in zip(pma["step_ms_rounds"][kind], full["step_ms_rounds"][kind])]
+        assert pma["delta_step_ms_pct"][kind] == pytest.approx(100 * (statistics.median(ratios) - 1))
+        assert full["delta_step_ms_pct"][kind] == 0.0
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert f"| {pma['step_ms']['train']:.1f} ({pma['delta_step_ms_pct']['train']:+.1f}) |" in md
+    assert "3 rounds of 2 steps" in md
+    untimed = run_ablation(tiny_spec, tmp_path / "out", timing_rounds=0)  # the runs reused, nothing timed
+    assert "step_ms" not in untimed["rows"]["pma"] and "Step times not measured" in (tmp_path / "out" / "ablation.md").read_text()
+
+
+def test_interleaved_step_times_rank_a_model_with_many_more_flops_slower(tmp_path):
+    """The interleaved timing measures each config's own model: a model with many times the FLOPs per example is slower
+    per training step and per inference batch in the medians, on the same rows."""
+    from kunlun.bench.speed import interleaved_step_ms
+
+    base = ["train.batch_size=64", "data.max_seq_len=8", "train.threads=1"]
+    cfgs = {"small": load_config(None, [*TINY_MODEL, *base], model="kunlun", dataset="ml-latest-small"),
+            "big": load_config(None, [*base, "model.d_model=64", "model.num_layers=3"], model="kunlun", dataset="ml-latest-small")}
+    ms = interleaved_step_ms(cfgs, steps=2, rounds=3)
+    for kind in ("train", "infer"):
+        assert statistics.median(ms["big"][kind]) > 2 * statistics.median(ms["small"][kind]), (kind, ms)
 
 
 def test_ablation_on_another_data_set_with_chosen_variants_and_overrides_for_every_run(tiny_spec, tmp_path):

@@ -279,16 +279,21 @@ def quality(spec, out, data_dir, seeds, threads, reuse_stale, as_json, datasets,
 @_bench_options
 @click.option("--dataset", help="Data set to ablate on (overrides the spec's ablation.dataset).")
 @click.option("--variants", help="Comma-separated variants to run (a subset of the spec's; the full model always runs).")
+@click.option("--timing-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Training steps per variant per timing round.")
+@click.option("--timing-rounds", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Rounds of step timing, the variants in turn (0: no timing).")
 @_overrides_argument
-def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json, dataset, variants, overrides):
-    """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example, Δ examples/s against the full model.
+def ablation(spec, out, data_dir, seeds, threads, reuse_stale, as_json, dataset, variants, timing_steps, timing_rounds, overrides):
+    """Kunlun with each component off in turn: ΔNE, ΔFLOPs/example and Δ time per training step and per inference
+    batch against the full model (the times measured after the runs, the variants interleaved).
 
     OVERRIDES are config keys for every run, the full model's too, e.g. train.recipe=one_pass"""
     from kunlun.bench.quality import ablation_markdown, run_ablation
     from kunlun.bench.spec import load_spec
 
     s = load_spec(spec, _list(seeds, int), ablation_dataset=dataset, variants=_list(variants))
-    result = run_ablation(s, out, data_dir, threads, reuse_stale, list(overrides))
+    result = run_ablation(s, out, data_dir, threads, reuse_stale, list(overrides), timing_steps, timing_rounds)
     emit_json(result) if as_json else click.echo(ablation_markdown(result))
 
 

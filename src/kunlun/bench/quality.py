@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kunlun.bench.spec import point_overrides
+from kunlun.bench.speed import interleaved_step_ms
 from kunlun.config import load_config
 from kunlun.console import emit_json
 from kunlun.data.registry import prepare_dataset
@@ -222,9 +224,14 @@ def write_quality(results: dict, out: Path) -> None:
 # ------------------------------------------------------------------------------------------ ablation
 
 def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_stale: bool = False,
-                 overrides: list[str] | None = None) -> dict[str, Any]:
+                 overrides: list[str] | None = None, timing_steps: int = 10, timing_rounds: int = 5) -> dict[str, Any]:
     """The full model and each ablation variant of ``spec`` × seed; ``overrides``: config keys for every one of them
-    (after the spec's, before each variant's own), e.g. ``train.recipe=one_pass``."""
+    (after the spec's, before each variant's own), e.g. ``train.recipe=one_pass``.
+
+    Then, unless ``timing_rounds`` is 0, each variant's time per training step and per inference batch, measured
+    apart from the training runs (which share the machine with whatever else runs) by ``interleaved_step_ms``:
+    ``timing_rounds`` rounds of ``timing_steps`` steps, the variants in turn; the medians, and each variant's Δ against
+    the full model as the median of its per-round ratios."""
     ab = spec.get("ablation") or {}
     dataset = ab.get("dataset", "ml-100k")
     model = ab.get("model", "kunlun")
@@ -255,12 +262,26 @@ def run_ablation(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_s
             "delta_ne_pct": {"mean": float(delta.mean()), "std": sample_std(delta)},
             "flops_per_example": r["flops_per_example"], "useful_flops_per_example": r["useful_flops_per_example"],
             "delta_flops_pct": 100 * (r["flops_per_example"] / full["flops_per_example"] - 1),
-            "train_examples_per_s": r["train_examples_per_s"],
-            "delta_speed_pct": 100 * (r["train_examples_per_s"] / full["train_examples_per_s"] - 1),
+            "train_examples_per_s": r["train_examples_per_s"],  # the runs' own, under whatever load they shared the machine with
             "code": r["code"], "stale_seeds": r["stale_seeds"],
         }
+    timing = None
+    if timing_rounds > 0:
+        log(f"ablation on {dataset}: timing every variant's step, {timing_rounds} rounds of {timing_steps} steps …")
+        cfgs = {name: load_config(None, base + list(v), model=model, dataset=dataset, seed=spec["seeds"][0],
+                                  data_dir=str(data_dir) if data_dir else None, threads=threads or None)
+                for name, v in variants.items()}
+        ms = interleaved_step_ms(cfgs, timing_steps, timing_rounds)
+        for name, row in rows.items():
+            row["step_ms"] = {k: float(np.median(v)) for k, v in ms[name].items()}
+            row["delta_step_ms_pct"] = {k: float(100 * (np.median(np.array(v) / np.array(ms["full"][k])) - 1))
+                                        for k, v in ms[name].items()}
+            row["step_ms_rounds"] = ms[name]
+        first = cfgs["full"]
+        timing = {"steps": timing_steps, "rounds": timing_rounds, "batch_size": first.train.batch_size,
+                  "threads": torch.get_num_threads()}
     result = {"environment": environment(), "model": model, "dataset": data.name, "split": split, "seeds": spec["seeds"],
-              "overrides": list(overrides or []), "rows": rows}
+              "overrides": list(overrides or []), "timing": timing, "rows": rows}
     write_tables(out, "ablation", result, ablation_markdown(result))
     return result
 
@@ -270,13 +291,23 @@ def ablation_markdown(r: dict) -> str:
     every = f", every run with `{' '.join(r['overrides'])}`" if r.get("overrides") else ""
     lines = [f"{model} ablations on {r['dataset']} ({r['split']}), seeds {r['seeds']}{every}; ΔNE is paired by seed (negative = better).",
              "",
-             "| variant | NE | ΔNE % | MFLOPs/ex useful / executed | Δ executed FLOPs % | train ex/s | Δ ex/s % |", "|---|---|---|---|---|---|---|"]
+             "| variant | NE | ΔNE % | MFLOPs/ex useful / executed | Δ executed FLOPs % | ms / train step (Δ %) | ms / inference batch (Δ %) |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         lines.append(f"| {name}{stale_mark(row)} | {fmt(row['ne'])} | {row['delta_ne_pct']['mean']:+.2f} ± {row['delta_ne_pct']['std']:.2f} | "
-                     f"{mflops(row)} | {row['delta_flops_pct']:+.1f} | {row['train_examples_per_s']:,.0f} | "
-                     f"{row['delta_speed_pct']:+.1f} |")
-    lines += ["", provenance(list(r["rows"].values()))]
+                     f"{mflops(row)} | {row['delta_flops_pct']:+.1f} | {_step_cell(row, 'train')} | {_step_cell(row, 'infer')} |")
+    t = r.get("timing")
+    lines += ["", f"Step times: batches of {t['batch_size']} training rows, {t['threads']} thread(s), the variants timed in turn "
+                  f"({t['rounds']} rounds of {t['steps']} steps, apart from the training runs); medians, Δ the median of each "
+                  "round's ratio to the full model." if t else "Step times not measured (--timing-rounds 0).",
+              "", provenance(list(r["rows"].values()))]
     return "\n".join(lines) + "\n"
+
+
+def _step_cell(row: dict, kind: str) -> str:
+    if "step_ms" not in row:
+        return "–"
+    return f"{row['step_ms'][kind]:.1f} ({row['delta_step_ms_pct'][kind]:+.1f})"
 
 
 # ------------------------------------------------------------------------------------------ regression check

@@ -253,6 +253,62 @@ def memmap_vs_ram(cfg: Config, steps: int = 100, repeats: int = 5, log=log) -> d
             "memmap_over_ram": {m: med["memmap"][m] / med["ram"][m] for m in ("loader", "trainer")}}
 
 
+def interleaved_step_ms(cfgs: dict[str, Config], steps: int = 10, rounds: int = 5) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds per training step (the trainer's ``TrainStep``) and per inference forward of each config's model,
+    on the same training rows, **interleaved**: every round times each model in turn (the order rotated each round),
+    so that load from other processes falls on all of them alike; compare the models by per-round ratios.
+
+    ``cfgs``: name → config, all on one data set (the first config's); each model is built from its config's seed and
+    fed batches of its own inputs (its event windows) drawn from the same row indices; one warm-up step each, untimed.
+    Returns name → {"train": [ms per step, one per round], "infer": [ms per forward of a batch, one per round]}."""
+    first = next(iter(cfgs.values()))
+    if first.train.threads:
+        torch.set_num_threads(first.train.threads)
+    device = default_device()
+    data = prepare_dataset(first.data.dataset, first.data.data_dir, log=log)
+    rng = np.random.default_rng(0)
+    n_train = len(data.splits["train"])
+    rows = [rng.choice(n_train, min(first.train.batch_size, n_train), replace=False) for _ in range(4)]
+    timed = {}
+    for name, cfg in cfgs.items():
+        set_seed(cfg.train.seed)
+        model = build(cfg, data).to(device)
+        batcher = Batcher(data, "train", cfg.data.max_seq_len, model.event_windows)
+        batches = [batcher.batch(r).to(device) for r in rows]
+        opts = make_optimizers(model, cfg.train)
+        step = TrainStep(TrainModel(model, cfg.train.bf16), opts, make_schedulers(opts, cfg.train, (rounds + 1) * steps + 1),
+                         cfg.train.grad_clip)
+        timed[name] = (model, step, batches, cfg.train.bf16)
+        model.train()
+        step(batches[0])  # warm-up: first-call allocations, lazy initialisation
+
+    def train_ms(model, step, batches, _bf16) -> float:
+        model.train()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        _sync(device)
+        return 1e3 * (time.perf_counter() - t0) / steps
+
+    @torch.no_grad()
+    def infer_ms(model, _step, batches, bf16) -> float:
+        model.eval()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            with autocast(device, bf16):
+                model(batches[i % len(batches)])
+        _sync(device)
+        return 1e3 * (time.perf_counter() - t0) / steps
+
+    names = list(timed)
+    out: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name]["train"].append(train_ms(*timed[name]))
+            out[name]["infer"].append(infer_ms(*timed[name]))
+    return out
+
+
 def replace_train(cfg: Config, **changes) -> Config:
     from dataclasses import replace
 
