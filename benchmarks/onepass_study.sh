@@ -9,8 +9,8 @@
 # SIZE=600k (default): the world onepass-600k, sweeps onepass-*.yaml, ML-1M users 1–2999 too; results in
 # benchmarks/results/onepass/. On a 2-core CPU, two sweeps side by side at one thread each: about 2 h 20 min of wall time.
 # SIZE=3m: the world onepass-3m (2.4M training rows), sweeps onepass3m-*.yaml; results in benchmarks/results/onepass3m/.
-# About 20 core-hours on a 2-core AMD EPYC at one thread per run (measured on its first points): Kunlun's grid and
-# layer sweep about 6.5 h, InterFormer's about twice that (2.4x the FLOPs per example). Resumable across sessions.
+# About 17 core-hours on a 2-core AMD EPYC at one thread per run (measured on its first points): Kunlun's grid and
+# layer sweep about 6 h, InterFormer's about twice that (2.4x the FLOPs per example). Resumable across sessions.
 set -euo pipefail
 work=$(realpath "${1:?usage: onepass_study.sh WORK [SHARED_DATA]}")
 shared=${2:-$(dirname "$0")/../../shared/data}
