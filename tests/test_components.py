@@ -560,7 +560,7 @@ def test_the_candidate_reaches_the_sequence_side_only_as_a_token(ml, name):
         model = build(info, name, target_in_sequence=target, **extra)
         first = first_sequence_block(model)
         outs = []
-        h = first.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        h = first.register_forward_hook(lambda m, a, o, outs=outs: outs.append(o[0] if isinstance(o, tuple) else o))
         logits(model, batch)
         logits(model, other)
         h.remove()

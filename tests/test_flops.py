@@ -134,7 +134,8 @@ def test_the_configs_above_run_both_attention_kernels():
     seen = set()
     for model_cfg, max_len in KUNLUN_CONFIGS[:2]:
         model = build_model(model_from_dict(model_cfg), FeatureInfo.from_encoder(p.encoder(), max_len))
-        _, calls = attention_calls(model, lambda: model(Batcher(p, "valid", max_len, event_windows=model.event_windows).batch(np.arange(2))))
+        batch = Batcher(p, "valid", max_len, event_windows=model.event_windows).batch(np.arange(2))
+        _, calls = attention_calls(model, lambda model=model, batch=batch: model(batch))
         seen |= {("blocked" if blocked_pays(lk, m.window) else "dense") for m, b, lq, lk in calls if m.window and lq == lk}
     assert {"blocked", "dense"} <= seen
 

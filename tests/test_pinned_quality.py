@@ -40,10 +40,10 @@ def pinned_quality():
 def test_small_dnn_test_ne_is_within_seed_noise_of_the_pin(tmp_path):
     ne = pinned_quality().train(0, tmp_path / "run")["metrics"]["test"]["ne"]
     assert ne <= PIN_NE + TOLERANCE, f"test NE {ne:.5f} is worse than pinned {PIN_NE} + {TOLERANCE}: a quality regression"
-    assert ne >= PIN_NE - TOLERANCE, f"test NE {ne:.5f} is better than pinned {PIN_NE} − {TOLERANCE}: suspicious (a leak?)"
+    assert ne >= PIN_NE - TOLERANCE, f"test NE {ne:.5f} is better than pinned {PIN_NE} − {TOLERANCE}: a leak?"
 
 
 def test_small_kunlun_test_ne_is_within_seed_noise_of_the_pin(tmp_path):
     ne = pinned_quality().train(0, tmp_path / "run", model="kunlun")["metrics"]["test"]["ne"]
     assert ne <= KUNLUN_PIN_NE + KUNLUN_TOLERANCE, f"test NE {ne:.5f} is worse than pinned {KUNLUN_PIN_NE} + {KUNLUN_TOLERANCE}: a quality regression"
-    assert ne >= KUNLUN_PIN_NE - KUNLUN_TOLERANCE, f"test NE {ne:.5f} is better than pinned {KUNLUN_PIN_NE} − {KUNLUN_TOLERANCE}: suspicious (a leak?)"
+    assert ne >= KUNLUN_PIN_NE - KUNLUN_TOLERANCE, f"test NE {ne:.5f} is better than pinned {KUNLUN_PIN_NE} − {KUNLUN_TOLERANCE}: a leak?"
