@@ -8,7 +8,8 @@
 #
 # SIZE=600k (default): the world onepass-600k, sweeps onepass-*.yaml, ML-1M users 1–2999 too; results in
 # benchmarks/results/onepass/. On a 2-core CPU, two sweeps side by side at one thread each: about 2 h 20 min of wall time.
-# SIZE=3m: the world onepass-3m (2.4M training rows), sweeps onepass3m-*.yaml; results in benchmarks/results/onepass3m/.
+# SIZE=3m: the world onepass-3m (2.4M training rows), sweeps onepass3m-*.yaml; results in benchmarks/results/onepass3m/,
+# finished runs' records in its records/ (benchmarks/run_records.py), restored into WORK before the sweeps.
 # About 17 core-hours on a 2-core AMD EPYC at one thread per run (measured on its first points): Kunlun's grid and
 # layer sweep about 6 h, InterFormer's about twice that (2.4x the FLOPs per example). Resumable across sessions.
 set -euo pipefail
@@ -24,6 +25,10 @@ esac
 out=$here/results/$prefix
 mkdir -p "$work" "$out"
 cd "$work"
+# The 3M study outlives a machine: finished runs' records (no checkpoints) are kept in the repository and put back
+# here, so kunlun sweep skips them when run by the code that trained them (their final.json names it).
+records=$out/records
+if [ "$size" = 3m ] && [ -d "$records" ]; then python "$here/run_records.py" restore "$records" .; fi
 
 if [ -z "${FITS_ONLY:-}" ]; then
   [ -f $world/bayes.json ] || kunlun data synth --out $world --examples $size --seed 0 --events-per-user 100 \
@@ -39,13 +44,16 @@ if [ -z "${FITS_ONLY:-}" ]; then
      fi) &
   done
   wait
+  if [ "$size" = 3m ]; then python "$here/run_records.py" save . "$records"; fi
 fi
 
-cp $world/bayes.json $world/synth.json "$out/"
+if [ -f $world/bayes.json ]; then cp $world/bayes.json $world/synth.json "$out/"; fi  # FITS_ONLY from records: kept
 python "$here/points_csv.py" "sw$tag-kunlun" "sw$tag-interformer" > "$out/runs.csv"
 python "$here/points_csv.py" "sw$tag-layers-kunlun" "sw$tag-layers-interformer" > "$out/layers-runs.csv"
 if [ "$size" = 600k ]; then python "$here/points_csv.py" sw-ml1m-kunlun sw-ml1m-interformer > "$out/ml1m-runs.csv"; fi
-if [ "$size" = 3m ]; then python "$here/points_csv.py" sw3m-elr-kunlun sw3m-elr-interformer > "$out/elr-runs.csv"; fi
+if [ "$size" = 3m ] && [ -d sw3m-elr-kunlun ]; then  # the scans' records were lost with a machine; their CSV is kept
+  python "$here/points_csv.py" sw3m-elr-kunlun sw3m-elr-interformer > "$out/elr-runs.csv"
+fi
 for m in kunlun interformer; do
   kunlun fit "sw$tag-$m" --frontier --holdout 2 --json --report "$out/$m" > "$out/$m.json"
   kunlun fit "sw$tag-layers-$m" --x layers --holdout 1 --json --report "$out/layers-$m" > "$out/layers-$m.json"

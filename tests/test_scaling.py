@@ -1,5 +1,6 @@
 """Scaling fits on synthetic data with known truth, their intervals, input errors, the CLI, and sweeps."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from kunlun.errors import KunlunError
 from kunlun.scaling.forms import fit_form
 from kunlun.scaling.law import analyse, compare, prediction_interval
@@ -167,10 +169,27 @@ def test_sweep_runs_points_resumes_and_records_compute(tmp_path):
 
     # what --dry-run lists: the recorded configs (model defaults spelled out) match the points' configs
     assert [state for _, state in plan(load_sweep(sweep), out)] == ["fresh", "fresh"]
+    # a study outliving its machine: the records alone (no checkpoints) continue the sweep and feed the fit
+    records, moved = tmp_path / "records", tmp_path / "moved"
+    run_records = _benchmark_module("run_records")
+    assert run_records.save(out, records) == 2 and run_records.restore(records, moved) == 2
+    assert not list(records.rglob("checkpoints")) and not list(records.rglob("*.safetensors"))
+    assert [state for _, state in plan(load_sweep(sweep), moved)] == ["fresh", "fresh"]
+    assert len(load_points([records])) == 2
+    (moved / "points").rename(tmp_path / "gone")
+    (moved / finals[0].parent.relative_to(out)).mkdir(parents=True)  # a run folder already there (training): left alone
+    assert run_records.restore(records, moved) == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text(sweep.read_text().replace("model.d_model", "model.d_modle"))
     r = run_cli("sweep", str(bad), "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "d_modle" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def _benchmark_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_a_run_is_placed_at_the_compute_that_produced_its_ne(tmp_path):
