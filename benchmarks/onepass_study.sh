@@ -10,8 +10,8 @@
 # benchmarks/results/onepass/. On a 2-core CPU, two sweeps side by side at one thread each: about 2 h 20 min of wall time.
 # SIZE=3m: the world onepass-3m (2.4M training rows), sweeps onepass3m-*.yaml; results in benchmarks/results/onepass3m/,
 # finished runs' records in its records/ (benchmarks/run_records.py), restored into WORK before the sweeps.
-# About 17 core-hours on a 2-core AMD EPYC at one thread per run (measured on its first points): Kunlun's grid and
-# layer sweep about 6 h, InterFormer's about twice that (2.4x the FLOPs per example). Resumable across sessions.
+# About 5 core-hours on a 2-core AMD EPYC at one thread per run (summed run times at 2c175d8: grids 1.1 h Kunlun,
+# 1.6 h InterFormer; Kunlun's layer sweep 0.6 h); about 2.5 h of wall time with the two models side by side.
 set -euo pipefail
 work=$(realpath "${1:?usage: onepass_study.sh WORK [SHARED_DATA]}")
 shared=${2:-$(dirname "$0")/../../shared/data}
