@@ -10,8 +10,9 @@
 # benchmarks/results/onepass/. On a 2-core CPU, two sweeps side by side at one thread each: about 2 h 20 min of wall time.
 # SIZE=3m: the world onepass-3m (2.4M training rows), sweeps onepass3m-*.yaml; results in benchmarks/results/onepass3m/,
 # finished runs' records in its records/ (benchmarks/run_records.py), restored into WORK before the sweeps.
-# About 5 core-hours on a 2-core AMD EPYC at one thread per run (summed run times at 2c175d8: grids 1.1 h Kunlun,
-# 1.6 h InterFormer; Kunlun's layer sweep 0.6 h); about 2.5 h of wall time with the two models side by side.
+# About 5.5 core-hours on a 2-core AMD EPYC at one thread per run (summed run times at 2c175d8: grids 1.1 h Kunlun,
+# 1.6 h InterFormer; layer sweeps 0.8 h and 1.4 h; the d_model-32 rate check 0.5 h; the embedding-rate scans not
+# recorded); about 3 h of wall time with the two models side by side.
 set -euo pipefail
 work=$(realpath "${1:?usage: onepass_study.sh WORK [SHARED_DATA]}")
 shared=${2:-$(dirname "$0")/../../shared/data}
@@ -39,6 +40,9 @@ if [ -z "${FITS_ONLY:-}" ]; then
      fi &&
      kunlun sweep "$here/sweeps/$prefix-$m.yaml" --data-dir . --out "sw$tag-$m" &&
      kunlun sweep "$here/sweeps/$prefix-layers-$m.yaml" --data-dir . --out "sw$tag-layers-$m" &&
+     if [ "$size" = 3m ]; then  # is d_model 32 off the frontier only because the dense rate was chosen at 16?
+       kunlun sweep "$here/sweeps/$prefix-d32lr-$m.yaml" --data-dir . --out "sw$tag-d32lr-$m"
+     fi &&
      if [ "$size" = 600k ]; then
        kunlun sweep "$here/sweeps/onepass-ml1m-half-$m.yaml" --data-dir "$shared" --out "sw-ml1m-$m"
      fi) &
@@ -54,6 +58,7 @@ if [ "$size" = 600k ]; then python "$here/points_csv.py" sw-ml1m-kunlun sw-ml1m-
 if [ "$size" = 3m ] && [ -d sw3m-elr-kunlun ]; then  # the scans' records were lost with a machine; their CSV is kept
   python "$here/points_csv.py" sw3m-elr-kunlun sw3m-elr-interformer > "$out/elr-runs.csv"
 fi
+if [ "$size" = 3m ] && [ -d sw3m-d32lr-interformer ]; then python "$here/points_csv.py" sw3m-d32lr-kunlun sw3m-d32lr-interformer > "$out/d32lr-runs.csv"; fi
 for m in kunlun interformer; do
   kunlun fit "sw$tag-$m" --frontier --holdout 2 --json --report "$out/$m" > "$out/$m.json"
   kunlun fit "sw$tag-layers-$m" --x layers --holdout 1 --json --report "$out/layers-$m" > "$out/layers-$m.json"

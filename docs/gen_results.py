@@ -340,6 +340,29 @@ def onepass3m_embedding_rate() -> str:
             + "\n\nRuns of code " + ", ".join(f"`{c}`" for c in codes) + ".")
 
 
+def onepass3m_d32_rate() -> str:
+    """d_model 32 × 819.2k examples on the 3M world at dense rates 0.001 and 0.004 (``onepass3m/d32lr-runs.csv``,
+    seed 0) beside the grid's point at 0.002 (``onepass3m/runs.csv``, seeds 0-2): valid / test NE."""
+    point = "d_model32-max_steps3200-warmup_steps320"
+    cells: dict[tuple[str, float], list[dict[str, str]]] = {}
+    for r in _csv(f"{ONEPASS_3M}/d32lr-runs.csv"):
+        cells.setdefault((r["family"], float(re.search(r"(?:^|-)lr([\d.]+(?:e-?\d+)?)(?:-|$)", r["point"].split("/")[-1]).group(1))), []).append(r)
+    for r in _csv(f"{ONEPASS_3M}/runs.csv"):
+        if r["point"].endswith(point):
+            cells.setdefault((r["family"], 0.002), []).append(r)
+    rates = sorted({k[1] for k in cells})
+
+    def cell(rs: list[dict[str, str]]) -> str:
+        v, t = [float(r["valid_ne"]) for r in rs], [float(r["ne"]) for r in rs]
+        if len(rs) == 1:
+            return f"{v[0]:.4f} / {t[0]:.4f}"
+        return f"{statistics.mean(v):.4f} / {statistics.mean(t):.4f} ± {statistics.stdev(t):.4f} ({len(rs)} seeds)"
+    rows = [[fam, *(cell(cells[(fam, lr)]) if (fam, lr) in cells else "" for lr in rates)] for fam in ("kunlun", "interformer")]
+    codes = sorted({r["code"] for rs in cells.values() for r in rs})
+    return (_table(["model", *(f"dense rate {lr:g}: valid / test NE" for lr in rates)], rows)
+            + "\n\nRuns of code " + ", ".join(f"`{c}`" for c in codes) + ".")
+
+
 def onepass_ml1m() -> str:
     """One pass over ML-1M users 1–2999 (``onepass/ml1m-runs.csv``): where the best checkpoint comes before the pass ends."""
     rows = []
@@ -502,7 +525,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "onepass-layers": onepass_layers, "onepass-ml1m": onepass_ml1m,
     "onepass3m-grid": lambda: onepass_grid(ONEPASS_3M), "onepass3m-laws": lambda: onepass_laws(ONEPASS_3M),
     "onepass3m-compare": lambda: onepass_compare(ONEPASS_3M), "onepass3m-layers": lambda: onepass_layers(ONEPASS_3M),
-    "onepass3m-embedding-rate": onepass3m_embedding_rate,
+    "onepass3m-embedding-rate": onepass3m_embedding_rate, "onepass3m-d32-rate": onepass3m_d32_rate,
     "embedding-quality": embedding_quality, "embedding-speed": embedding_speed, "dense-lr": dense_lr,
     "tuned-target": tuned_target, "history": history,
 }
