@@ -516,6 +516,25 @@ def test_light_streams_are_scaled_down(ml):
     assert model.layers[1].blocks["history_not_liked"].attn.attn.window == 8
 
 
+def test_event_split_says_when_no_type_is_primary(ml, tmp_path):
+    """event_split on a log whose event types are none of primary_events gives every type a full stream; the model
+    says so in one note, and the trainer logs it when the run starts. Named primaries, or no split: no note."""
+    info, _ = ml
+    assert build(info, "kunlun", event_split=True).config_notes() == []  # "liked" is primary
+    assert build(info, "kunlun", event_split=False, primary_events=["click"]).config_notes() == []
+    model = build(info, "kunlun", event_split=True, primary_events=["click"])
+    assert {st.dim for st in model.streams} == {model.config.d_model}  # the fallback: every stream full-size
+    (note,) = model.config_notes()
+    assert "'history'" in note and "liked, not_liked" in note and "model.primary_events=[liked]" in note
+    from kunlun.config import load_config
+    from kunlun.training.trainer import Trainer
+    cfg = load_config(None, ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "data.max_seq_len=8",
+                             "model.event_split=true", "model.primary_events=[click]", "train.threads=1"])
+    lines: list[str] = []
+    Trainer(cfg, prepare_dataset(cfg.data.dataset), tmp_path, progress=False, logger=lines.append)
+    assert f"note: {note}" in lines
+
+
 # ------------------------------------------------------------------------------ Wukong experts
 
 def test_the_interaction_gives_each_expert_its_partition(ml):

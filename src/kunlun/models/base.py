@@ -53,6 +53,11 @@ class RankingModel(nn.Module):
         length, the op implementation selected now) ÷ its size; counted once per configuration and batch shape."""
         return flop_count.executed_flops_per_example(self, batch)
 
+    def config_notes(self) -> list[str]:
+        """One line each for a configuration key that has no effect, or not the effect its name suggests, on this
+        data set's features (the trainer logs them when the run starts). [] when every key does what it says."""
+        return []
+
     def token_counts(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Real (unpadded) tokens per example, by the keys ``flops_by_component`` reads: here the real
         events of each behaviour sequence. {} for a model whose FLOPs do not depend on sequence lengths."""

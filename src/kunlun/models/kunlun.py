@@ -456,6 +456,21 @@ class Kunlun(RankingModel):
         out_in = (n + sum(st.tokens for st in self.streams)) * d
         self.output = MLP([out_in, *cfg.output_hidden, 1], act="relu", dropout=cfg.dropout)
 
+    def config_notes(self) -> list[str]:
+        """``event_split`` on a sequence whose event types it cannot tell apart: no types (nothing is split), or none
+        named in ``primary_events`` (every type gets a full-size stream, the most expensive layout)."""
+        if not self.config.event_split:
+            return []
+        notes = []
+        for q in self.info.sequences:
+            if not q.event_names:
+                notes.append(f"model.event_split=true: sequence {q.name!r} has no event types, so it stays one stream")
+            elif not any(e in self.config.primary_events for e in q.event_names):
+                notes.append(f"model.event_split=true: none of sequence {q.name!r}'s event types ({', '.join(q.event_names)}) "
+                             f"is in model.primary_events ({', '.join(self.config.primary_events) or 'none'}), so every type "
+                             f"gets a full-size stream; name the valuable ones, e.g. model.primary_events=[{q.event_names[0]}]")
+        return notes
+
     def own_window(self, batch: Batch, st: Stream) -> SequenceBatch:
         """``stream_window=own``: the stream's own window (``StreamWindows.own_window``)."""
         return self.windows.own_window(batch, st)

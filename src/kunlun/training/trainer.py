@@ -247,6 +247,8 @@ class Trainer:
         set_seed(t.seed)
         self.device = w.device() if w.distributed else default_device()
         self.model = build(cfg, data).to(self.device)
+        for note in self.model.config_notes():
+            logger(f"note: {note}")
         self.parameter_counts = self.model.num_parameters()  # before TorchRec takes the tables out of the model
         self.train_batches = Batcher(data, "train", cfg.data.max_seq_len, self.model.event_windows, t.shuffle_block_rows,
                                      t.shuffle_window_blocks)
