@@ -46,9 +46,9 @@ def trials(study_dir):
     return optuna.load_study(study_name="kunlun-tune", storage=f"sqlite:///{study_dir / 'study.db'}").get_trials()
 
 
-def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains(tmp_path, space):
-    """Two trials, then a second call asked for three adds one to the same SQLite study (the first two kept, not
-    redrawn). Every trial is scored on validation only (its run record has no test metrics), with the budget's steps
+def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains(tmp_path, space, monkeypatch):
+    """Two drawn trials and the packaged configuration's, then a second call asked for three adds one drawn trial to the
+    same SQLite study (the first trials kept, not redrawn; the packaged one not run again). Every trial is scored on validation only (its run record has no test metrics), with the budget's steps
     and validations; best.yaml is the best trial's exact config: loaded by the config loader and trained again, it
     gives the trial's best validation NE, bit for bit. Another study with the same seed draws the same values (TPE
     seeded per trial); one made with another budget is refused."""
@@ -57,13 +57,17 @@ def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains
 
     study = tmp_path / "study"
     first = tune("kunlun", "ml-latest-small", study, space=space, overrides=FIXED, logger=quiet)
-    assert first["trials"] == {"complete": 2}
+    assert first["trials"] == {"complete": 3}
     before = trials(study)
+    packaged = before[2]  # after the drawn trials: nothing drawn, the model's packaged values of the searched keys
+    assert packaged.user_attrs["packaged"] and packaged.params == {} and packaged.user_attrs["drawn"] == {}
+    untuned = load_config(None, FIXED, model="kunlun", dataset="ml-latest-small")
+    assert (packaged.user_attrs["config"]["train"]["lr"], packaged.user_attrs["config"]["model"]["dropout"]) == (untuned.train.lr, untuned.model.dropout)
     second = tune("kunlun", "ml-latest-small", study, space=space, overrides=FIXED, trials=3, logger=quiet)
     after = trials(study)
-    assert second["trials"] == {"complete": 3} and [t.number for t in after] == [0, 1, 2]
-    assert [(t.params, t.value, t.datetime_start) for t in after[:2]] == [(t.params, t.value, t.datetime_start) for t in before]
-    assert len({json.dumps(t.params, sort_keys=True) for t in after}) == 3
+    assert second["trials"] == {"complete": 4} and [t.number for t in after] == [0, 1, 2, 3]
+    assert [(t.params, t.value, t.datetime_start) for t in after[:3]] == [(t.params, t.value, t.datetime_start) for t in before]
+    assert len({json.dumps(t.params, sort_keys=True) for t in after}) == 4
     for t in after:
         run = study / "trials" / f"{t.number:04d}"
         final = json.loads((run / "final.json").read_text())
@@ -76,15 +80,21 @@ def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains
     assert second["best_trial"] == best.number and second["best_valid_ne"] == best.value
     cfg = load_config(study / "best.yaml")
     assert cfg == Config.from_dict(best.user_attrs["config"])
-    assert cfg.train.lr == best.params["train.lr"] and cfg.model.output_hidden == tuple(json.loads(best.params["model.output_hidden"]))
+    if best.params:  # a drawn trial (the packaged one draws nothing)
+        assert cfg.train.lr == best.params["train.lr"] and cfg.model.output_hidden == tuple(json.loads(best.params["model.output_hidden"]))
     data = prepare_dataset(cfg.data.dataset)
     t = Trainer(cfg, data, tmp_path / "again", progress=False, logger=quiet)
     t.start_record()
     assert t.fit()["metrics"]["valid"]["ne"] == best.value
 
     other = tune("kunlun", "ml-latest-small", tmp_path / "other", space=space, overrides=FIXED, logger=quiet)
-    assert other["trials"] == {"complete": 2}
+    assert other["trials"] == {"complete": 3}
     assert [t.params for t in trials(tmp_path / "other")] == [t.params for t in before]
+    # the packaged trial takes a number but no draw: the third drawn trial draws what a study without it draws third
+    import kunlun.tuning as tuning
+    monkeypatch.setattr(tuning, "run_packaged_trial", lambda *a: None)
+    tune("kunlun", "ml-latest-small", tmp_path / "drawn-only", space=space, overrides=FIXED, trials=3, logger=quiet)
+    assert [t.params for t in trials(tmp_path / "drawn-only")] == [after[0].params, after[1].params, after[3].params]
     with pytest.raises(KunlunError, match="this study was made with examples=4096, not 8192"):
         tune("kunlun", "ml-latest-small", study, space=space, overrides=FIXED, examples=8192, logger=quiet)
     with pytest.raises(KunlunError, match="train.lr is searched"):
@@ -125,7 +135,7 @@ def test_a_trial_killed_with_its_process_is_run_again_with_its_values(tmp_path, 
     time.sleep(3.5)  # the killed trial's heartbeat is older than the grace period
     summary = tuning.tune("kunlun", "ml-latest-small", study, space=space, overrides=FIXED, logger=quiet)
     after = trials(study)
-    assert [t.state.name for t in after] == ["FAIL", "COMPLETE", "COMPLETE"] and summary["trials"] == {"fail": 1, "complete": 2}
+    assert [t.state.name for t in after] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"] and summary["trials"] == {"fail": 1, "complete": 3}
     assert after[1].params == killed[0].params  # the killed trial, again
     tuning.tune("kunlun", "ml-latest-small", tmp_path / "clean", space=space, overrides=FIXED, logger=quiet)
     assert [t.params for t in after[1:]] == [t.params for t in trials(tmp_path / "clean")]
@@ -178,7 +188,7 @@ def test_kunlun_tune_then_kunlun_train_config_best_yaml(tmp_path, space):
                cwd=tmp_path)
     summary = json.loads(r.stdout)
     study = tmp_path / "root" / "kunlun-ml-latest-small"  # where bench quality --tuned ROOT looks for it
-    assert summary["trials"] == {"complete": 2} and summary["best_config"] == str(study / "best.yaml")
+    assert summary["trials"] == {"complete": 3} and summary["best_config"] == str(study / "best.yaml")
     assert "trial 0: best valid NE" in r.stderr and "trial 1: best valid NE" in r.stderr
     out = json.loads(kunlun("train", "--config", study / "best.yaml", "--run-dir", tmp_path / "run", "--json", "--quiet",
                             cwd=tmp_path).stdout)
@@ -219,7 +229,8 @@ def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_p
              logger=quiet)
     res = run_quality(load_spec(spec_path), tmp_path / "out", tuned=tuned)
     md = (tmp_path / "out" / "quality.md").read_text()
-    assert "the same budget for every model: 2 finished trials of at most 4,096 training examples, validated 2 times" in md
+    assert ("the same budget for every model: 2 finished drawn trials and a trial of the model's packaged configuration, "
+            "each of at most 4,096 training examples, validated 2 times") in md
     for model in fixed:
         best = min(trials(tuned / f"{model}-ml-latest-small"), key=lambda t: t.value)
         row = res["results"]["ml-latest-small"][model]
@@ -242,6 +253,6 @@ def test_bench_quality_tuned_trains_each_models_best_trial_with_every_seed(tmp_p
     tune("kunlun", "ml-latest-small", tuned / "kunlun-ml-latest-small", space=space, overrides=FIXED, quality_spec=spec_path,
          trials=3, logger=quiet)
     with pytest.raises(KunlunError, match="the studies on ml-latest-small differ in budget .*kunlun 4,096 examples × 2 validations, "
-                                          "3 finished trials"):
+                                          "3 finished drawn trials and the packaged configuration"):
         run_quality(load_spec(spec_path), tmp_path / "out2", tuned=tuned)
     assert not (tmp_path / "out2").exists()

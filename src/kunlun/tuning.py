@@ -22,8 +22,12 @@ Protocol — the same for every model, so that tuned models compare fairly:
   that validation — from the 6th trial on (5 startup trials) and the 3rd validation on. The median rule needs no
   budget split: Hyperband's brackets pay off with many more trials than a study of tens, and they give trials unequal
   budgets by design;
-- a study runs until it holds ``trials`` finished (completed or pruned) trials, counted across every process working
-  on it.
+- a study runs until it holds ``trials`` finished (completed or pruned) drawn trials, counted across every process
+  working on it, and then one trial more: the model's packaged configuration (its quality-spec config with nothing
+  drawn), at the same budget, so that a study never ends with a best trial worse on validation than what the model
+  does untuned. Every model's study gets its own packaged trial, so the budget stays the same for all. It runs after
+  the drawn trials, which therefore draw what they would without it (TPE's first trials are random, and a packaged
+  trial, drawing nothing, takes no draw index).
 
 Studies live in SQLite through Optuna's RDB storage, ``<study dir>/study.db``: a second ``tune`` on the same folder
 continues the study (more trials, or the ones a kill left), and several processes may work on one study at once. A
@@ -60,6 +64,7 @@ INSTALL = 'pip install "kunlun[tune]"'
 STUDY_NAME = "kunlun-tune"
 PRUNER_STARTUP_TRIALS = 5  # trials that run to the end before the pruner compares any trial with them
 PRUNER_WARMUP_VALIDATIONS = 3  # no trial is pruned before its 3rd validation
+PACKAGED_ATTR = "packaged"  # user attribute of the trial that trains the packaged configuration (draws nothing)
 RETRY_ATTR = "failed_trial"  # Optuna's mark on a killed trial's rerun (its retry callbacks' retried_trial_number)
 HEARTBEAT_S, HEARTBEAT_GRACE_S = 60, 180  # a running trial whose heartbeat is older than the grace is a killed one
 SQLITE_TIMEOUT_S = 60  # how long a process waits for another's write lock on study.db
@@ -241,7 +246,7 @@ def _seeded_tpe(optuna, seed: int):
             self.inner = optuna.samplers.TPESampler(seed=seed)
 
         def before_trial(self, study, trial):
-            reruns = sum(1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and RETRY_ATTR in t.system_attrs)
+            reruns = sum(1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and not drew(t))
             self.inner = optuna.samplers.TPESampler(seed=seed + trial.number - reruns)
             self.inner.before_trial(study, trial)
 
@@ -288,9 +293,34 @@ def open_study(optuna, study_dir: Path, identity: dict[str, Any], seed: int):
     return study
 
 
-def finished(optuna, study) -> int:
+def drew(trial) -> bool:
+    """Whether ``trial`` drew its values: not a rerun of a killed trial (it repeats that trial's values) and not the
+    packaged configuration's trial (nothing drawn)."""
+    return RETRY_ATTR not in trial.system_attrs and not trial.user_attrs.get(PACKAGED_ATTR)
+
+
+def finished(optuna, study, packaged: bool = False) -> int:
+    """Finished (completed or pruned) trials: the drawn ones, or (``packaged``) the packaged configuration's."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if bool(t.user_attrs.get(PACKAGED_ATTR)) == packaged)
+
+
+def run_packaged_trial(optuna, study, objective, wait_s: float) -> None:
+    """Train the packaged configuration as one trial of ``study`` unless one has finished: enqueued (once) and run by
+    this process, or waited for while another process runs it (a killed one is failed by its stale heartbeat and its
+    rerun enqueued by Optuna, which this loop then runs)."""
+    import time
+
+    while not finished(optuna, study, packaged=True):
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(PACKAGED_ATTR)]
+        state = optuna.trial.TrialState
+        if any(t.state == state.WAITING for t in mine):
+            study.optimize(objective, n_trials=1)  # pops the lowest waiting trial: it, or a killed trial's rerun first
+        elif any(t.state == state.RUNNING for t in mine):
+            time.sleep(wait_s)
+            optuna.storages.fail_stale_trials(study)
+        else:
+            study.enqueue_trial({}, user_attrs={PACKAGED_ATTR: True})
 
 
 def write_best(optuna, study, study_dir: Path) -> Path | None:
@@ -301,7 +331,7 @@ def write_best(optuna, study, study_dir: Path) -> Path | None:
     best = best_trial(done)
     a = study.user_attrs
     path = study_dir / "best.yaml"
-    drawn = ", ".join(f"{k}={json.dumps(v)}" for k, v in best.user_attrs["drawn"].items())
+    drawn = ", ".join(f"{k}={json.dumps(v)}" for k, v in best.user_attrs["drawn"].items()) or "nothing (the packaged configuration)"
     header = (f"# kunlun tune: the best of {len(done)} completed trial(s) of the study in {study_dir} ({a['model']} on "
               f"{a['dataset']}):\n# trial {best.number}, best validation NE {best.value:.6f}, run record "
               f"{study_dir / 'trials' / trial_dir_name(best.number)}\n# drawn: {drawn}\n"
@@ -326,7 +356,8 @@ def study_name(model: str, dataset: str) -> str:
 def best_of_study(study_dir: Path, model: str = "MODEL", dataset: str = "NAME") -> dict[str, Any]:
     """What a study gives a tuned quality table: its model, data set and budget (``examples``, ``validations``,
     ``finished`` trials, ``overrides`` fixed for every trial) and its best completed trial (``trial``, ``valid_ne``,
-    ``drawn`` values, exact ``config``). A KunlunError when there is no study (naming the ``kunlun tune`` command that
+    ``drawn`` values, exact ``config``); ``finished`` counts the drawn trials, ``packaged`` the packaged configuration's
+    (1 once it has run). A KunlunError when there is no study (naming the ``kunlun tune`` command that
     makes it, for ``model`` on ``dataset`` when given) or no completed trial."""
     optuna = require_optuna()
     db = Path(study_dir) / "study.db"
@@ -342,7 +373,8 @@ def best_of_study(study_dir: Path, model: str = "MODEL", dataset: str = "NAME") 
     best = best_trial(done)
     a = study.user_attrs
     return {"study": str(study_dir), "model": a["model"], "dataset": a["dataset"], "examples": a["examples"],
-            "validations": a["validations"], "finished": finished(optuna, study), "overrides": a["overrides"],
+            "validations": a["validations"], "finished": finished(optuna, study),
+            "packaged": finished(optuna, study, packaged=True), "overrides": a["overrides"],
             "trial": best.number, "valid_ne": best.value, "drawn": best.user_attrs["drawn"], "config": best.user_attrs["config"]}
 
 
@@ -387,8 +419,9 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
     train_rows = len(data.splits["train"])
 
     def objective(trial) -> float:
-        drawn = {p.key: p.suggest(trial) for p in params}
-        cfg = trial_config(model, dataset, fixed, [p.override(drawn[p.key]) for p in params], budget, train_rows, settings)
+        packaged = bool(trial.user_attrs.get(PACKAGED_ATTR))
+        drawn = {} if packaged else {p.key: p.suggest(trial) for p in params}
+        cfg = trial_config(model, dataset, fixed, [p.override(drawn[p.key]) for p in params if p.key in drawn], budget, train_rows, settings)
         trial.set_user_attr("drawn", drawn)
         trial.set_user_attr("config", cfg.to_dict())
         run_dir = study_dir / "trials" / trial_dir_name(trial.number)
@@ -404,7 +437,7 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
 
         trainer = Trainer(cfg, data, run_dir, progress=False, logger=_quiet, on_validation=report, final_splits=("valid",))
         trainer.start_record()
-        values = ", ".join(f"{k}={json.dumps(v)}" for k, v in drawn.items())
+        values = ", ".join(f"{k}={json.dumps(v)}" for k, v in drawn.items()) or "the packaged configuration"
         try:
             trainer.fit()
         except optuna.TrialPruned as exc:
@@ -425,13 +458,19 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
             write_best(optuna, study, study_dir)
 
     remaining = budget.trials - finished(optuna, study)
-    logger(f"study {study_dir}: {model} on {dataset}, {finished(optuna, study)} of {budget.trials} trials finished; "
-           f"{budget.examples:,} training examples and {budget.validations} validations per trial")
-    if remaining > 0:
-        stop = optuna.study.MaxTrialsCallback(budget.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    logger(f"study {study_dir}: {model} on {dataset}, {finished(optuna, study)} of {budget.trials} drawn trials finished, "
+           f"then the packaged configuration; {budget.examples:,} training examples and {budget.validations} validations per trial")
+
+    def stop(study, trial) -> None:  # the drawn trials finished by every process (the packaged one not counted)
+        if finished(optuna, study) >= budget.trials:
+            study.stop()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if remaining > 0:
             study.optimize(objective, n_trials=remaining, callbacks=[after, stop])
+        run_packaged_trial(optuna, study, objective, HEARTBEAT_S)
+        write_best(optuna, study, study_dir)
     best_path = write_best(optuna, study, study_dir)
     counts: dict[str, int] = {}
     for tr in study.get_trials(deepcopy=False):

@@ -120,13 +120,13 @@ def tuned_studies(spec: dict, prepared: dict[str, Any], tuned: Path) -> dict[tup
     """(dataset, model) → the best trial of the study ``<tuned>/<model>-<dataset>`` (``kunlun.tuning.best_of_study``),
     for every point of ``spec``. A KunlunError, before anything trains, when a study is missing or has no completed
     trial, was made for another model or data set or with other spec overrides than the spec's now, or when the
-    studies of one data set differ in budget (training examples and validations per trial, finished trials): tuned
-    models are compared only at the same budget."""
+    studies of one data set differ in budget (training examples and validations per trial, finished drawn trials,
+    whether the packaged configuration's trial has run): tuned models are compared only at the same budget."""
     from kunlun.tuning import best_of_study, study_name
 
     studies: dict[tuple[str, str], dict[str, Any]] = {}
     for dataset, data in prepared.items():
-        budgets: dict[str, tuple[int, int, int]] = {}
+        budgets: dict[str, tuple[int, int, int, int]] = {}
         for model in spec["models"]:
             if needs_missing_sequence(model, data):
                 continue
@@ -137,10 +137,11 @@ def tuned_studies(spec: dict, prepared: dict[str, Any], tuned: Path) -> dict[tup
             if study["overrides"][:len(base)] != base:
                 raise KunlunError(f"{study['study']}: tuned with the overrides {study['overrides']}, but the spec now gives "
                                   f"{model} on {dataset} {base}; tune it again into another folder")
-            budgets[model] = (study["examples"], study["validations"], study["finished"])
+            budgets[model] = (study["examples"], study["validations"], study["finished"], study["packaged"])
             studies[(dataset, model)] = study
         if len(set(budgets.values())) > 1:
-            listed = "; ".join(f"{m} {e:,} examples × {v} validations, {n} finished trials" for m, (e, v, n) in budgets.items())
+            listed = "; ".join(f"{m} {e:,} examples × {v} validations, {n} finished drawn trials"
+                               f"{' and the packaged configuration' if p else ''}" for m, (e, v, n, p) in budgets.items())
             raise KunlunError(f"--tuned {tuned}: the studies on {dataset} differ in budget ({listed}); give every model "
                               "the same (kunlun tune --trials N --examples E)")
     return studies
@@ -196,12 +197,13 @@ def tuned_markdown(table: dict[str, Any]) -> list[str]:
     if not tuned:
         return []
     first = next(iter(tuned.values()))
+    packaged = " and a trial of the model's packaged configuration" if first.get("packaged") else ""
     lines = [f"Tuned with `kunlun tune` on the validation split, the same budget for every model: {first['finished']} "
-             f"finished trials of at most {first['examples']:,} training examples, validated {first['validations']} times "
-             "each. Every seed above trains the best trial's config.", "",
+             f"finished drawn trials{packaged}, each of at most {first['examples']:,} training examples, validated "
+             f"{first['validations']} times. Every seed above trains the best trial's config.", "",
              "| model | best trial | its valid NE | values drawn |", "|---|---|---|---|"]
     for model, t in tuned.items():
-        drawn = ", ".join(f"`{k}={_short(v)}`" for k, v in t["drawn"].items())
+        drawn = ", ".join(f"`{k}={_short(v)}`" for k, v in t["drawn"].items()) or "none: the packaged configuration"
         lines.append(f"| {model} | {t['trial']} | {t['valid_ne']:.4f} | {drawn} |")
     return lines + [""]
 
