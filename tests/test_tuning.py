@@ -48,8 +48,8 @@ def trials(study_dir):
 
 def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains(tmp_path, space, monkeypatch):
     """Two drawn trials and the packaged configuration's, then a second call asked for three adds one drawn trial to the
-    same SQLite study (the first trials kept, not redrawn; the packaged one not run again). Every trial is scored on validation only (its run record has no test metrics), with the budget's steps
-    and validations; best.yaml is the best trial's exact config: loaded by the config loader and trained again, it
+    same SQLite study (the first trials kept, not redrawn; the packaged one not run again). Every trial is scored on
+    validation only (its run record has no test metrics), with the budget's steps and validations; best.yaml is the best trial's exact config: loaded by the config loader and trained again, it
     gives the trial's best validation NE, bit for bit. Another study with the same seed draws the same values (TPE
     seeded per trial); one made with another budget is refused."""
     pytest.importorskip("optuna")
@@ -62,7 +62,8 @@ def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains
     packaged = before[2]  # after the drawn trials: nothing drawn, the model's packaged values of the searched keys
     assert packaged.user_attrs["packaged"] and packaged.params == {} and packaged.user_attrs["drawn"] == {}
     untuned = load_config(None, FIXED, model="kunlun", dataset="ml-latest-small")
-    assert (packaged.user_attrs["config"]["train"]["lr"], packaged.user_attrs["config"]["model"]["dropout"]) == (untuned.train.lr, untuned.model.dropout)
+    trained = packaged.user_attrs["config"]
+    assert (trained["train"]["lr"], trained["model"]["dropout"]) == (untuned.train.lr, untuned.model.dropout)
     second = tune("kunlun", "ml-latest-small", study, space=space, overrides=FIXED, trials=3, logger=quiet)
     after = trials(study)
     assert second["trials"] == {"complete": 4} and [t.number for t in after] == [0, 1, 2, 3]
