@@ -49,9 +49,10 @@ def trials(study_dir):
 def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains(tmp_path, space, monkeypatch):
     """Two drawn trials and the packaged configuration's, then a second call asked for three adds one drawn trial to the
     same SQLite study (the first trials kept, not redrawn; the packaged one not run again). Every trial is scored on
-    validation only (its run record has no test metrics), with the budget's steps and validations; best.yaml is the best trial's exact config: loaded by the config loader and trained again, it
-    gives the trial's best validation NE, bit for bit. Another study with the same seed draws the same values (TPE
-    seeded per trial); one made with another budget is refused."""
+    validation only (its run record has no test metrics), with the budget's steps and validations; best.yaml is the best
+    trial's exact config: loaded by the config loader and trained again, it gives the trial's best validation NE, bit
+    for bit. Another study with the same seed draws the same values (TPE seeded per trial); one made with another budget
+    is refused."""
     pytest.importorskip("optuna")
     from kunlun.tuning import tune
 
