@@ -103,6 +103,19 @@ def test_tune_runs_trials_resumes_the_study_and_writes_a_best_config_that_trains
         tune("kunlun", "ml-latest-small", study, space=space, overrides=[*FIXED, "train.lr=0.1"], logger=quiet)
 
 
+def test_the_packaged_trial_is_never_pruned(tmp_path, space, monkeypatch):
+    """The packaged configuration's trial is the study's floor: with a pruner that cuts every trial at its first
+    validation, the drawn trials are pruned and the packaged one runs to its end and is the best."""
+    optuna = pytest.importorskip("optuna")
+    from kunlun.tuning import tune
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    summary = tune("kunlun", "ml-latest-small", tmp_path / "s", space=space, overrides=FIXED, logger=quiet)
+    ts = trials(tmp_path / "s")
+    assert [t.state.name for t in ts] == ["PRUNED", "PRUNED", "COMPLETE"] and ts[2].user_attrs["packaged"]
+    assert summary["best_trial"] == 2 and len(ts[2].intermediate_values) == 2
+
+
 KILLED_TUNE = """
 import os, signal, sys, time
 from pathlib import Path

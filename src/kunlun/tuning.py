@@ -24,8 +24,8 @@ Protocol — the same for every model, so that tuned models compare fairly:
   budgets by design;
 - a study runs until it holds ``trials`` finished (completed or pruned) drawn trials, counted across every process
   working on it, and then one trial more: the model's packaged configuration (its quality-spec config with nothing
-  drawn), at the same budget, so that a study never ends with a best trial worse on validation than what the model
-  does untuned. Every model's study gets its own packaged trial, so the budget stays the same for all. It runs after
+  drawn), at the same budget and never pruned, so that a study never ends with a best trial worse on validation than
+  what the model does untuned. Every model's study gets its own packaged trial, so the budget stays the same for all. It runs after
   the drawn trials, which therefore draw what they would without it (TPE's first trials are random, and a packaged
   trial, drawing nothing, takes no draw index).
 
@@ -65,6 +65,7 @@ STUDY_NAME = "kunlun-tune"
 PRUNER_STARTUP_TRIALS = 5  # trials that run to the end before the pruner compares any trial with them
 PRUNER_WARMUP_VALIDATIONS = 3  # no trial is pruned before its 3rd validation
 PACKAGED_ATTR = "packaged"  # user attribute of the trial that trains the packaged configuration (draws nothing)
+NONFINITE_ATTR = "nonfinite_loss"  # user attribute of a trial ended by a non-finite loss (recorded as pruned)
 RETRY_ATTR = "failed_trial"  # Optuna's mark on a killed trial's rerun (its retry callbacks' retried_trial_number)
 HEARTBEAT_S, HEARTBEAT_GRACE_S = 60, 180  # a running trial whose heartbeat is older than the grace is a killed one
 SQLITE_TIMEOUT_S = 60  # how long a process waits for another's write lock on study.db
@@ -299,10 +300,18 @@ def drew(trial) -> bool:
     return RETRY_ATTR not in trial.system_attrs and not trial.user_attrs.get(PACKAGED_ATTR)
 
 
-def finished(optuna, study, packaged: bool = False) -> int:
-    """Finished (completed or pruned) trials: the drawn ones, or (``packaged``) the packaged configuration's."""
+def finished(optuna, study) -> int:
+    """Finished (completed or pruned) drawn trials, the reruns of killed ones included (the packaged trial not)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if bool(t.user_attrs.get(PACKAGED_ATTR)) == packaged)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(PACKAGED_ATTR))
+
+
+def packaged_done(optuna, study) -> bool:
+    """Whether the packaged configuration's trial has run to its end (or stopped on a non-finite loss). A packaged
+    trial the pruner cut short (studies of before it was exempt) does not count: the next ``tune`` runs it again."""
+    state = optuna.trial.TrialState
+    return any(t.user_attrs.get(PACKAGED_ATTR) and (t.state == state.COMPLETE or (t.state == state.PRUNED and t.user_attrs.get(NONFINITE_ATTR)))
+               for t in study.get_trials(deepcopy=False))
 
 
 def run_packaged_trial(optuna, study, objective, wait_s: float) -> None:
@@ -311,7 +320,8 @@ def run_packaged_trial(optuna, study, objective, wait_s: float) -> None:
     rerun enqueued by Optuna, which this loop then runs)."""
     import time
 
-    while not finished(optuna, study, packaged=True):
+    enqueued = 0
+    while not packaged_done(optuna, study):
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(PACKAGED_ATTR)]
         state = optuna.trial.TrialState
         if any(t.state == state.WAITING for t in mine):
@@ -319,8 +329,12 @@ def run_packaged_trial(optuna, study, objective, wait_s: float) -> None:
         elif any(t.state == state.RUNNING for t in mine):
             time.sleep(wait_s)
             optuna.storages.fail_stale_trials(study)
+        elif enqueued:  # this process's packaged trial ended without counting: do not loop on it
+            raise KunlunError(f"the packaged configuration's trial {mine[-1].number} ended {mine[-1].state.name.lower()}; "
+                              "its run record is in the study's trials folder")
         else:
             study.enqueue_trial({}, user_attrs={PACKAGED_ATTR: True})
+            enqueued += 1
 
 
 def write_best(optuna, study, study_dir: Path) -> Path | None:
@@ -356,8 +370,8 @@ def study_name(model: str, dataset: str) -> str:
 def best_of_study(study_dir: Path, model: str = "MODEL", dataset: str = "NAME") -> dict[str, Any]:
     """What a study gives a tuned quality table: its model, data set and budget (``examples``, ``validations``,
     ``finished`` trials, ``overrides`` fixed for every trial) and its best completed trial (``trial``, ``valid_ne``,
-    ``drawn`` values, exact ``config``); ``finished`` counts the drawn trials, ``packaged`` the packaged configuration's
-    (1 once it has run). A KunlunError when there is no study (naming the ``kunlun tune`` command that
+    ``drawn`` values, exact ``config``); ``finished`` counts the drawn trials, ``packaged`` is 1 once the packaged
+    configuration's trial has run. A KunlunError when there is no study (naming the ``kunlun tune`` command that
     makes it, for ``model`` on ``dataset`` when given) or no completed trial."""
     optuna = require_optuna()
     db = Path(study_dir) / "study.db"
@@ -374,7 +388,7 @@ def best_of_study(study_dir: Path, model: str = "MODEL", dataset: str = "NAME") 
     a = study.user_attrs
     return {"study": str(study_dir), "model": a["model"], "dataset": a["dataset"], "examples": a["examples"],
             "validations": a["validations"], "finished": finished(optuna, study),
-            "packaged": finished(optuna, study, packaged=True), "overrides": a["overrides"],
+            "packaged": int(packaged_done(optuna, study)), "overrides": a["overrides"],
             "trial": best.number, "valid_ne": best.value, "drawn": best.user_attrs["drawn"], "config": best.user_attrs["config"]}
 
 
@@ -432,7 +446,7 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
         def report(rec: dict[str, Any]) -> None:
             validations.append(rec["valid"]["ne"])
             trial.report(rec["valid"]["ne"], len(validations))
-            if trial.should_prune():
+            if not packaged and trial.should_prune():  # the packaged trial is the study's floor: never cut short
                 raise optuna.TrialPruned(f"validation {len(validations)}: NE {rec['valid']['ne']:.4f}")
 
         trainer = Trainer(cfg, data, run_dir, progress=False, logger=_quiet, on_validation=report, final_splits=("valid",))
@@ -444,6 +458,7 @@ def tune(model: str, dataset: str, study_dir: Path | None = None, *, trials: int
             logger(f"trial {trial.number}: pruned at {exc} (best {min(validations):.4f})  {values}")
             raise
         except NonFiniteLoss as exc:  # a rate too high for the model: a bad trial, not a broken study
+            trial.set_user_attr(NONFINITE_ATTR, True)
             logger(f"trial {trial.number}: pruned, {str(exc).split(';')[0]}  {values}")
             raise optuna.TrialPruned(str(exc).split(";")[0]) from None
         finally:
