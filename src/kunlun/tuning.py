@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -318,8 +319,6 @@ def run_packaged_trial(optuna, study, objective, wait_s: float) -> None:
     """Train the packaged configuration as one trial of ``study`` unless one has finished: enqueued (once) and run by
     this process, or waited for while another process runs it (a killed one is failed by its stale heartbeat and its
     rerun enqueued by Optuna, which this loop then runs)."""
-    import time
-
     enqueued = 0
     while not packaged_done(optuna, study):
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(PACKAGED_ATTR)]
