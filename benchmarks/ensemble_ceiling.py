@@ -1,0 +1,115 @@
+"""How far the models' seeds and the models together get on one split: each run's NE, each model's seed ensemble, and
+the ensemble of every run given. A target NE that the ensemble of every run does not reach asks for more than these
+models, together, read from the data (issue 24: why a target is missed).
+
+    python benchmarks/ensemble_ceiling.py RUNS_DIR --models kunlun,bst,din [--split test] [--data-dir DIR] [--json OUT]
+
+RUNS_DIR holds <model>/seed<k>/ run directories (what `kunlun bench quality --out` writes under runs/<dataset>/).
+An ensemble averages the click probabilities of its runs, row by row. Every run must be of the same data set; each
+scores with its own encoder and checkpoint (`kunlun eval`'s path). The difference between two models' seed
+ensembles gets a bootstrap σ over the split's users (groups), paired: the same resampled users for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kunlun.data.batches import Batcher
+from kunlun.data.registry import prepare_dataset
+from kunlun.metrics import MetricAccumulator
+from kunlun.training.runner import load_trained
+from kunlun.training.trainer import predict
+
+BOOTSTRAP = 1000
+
+
+def ne(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, ctr: float) -> float:
+    acc = MetricAccumulator(ctr)
+    acc.update(labels, probs, groups)
+    return acc.compute()["ne"]
+
+
+def user_bootstrap_sd(labels, groups, a, b, ctr, rounds=BOOTSTRAP, seed=0) -> float:
+    """σ of NE(a) − NE(b) over users resampled with replacement (the same users for both)."""
+    rng = np.random.default_rng(seed)
+    users, inverse = np.unique(groups, return_inverse=True)
+    rows = [np.flatnonzero(inverse == u) for u in range(len(users))]
+    h = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
+    eps = 1e-7
+
+    def row_loss(p):
+        p = np.clip(p.astype(np.float64), eps, 1 - eps)
+        return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+    la, lb = row_loss(a), row_loss(b)
+    sums_a = np.array([la[r].sum() for r in rows])
+    sums_b = np.array([lb[r].sum() for r in rows])
+    counts = np.array([len(r) for r in rows])
+    diffs = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(users), len(users))
+        n = counts[pick].sum()
+        diffs.append((sums_a[pick].sum() - sums_b[pick].sum()) / n / h)
+    return float(np.std(diffs, ddof=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs_dir", type=Path)
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    models = args.models.split(",")
+    probs: dict[str, list[np.ndarray]] = {}
+    labels = groups = data = None
+    for m in models:
+        seeds = sorted((args.runs_dir / m).glob("seed*"))
+        if not seeds:
+            sys.exit(f"{args.runs_dir / m}: no seed<k> run directories")
+        for run in seeds:
+            cfg, encoder, model = load_trained(run)
+            if data is None:
+                data = prepare_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
+            if not data.encoder().same_as(encoder):  # rows must line up run to run, and mean the same
+                sys.exit(f"{run}: encoded otherwise than {data.name!r} as prepared now (another data set or other files)")
+            p, y, g = predict(model, Batcher(data, args.split, cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size)
+            if labels is None:
+                labels, groups = y, g
+            probs.setdefault(m, []).append(p)
+            print(f"{run}: {args.split} NE {ne(labels, p, groups, data.train_ctr):.4f}", file=sys.stderr)
+    ctr = data.train_ctr
+    out = {"dataset": data.name, "split": args.split, "models": {}}
+    for m, ps in probs.items():
+        single = [ne(labels, p, groups, ctr) for p in ps]
+        out["models"][m] = {"runs": len(ps), "ne": single, "mean": float(np.mean(single)),
+                            "sd": float(np.std(single, ddof=1)) if len(ps) > 1 else 0.0,
+                            "seed_ensemble": ne(labels, np.mean(ps, axis=0), groups, ctr)}
+    every = np.mean([p for ps in probs.values() for p in ps], axis=0)
+    out["every_run_ensemble"] = ne(labels, every, groups, ctr)
+    first = models[0]
+    out["paired"] = {f"{first}-{m}": {"seed_ensemble_diff": out["models"][first]["seed_ensemble"] - out["models"][m]["seed_ensemble"],
+                                      "user_bootstrap_sd": user_bootstrap_sd(labels, groups, np.mean(probs[first], axis=0),
+                                                                             np.mean(probs[m], axis=0), ctr)}
+                     for m in models[1:]}
+    lines = [f"| model | runs | {args.split} NE, mean ± σ | its seeds' ensemble |", "|---|---:|---:|---:|"]
+    for m, r in out["models"].items():
+        lines.append(f"| {m} | {r['runs']} | {r['mean']:.4f} ± {r['sd']:.4f} | {r['seed_ensemble']:.4f} |")
+    lines.append(f"| every run above | {sum(r['runs'] for r in out['models'].values())} | | {out['every_run_ensemble']:.4f} |")
+    print("\n".join(lines))
+    for k, v in out["paired"].items():
+        print(f"{k}: seed ensembles differ by {v['seed_ensemble_diff']:+.4f} NE; user-bootstrap σ of that difference {v['user_bootstrap_sd']:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
