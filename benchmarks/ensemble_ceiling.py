@@ -2,7 +2,7 @@
 the ensemble of every run given. A target NE that the ensemble of every run does not reach asks for more than these
 models, together, read from the data (issue 24: why a target is missed).
 
-    python benchmarks/ensemble_ceiling.py RUNS_DIR --models kunlun,bst,din [--split test] [--data-dir DIR] [--json OUT]
+    python benchmarks/ensemble_ceiling.py RUNS_DIR --models kunlun,bst,din [--split test] [--data-dir DIR] [--json F] [--md F]
 
 RUNS_DIR holds <model>/seed<k>/ run directories (what `kunlun bench quality --out` writes under runs/<dataset>/).
 An ensemble averages the click probabilities of its runs, row by row. Every run must be of the same data set; each
@@ -23,6 +23,7 @@ import torch
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.metrics import MetricAccumulator
+from kunlun.runs import read_json
 from kunlun.training.runner import load_trained
 from kunlun.training.trainer import predict
 
@@ -59,6 +60,20 @@ def user_bootstrap_sd(labels, groups, a, b, ctr, rounds=BOOTSTRAP, seed=0) -> fl
     return float(np.std(diffs, ddof=1))
 
 
+def render(out: dict) -> str:
+    """The table and the paired differences, as markdown."""
+    split = out["split"]
+    lines = [f"| model | runs | {split} NE, mean ± σ | its seeds' ensemble |", "|---|---:|---:|---:|"]
+    for m, r in out["models"].items():
+        lines.append(f"| {m} | {r['runs']} | {r['mean']:.4f} ± {r['sd']:.4f} | {r['seed_ensemble']:.4f} |")
+    lines.append(f"| every run above | {sum(r['runs'] for r in out['models'].values())} | | {out['every_run_ensemble']:.4f} |")
+    lines.append("")
+    for k, v in out["paired"].items():
+        lines.append(f"- {k}: the seed ensembles differ by {v['seed_ensemble_diff']:+.4f} NE, user-bootstrap σ of that "
+                     f"difference {v['user_bootstrap_sd']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs_dir", type=Path)
@@ -66,10 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--md", type=Path, default=None, help="the table, as printed, to this file too")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models.split(",")
     probs: dict[str, list[np.ndarray]] = {}
+    code: dict[str, list[str]] = {}  # each run's code label, from its environment.json
     labels = groups = data = None
     for m in models:
         seeds = sorted((args.runs_dir / m).glob("seed*"))
@@ -85,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             if labels is None:
                 labels, groups = y, g
             probs.setdefault(m, []).append(p)
+            code.setdefault(m, []).append(read_json(run / "environment.json")["code"]["label"])
             print(f"{run}: {args.split} NE {ne(labels, p, groups, data.train_ctr):.4f}", file=sys.stderr)
     ctr = data.train_ctr
     out = {"dataset": data.name, "split": args.split, "models": {}}
@@ -92,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         single = [ne(labels, p, groups, ctr) for p in ps]
         out["models"][m] = {"runs": len(ps), "ne": single, "mean": float(np.mean(single)),
                             "sd": float(np.std(single, ddof=1)) if len(ps) > 1 else 0.0,
-                            "seed_ensemble": ne(labels, np.mean(ps, axis=0), groups, ctr)}
+                            "seed_ensemble": ne(labels, np.mean(ps, axis=0), groups, ctr), "code": code[m]}
     every = np.mean([p for ps in probs.values() for p in ps], axis=0)
     out["every_run_ensemble"] = ne(labels, every, groups, ctr)
     first = models[0]
@@ -100,15 +118,12 @@ def main(argv: list[str] | None = None) -> None:
                                       "user_bootstrap_sd": user_bootstrap_sd(labels, groups, np.mean(probs[first], axis=0),
                                                                              np.mean(probs[m], axis=0), ctr)}
                      for m in models[1:]}
-    lines = [f"| model | runs | {args.split} NE, mean ± σ | its seeds' ensemble |", "|---|---:|---:|---:|"]
-    for m, r in out["models"].items():
-        lines.append(f"| {m} | {r['runs']} | {r['mean']:.4f} ± {r['sd']:.4f} | {r['seed_ensemble']:.4f} |")
-    lines.append(f"| every run above | {sum(r['runs'] for r in out['models'].values())} | | {out['every_run_ensemble']:.4f} |")
-    print("\n".join(lines))
-    for k, v in out["paired"].items():
-        print(f"{k}: seed ensembles differ by {v['seed_ensemble_diff']:+.4f} NE; user-bootstrap σ of that difference {v['user_bootstrap_sd']:.4f}")
+    text = render(out)
+    print(text, end="")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
+    if args.md:
+        args.md.write_text(text)
 
 
 if __name__ == "__main__":
