@@ -36,7 +36,24 @@ def test_quality_of_a_schema_file_is_filed_under_the_data_sets_name(tmp_path):
     res = run_quality(spec, tmp_path / "out")
     assert list(res["results"]) == ["moved"] and res["results"]["moved"]["logistic_regression"]["split"] == "valid"
     assert (tmp_path / "out" / "runs" / "moved" / "logistic_regression" / "seed0" / "final.json").is_file()
-    assert "### moved" in (tmp_path / "out" / "quality.md").read_text()
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "### moved" in md and "Bayes" not in md and "bayes" not in res  # no known optimum, no such row
+
+
+def test_a_synthetic_worlds_table_shows_its_bayes_ne_on_the_scored_split(tmp_path):
+    """A synthetic world knows its optimum: the table has a row with the NE of the true click probability on the split
+    the models were scored on (bayes.json, written by the generator), and the JSON keeps every split's."""
+    from kunlun.data import synthetic as S
+
+    world = tmp_path / "w"
+    S.generate(world, 3000, seed=1, world=S.World(items=300, events_per_user=20))
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", {
+        "datasets": [str(world)], "seeds": [0], "models": {"logistic_regression": ["train.max_steps=2", "train.epochs=1"]}}))
+    res = run_quality(spec, tmp_path / "out")
+    test = json.loads((world / "bayes.json").read_text())["splits"]["test"]
+    assert res["bayes"]["w"]["test"]["ne"] == test["ne"]
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert f"| Bayes: the true click probability | test | | | {test['logloss']:.4f} | {test['ne']:.4f} (s.e. {test['ne_std']:.4f}) |" in md
 
 
 def write_spec(path, spec: dict):

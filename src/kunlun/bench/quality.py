@@ -8,6 +8,8 @@ mixes code versions; with ``reuse_stale`` a finished point of the same config tr
 and its row is marked stale. Every table names the code version(s) it was built from.
 Tables are written atomically as ``quality.md`` / ``quality.json`` (and ``ablation.*``).
 The metric split is ``test`` when the dataset has one, else ``valid`` (Frappe_x1: its test split is held out).
+A synthetic world's table has one row more, its Bayes NE on that split: the NE of the true click probability
+(``bayes.json``, ``kunlun data synth``), the floor no model reaches in expectation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from kunlun.bench.spec import point_overrides
 from kunlun.bench.speed import interleaved_step_ms
 from kunlun.config import load_config
 from kunlun.console import emit_json
-from kunlun.data.registry import prepare_dataset
+from kunlun.data.registry import prepare_dataset, synthetic_folder
+from kunlun.data.synthetic import read_bayes
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.metrics import report_split
@@ -99,6 +102,9 @@ def run_quality(spec: dict, out: Path, data_dir=None, threads: int = 0, reuse_st
     if tuned:
         results["tuned"] = str(tuned)
     for dataset, data in prepared.items():
+        synth = synthetic_folder(dataset, data_dir)
+        if synth is not None and (bayes := read_bayes(synth)) is not None:
+            results.setdefault("bayes", {})[data.name] = bayes["splits"]
         # runs and table under the data set's name: a schema file's path is no folder name (nor a heading)
         table = results["results"].setdefault(data.name, {})
         for model in spec["models"]:
@@ -181,6 +187,7 @@ def quality_markdown(results: dict) -> str:
                 continue
             lines.append(f"| {model}{stale_mark(r)} | {r['split']} | {fmt(r['auc'])} | {fmt(r['gauc'])} | {fmt(r['logloss'])} | {fmt(r['ne'])} | "
                          f"{mflops(r)} | {r['parameters']:,} | {r['train_examples_per_s']:,.0f} |")
+        lines += bayes_row(results.get("bayes", {}).get(dataset), table)
         lines.append("")
         lines += tuned_markdown(table)
     env = results["environment"]
@@ -189,6 +196,16 @@ def quality_markdown(results: dict) -> str:
     rows = [r for table in results["results"].values() for r in table.values() if "skipped" not in r]
     lines += ["", provenance(rows)]
     return "\n".join(lines) + "\n"
+
+
+def bayes_row(bayes: dict[str, Any] | None, table: dict[str, Any]) -> list[str]:
+    """A synthetic world's Bayes NE on the split its models were scored on, as a row of their table (± its standard
+    error over rows, not a seed σ)."""
+    split = next((r["split"] for r in table.values() if "skipped" not in r), None)
+    if not bayes or split not in bayes:
+        return []
+    b = bayes[split]
+    return [f"| Bayes: the true click probability | {split} | | | {b['logloss']:.4f} | {b['ne']:.4f} (s.e. {b['ne_std']:.4f}) | | | |"]
 
 
 def tuned_markdown(table: dict[str, Any]) -> list[str]:
