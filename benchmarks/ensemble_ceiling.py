@@ -40,7 +40,6 @@ def user_bootstrap_sd(labels, groups, a, b, ctr, rounds=BOOTSTRAP, seed=0) -> fl
     """σ of NE(a) − NE(b) over users resampled with replacement (the same users for both)."""
     rng = np.random.default_rng(seed)
     users, inverse = np.unique(groups, return_inverse=True)
-    rows = [np.flatnonzero(inverse == u) for u in range(len(users))]
     h = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
     eps = 1e-7
 
@@ -48,10 +47,9 @@ def user_bootstrap_sd(labels, groups, a, b, ctr, rounds=BOOTSTRAP, seed=0) -> fl
         p = np.clip(p.astype(np.float64), eps, 1 - eps)
         return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
 
-    la, lb = row_loss(a), row_loss(b)
-    sums_a = np.array([la[r].sum() for r in rows])
-    sums_b = np.array([lb[r].sum() for r in rows])
-    counts = np.array([len(r) for r in rows])
+    sums_a = np.bincount(inverse, weights=row_loss(a), minlength=len(users))  # each user's summed log-loss
+    sums_b = np.bincount(inverse, weights=row_loss(b), minlength=len(users))
+    counts = np.bincount(inverse, minlength=len(users))
     diffs = []
     for _ in range(rounds):
         pick = rng.integers(0, len(users), len(users))
