@@ -22,12 +22,19 @@ import torch
 
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
+from kunlun.files import atomic_write_text
 from kunlun.metrics import MetricAccumulator
 from kunlun.runs import read_json
 from kunlun.training.runner import load_trained
 from kunlun.training.trainer import predict
 
 BOOTSTRAP = 1000
+
+
+def fail(message: str) -> None:
+    """One line naming what is wrong, exit status 2 (as the kunlun CLI does)."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def ne(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, ctr: float) -> float:
@@ -89,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     for m in models:
         seeds = sorted((args.runs_dir / m).glob("seed*"))
         if not seeds:
-            sys.exit(f"{args.runs_dir / m}: no seed<k> run directories")
+            fail(f"{args.runs_dir / m}: no seed<k> run directories")
         for run in seeds:
             cfg, encoder, model = load_trained(run)
             if data is None:
                 data = prepare_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
             if not data.encoder().same_as(encoder):  # rows must line up run to run, and mean the same
-                sys.exit(f"{run}: encoded otherwise than {data.name!r} as prepared now (another data set or other files)")
+                fail(f"{run}: encoded otherwise than {data.name!r} as prepared now (another data set or other files)")
             p, y, g = predict(model, Batcher(data, args.split, cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size)
             if labels is None:
                 labels, groups = y, g
@@ -119,9 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     text = render(out)
     print(text, end="")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     if args.md:
-        args.md.write_text(text)
+        atomic_write_text(args.md, text)
 
 
 if __name__ == "__main__":
