@@ -22,6 +22,7 @@ import torch
 
 from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
+from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
 from kunlun.metrics import MetricAccumulator
 from kunlun.runs import read_json
@@ -93,21 +94,31 @@ def main(argv: list[str] | None = None) -> None:
     probs: dict[str, list[np.ndarray]] = {}
     code: dict[str, list[str]] = {}  # each run's code label, from its environment.json
     labels = groups = data = None
+    names: dict[str, list[str]] = {}  # each run's folder name (seed<k>), in the order of the NE values
     for m in models:
-        seeds = sorted((args.runs_dir / m).glob("seed*"))
+        seeds = sorted((p for p in (args.runs_dir / m).glob("seed*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
         if not seeds:
             fail(f"{args.runs_dir / m}: no seed<k> run directories")
         for run in seeds:
-            cfg, encoder, model = load_trained(run)
-            if data is None:
-                data = prepare_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
-            if not data.encoder().same_as(encoder):  # rows must line up run to run, and mean the same
-                fail(f"{run}: encoded otherwise than {data.name!r} as prepared now (another data set or other files)")
-            p, y, g = predict(model, Batcher(data, args.split, cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size)
+            try:
+                cfg, encoder, model = load_trained(run)
+                if data is None:
+                    data = prepare_dataset(cfg.data.dataset, args.data_dir or cfg.data.data_dir)
+                    if args.split not in data.splits:
+                        fail(f"--split {args.split}: data set {data.name!r} has splits {sorted(data.splits)}")
+                if not data.encoder().same_as(encoder):  # rows must line up run to run, and mean the same
+                    fail(f"{run}: encoded otherwise than {data.name!r} as prepared now (another data set or other files)")
+                p, y, g = predict(model, Batcher(data, args.split, cfg.data.max_seq_len, model.event_windows), cfg.train.eval_batch_size)
+                label = read_json(run / "environment.json")["code"]["label"]
+            except (KunlunError, OSError, KeyError) as exc:
+                fail(str(exc) if str(run) in str(exc) else f"{run}: {exc}")
             if labels is None:
                 labels, groups = y, g
+            elif not (np.array_equal(y, labels) and np.array_equal(g, groups)):
+                fail(f"{run}: its {args.split} rows are not the first run's (labels or users differ row by row)")
             probs.setdefault(m, []).append(p)
-            code.setdefault(m, []).append(read_json(run / "environment.json")["code"]["label"])
+            code.setdefault(m, []).append(label)
+            names.setdefault(m, []).append(run.name)
             print(f"{run}: {args.split} NE {ne(labels, p, groups, data.train_ctr):.4f}", file=sys.stderr)
     ctr = data.train_ctr
     out = {"dataset": data.name, "split": args.split, "models": {}}
@@ -115,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         single = [ne(labels, p, groups, ctr) for p in ps]
         out["models"][m] = {"runs": len(ps), "ne": single, "mean": float(np.mean(single)),
                             "sd": float(np.std(single, ddof=1)) if len(ps) > 1 else 0.0,
-                            "seed_ensemble": ne(labels, np.mean(ps, axis=0), groups, ctr), "code": code[m]}
+                            "seed_ensemble": ne(labels, np.mean(ps, axis=0), groups, ctr), "code": code[m],
+                            "seeds": names[m]}
     every = np.mean([p for ps in probs.values() for p in ps], axis=0)
     out["every_run_ensemble"] = ne(labels, every, groups, ctr)
     first = models[0]

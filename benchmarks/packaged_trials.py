@@ -4,7 +4,7 @@ study made before studies had that trial: if no model's packaged trial beats its
 validation, the old study's best trials are those the current protocol gives (the packaged trial draws nothing and
 takes no draw index, so the drawn trials are the same).
 
-    python benchmarks/packaged_trials.py DATASET EXAMPLES MODELS --out DIR [--data-dir DIR] [--validations 10]
+    python benchmarks/packaged_trials.py DATASET EXAMPLES MODELS --out DIR [--data-dir DIR] [--validations N]
 
 Prints each model's best validation NE; each run's record is in DIR/<model>/ (final.json, epochs.jsonl).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kunlun.data.registry import prepare_dataset
 from kunlun.training.trainer import Trainer
-from kunlun.tuning import Budget, base_overrides, trial_config
+from kunlun.tuning import Budget, base_overrides, load_search_space, trial_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("models")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--validations", type=int, default=10)
+    ap.add_argument("--validations", type=int, default=None, help="per trial (default: the search-space file's budget)")
     args = ap.parse_args(argv)
     data = prepare_dataset(args.dataset, args.data_dir)
     rows = len(data.splits["train"])
     settings = {"seed": 0, "threads": 1, "data_dir": args.data_dir}
     for model in args.models.split(","):
         run = args.out / model
-        cfg = trial_config(model, args.dataset, base_overrides(model, args.dataset), [], Budget(1, args.examples, args.validations),
+        validations = args.validations or load_search_space(model)[0].validations
+        cfg = trial_config(model, args.dataset, base_overrides(model, args.dataset), [], Budget(1, args.examples, validations),
                            rows, settings)
         valid: list[float] = []
         trainer = Trainer(cfg, data, run, progress=False, logger=lambda _: None, on_validation=lambda r, v=valid: v.append(r["valid"]["ne"]),
