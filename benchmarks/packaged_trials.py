@@ -6,15 +6,18 @@ takes no draw index, so the drawn trials are the same).
 
     python benchmarks/packaged_trials.py DATASET EXAMPLES MODELS --out DIR [--data-dir DIR] [--validations N]
 
-Prints each model's best validation NE; each run's record is in DIR/<model>/ (final.json, epochs.jsonl).
+Prints each model's best validation NE; each run's record is in DIR/<model>/ (final.json, epochs.jsonl). A finished
+run is reported, not trained again; an unfinished one starts over.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from kunlun.data.registry import prepare_dataset
+from kunlun.runs import read_json
 from kunlun.training.trainer import Trainer
 from kunlun.tuning import Budget, base_overrides, load_search_space, trial_config
 
@@ -33,6 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"seed": 0, "threads": 1, "data_dir": args.data_dir}
     for model in args.models.split(","):
         run = args.out / model
+        if (run / "final.json").is_file():  # finished: report it (seeded, so training again gives the same)
+            print(f"{model}: best valid NE {read_json(run / 'final.json')['metrics']['valid']['ne']:.4f} (finished run, {run})")
+            continue
+        if run.exists():  # a run killed part way: start it over, as a study does with a killed trial
+            shutil.rmtree(run)
         validations = args.validations or load_search_space(model)[0].validations
         cfg = trial_config(model, args.dataset, base_overrides(model, args.dataset), [], Budget(1, args.examples, validations),
                            rows, settings)
