@@ -24,7 +24,7 @@ from kunlun.data.batches import Batcher
 from kunlun.data.registry import prepare_dataset
 from kunlun.errors import KunlunError
 from kunlun.files import atomic_write_text
-from kunlun.metrics import MetricAccumulator
+from kunlun.metrics import EPS, MetricAccumulator, binary_entropy
 from kunlun.runs import read_json
 from kunlun.training.runner import load_trained
 from kunlun.training.trainer import predict
@@ -48,12 +48,12 @@ def user_bootstrap_sd(labels, groups, a, b, ctr, rounds=BOOTSTRAP, seed=0) -> fl
     """σ of NE(a) − NE(b) over users resampled with replacement (the same users for both)."""
     rng = np.random.default_rng(seed)
     users, inverse = np.unique(groups, return_inverse=True)
-    h = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
-    eps = 1e-7
+    h = binary_entropy(ctr)
+    y = labels.astype(np.float64)
 
-    def row_loss(p):
-        p = np.clip(p.astype(np.float64), eps, 1 - eps)
-        return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    def row_loss(p):  # kunlun.metrics.logloss, per row (its clip)
+        p = np.clip(p.astype(np.float64), EPS, 1 - EPS)
+        return -(y * np.log(p) + (1 - y) * np.log1p(-p))
 
     sums_a = np.bincount(inverse, weights=row_loss(a), minlength=len(users))  # each user's summed log-loss
     sums_b = np.bincount(inverse, weights=row_loss(b), minlength=len(users))
